@@ -1,0 +1,451 @@
+// renacerd kernel side: every syscall of the traced process tree, plus fork/exec/exit.
+//
+// Prepended at load by renacerd.probes.syscalls (bcc-tools style feature switches):
+//   TID_SLOTS      power of two; slots of the per-thread start array (>= pid_max when it fits)
+//   EVENT_PAGES    pages of the event ring buffer (power of two)
+//   DETAIL_PAGES   pages of the detail ring buffer (power of two)
+//   STR_LEN        bytes of one path / sockaddr / argv string captured
+//   ARGV_MAX       argv elements captured at execve
+//   FOLLOW         defined: processes forked by a target become targets
+//   The __NR_* numbers come from the kernel headers BCC compiles against.
+//
+// Records are fixed size so the daemon decodes a whole drained range as one numpy array:
+// struct event (48 B) in `events`, struct detail (24 B + STR_LEN) in `details`.
+// Producers never wake the consumer (BPF_RB_NO_WAKEUP): the daemon drains on a timer.
+
+#include <uapi/linux/ptrace.h>
+#include <linux/sched.h>
+
+// Pseudo syscall numbers for lifecycle records; real numbers stay below 1024.
+#define EV_FORK   0xFFF0
+#define EV_EXEC   0xFFF1
+#define EV_EXIT   0xFFF2
+#define EV_SIGNAL 0xFFF3
+
+// event.flags
+#define F_NO_ENTER      0x01  // exit seen without its enter (in flight at attach, or slot reused)
+#define F_DETAIL        0x02  // detail records were emitted for this event
+#define F_DETAIL_LOST   0x04  // a detail record could not be reserved
+#define F_READ_FAILED   0x08  // reading a user string / struct failed
+#define F_TRUNCATED     0x10  // a string filled STR_LEN and was cut
+#define F_THREAD        0x20  // EV_FORK: the child is a thread of the parent
+
+// detail.slot
+#define SLOT_PATH0 0
+#define SLOT_PATH1 1
+#define SLOT_ADDR  2
+#define SLOT_COMM  3
+#define SLOT_ARGV  8   // SLOT_ARGV + i for argv[i]
+
+// counters (per CPU)
+#define C_EVENTS_LOST   0
+#define C_DETAILS_LOST  1
+#define C_READ_FAILED   2
+#define C_NO_ENTER      3
+#define C_MAX           4
+
+struct start_t {
+    u64 ts;
+    u64 a0;
+    u64 p0;      // user pointer read at exit (path or sockaddr)
+    u64 p1;      // second user pointer (rename target) or sockaddr length
+    u32 tid;
+    u32 nr;
+    u32 kind;    // how to read p0/p1 at exit
+    u32 pad;
+};
+
+struct event {
+    u64 ts;      // enter, CLOCK_MONOTONIC ns
+    u64 dur;     // ns
+    s64 ret;
+    u64 a0;      // first argument (fd for fd-based calls); lifecycle: see EV_*
+    u32 pid;     // tgid (host)
+    u32 tid;
+    u16 nr;
+    u16 flags;
+    u32 aux;     // lifecycle: child tid / signal; syscalls: number of details
+};
+
+struct detail {
+    u64 ts;      // enter ts of the owning event: (tid, ts) joins them
+    u32 tid;
+    u16 nr;
+    u8 slot;
+    u8 flags;
+    s32 len;     // bytes read incl. NUL, or the negative error
+    u32 pad;
+    char data[STR_LEN];
+};
+
+// kinds of argument capture at exit
+#define K_NONE      0
+#define K_PATH0     1   // p0 is a path
+#define K_PATH01    2   // p0 and p1 are paths
+#define K_ADDR      3   // p0 is a sockaddr, p1 its length
+#define K_ADDR_OUT  4   // p0 is a sockaddr filled by the kernel, p1 points to its length
+
+BPF_HASH(targets, u32, u32, 65536);
+BPF_ARRAY(starts, struct start_t, TID_SLOTS);
+BPF_PERCPU_ARRAY(counters, u64, C_MAX);
+BPF_RINGBUF_OUTPUT(events, EVENT_PAGES);
+BPF_RINGBUF_OUTPUT(details, DETAIL_PAGES);
+
+static __always_inline void count(int idx) {
+    u64 *c = counters.lookup(&idx);
+    if (c)
+        (*c)++;
+}
+
+static __always_inline u16 emit_str(u64 ts, u32 tid, u16 nr, u8 slot, const void *ptr, int user) {
+    struct detail *d = details.ringbuf_reserve(sizeof(struct detail));
+    if (!d) {
+        count(C_DETAILS_LOST);
+        return F_DETAIL_LOST;
+    }
+    d->ts = ts;
+    d->tid = tid;
+    d->nr = nr;
+    d->slot = slot;
+    d->flags = 0;
+    d->pad = 0;
+    int n;
+    if (user)
+        n = bpf_probe_read_user_str(d->data, STR_LEN, ptr);
+    else
+        n = bpf_probe_read_kernel_str(d->data, STR_LEN, ptr);
+    d->len = n;
+    u16 fl = F_DETAIL;
+    if (n < 0) {
+        fl |= F_READ_FAILED;
+        count(C_READ_FAILED);
+    } else if (n == STR_LEN) {
+        fl |= F_TRUNCATED;
+    }
+    d->flags = fl;
+    details.ringbuf_submit(d, BPF_RB_NO_WAKEUP);
+    return fl;
+}
+
+static __always_inline u16 emit_addr(u64 ts, u32 tid, u16 nr, const void *ptr, u32 len) {
+    struct detail *d = details.ringbuf_reserve(sizeof(struct detail));
+    if (!d) {
+        count(C_DETAILS_LOST);
+        return F_DETAIL_LOST;
+    }
+    d->ts = ts;
+    d->tid = tid;
+    d->nr = nr;
+    d->slot = SLOT_ADDR;
+    d->pad = 0;
+    // sockaddr_storage is 128 bytes; the mask keeps the size provably within data[]
+    if (len > 128)
+        len = 128;
+    asm volatile("%0 &= 0xff" : "+r"(len));
+    u16 fl = F_DETAIL;
+    int err = bpf_probe_read_user(d->data, len, ptr);
+    if (err < 0) {
+        fl |= F_READ_FAILED;
+        count(C_READ_FAILED);
+        d->len = err;
+    } else {
+        d->len = len;
+    }
+    d->flags = fl;
+    details.ringbuf_submit(d, BPF_RB_NO_WAKEUP);
+    return fl;
+}
+
+static __always_inline void emit_lifecycle(u16 kind, u32 pid, u32 tid, u64 a0, u32 aux, u16 flags) {
+    struct event *e = events.ringbuf_reserve(sizeof(struct event));
+    if (!e) {
+        count(C_EVENTS_LOST);
+        return;
+    }
+    e->ts = bpf_ktime_get_ns();
+    e->dur = 0;
+    e->ret = 0;
+    e->a0 = a0;
+    e->pid = pid;
+    e->tid = tid;
+    e->nr = kind;
+    e->flags = flags;
+    e->aux = aux;
+    events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+}
+
+// Which user memory a syscall's behaviour depends on, read at exit.
+static __always_inline u32 capture_kind(u32 nr, u64 *a, u64 *p0, u64 *p1) {
+    switch (nr) {
+    case __NR_open: case __NR_creat: case __NR_stat: case __NR_lstat:
+    case __NR_access: case __NR_unlink: case __NR_mkdir: case __NR_rmdir:
+    case __NR_chdir: case __NR_truncate: case __NR_readlink: case __NR_chmod:
+    case __NR_chown: case __NR_lchown: case __NR_statfs:
+        *p0 = a[0];
+        return K_PATH0;
+    case __NR_openat: case __NR_openat2: case __NR_newfstatat: case __NR_statx:
+    case __NR_faccessat: case __NR_faccessat2: case __NR_unlinkat: case __NR_mkdirat:
+    case __NR_readlinkat: case __NR_fchmodat: case __NR_fchownat: case __NR_mknodat:
+    case __NR_utimensat:
+        *p0 = a[1];
+        return K_PATH0;
+    case __NR_rename: case __NR_link: case __NR_symlink:
+        *p0 = a[0];
+        *p1 = a[1];
+        return K_PATH01;
+    case __NR_renameat: case __NR_renameat2: case __NR_linkat:
+        *p0 = a[1];
+        *p1 = a[3];
+        return K_PATH01;
+    case __NR_symlinkat:
+        *p0 = a[0];
+        *p1 = a[2];
+        return K_PATH01;
+    case __NR_connect: case __NR_bind:
+        *p0 = a[1];
+        *p1 = a[2];
+        return K_ADDR;
+    case __NR_sendto:
+        if (!a[4])
+            return K_NONE;
+        *p0 = a[4];
+        *p1 = a[5];
+        return K_ADDR;
+    case __NR_accept: case __NR_accept4: case __NR_getpeername: case __NR_getsockname:
+        if (!a[1] || !a[2])
+            return K_NONE;
+        *p0 = a[1];
+        *p1 = a[2];
+        return K_ADDR_OUT;
+    }
+    return K_NONE;
+}
+
+TRACEPOINT_PROBE(raw_syscalls, sys_enter) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    if (!targets.lookup(&tgid))
+        return 0;
+    u32 tid = (u32)id;
+    u32 nr = args->id;
+    u64 ts = bpf_ktime_get_ns();
+    u64 a[6];
+    a[0] = args->args[0];
+    a[1] = args->args[1];
+    a[2] = args->args[2];
+    a[3] = args->args[3];
+    a[4] = args->args[4];
+    a[5] = args->args[5];
+
+    if (nr == __NR_exit_group || nr == __NR_exit) {
+        // These never return: record them now, with the exit code as a0.
+        struct event *e = events.ringbuf_reserve(sizeof(struct event));
+        if (!e) {
+            count(C_EVENTS_LOST);
+            return 0;
+        }
+        e->ts = ts;
+        e->dur = 0;
+        e->ret = 0;
+        e->a0 = a[0];
+        e->pid = tgid;
+        e->tid = tid;
+        e->nr = nr;
+        e->flags = 0;
+        e->aux = 0;
+        events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+        return 0;
+    }
+
+    u32 idx = tid & (TID_SLOTS - 1);
+    struct start_t *s = starts.lookup(&idx);
+    if (!s)
+        return 0;
+    s->ts = ts;
+    s->a0 = a[0];
+    s->tid = tid;
+    s->nr = nr;
+    s->p0 = 0;
+    s->p1 = 0;
+    s->kind = capture_kind(nr, a, &s->p0, &s->p1);
+    s->pad = 0;
+    if (nr == __NR_clone) {
+        s->p0 = a[0];  // clone flags, read by sched_process_fork
+    } else if (nr == __NR_clone3) {
+        u64 flags = 0;
+        bpf_probe_read_user(&flags, sizeof(flags), (void *)a[0]);
+        s->p0 = flags;
+    } else if (nr == __NR_execve || nr == __NR_execveat) {
+        // After a successful exec the old image is gone: read filename and argv now.
+        u16 fl = 0;
+        const char *fname = (const char *)(nr == __NR_execve ? a[0] : a[1]);
+        const char *const *argv = (const char *const *)(nr == __NR_execve ? a[1] : a[2]);
+        fl |= emit_str(ts, tid, nr, SLOT_PATH0, fname, 1);
+        #pragma unroll
+        for (int i = 0; i < ARGV_MAX; i++) {
+            const char *arg = 0;
+            if (bpf_probe_read_user(&arg, sizeof(arg), &argv[i]) < 0 || !arg)
+                break;
+            fl |= emit_str(ts, tid, nr, SLOT_ARGV + i, arg, 1);
+        }
+        s->pad = fl;  // carried to the exit record's flags
+    }
+    return 0;
+}
+
+TRACEPOINT_PROBE(raw_syscalls, sys_exit) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id;
+    u32 idx = tid & (TID_SLOTS - 1);
+    struct start_t *s = starts.lookup(&idx);
+    if (!s)
+        return 0;
+    u32 tgid = id >> 32;
+    u64 now = bpf_ktime_get_ns();
+    u16 flags = 0;
+    u64 ts, a0;
+    u32 nr = args->id;
+    if (s->tid == tid && s->ts && s->nr == nr) {
+        ts = s->ts;
+        a0 = s->a0;
+        flags = s->pad;
+        s->ts = 0;
+    } else {
+        // Not ours, or it entered before we attached.
+        if (!targets.lookup(&tgid))
+            return 0;
+        // A new child's return from fork/clone: it never entered, and strace shows nothing.
+        if (args->ret == 0 && (nr == __NR_clone || nr == __NR_clone3 || nr == __NR_fork ||
+                               nr == __NR_vfork))
+            return 0;
+        count(C_NO_ENTER);
+        ts = now;
+        a0 = 0;
+        flags = F_NO_ENTER;
+        struct event *e = events.ringbuf_reserve(sizeof(struct event));
+        if (!e) {
+            count(C_EVENTS_LOST);
+            return 0;
+        }
+        e->ts = ts;
+        e->dur = 0;
+        e->ret = args->ret;
+        e->a0 = 0;
+        e->pid = tgid;
+        e->tid = tid;
+        e->nr = nr;
+        e->flags = flags;
+        e->aux = 0;
+        events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+        return 0;
+    }
+
+    s64 ret = args->ret;
+    u32 kind = s->kind;
+    if (kind != K_NONE) {
+        u64 p0 = s->p0, p1 = s->p1;
+        if (kind == K_PATH0 || kind == K_PATH01) {
+            flags |= emit_str(ts, tid, nr, SLOT_PATH0, (void *)p0, 1);
+            if (kind == K_PATH01)
+                flags |= emit_str(ts, tid, nr, SLOT_PATH1, (void *)p1, 1);
+        } else if (kind == K_ADDR) {
+            flags |= emit_addr(ts, tid, nr, (void *)p0, (u32)p1);
+        } else if (kind == K_ADDR_OUT && ret >= 0) {
+            u32 len = 0;
+            bpf_probe_read_user(&len, sizeof(len), (void *)p1);
+            flags |= emit_addr(ts, tid, nr, (void *)p0, len);
+        }
+    }
+
+    struct event *e = events.ringbuf_reserve(sizeof(struct event));
+    if (!e) {
+        count(C_EVENTS_LOST);
+        return 0;
+    }
+    e->ts = ts;
+    e->dur = now - ts;
+    e->ret = ret;
+    e->a0 = a0;
+    e->pid = tgid;
+    e->tid = tid;
+    e->nr = nr;
+    e->flags = flags;
+    e->aux = 0;
+    events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_fork) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    if (!targets.lookup(&tgid))
+        return 0;
+    u32 tid = (u32)id;
+    u32 child = args->child_pid;
+    u16 flags = 0;
+    u32 idx = tid & (TID_SLOTS - 1);
+    struct start_t *s = starts.lookup(&idx);
+    if (s && s->tid == tid && s->ts && (s->nr == __NR_clone || s->nr == __NR_clone3)
+        && (s->p0 & CLONE_THREAD))
+        flags |= F_THREAD;
+#ifdef FOLLOW
+    if (!(flags & F_THREAD)) {
+        u32 one = 1;
+        targets.update(&child, &one);
+    }
+#endif
+    u64 ts = bpf_ktime_get_ns();
+    emit_lifecycle(EV_FORK, tgid, tid, child, child, flags);
+    emit_str(ts, child, EV_FORK, SLOT_COMM, (char *)args + (args->data_loc_child_comm & 0xFFFF), 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exec) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    if (!targets.lookup(&tgid))
+        return 0;
+    u32 tid = (u32)id;
+    struct event *e = events.ringbuf_reserve(sizeof(struct event));
+    if (!e) {
+        count(C_EVENTS_LOST);
+        return 0;
+    }
+    u64 ts = bpf_ktime_get_ns();
+    e->ts = ts;
+    e->dur = 0;
+    e->ret = 0;
+    e->a0 = args->old_pid;
+    e->pid = tgid;
+    e->tid = tid;
+    e->nr = EV_EXEC;
+    e->flags = F_DETAIL;
+    e->aux = 0;
+    events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+    emit_str(ts, tid, EV_EXEC, SLOT_PATH0, (char *)args + (args->data_loc_filename & 0xFFFF), 0);
+    char comm[16];
+    bpf_get_current_comm(&comm, sizeof(comm));
+    emit_str(ts, tid, EV_EXEC, SLOT_COMM, comm, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    if (!targets.lookup(&tgid))
+        return 0;
+    emit_lifecycle(EV_EXIT, tgid, (u32)id, args->group_dead, 0, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(signal, signal_deliver) {
+    // Only signals that can end the process: default action or SIGKILL.
+    if (args->sa_handler != 0 && args->sig != 9)
+        return 0;
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    if (!targets.lookup(&tgid))
+        return 0;
+    emit_lifecycle(EV_SIGNAL, tgid, (u32)id, args->code, args->sig, 0);
+    return 0;
+}

@@ -1,0 +1,82 @@
+"""`renacerd`: trace a process tree (--pid / -- CMD), `serve`, or `doctor`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+
+from renacerd.cli.common import Parser, fail
+
+PROG = "renacerd"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Options of the tracing mode."""
+    p = Parser(
+        prog=PROG,
+        usage="renacerd [options] (--pid PID ... | -- CMD [ARGS...])\n"
+        "       renacerd doctor | serve [options]",
+        description="Trace every syscall of a process tree with eBPF into the renacer store.",
+    )
+    p.add_argument("--pid", type=int, action="append", default=[], metavar="PID",
+                   help="attach to a running process (all threads); repeatable")
+    p.add_argument("--run", metavar="NAME", help="run name (default: generated, printed)")
+    p.add_argument("--db", metavar="PATH", help="store file (env RENACER_DB)")
+    p.add_argument("--no-follow", action="store_true", help="do not follow forked children")
+    p.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this long")
+    p.add_argument("-q", "--quiet", action="store_true", help="no summary")
+    p.add_argument("--socket", metavar="PATH",
+                   help="client socket for experiment spans (launch mode default: private)")
+    p.add_argument("--ring-mb", type=float, default=32, metavar="MB",
+                   help="event ring buffer size (power of two pages)")
+    p.add_argument("--detail-ring-mb", type=float, default=8, metavar="MB",
+                   help=argparse.SUPPRESS)
+    p.add_argument("--print-bpf", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `renacerd`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "doctor":
+        from renacerd.cli.doctor import main as doctor
+
+        return doctor(argv[1:])
+    if argv and argv[0] == "serve":
+        from renacerd.cli.serve import main as serve
+
+        return serve(argv[1:])
+    cmd: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, cmd = argv[:i], argv[i + 1 :]
+    args = build_parser().parse_args(argv)
+    if args.print_bpf:
+        from renacerd.probes.syscalls import SyscallProbes
+
+        sys.stdout.write(SyscallProbes(follow=not args.no_follow).source())
+        return 0
+    if bool(cmd) == bool(args.pid):
+        return fail(PROG, "give either --pid PID or -- CMD (exactly one of them)")
+    if args.duration is not None and args.duration <= 0:
+        return fail(PROG, f"--duration must be positive, not {args.duration}")
+    if args.ring_mb <= 0 or args.detail_ring_mb <= 0:
+        return fail(PROG, "ring buffer sizes must be positive")
+    if os.geteuid() != 0:
+        return fail(PROG, "must run as root (BPF needs CAP_BPF and CAP_PERFMON); try sudo")
+    if cmd and shutil.which(cmd[0]) is None:
+        what = "not executable" if os.path.exists(cmd[0]) else "not found"
+        return fail(PROG, f"cannot execute {cmd[0]!r}: {what}")
+    from renacerd.daemon.session import Session, SessionError
+
+    try:
+        session = Session(args, cmd)
+    except SessionError as e:
+        return fail(PROG, str(e))
+    return session.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

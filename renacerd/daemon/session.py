@@ -1,0 +1,193 @@
+"""One tracing session of `renacerd --pid` / `renacerd -- CMD`: validate, attach, run, report."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from renacerd.daemon.tracer import Summary, Tracer, default_run_name, install_signal_handlers
+from renacerd.probes.loader import ProbeError
+from renacerd.probes.syscalls import SyscallProbes
+from renacerd.procfs import TargetError, check_target
+from renacerd.store import Store, StoreError, default_db_path
+
+
+class SessionError(RuntimeError):
+    """Bad input found before anything was attached (exit status 2)."""
+
+
+class HeldChild:
+    """A forked child that waits on a pipe before exec, so it is traced from its first call."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str]) -> None:
+        go_r, self._go_w = os.pipe()
+        self._err_r, err_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: nothing here may raise past os._exit
+            try:
+                os.close(self._go_w)
+                os.close(self._err_r)
+                if os.read(go_r, 1) != b"x":
+                    os._exit(127)
+                os.execvpe(cmd[0], cmd, env)
+            except OSError as e:
+                try:
+                    os.write(err_w, str(e.errno).encode())
+                finally:
+                    os._exit(127)
+            os._exit(127)
+        os.close(go_r)
+        os.close(err_w)
+        self.pid = pid
+
+    def release(self) -> str | None:
+        """Let it exec; returns the exec error, if any."""
+        os.write(self._go_w, b"x")
+        os.close(self._go_w)
+        err = os.read(self._err_r, 32)
+        os.close(self._err_r)
+        if err:
+            return os.strerror(int(err))
+        return None
+
+    def abort(self) -> None:
+        """Make it exit without exec, and reap it."""
+        try:
+            os.close(self._go_w)
+            os.close(self._err_r)
+        except OSError:
+            pass
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+
+
+class Session:
+    """Everything one `renacerd` invocation owns."""
+
+    def __init__(self, args, cmd: list[str]) -> None:
+        self.args = args
+        self.cmd = cmd
+        for pid in args.pid:
+            try:
+                check_target(pid)
+            except TargetError as e:
+                raise SessionError(str(e)) from e
+        self.db_path = args.db or default_db_path()
+        try:
+            self.store = Store(self.db_path, create=True)
+        except StoreError as e:
+            raise SessionError(str(e)) from e
+        self.store.mark_stale_runs_incomplete()
+        self.run_name = args.run or default_run_name(cmd or None)
+        if self.store.run_exists(self.run_name):
+            raise SessionError(f"run {self.run_name!r} already exists in {self.db_path}")
+        self.quiet = args.quiet
+        self.span_link = None
+
+    def _say(self, msg: str) -> None:
+        if not self.quiet:
+            sys.stderr.write(f"renacerd: {msg}\n")
+
+    def run(self) -> int:
+        """Attach or launch, trace until done, print the summary; returns the exit status."""
+        args = self.args
+        env = dict(os.environ)
+        child = None
+        from renacerd.daemon.span_link import SpanLink, SpanLinkError
+
+        try:
+            self.span_link = SpanLink.for_session(args.socket, launch=bool(self.cmd))
+        except SpanLinkError as e:
+            sys.stderr.write(f"renacerd: error: {e}\n")
+            return 2
+        if self.span_link is not None:
+            env["RENACER_SOCKET"] = self.span_link.path
+        if self.cmd:
+            child = HeldChild(self.cmd, env)
+        probes = SyscallProbes(
+            follow=not args.no_follow, event_mb=args.ring_mb, detail_mb=args.detail_ring_mb
+        )
+        try:
+            probes.load()
+        except ProbeError as e:
+            if child is not None:
+                child.abort()
+            if self.span_link is not None:
+                self.span_link.close()
+            sys.stderr.write(f"renacerd: error: {e}\n")
+            return 2
+        tracer = Tracer(
+            probes,
+            self.store,
+            self.run_name,
+            cmdline=self.cmd or [f"--pid={p}" for p in args.pid],
+            follow=not args.no_follow,
+        )
+        status, error = "complete", None
+        try:
+            if child is not None:
+                tracer.adopt_launched(child.pid)
+                if self.span_link is not None:
+                    self.span_link.attach(tracer)
+                err = child.release()
+                if err is not None:
+                    error = f"cannot execute {self.cmd[0]!r}: {err}"
+            else:
+                if self.span_link is not None:
+                    self.span_link.attach(tracer)
+                for pid in args.pid:
+                    tracer.attach(pid)
+            self._say(f"tracing run {self.run_name} (store {self.db_path})")
+            install_signal_handlers(tracer)
+            if error is None:
+                tracer.run(duration=args.duration)
+        except StoreError as e:
+            status, error = "incomplete", str(e)
+        except BaseException as e:  # never leave probes in the kernel
+            status, error = "incomplete", f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            try:
+                if self.span_link is not None:
+                    self.span_link.close()
+                summary = tracer.finish(status=status, error=error)
+            except StoreError as e:
+                summary = None
+                error = str(e)
+            probes.close()
+            try:
+                self.store.close()
+            except Exception:
+                pass
+        if error is not None:
+            sys.stderr.write(f"renacerd: error: {error}\n")
+            if summary is None or child is not None and summary.exit_status == 127:
+                return 2
+        if summary is not None:
+            self._print_summary(summary)
+        if child is not None and summary is not None and summary.exit_status is not None:
+            return summary.exit_status
+        return 0
+
+    def _print_summary(self, s: Summary) -> None:
+        lost = s.lost.get("events_lost", 0) + s.lost.get("details_lost", 0)
+        failed = s.lost.get("failed_reads", 0)
+        self._say(
+            f"run {s.run}: {s.processes} process{'es' if s.processes != 1 else ''}, "
+            f"{s.events} events, {lost} lost, {failed} failed reads, "
+            f"{s.wall_s:.2f} s wall, status {s.status}"
+        )
+        if lost:
+            self._say(
+                f"LOST EVENTS: {s.lost.get('events_lost', 0)} events, "
+                f"{s.lost.get('details_lost', 0)} argument records (ring buffer full; "
+                "raise --ring-mb)"
+            )
+        self._say(f"store {s.db}; see `renacer show {s.run}`")
+
+
+def _now() -> float:
+    return time.monotonic()

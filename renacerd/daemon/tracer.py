@@ -1,0 +1,526 @@
+"""The capture loop: drain the rings, assemble one trace per process, stream it to the store."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket as _socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from renacerd import __version__
+from renacerd.procfs import descendants, snapshot
+from renacerd.records import (
+    EV_EXEC,
+    EV_EXIT,
+    EV_FORK,
+    EV_SIGNAL,
+    F_DETAIL,
+    F_THREAD,
+    LIFECYCLE_MIN,
+    SLOT_ADDR,
+    SLOT_ARGV,
+    SLOT_COMM,
+    SLOT_PATH0,
+    SLOT_PATH1,
+)
+from renacerd.sockaddr import format_sockaddr
+from renacerd.store import Store
+from renacerd.syscall_table import syscall_table
+from renacerd.unified_trace import ProcessSpan
+
+log = logging.getLogger("renacerd")
+
+NR_EXIT = 60
+NR_EXIT_GROUP = 231
+NR_EXECVE = 59
+NR_EXECVEAT = 322
+# Signals whose default action ends the process (signal(7)).
+FATAL_BY_DEFAULT = frozenset({1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 24, 25,
+                              26, 27, 29, 30, 31, *range(34, 65)})
+
+CHUNK_EVENTS = 1 << 16
+
+
+@dataclass(slots=True)
+class ProcState:
+    """A traced process while the run is live."""
+
+    proc_id: int
+    span: ProcessSpan
+    buf: list[np.ndarray] = field(default_factory=list)
+    buffered: int = 0
+    events: int = 0
+    gated: bool = False
+    exit_group: tuple[int, int] | None = None  # (ts, code)
+    fatal_signal: tuple[int, int] | None = None  # (ts, sig)
+    thread_exit_code: int | None = None
+    ended: bool = False
+    dirty: bool = False
+    missing_since: float | None = None
+
+
+class StringTable:
+    """Interns byte strings of one run; new ones are written with the next flush."""
+
+    __slots__ = ("ids", "pending")
+
+    def __init__(self) -> None:
+        self.ids: dict[bytes, int] = {}
+        self.pending: list[tuple[int, bytes]] = []
+
+    def intern(self, s: bytes) -> int:
+        """The id of `s`, allocating one on first sight."""
+        i = self.ids.get(s)
+        if i is None:
+            i = self.ids[s] = len(self.ids)
+            self.pending.append((i, s))
+        return i
+
+
+@dataclass(slots=True)
+class Summary:
+    """What a finished run prints."""
+
+    run: str
+    db: str
+    processes: int
+    events: int
+    lost: dict[str, int]
+    wall_s: float
+    exit_status: int | None
+    status: str
+
+
+class Tracer:
+    """Owns the probes and the store for one run."""
+
+    def __init__(
+        self,
+        probes,
+        store: Store,
+        run_name: str,
+        *,
+        cmdline: list[str],
+        follow: bool = True,
+        flush_interval: float = 0.5,
+        drain_interval: float = 0.02,
+    ) -> None:
+        self.probes = probes
+        self.store = store
+        self.run_name = run_name
+        self.follow = follow
+        self.flush_interval = flush_interval
+        self.drain_interval = drain_interval
+        self.procs: dict[int, ProcState] = {}
+        self.strings = StringTable()
+        self.pending_details: dict[tuple[int, int], list[tuple[int, int, bytes]]] = {}
+        self.events = 0
+        self.stop_requested = False
+        self.root_pid: int | None = None
+        self.root_status: int | None = None
+        self.start_mono = time.monotonic_ns()
+        self.start_wall = time.time_ns()
+        self.table = syscall_table()
+        self.run_id = store.begin_run(
+            run_name,
+            cmdline=cmdline,
+            version=__version__,
+            syscall_table=self.table,
+            start_wall_ns=self.start_wall,
+            start_mono_ns=self.start_mono,
+            owner_uid=os.getuid(),
+        )
+        self._last_flush = time.monotonic()
+        self.on_process_exit: list[Callable[[ProcState], None]] = []
+        self.on_flush: list[Callable[[], None]] = []
+
+    # -- targets -----------------------------------------------------------------------
+    def _new_proc(self, span: ProcessSpan) -> ProcState:
+        st = ProcState(proc_id=self.store.add_process(self.run_id, span), span=span)
+        self.procs[span.pid] = st
+        return st
+
+    def attach(self, pid: int) -> None:
+        """Trace a running process (and, when following, its existing descendants)."""
+        self.probes.add_target(pid)
+        self._new_proc(snapshot(pid, time.monotonic_ns(), attached=True))
+        if self.follow:
+            for child in descendants(pid):
+                if child in self.procs:
+                    continue
+                self.probes.add_target(child)
+                try:
+                    self._new_proc(snapshot(child, time.monotonic_ns(), attached=True))
+                except Exception:  # gone since we listed it
+                    self.probes.remove_target(child)
+        self.store.commit()
+
+    def adopt_launched(self, pid: int) -> None:
+        """Trace a child we forked and hold before exec: its events start at execve."""
+        self.probes.add_target(pid)
+        st = self._new_proc(snapshot(pid, time.monotonic_ns(), attached=False))
+        st.gated = True
+        self.root_pid = pid
+        self.store.commit()
+
+    # -- the loop ----------------------------------------------------------------------
+    def live(self) -> bool:
+        """Some target is still running."""
+        if self.root_pid is not None and self.root_status is None:
+            return True
+        return any(not p.ended for p in self.procs.values())
+
+    def run(self, duration: float | None = None, idle_hook: Callable[[], None] | None = None):
+        """Drain until every target exits, stop() is called, or `duration` passes."""
+        deadline = None if duration is None else time.monotonic() + duration
+        last_check = time.monotonic()
+        while not self.stop_requested:
+            t0 = time.monotonic()
+            self.drain_once()
+            if self.root_pid is not None and self.root_status is None:
+                self._reap_root(block=False)
+            if t0 - last_check > 0.2:
+                self._check_liveness()
+                last_check = t0
+            if t0 - self._last_flush >= self.flush_interval:
+                self.flush()
+            if not self.live():
+                break
+            if deadline is not None and t0 >= deadline:
+                break
+            if idle_hook is not None:
+                idle_hook()
+            spent = time.monotonic() - t0
+            if spent < self.drain_interval:
+                time.sleep(self.drain_interval - spent)
+        self.drain_once()
+
+    def stop(self) -> None:
+        """Ask the loop to finish (signal handlers call this)."""
+        self.stop_requested = True
+
+    def _reap_root(self, block: bool) -> None:
+        try:
+            pid, status = os.waitpid(self.root_pid, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            self.root_status = self.root_status if self.root_status is not None else 0
+            return
+        if pid == 0:
+            return
+        self.root_status = status
+        st = self.procs.get(self.root_pid)
+        if st is not None:
+            # The kernel's own wait status is authoritative for the launched command.
+            if os.WIFSIGNALED(status):
+                st.span.exit_signal, st.span.exit_code = os.WTERMSIG(status), None
+            elif os.WIFEXITED(status):
+                st.span.exit_code, st.span.exit_signal = os.WEXITSTATUS(status), None
+            st.dirty = True
+
+    def _check_liveness(self) -> None:
+        """A process whose exit record was lost must still end (counted, never silent)."""
+        now = time.monotonic()
+        for pid, st in self.procs.items():
+            if st.ended:
+                continue
+            alive = os.path.exists(f"/proc/{pid}") and not _is_zombie(pid)
+            if alive:
+                st.missing_since = None
+            elif st.missing_since is None:
+                st.missing_since = now
+            elif now - st.missing_since > 0.3:
+                log.warning("process %d ended without an exit record", pid)
+                self._end_process(st, time.monotonic_ns())
+
+    # -- decoding ----------------------------------------------------------------------
+    def drain_once(self) -> int:
+        """Move everything in the rings into per-process buffers."""
+        ev, de = self.probes.drain()
+        if len(de):
+            self._take_details(de)
+        if not len(ev):
+            return 0
+        nr = ev["nr"]
+        life = nr >= LIFECYCLE_MIN
+        special = life | (nr == NR_EXIT_GROUP) | (nr == NR_EXIT)
+        if special.any():
+            # In time order: an exit_group call precedes its process's exit record.
+            sp = ev[special]
+            for e in sp[np.argsort(sp["ts"], kind="stable")]:
+                if int(e["nr"]) >= LIFECYCLE_MIN:
+                    self._lifecycle(e)
+                else:
+                    self._exit_call(e)
+            ev = ev[~life]
+        if len(ev):
+            self._assemble(ev)
+        return len(ev)
+
+    def _take_details(self, de: np.ndarray) -> None:
+        pend = self.pending_details
+        for d in de:
+            key = (int(d["tid"]), int(d["ts"]))
+            n = int(d["len"])
+            raw = bytes(d["data"])
+            if int(d["slot"]) == SLOT_ADDR:
+                data = raw[: max(n, 0)]
+            else:
+                data = raw[: max(n - 1, 0)] if n > 0 else b""
+            pend.setdefault(key, []).append((int(d["slot"]), int(d["nr"]), data))
+
+    def _details_for(self, tid: int, ts: int) -> list[tuple[int, int, bytes]]:
+        return self.pending_details.pop((tid, ts), [])
+
+    def _proc(self, pid: int, ts: int) -> ProcState:
+        st = self.procs.get(pid)
+        if st is None:
+            # A process whose fork record we never saw (lost, or raced attach).
+            try:
+                span = snapshot(pid, ts, attached=True)
+            except Exception:
+                span = ProcessSpan(pid=pid, start_mono_ns=ts)
+            st = self._new_proc(span)
+        return st
+
+    def _lifecycle(self, e: np.void) -> None:
+        kind = int(e["nr"])
+        pid, tid, ts = int(e["pid"]), int(e["tid"]), int(e["ts"])
+        if kind == EV_FORK:
+            child = int(e["a0"])
+            det = self._details_for(child, ts)
+            if int(e["flags"]) & F_THREAD or not self.follow:
+                return
+            parent = self._proc(pid, ts)
+            comm = next((d for s, _, d in det if s == SLOT_COMM), b"").decode(errors="replace")
+            span = ProcessSpan(
+                pid=child,
+                ppid=pid,
+                name=comm or parent.span.name,
+                exe=parent.span.exe,
+                argv=list(parent.span.argv),
+                start_mono_ns=ts,
+                nspid=None,
+            )
+            self._new_proc(span)
+        elif kind == EV_EXEC:
+            st = self._proc(pid, ts)
+            for slot, _, data in self._details_for(tid, ts):
+                if slot == SLOT_PATH0:
+                    st.span.exe = data.decode(errors="backslashreplace")
+                elif slot == SLOT_COMM:
+                    st.span.name = data.decode(errors="backslashreplace")
+            st.dirty = True
+        elif kind == EV_EXIT:
+            st = self.procs.get(pid)
+            if st is None:
+                return
+            if int(e["a0"]) and not st.ended:
+                self._end_process(st, ts)
+        elif kind == EV_SIGNAL:
+            st = self.procs.get(pid)
+            sig = int(e["aux"])
+            if st is not None and sig in FATAL_BY_DEFAULT and st.fatal_signal is None:
+                st.fatal_signal = (ts, sig)
+
+    def _exit_call(self, e: np.void) -> None:
+        st = self.procs.get(int(e["pid"]))
+        if st is None:
+            return
+        code = int(e["a0"]) & 0xFF
+        if int(e["nr"]) == NR_EXIT_GROUP:
+            if st.exit_group is None:
+                st.exit_group = (int(e["ts"]), code)
+        else:
+            st.thread_exit_code = code
+
+    def _end_process(self, st: ProcState, ts: int) -> None:
+        st.ended = True
+        st.span.end_mono_ns = ts
+        if st.span.pid != self.root_pid or self.root_status is None:
+            sig, grp = st.fatal_signal, st.exit_group
+            if sig is not None and (grp is None or sig[0] < grp[0]):
+                st.span.exit_signal, st.span.exit_code = sig[1], None
+            elif grp is not None:
+                st.span.exit_code = grp[1]
+            elif st.thread_exit_code is not None:
+                st.span.exit_code = st.thread_exit_code
+        st.dirty = True
+        self.probes.remove_target(st.span.pid)
+        for cb in self.on_process_exit:
+            cb(st)
+
+    def _assemble(self, ev: np.ndarray) -> None:
+        n = len(ev)
+        s0 = np.full(n, -1, dtype=np.int32)
+        s1 = np.full(n, -1, dtype=np.int32)
+        has = np.flatnonzero(ev["flags"] & F_DETAIL)
+        for i in has:
+            e = ev[i]
+            dets = self._details_for(int(e["tid"]), int(e["ts"]))
+            if not dets:
+                continue
+            nr = int(e["nr"])
+            argv: list[bytes] = []
+            for slot, _, data in dets:
+                if slot == SLOT_PATH0:
+                    s0[i] = self.strings.intern(data)
+                elif slot == SLOT_PATH1:
+                    s1[i] = self.strings.intern(data)
+                elif slot == SLOT_ADDR:
+                    s0[i] = self.strings.intern(format_sockaddr(data).encode())
+                elif slot >= SLOT_ARGV:
+                    argv.append(data)
+            if argv:
+                s1[i] = self.strings.intern(b"\0".join(argv))
+                if nr in (NR_EXECVE, NR_EXECVEAT) and int(e["ret"]) == 0:
+                    st = self._proc(int(e["pid"]), int(e["ts"]))
+                    st.span.argv = [a.decode(errors="backslashreplace") for a in argv]
+                    st.dirty = True
+        pid = ev["pid"]
+        order = np.argsort(pid, kind="stable")
+        spid = pid[order]
+        cuts = np.flatnonzero(np.diff(spid)) + 1
+        starts = np.concatenate(([0], cuts))
+        ends = np.concatenate((cuts, [n]))
+        for a, b in zip(starts, ends):
+            idx = order[a:b]
+            p = int(spid[a])
+            st = self._proc(p, int(ev["ts"][idx[0]]))
+            if st.gated:
+                nrs = ev["nr"][idx]
+                hit = np.flatnonzero((nrs == NR_EXECVE) | (nrs == NR_EXECVEAT))
+                if not len(hit):
+                    continue
+                idx = idx[hit[0] :]
+                st.gated = False
+            rec = np.empty(len(idx), dtype=_BUF)
+            sub = ev[idx]
+            for f in ("ts", "dur", "ret", "a0", "tid", "nr", "flags"):
+                rec[f] = sub[f]
+            rec["s0"] = s0[idx]
+            rec["s1"] = s1[idx]
+            st.buf.append(rec)
+            st.buffered += len(rec)
+            st.events += len(rec)
+            self.events += len(rec)
+            if st.buffered >= CHUNK_EVENTS:
+                self._flush_proc(st)
+
+    # -- persistence -------------------------------------------------------------------
+    def _flush_proc(self, st: ProcState) -> None:
+        if not st.buffered:
+            return
+        rec = np.concatenate(st.buf) if len(st.buf) > 1 else st.buf[0]
+        st.buf, st.buffered = [], 0
+        if len(rec) > 1 and (np.diff(rec["ts"].view(np.int64)) < 0).any():
+            rec = rec[np.argsort(rec["ts"], kind="stable")]
+        cols = {f: rec[f] for f in rec.dtype.names}
+        cols["ts"] = cols["ts"].view(np.int64)
+        self.store.add_chunk(self.run_id, st.proc_id, cols)
+
+    def counters(self) -> dict[str, int]:
+        """Kernel-side loss counters."""
+        return self.probes.counters()
+
+    def flush(self) -> None:
+        """Write every buffer, process change and counter; commit."""
+        if self.strings.pending:
+            self.store.add_strings(self.run_id, self.strings.pending)
+            self.strings.pending = []
+        for st in self.procs.values():
+            self._flush_proc(st)
+            if st.dirty:
+                self.store.update_process(st.proc_id, st.span)
+                st.dirty = False
+        for cb in self.on_flush:
+            cb()
+        per_cpu = self.probes.counters_per_cpu()
+        self.store.update_run(
+            self.run_id,
+            events=self.events,
+            lost_per_cpu=per_cpu,
+            **{k: sum(v) for k, v in per_cpu.items()},
+        )
+        self.store.commit()
+        self._last_flush = time.monotonic()
+        # Details whose event never came (its record was lost) must not pile up.
+        if len(self.pending_details) > 100_000:
+            self.pending_details.clear()
+
+    def finish(self, status: str = "complete", error: str | None = None) -> Summary:
+        """Final flush; mark the run ended."""
+        if self.root_pid is not None and self.root_status is None:
+            self._reap_root(block=True)
+            st = self.procs.get(self.root_pid)
+            if st is not None and not st.ended:
+                self._end_process(st, time.monotonic_ns())
+        self.flush()
+        exit_code = None
+        if self.root_status is not None:
+            s = self.root_status
+            exit_code = os.WEXITSTATUS(s) if os.WIFEXITED(s) else 128 + os.WTERMSIG(s)
+        end_wall, end_mono = time.time_ns(), time.monotonic_ns()
+        self.store.update_run(
+            self.run_id,
+            status=status,
+            end_wall_ns=end_wall,
+            end_mono_ns=end_mono,
+            exit_code=exit_code,
+            error=error,
+        )
+        self.store.commit()
+        lost = self.counters()
+        return Summary(
+            run=self.run_name,
+            db=self.store.path,
+            processes=len(self.procs),
+            events=self.events,
+            lost=lost,
+            wall_s=(end_mono - self.start_mono) / 1e9,
+            exit_status=exit_code,
+            status=status,
+        )
+
+
+_BUF = np.dtype(
+    [
+        ("ts", "<u8"),
+        ("dur", "<u8"),
+        ("ret", "<i8"),
+        ("a0", "<u8"),
+        ("tid", "<u4"),
+        ("nr", "<u2"),
+        ("flags", "<u2"),
+        ("s0", "<i4"),
+        ("s1", "<i4"),
+    ]
+)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] in "ZX"
+
+
+def default_run_name(cmd: list[str] | None) -> str:
+    """host-command-YYYYmmdd-HHMMSS-pid: unique, sortable, readable."""
+    base = os.path.basename(cmd[0]) if cmd else "attach"
+    return f"{_socket.gethostname()}-{base}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
+def install_signal_handlers(tracer: Tracer) -> None:
+    """SIGINT/SIGTERM end the run cleanly."""
+
+    def _h(signum, frame):
+        tracer.stop()
+
+    signal.signal(signal.SIGINT, _h)
+    signal.signal(signal.SIGTERM, _h)

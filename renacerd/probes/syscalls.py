@@ -1,0 +1,129 @@
+"""The syscall + process-lifecycle probes: load bpf/syscalls.c, manage targets, read rings."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+
+import numpy as np
+
+from renacerd.probes.loader import ProbeError, bpf_source, compile_bpf
+from renacerd.records import COUNTER_NAMES, EVENT, STR_LEN, detail_dtype
+from renacerd.ringbuf import RingReader
+
+DEFAULT_EVENT_MB = 32
+DEFAULT_DETAIL_MB = 8
+ARGV_MAX = 16
+MAX_TID_SLOTS = 1 << 18
+
+
+def _pages(mb: float) -> int:
+    """Ring size in pages: a power of two, at least one page."""
+    want = max(1, int(mb * 1024 * 1024) // mmap.PAGESIZE)
+    return 1 << (want - 1).bit_length()
+
+
+def tid_slots() -> int:
+    """Start-array slots: pid_max rounded up to a power of two, capped (slots then hash by mask)."""
+    try:
+        pid_max = int(open("/proc/sys/kernel/pid_max").read())
+    except (OSError, ValueError):
+        pid_max = 1 << 22
+    return min(1 << (pid_max - 1).bit_length(), MAX_TID_SLOTS)
+
+
+class SyscallProbes:
+    """raw_syscalls + sched + signal tracepoints feeding two ring buffers."""
+
+    def __init__(
+        self,
+        follow: bool = True,
+        event_mb: float = DEFAULT_EVENT_MB,
+        detail_mb: float = DEFAULT_DETAIL_MB,
+    ) -> None:
+        self.event_pages = _pages(event_mb)
+        self.detail_pages = _pages(detail_mb)
+        self.defines: dict[str, object] = {
+            "TID_SLOTS": tid_slots(),
+            "EVENT_PAGES": self.event_pages,
+            "DETAIL_PAGES": self.detail_pages,
+            "STR_LEN": STR_LEN,
+            "ARGV_MAX": ARGV_MAX,
+            "FOLLOW": follow,
+        }
+        self.bpf = None
+        self.events: RingReader | None = None
+        self.details: RingReader | None = None
+
+    def source(self) -> str:
+        """The generated C (what --print-bpf shows)."""
+        return bpf_source("syscalls.c", self.defines)
+
+    def load(self) -> None:
+        """Compile, load and attach every tracepoint (BCC attaches TRACEPOINT_PROBEs itself)."""
+        self.bpf = compile_bpf(self.source())
+        try:
+            self.events = RingReader(
+                self.bpf["events"].map_fd, self.event_pages * mmap.PAGESIZE, EVENT
+            )
+            self.details = RingReader(
+                self.bpf["details"].map_fd,
+                self.detail_pages * mmap.PAGESIZE,
+                detail_dtype(STR_LEN),
+            )
+        except (OSError, ValueError) as e:
+            self.close()
+            raise ProbeError(f"cannot map the BPF ring buffers: {e}") from e
+
+    def add_target(self, pid: int) -> None:
+        """Trace process `pid` (all its threads)."""
+        t = self.bpf["targets"]
+        t[ctypes.c_uint32(pid)] = ctypes.c_uint32(1)
+
+    def remove_target(self, pid: int) -> None:
+        """Stop tracing `pid` (after it exited, so a reused pid is not traced)."""
+        t = self.bpf["targets"]
+        try:
+            del t[ctypes.c_uint32(pid)]
+        except KeyError:
+            pass
+
+    def targets(self) -> list[int]:
+        """Pids currently traced."""
+        return [k.value for k in self.bpf["targets"].keys()]
+
+    def counters(self) -> dict[str, int]:
+        """Loss counters summed over CPUs."""
+        return {k: sum(v) for k, v in self.counters_per_cpu().items()}
+
+    def counters_per_cpu(self) -> dict[str, list[int]]:
+        """Loss counters per CPU, as the kernel counted them."""
+        arr = self.bpf["counters"]
+        out = {}
+        for i, name in enumerate(COUNTER_NAMES):
+            vals = arr.getvalue(ctypes.c_int(i))
+            out[name] = [int(v) for v in vals]
+        return out
+
+    def drain(self) -> tuple[np.ndarray, np.ndarray]:
+        """Events first, then details: every drained event's details are then drained too."""
+        ev = self.events.drain()
+        de = self.details.drain()
+        return ev, de
+
+    def close(self) -> None:
+        """Unmap the rings and detach every probe (nothing stays in the kernel)."""
+        for r in (self.events, self.details):
+            if r is not None:
+                r.close()
+        self.events = self.details = None
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None
+
+
+def own_pid_guard(pid: int) -> None:
+    """Refuse to trace ourselves: every syscall we make to drain would feed back."""
+    if pid == os.getpid():
+        raise ProbeError(f"pid {pid} is renacerd itself")

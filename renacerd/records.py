@@ -1,0 +1,63 @@
+"""Numpy layouts of the fixed-size records written by bpf/syscalls.c."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Pseudo syscall numbers of lifecycle records (bpf/syscalls.c EV_*).
+EV_FORK = 0xFFF0
+EV_EXEC = 0xFFF1
+EV_EXIT = 0xFFF2
+EV_SIGNAL = 0xFFF3
+LIFECYCLE_MIN = 0xFFF0
+
+# event.flags
+F_NO_ENTER = 0x01
+F_DETAIL = 0x02
+F_DETAIL_LOST = 0x04
+F_READ_FAILED = 0x08
+F_TRUNCATED = 0x10
+F_THREAD = 0x20
+
+# detail.slot
+SLOT_PATH0 = 0
+SLOT_PATH1 = 1
+SLOT_ADDR = 2
+SLOT_COMM = 3
+SLOT_ARGV = 8
+
+# counters (per CPU), in bpf/syscalls.c order
+COUNTER_NAMES = ("events_lost", "details_lost", "failed_reads", "unmatched_exits")
+
+EVENT = np.dtype(
+    [
+        ("ts", "<u8"),
+        ("dur", "<u8"),
+        ("ret", "<i8"),
+        ("a0", "<u8"),
+        ("pid", "<u4"),
+        ("tid", "<u4"),
+        ("nr", "<u2"),
+        ("flags", "<u2"),
+        ("aux", "<u4"),
+    ]
+)
+assert EVENT.itemsize == 48
+
+STR_LEN = 256
+
+
+def detail_dtype(str_len: int = STR_LEN) -> np.dtype:
+    """Layout of struct detail for a given STR_LEN."""
+    return np.dtype(
+        [
+            ("ts", "<u8"),
+            ("tid", "<u4"),
+            ("nr", "<u2"),
+            ("slot", "u1"),
+            ("flags", "u1"),
+            ("len", "<i4"),
+            ("pad", "<u4"),
+            ("data", f"S{str_len}"),
+        ]
+    )

@@ -1,0 +1,532 @@
+"""The embedded store: one SQLite file (WAL) holding runs, processes, event chunks, spans."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from renacerd.columns import ChunkError, concat, decode, encode
+from renacerd.unified_trace import ProcessSpan, UnifiedTrace
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    host TEXT, kernel TEXT, cmdline TEXT, version TEXT, boot_id TEXT,
+    start_wall_ns INTEGER, end_wall_ns INTEGER,
+    start_mono_ns INTEGER, end_mono_ns INTEGER,
+    status TEXT NOT NULL DEFAULT 'running',
+    daemon_pid INTEGER, owner_uid INTEGER,
+    events INTEGER NOT NULL DEFAULT 0,
+    events_lost INTEGER NOT NULL DEFAULT 0,
+    details_lost INTEGER NOT NULL DEFAULT 0,
+    failed_reads INTEGER NOT NULL DEFAULT 0,
+    unmatched_exits INTEGER NOT NULL DEFAULT 0,
+    client_dropped INTEGER NOT NULL DEFAULT 0,
+    lost_per_cpu TEXT, syscall_table TEXT, exit_code INTEGER, error TEXT
+);
+CREATE TABLE IF NOT EXISTS processes (
+    id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    pid INTEGER NOT NULL, ppid INTEGER, nspid INTEGER,
+    comm TEXT, exe TEXT, argv TEXT,
+    start_mono_ns INTEGER, end_mono_ns INTEGER,
+    exit_code INTEGER, exit_signal INTEGER,
+    attached INTEGER NOT NULL DEFAULT 0,
+    initial_fds TEXT
+);
+CREATE INDEX IF NOT EXISTS processes_run ON processes(run_id, pid);
+CREATE TABLE IF NOT EXISTS chunks (
+    id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL, proc_id INTEGER NOT NULL,
+    layer TEXT NOT NULL DEFAULT 'sys',
+    n INTEGER NOT NULL, first_ts INTEGER, last_ts INTEGER,
+    data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chunks_proc ON chunks(run_id, proc_id, layer, id);
+CREATE TABLE IF NOT EXISTS strings (
+    run_id INTEGER NOT NULL, id INTEGER NOT NULL, s BLOB NOT NULL,
+    PRIMARY KEY (run_id, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS spans (
+    run_id INTEGER NOT NULL, proc_id INTEGER,
+    trace_id BLOB NOT NULL, span_id BLOB NOT NULL, parent_span_id BLOB,
+    span_name TEXT NOT NULL, span_kind INTEGER NOT NULL DEFAULT 0,
+    start_time_nanos INTEGER, end_time_nanos INTEGER, duration_nanos INTEGER,
+    start_mono_nanos INTEGER, end_mono_nanos INTEGER,
+    logical_clock INTEGER, status_code INTEGER, status_message TEXT,
+    attributes_json TEXT, resource_json TEXT,
+    process_id INTEGER, thread_id INTEGER
+);
+CREATE INDEX IF NOT EXISTS spans_run ON spans(run_id, process_id, start_mono_nanos);
+"""
+
+RUN_COUNTERS = ("events_lost", "details_lost", "failed_reads", "unmatched_exits")
+
+
+class StoreError(RuntimeError):
+    """The store cannot be opened or written (one clear line for the user)."""
+
+
+class UnknownRunError(StoreError):
+    """No run of that name in the store."""
+
+
+@dataclass(slots=True)
+class RunInfo:
+    """One row of `runs`."""
+
+    id: int
+    name: str
+    host: str | None
+    kernel: str | None
+    cmdline: list[str]
+    version: str | None
+    start_wall_ns: int | None
+    end_wall_ns: int | None
+    start_mono_ns: int | None
+    end_mono_ns: int | None
+    status: str
+    daemon_pid: int | None
+    owner_uid: int | None
+    events: int
+    events_lost: int
+    details_lost: int
+    failed_reads: int
+    unmatched_exits: int
+    client_dropped: int
+    lost_per_cpu: dict[str, list[int]]
+    syscall_table: dict[int, str]
+    exit_code: int | None
+    error: str | None
+
+    @property
+    def lost(self) -> int:
+        """Everything that did not reach the store: events, details, failed reads."""
+        return self.events_lost + self.details_lost + self.failed_reads
+
+
+def default_db_path() -> str:
+    """$RENACER_DB, else /var/lib/renacer/traces.db as root, else $XDG_DATA_HOME/renacer."""
+    env = os.environ.get("RENACER_DB")
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return "/var/lib/renacer/traces.db"
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return os.path.join(base, "renacer", "traces.db")
+
+
+def boot_id() -> str:
+    """This boot's id: a run left 'running' by another boot is certainly dead."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Store:
+    """SQLite store; one writer (the daemon) and any number of readers."""
+
+    def __init__(self, path: str | os.PathLike[str], *, create: bool = False) -> None:
+        self.path = str(path)
+        p = Path(self.path)
+        if not create and not p.exists():
+            raise StoreError(f"no store at {self.path}")
+        if create:
+            try:
+                p.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"cannot create {p.parent}: {e.strerror}") from e
+            if p.exists() and not os.access(self.path, os.W_OK):
+                raise StoreError(f"store {self.path} is not writable")
+            if not p.exists() and not os.access(p.parent, os.W_OK):
+                raise StoreError(f"cannot write in {p.parent}")
+        try:
+            self.db = sqlite3.connect(self.path, timeout=10.0, check_same_thread=False,
+                                      isolation_level=None)
+            self.db.execute("PRAGMA busy_timeout=10000")
+            mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if create and mode != "wal":
+                raise StoreError(f"store {self.path}: cannot enable WAL (journal_mode={mode})")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            if create:
+                self.db.executescript(SCHEMA)
+                self.db.execute(
+                    "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                )
+            ver = self.db.execute(
+                "SELECT value FROM meta WHERE key='schema_version'"
+            ).fetchone()
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path} is not a renacer store ({e})") from e
+        if ver is None or int(ver[0]) != SCHEMA_VERSION:
+            raise StoreError(f"{self.path}: unsupported store schema {ver and ver[0]}")
+        self._in_tx = False
+
+    # -- writing ---------------------------------------------------------------------
+    def _tx(self) -> None:
+        if not self._in_tx:
+            self.db.execute("BEGIN")
+            self._in_tx = True
+
+    def commit(self) -> None:
+        """Make everything written so far durable."""
+        if self._in_tx:
+            self.db.execute("COMMIT")
+            self._in_tx = False
+
+    def mark_stale_runs_incomplete(self) -> list[str]:
+        """Runs left 'running' by a daemon that is gone become 'incomplete'."""
+        me = boot_id()
+        stale = []
+        for rid, name, dpid, bid in self.db.execute(
+            "SELECT id, name, daemon_pid, boot_id FROM runs WHERE status='running'"
+        ).fetchall():
+            if bid != me or not _pid_alive(dpid) or dpid == os.getpid():
+                stale.append((rid, name))
+        if stale:
+            self._tx()
+            self.db.executemany(
+                "UPDATE runs SET status='incomplete', error=coalesce(error, "
+                "'daemon stopped before the run ended') WHERE id=?",
+                [(rid,) for rid, _ in stale],
+            )
+            self.commit()
+        return [n for _, n in stale]
+
+    def run_exists(self, name: str) -> bool:
+        """A run of that name is already stored."""
+        return self.db.execute("SELECT 1 FROM runs WHERE name=?", (name,)).fetchone() is not None
+
+    def begin_run(
+        self,
+        name: str,
+        *,
+        cmdline: list[str],
+        version: str,
+        syscall_table: dict[int, str],
+        start_wall_ns: int,
+        start_mono_ns: int,
+        owner_uid: int = 0,
+    ) -> int:
+        """Create a run in state 'running' and return its id."""
+        if self.run_exists(name):
+            raise StoreError(f"run {name!r} already exists in {self.path}")
+        self._tx()
+        cur = self.db.execute(
+            "INSERT INTO runs (name, host, kernel, cmdline, version, boot_id, start_wall_ns, "
+            "start_mono_ns, status, daemon_pid, owner_uid, syscall_table) "
+            "VALUES (?,?,?,?,?,?,?,?,'running',?,?,?)",
+            (
+                name,
+                socket.gethostname(),
+                os.uname().release,
+                orjson.dumps(cmdline).decode(),
+                version,
+                boot_id(),
+                start_wall_ns,
+                start_mono_ns,
+                os.getpid(),
+                owner_uid,
+                orjson.dumps({str(k): v for k, v in syscall_table.items()}).decode(),
+            ),
+        )
+        self.commit()
+        return int(cur.lastrowid)
+
+    def add_process(self, run_id: int, p: ProcessSpan) -> int:
+        """Insert a process row; returns its id (chunks refer to it)."""
+        self._tx()
+        cur = self.db.execute(
+            "INSERT INTO processes (run_id, pid, ppid, nspid, comm, exe, argv, start_mono_ns, "
+            "end_mono_ns, exit_code, exit_signal, attached, initial_fds) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                run_id,
+                p.pid,
+                p.ppid,
+                p.nspid,
+                p.name,
+                p.exe,
+                orjson.dumps(p.argv).decode(),
+                p.start_mono_ns,
+                p.end_mono_ns,
+                p.exit_code,
+                p.exit_signal,
+                int(p.attached),
+                orjson.dumps({str(k): v for k, v in p.initial_fds.items()}).decode(),
+            ),
+        )
+        return int(cur.lastrowid)
+
+    def update_process(self, proc_id: int, p: ProcessSpan) -> None:
+        """Rewrite the mutable fields of a process row."""
+        self._tx()
+        self.db.execute(
+            "UPDATE processes SET comm=?, exe=?, argv=?, end_mono_ns=?, exit_code=?, "
+            "exit_signal=? WHERE id=?",
+            (
+                p.name,
+                p.exe,
+                orjson.dumps(p.argv).decode(),
+                p.end_mono_ns,
+                p.exit_code,
+                p.exit_signal,
+                proc_id,
+            ),
+        )
+
+    def add_strings(self, run_id: int, items: Iterable[tuple[int, bytes]]) -> None:
+        """Append to the run's string table."""
+        self._tx()
+        self.db.executemany(
+            "INSERT INTO strings (run_id, id, s) VALUES (?,?,?)",
+            [(run_id, i, s) for i, s in items],
+        )
+
+    def add_chunk(
+        self, run_id: int, proc_id: int, cols: dict[str, np.ndarray], layer: str = "sys",
+        layout: Any = None,
+    ) -> int:
+        """Store one columnar chunk; returns its size in bytes."""
+        blob = encode(cols) if layout is None else encode(cols, layout)
+        ts = cols["ts"]
+        self._tx()
+        self.db.execute(
+            "INSERT INTO chunks (run_id, proc_id, layer, n, first_ts, last_ts, data) "
+            "VALUES (?,?,?,?,?,?,?)",
+            (run_id, proc_id, layer, len(ts), int(ts.min()), int(ts.max()), blob),
+        )
+        return len(blob)
+
+    def add_spans(self, run_id: int, records: Iterable[Any], proc_ids: dict[int, int]) -> None:
+        """Persist SpanRecords (renacerd.experiment_span.SpanRecord)."""
+        rows = []
+        for r in records:
+            rows.append(
+                (
+                    run_id,
+                    proc_ids.get(r.process_id),
+                    r.trace_id,
+                    r.span_id,
+                    r.parent_span_id,
+                    r.span_name,
+                    int(r.span_kind),
+                    r.start_time_nanos,
+                    r.end_time_nanos,
+                    r.duration_nanos,
+                    r.start_mono_nanos,
+                    r.end_mono_nanos,
+                    r.logical_clock,
+                    int(r.status_code),
+                    r.status_message,
+                    r.attributes_json,
+                    r.resource_json,
+                    r.process_id,
+                    r.thread_id,
+                )
+            )
+        if not rows:
+            return
+        self._tx()
+        self.db.executemany(
+            "INSERT INTO spans VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows
+        )
+
+    def update_run(self, run_id: int, **fields: Any) -> None:
+        """Set columns of a run row (counters, status, end times)."""
+        if not fields:
+            return
+        for k in ("lost_per_cpu",):
+            if k in fields and not isinstance(fields[k], str):
+                fields[k] = orjson.dumps(fields[k]).decode()
+        cols = ", ".join(f"{k}=?" for k in fields)
+        self._tx()
+        self.db.execute(f"UPDATE runs SET {cols} WHERE id=?", (*fields.values(), run_id))
+
+    def close(self) -> None:
+        """Commit and close."""
+        try:
+            self.commit()
+        finally:
+            self.db.close()
+
+    # -- reading ---------------------------------------------------------------------
+    def _run_from_row(self, row: sqlite3.Row | tuple) -> RunInfo:
+        d = dict(zip([c[0] for c in self._run_cols], row))
+        stale = d["status"] == "running" and (
+            d["boot_id"] != boot_id() or not _pid_alive(d["daemon_pid"])
+        )
+        return RunInfo(
+            id=d["id"],
+            name=d["name"],
+            host=d["host"],
+            kernel=d["kernel"],
+            cmdline=orjson.loads(d["cmdline"] or "[]"),
+            version=d["version"],
+            start_wall_ns=d["start_wall_ns"],
+            end_wall_ns=d["end_wall_ns"],
+            start_mono_ns=d["start_mono_ns"],
+            end_mono_ns=d["end_mono_ns"],
+            status="incomplete" if stale else d["status"],
+            daemon_pid=d["daemon_pid"],
+            owner_uid=d["owner_uid"],
+            events=d["events"],
+            events_lost=d["events_lost"],
+            details_lost=d["details_lost"],
+            failed_reads=d["failed_reads"],
+            unmatched_exits=d["unmatched_exits"],
+            client_dropped=d["client_dropped"],
+            lost_per_cpu=orjson.loads(d["lost_per_cpu"] or "{}"),
+            syscall_table={int(k): v for k, v in orjson.loads(d["syscall_table"] or "{}").items()},
+            exit_code=d["exit_code"],
+            error=d["error"],
+        )
+
+    @property
+    def _run_cols(self) -> list[tuple]:
+        return self.db.execute("SELECT * FROM runs LIMIT 0").description
+
+    def runs(self) -> list[RunInfo]:
+        """Every run, oldest first."""
+        return [self._run_from_row(r) for r in self.db.execute("SELECT * FROM runs ORDER BY id")]
+
+    def run(self, name: str) -> RunInfo:
+        """The run called `name`."""
+        row = self.db.execute("SELECT * FROM runs WHERE name=?", (name,)).fetchone()
+        if row is None:
+            raise UnknownRunError(f"no run named {name!r} in {self.path}")
+        return self._run_from_row(row)
+
+    def processes(self, run_id: int) -> list[tuple[int, ProcessSpan]]:
+        """(proc_id, ProcessSpan) for every process of a run, in order of appearance."""
+        out = []
+        for row in self.db.execute(
+            "SELECT id, pid, ppid, nspid, comm, exe, argv, start_mono_ns, end_mono_ns, "
+            "exit_code, exit_signal, attached, initial_fds FROM processes WHERE run_id=? "
+            "ORDER BY id",
+            (run_id,),
+        ):
+            fds = orjson.loads(row[12] or "{}")
+            out.append(
+                (
+                    row[0],
+                    ProcessSpan(
+                        pid=row[1],
+                        ppid=row[2] or 0,
+                        nspid=row[3],
+                        name=row[4] or "",
+                        exe=row[5] or "",
+                        argv=orjson.loads(row[6] or "[]"),
+                        start_mono_ns=row[7] or 0,
+                        end_mono_ns=row[8],
+                        exit_code=row[9],
+                        exit_signal=row[10],
+                        attached=bool(row[11]),
+                        initial_fds={int(k): v for k, v in fds.items()},
+                    ),
+                )
+            )
+        return out
+
+    def strings(self, run_id: int) -> list[bytes]:
+        """The run's string table, indexed by id."""
+        rows = self.db.execute(
+            "SELECT id, s FROM strings WHERE run_id=? ORDER BY id", (run_id,)
+        ).fetchall()
+        out: list[bytes] = [b""] * (rows[-1][0] + 1 if rows else 0)
+        for i, s in rows:
+            out[i] = bytes(s)
+        return out
+
+    def span_records(self, run_id: int) -> list[Any]:
+        """The run's SpanRecords, ordered by start."""
+        if self.db.execute("SELECT 1 FROM spans WHERE run_id=? LIMIT 1", (run_id,)).fetchone() is None:
+            return []
+        from renacerd.experiment_span import SpanRecord
+
+        names = [f.name for f in dataclasses.fields(SpanRecord)]
+        cols = ", ".join(names)
+        out = []
+        for row in self.db.execute(
+            f"SELECT {cols} FROM spans WHERE run_id=? ORDER BY start_mono_nanos, rowid", (run_id,)
+        ):
+            d = dict(zip(names, row))
+            for k in ("trace_id", "span_id", "parent_span_id"):
+                if d[k] is not None:
+                    d[k] = bytes(d[k])
+            out.append(SpanRecord(**d))
+        return out
+
+    def _columns(self, run_id: int, proc_id: int, layer: str = "sys", layout: Any = None):
+        chunks = []
+        for (blob,) in self.db.execute(
+            "SELECT data FROM chunks WHERE run_id=? AND proc_id=? AND layer=? ORDER BY id",
+            (run_id, proc_id, layer),
+        ):
+            try:
+                chunks.append(decode(blob) if layout is None else decode(blob, layout))
+            except ChunkError as e:
+                raise StoreError(f"{self.path}: {e}") from e
+        cols = concat(chunks) if layout is None else concat(chunks, layout)
+        ts = cols["ts"]
+        if len(ts) > 1 and (np.diff(ts.view(np.int64)) < 0).any():
+            order = np.argsort(ts, kind="stable")
+            cols = {k: v[order] for k, v in cols.items()}
+        return cols
+
+    def _trace(self, run: RunInfo, proc_id: int, p: ProcessSpan, strings: list[bytes],
+               spans: list[Any]) -> UnifiedTrace:
+        t = UnifiedTrace(p.pid, p.name)
+        t.process = p
+        t.run = run.name
+        t.columns = self._columns(run.id, proc_id)
+        t.strings = strings
+        if run.syscall_table:
+            t.table = run.syscall_table
+        t.spans = spans
+        return t
+
+    def load_run(self, run: str) -> list[UnifiedTrace]:
+        """Every process of the run, each as a UnifiedTrace, in order of appearance."""
+        info = self.run(run)
+        strings = self.strings(info.id)
+        spans = self.span_records(info.id)
+        return [
+            self._trace(info, pid_, p, strings, spans)
+            for pid_, p in self.processes(info.id)
+        ]
+
+    def load_trace(self, run: str, pid: int) -> UnifiedTrace:
+        """One process of a run."""
+        info = self.run(run)
+        for proc_id, p in self.processes(info.id):
+            if p.pid == pid:
+                return self._trace(info, proc_id, p, self.strings(info.id),
+                                   self.span_records(info.id))
+        raise StoreError(f"run {run!r} has no process {pid}")
