@@ -9,6 +9,7 @@ import socket as _socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -138,6 +139,8 @@ class Tracer:
         self._last_flush = time.monotonic()
         self.on_process_exit: list[Callable[[ProcState], None]] = []
         self.on_flush: list[Callable[[], None]] = []
+        # Other event sources (CUDA uprobes, ...): see the Source protocol below.
+        self.sources: list[Source] = []
 
     # -- targets -----------------------------------------------------------------------
     def _new_proc(self, span: ProcessSpan) -> ProcState:
@@ -244,6 +247,8 @@ class Tracer:
         if len(de):
             self._take_details(de)
         if not len(ev):
+            for src in self.sources:
+                src.drain(self)
             return 0
         nr = ev["nr"]
         life = nr >= LIFECYCLE_MIN
@@ -258,7 +263,11 @@ class Tracer:
                     self._exit_call(e)
             ev = ev[~life]
         if len(ev):
-            self._assemble(ev)
+            s0 = self._assemble(ev)
+            for src in self.sources:
+                src.on_syscalls(self, ev, s0)
+        for src in self.sources:
+            src.drain(self)
         return len(ev)
 
     def _take_details(self, de: np.ndarray) -> None:
@@ -354,7 +363,7 @@ class Tracer:
         for cb in self.on_process_exit:
             cb(st)
 
-    def _assemble(self, ev: np.ndarray) -> None:
+    def _assemble(self, ev: np.ndarray) -> np.ndarray:
         n = len(ev)
         s0 = np.full(n, -1, dtype=np.int32)
         s1 = np.full(n, -1, dtype=np.int32)
@@ -410,6 +419,7 @@ class Tracer:
             self.events += len(rec)
             if st.buffered >= CHUNK_EVENTS:
                 self._flush_proc(st)
+        return s0
 
     # -- persistence -------------------------------------------------------------------
     def _flush_proc(self, st: ProcState) -> None:
@@ -437,6 +447,8 @@ class Tracer:
             if st.dirty:
                 self.store.update_process(st.proc_id, st.span)
                 st.dirty = False
+        for src in self.sources:
+            src.flush(self)
         for cb in self.on_flush:
             cb()
         per_cpu = self.probes.counters_per_cpu()
@@ -485,6 +497,22 @@ class Tracer:
             exit_status=exit_code,
             status=status,
         )
+
+
+class Source(Protocol):
+    """Another event source feeding the same run (e.g. CUDA uprobes)."""
+
+    def on_syscalls(self, tracer: Tracer, ev: np.ndarray, s0: np.ndarray) -> None:
+        """A decoded batch of syscall events (s0: string ids of their paths), in arrival order."""
+
+    def drain(self, tracer: Tracer) -> None:
+        """Called every drain cycle: read your ring buffers."""
+
+    def flush(self, tracer: Tracer) -> None:
+        """Called before each commit: write chunks (store.add_chunk(..., layer=...))."""
+
+    def close(self) -> None:
+        """Detach everything."""
 
 
 _BUF = np.dtype(
