@@ -7,6 +7,8 @@
 //   STR_LEN        bytes of one path / sockaddr / argv string captured
 //   ARGV_MAX       argv elements captured at execve
 //   FOLLOW         defined: processes forked by a target become targets
+//   TASK_MM_OFF, MM_ARG_START_OFF, MM_ARG_END_OFF  struct offsets from the running
+//                  kernel's BTF (renacerd.probes.btf); without them argv comes from execve
 //   The __NR_* numbers come from the kernel headers BCC compiles against.
 //
 // Records are fixed size so the daemon decodes a whole drained range as one numpy array:
@@ -35,6 +37,7 @@
 #define SLOT_PATH1 1
 #define SLOT_ADDR  2
 #define SLOT_COMM  3
+#define SLOT_ARGV_BLOB 4  // argv NUL-separated, from the new mm at exec
 #define SLOT_ARGV  8   // SLOT_ARGV + i for argv[i]
 
 // counters (per CPU)
@@ -426,6 +429,46 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
     char comm[16];
     bpf_get_current_comm(&comm, sizeof(comm));
     emit_str(ts, tid, EV_EXEC, SLOT_COMM, comm, 0);
+#ifdef TASK_MM_OFF
+    // argv as the kernel copied it onto the new stack (resident, unlike the caller's
+    // strings, which may sit in not-yet-faulted pages after fork). Offsets come from BTF.
+    char *task = (char *)bpf_get_current_task();
+    u64 mm = 0, as = 0, ae = 0;
+    bpf_probe_read_kernel(&mm, sizeof(mm), task + TASK_MM_OFF);
+    if (mm) {
+        bpf_probe_read_kernel(&as, sizeof(as), (char *)mm + MM_ARG_START_OFF);
+        bpf_probe_read_kernel(&ae, sizeof(ae), (char *)mm + MM_ARG_END_OFF);
+    }
+    struct detail *d = details.ringbuf_reserve(sizeof(struct detail));
+    if (!d) {
+        count(C_DETAILS_LOST);
+        return 0;
+    }
+    d->ts = ts;
+    d->tid = tid;
+    d->nr = EV_EXEC;
+    d->slot = SLOT_ARGV_BLOB;
+    d->pad = 0;
+    u64 n = ae > as ? ae - as : 0;
+    u8 fl = F_DETAIL;
+    if (n > STR_LEN) {
+        n = STR_LEN;
+        fl |= F_TRUNCATED;
+    }
+    asm volatile("%0 &= 0x1ff" : "+r"(n));
+    if (n > STR_LEN)
+        n = STR_LEN;
+    int err = bpf_probe_read_user(d->data, n, (void *)as);
+    if (err < 0) {
+        fl |= F_READ_FAILED;
+        count(C_READ_FAILED);
+        d->len = err;
+    } else {
+        d->len = n;
+    }
+    d->flags = fl;
+    details.ringbuf_submit(d, BPF_RB_NO_WAKEUP);
+#endif
     return 0;
 }
 

@@ -24,6 +24,7 @@ SLOT_PATH0 = 0
 SLOT_PATH1 = 1
 SLOT_ADDR = 2
 SLOT_COMM = 3
+SLOT_ARGV_BLOB = 4
 SLOT_ARGV = 8
 
 # counters (per CPU), in bpf/syscalls.c order

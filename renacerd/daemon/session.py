@@ -168,6 +168,8 @@ class Session:
                 return 2
         if summary is not None:
             self._print_summary(summary)
+            if child is not None and summary.exit_status is None:
+                self._say(f"detached; command still running as pid {child.pid}")
         if child is not None and summary is not None and summary.exit_status is not None:
             return summary.exit_status
         return 0

@@ -25,6 +25,7 @@ from renacerd.records import (
     LIFECYCLE_MIN,
     SLOT_ADDR,
     SLOT_ARGV,
+    SLOT_ARGV_BLOB,
     SLOT_COMM,
     SLOT_PATH0,
     SLOT_PATH1,
@@ -63,6 +64,8 @@ class ProcState:
     ended: bool = False
     dirty: bool = False
     missing_since: float | None = None
+    exec_argv: bytes | None = None
+    exec_path: bytes | None = None
 
 
 class StringTable:
@@ -172,6 +175,10 @@ class Tracer:
         self.store.commit()
 
     # -- the loop ----------------------------------------------------------------------
+    def live_targets(self) -> bool:
+        """Some traced process has not exited."""
+        return any(not p.ended for p in self.procs.values())
+
     def live(self) -> bool:
         """Some target is still running."""
         if self.root_pid is not None and self.root_status is None:
@@ -195,6 +202,7 @@ class Tracer:
             if not self.live():
                 break
             if deadline is not None and t0 >= deadline:
+                self.stop_requested = True
                 break
             if idle_hook is not None:
                 idle_hook()
@@ -276,11 +284,18 @@ class Tracer:
             key = (int(d["tid"]), int(d["ts"]))
             n = int(d["len"])
             raw = bytes(d["data"])
-            if int(d["slot"]) == SLOT_ADDR:
+            if int(d["slot"]) in (SLOT_ADDR, SLOT_ARGV_BLOB):
                 data = raw[: max(n, 0)]
             else:
                 data = raw[: max(n - 1, 0)] if n > 0 else b""
             pend.setdefault(key, []).append((int(d["slot"]), int(d["nr"]), data))
+
+    def strings_by_id(self, sid: int) -> bytes:
+        """The interned string `sid` (only used on rare paths: exec)."""
+        for s, i in self.strings.ids.items():
+            if i == sid:
+                return s
+        return b""
 
     def _details_for(self, tid: int, ts: int) -> list[tuple[int, int, bytes]]:
         return self.pending_details.pop((tid, ts), [])
@@ -321,8 +336,14 @@ class Tracer:
             for slot, _, data in self._details_for(tid, ts):
                 if slot == SLOT_PATH0:
                     st.span.exe = data.decode(errors="backslashreplace")
+                    st.exec_path = data
                 elif slot == SLOT_COMM:
                     st.span.name = data.decode(errors="backslashreplace")
+                elif slot == SLOT_ARGV_BLOB and data:
+                    st.exec_argv = data.rstrip(b"\0")
+                    st.span.argv = [
+                        a.decode(errors="backslashreplace") for a in st.exec_argv.split(b"\0")
+                    ]
             st.dirty = True
         elif kind == EV_EXIT:
             st = self.procs.get(pid)
@@ -384,12 +405,18 @@ class Tracer:
                     s0[i] = self.strings.intern(format_sockaddr(data).encode())
                 elif slot >= SLOT_ARGV:
                     argv.append(data)
-            if argv:
-                s1[i] = self.strings.intern(b"\0".join(argv))
-                if nr in (NR_EXECVE, NR_EXECVEAT) and int(e["ret"]) == 0:
-                    st = self._proc(int(e["pid"]), int(e["ts"]))
+            if nr in (NR_EXECVE, NR_EXECVEAT) and int(e["ret"]) == 0:
+                st = self._proc(int(e["pid"]), int(e["ts"]))
+                if st.exec_argv is not None:  # the kernel's copy beats a failed user read
+                    argv = [st.exec_argv]
+                    st.exec_argv = None
+                if st.exec_path and (s0[i] < 0 or not self.strings_by_id(int(s0[i]))):
+                    s0[i] = self.strings.intern(st.exec_path)
+                else:
                     st.span.argv = [a.decode(errors="backslashreplace") for a in argv]
                     st.dirty = True
+            if argv:
+                s1[i] = self.strings.intern(b"\0".join(argv))
         pid = ev["pid"]
         order = np.argsort(pid, kind="stable")
         spid = pid[order]
@@ -467,10 +494,8 @@ class Tracer:
     def finish(self, status: str = "complete", error: str | None = None) -> Summary:
         """Final flush; mark the run ended."""
         if self.root_pid is not None and self.root_status is None:
-            self._reap_root(block=True)
-            st = self.procs.get(self.root_pid)
-            if st is not None and not st.ended:
-                self._end_process(st, time.monotonic_ns())
+            # Stopped early (signal, --duration): never wait for, or harm, the command.
+            self._reap_root(block=not self.stop_requested and not self.live_targets())
         self.flush()
         exit_code = None
         if self.root_status is not None:

@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 
+from renacerd.probes.btf import BTFError, member_offset
 from renacerd.probes.loader import ProbeError, bpf_source, compile_bpf
 from renacerd.records import COUNTER_NAMES, EVENT, STR_LEN, detail_dtype
 from renacerd.ringbuf import RingReader
@@ -52,6 +53,14 @@ class SyscallProbes:
             "ARGV_MAX": ARGV_MAX,
             "FOLLOW": follow,
         }
+        try:
+            self.defines.update(
+                TASK_MM_OFF=member_offset("task_struct", "mm"),
+                MM_ARG_START_OFF=member_offset("mm_struct", "arg_start"),
+                MM_ARG_END_OFF=member_offset("mm_struct", "arg_end"),
+            )
+        except BTFError:
+            pass  # argv then comes from execve's arguments alone
         self.bpf = None
         self.events: RingReader | None = None
         self.details: RingReader | None = None

@@ -1,0 +1,45 @@
+"""`renacer runs`: the runs in the store."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import orjson
+
+from renacerd.cli.common import Parser, add_db, fail, open_store
+from renacerd.store import StoreError
+
+PROG = "renacer runs"
+
+
+def main(argv: list[str]) -> int:
+    """Entry point."""
+    p = Parser(prog=PROG, description="List the runs in the store.")
+    add_db(p)
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        runs = open_store(a.db).runs()
+    except StoreError as e:
+        return fail(PROG, str(e))
+    if a.json:
+        rows = [
+            {"run": r.name, "status": r.status, "host": r.host, "events": r.events,
+             "lost": r.lost, "start_wall_ns": r.start_wall_ns, "end_wall_ns": r.end_wall_ns,
+             "cmdline": r.cmdline}
+            for r in runs
+        ]
+        sys.stdout.buffer.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2) + b"\n")
+        return 0
+    w = sys.stdout.write
+    w(f"{'RUN':<44} {'STATUS':<11} {'STARTED':<19} {'SECONDS':>8} {'EVENTS':>10} {'LOST':>6}"
+      "  COMMAND\n")
+    for r in runs:
+        started = time.strftime("%Y-%m-%d %H:%M:%S",
+                                time.localtime((r.start_wall_ns or 0) / 1e9))
+        secs = ((r.end_wall_ns or time.time_ns()) - (r.start_wall_ns or 0)) / 1e9
+        flag = "!" if r.lost else ""
+        w(f"{r.name:<44} {r.status:<11} {started:<19} {secs:8.2f} {r.events:>10} "
+          f"{r.lost:>5}{flag or ' '} {' '.join(r.cmdline)[:60]}\n")
+    return 0

@@ -1,0 +1,116 @@
+"""`renacer show RUN`: what a run did, per process."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import orjson
+
+from renacerd.cli.common import Parser, add_db, fail, open_store
+from renacerd.store import StoreError
+
+PROG = "renacer show"
+
+
+def _escape(s: str) -> str:
+    """Captured strings are data: control characters never reach the terminal raw."""
+    return s.encode("unicode_escape").decode("ascii") if not s.isprintable() else s
+
+
+def _tree(procs: list[dict[str, Any]]) -> list[str]:
+    by_parent: dict[int, list[dict]] = {}
+    pids = {p["pid"] for p in procs}
+    for p in procs:
+        by_parent.setdefault(p["ppid"] if p["ppid"] in pids else -1, []).append(p)
+    lines: list[str] = []
+
+    def walk(p: dict, depth: int) -> None:
+        end = (
+            f"exit {p['exit_code']}" if p["exit_code"] is not None
+            else f"killed by signal {p['exit_signal']}" if p["exit_signal"] is not None
+            else "running/unknown"
+        )
+        argv = " ".join(_escape(a) for a in p["argv"][:6])
+        lines.append(f"{'  ' * depth}{p['pid']} {_escape(p['comm'])} [{end}] {argv}")
+        for c in by_parent.get(p["pid"], []):
+            walk(c, depth + 1)
+
+    for r in by_parent.get(-1, []):
+        walk(r, 0)
+    return lines
+
+
+def render_text(d: dict[str, Any], out) -> None:
+    """Human report: header, losses, tree, then per process a strace -c table and files."""
+    w = out.write
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime((d["start_wall_ns"] or 0) / 1e9))
+    w(f"run {d['run']}  status {d['status']}  host {d['host']}  started {started}\n")
+    w(f"command: {' '.join(_escape(a) for a in d['cmdline'])}\n")
+    lost = d["lost"]
+    if d["lost_events"] or lost["failed_reads"]:
+        w(f"!! LOSSES: {lost['events']} events and {lost['details']} argument records dropped "
+          f"(ring buffer full), {lost['failed_reads']} failed argument reads\n")
+    else:
+        w("losses: none (0 events dropped, 0 failed reads)\n")
+    if d["status"] != "complete":
+        w(f"!! run is {d['status']}: {d.get('error') or 'trace may be partial'}\n")
+    w("\nprocess tree:\n")
+    for line in _tree(d["processes"]):
+        w(f"  {line}\n")
+    for p in d["processes"]:
+        w(f"\n== pid {p['pid']} {_escape(p['comm'])}: {p['events']} syscalls, "
+          f"{p['threads']} thread(s)\n")
+        total = sum(s["total_ns"] for s in p["syscalls"].values()) or 1
+        w(f"{'% time':>6} {'seconds':>11} {'usecs/call':>11} {'calls':>9} {'errors':>9} syscall\n")
+        w(f"{'-' * 6} {'-' * 11} {'-' * 11} {'-' * 9} {'-' * 9} {'-' * 16}\n")
+        for name, s in p["syscalls"].items():
+            w(f"{100 * s['total_ns'] / total:6.2f} {s['total_ns'] / 1e9:11.6f} "
+              f"{s['total_ns'] / 1e3 / s['calls']:11.0f} {s['calls']:9d} "
+              f"{s['errors'] or '':>9} {name}\n")
+        calls = sum(s["calls"] for s in p["syscalls"].values())
+        errs = sum(s["errors"] for s in p["syscalls"].values())
+        w(f"{100:6.2f} {total / 1e9:11.6f} {'':>11} {calls:9d} {errs or '':>9} total\n")
+        if p["files"]:
+            w("top files:                                  read      written\n")
+            for path, f in list(p["files"].items())[:10]:
+                w(f"  {_escape(path)[:38]:<38} {f['bytes_read']:>10} {f['bytes_written']:>12}\n")
+        if p.get("gpu"):
+            from renacerd.reports.gpu_text import render_gpu
+
+            render_gpu(p["gpu"], out)
+
+
+def main(argv: list[str]) -> int:
+    """Entry point."""
+    p = Parser(prog=PROG, description="Show a run: process tree, syscall tables, files.")
+    p.add_argument("run", help="run name")
+    add_db(p)
+    p.add_argument("--json", action="store_true", help="machine-readable (stable contract)")
+    p.add_argument("--by", choices=["process", "step"], default="process",
+                   help="group by process (default) or by experiment step")
+    a = p.parse_args(argv)
+    try:
+        store = open_store(a.db)
+        run = store.run(a.run)
+        traces = store.load_run(a.run)
+    except StoreError as e:
+        return fail(PROG, str(e))
+    if a.by == "step":
+        from renacerd.reports.steps import render_steps, steps_data
+
+        data = steps_data(run, traces)
+        if a.json:
+            sys.stdout.buffer.write(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
+        else:
+            render_steps(data, sys.stdout)
+        return 0
+    from renacerd.reports.show import show_data
+
+    data = show_data(run, traces)
+    if a.json:
+        sys.stdout.buffer.write(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        render_text(data, sys.stdout)
+    return 0

@@ -1,0 +1,79 @@
+"""The data behind `renacer show`: process tree, strace -c tables, files, losses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from renacerd.fdtrack import file_io, run_fd_path_ids
+from renacerd.store import RunInfo
+from renacerd.unified_trace import UnifiedTrace
+
+
+def syscall_table(trace: UnifiedTrace) -> dict[str, dict[str, int]]:
+    """{name: {calls, errors, total_ns}} over the trace, like strace -c (partial calls included)."""
+    c = trace.columns
+    if not len(trace):
+        return {}
+    nr = c["nr"].astype(np.int64)
+    calls = np.bincount(nr)
+    errs = np.bincount(nr, weights=trace.errors().astype(np.float64))
+    tot = np.bincount(nr, weights=c["dur"].astype(np.float64))
+    out = {}
+    for n in np.flatnonzero(calls):
+        name = trace.table.get(int(n), f"syscall_{int(n)}")
+        out[name] = {"calls": int(calls[n]), "errors": int(errs[n]), "total_ns": int(tot[n])}
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["total_ns"]))
+
+
+def show_data(run: RunInfo, traces: list[UnifiedTrace]) -> dict[str, Any]:
+    """The `renacer show --json` contract (more keys than the contract are fine)."""
+    ids = run_fd_path_ids(traces)
+    procs = []
+    for t in traces:
+        p = t.process
+        files = file_io(t, ids[t.pid])
+        entry: dict[str, Any] = {
+            "pid": p.pid,
+            "ppid": p.ppid,
+            "comm": p.name,
+            "exe": p.exe,
+            "argv": p.argv,
+            "exit_code": p.exit_code,
+            "exit_signal": p.exit_signal,
+            "start_mono_ns": p.start_mono_ns,
+            "end_mono_ns": p.end_mono_ns,
+            "attached": p.attached,
+            "events": len(t),
+            "threads": int(len(np.unique(t.columns["tid"]))) if len(t) else 0,
+            "syscalls": syscall_table(t),
+            "files": {
+                path: {"bytes_read": rw[0], "bytes_written": rw[1]}
+                for path, rw in sorted(files.items(), key=lambda kv: -(kv[1][0] + kv[1][1]))
+            },
+        }
+        if t.gpu:
+            entry["gpu"] = t.gpu.get("summary", t.gpu)
+        procs.append(entry)
+    return {
+        "run": run.name,
+        "status": run.status,
+        "host": run.host,
+        "kernel": run.kernel,
+        "cmdline": run.cmdline,
+        "start_wall_ns": run.start_wall_ns,
+        "end_wall_ns": run.end_wall_ns,
+        "events": run.events,
+        "lost_events": run.events_lost + run.details_lost,
+        "lost": {
+            "events": run.events_lost,
+            "details": run.details_lost,
+            "failed_reads": run.failed_reads,
+            "unmatched_exits": run.unmatched_exits,
+            "client_dropped": run.client_dropped,
+            "per_cpu": run.lost_per_cpu,
+        },
+        "error": run.error,
+        "processes": procs,
+    }

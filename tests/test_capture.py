@@ -1,0 +1,442 @@
+"""The capture core end to end: real BPF, real processes with known syscall patterns."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from renacerd.store import Store
+from tests.conftest import ROOT, needs_root, run_cli
+
+pytestmark = needs_root
+
+PATTERN = r"""
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    const char *out = argv[1];
+    char buf[64];
+    memset(buf, 'x', sizeof buf);
+    int fd = open(out, O_CREAT | O_WRONLY | O_TRUNC, 0644);
+    for (int i = 0; i < 20; i++) write(fd, buf, 64);
+    close(fd);
+    for (int i = 0; i < 7; i++) getppid();
+    pid_t p = fork();
+    if (p == 0) {
+        for (int i = 0; i < 3; i++) getppid();
+        _exit(7);
+    }
+    int st;
+    waitpid(p, &st, 0);
+    pid_t q = fork();
+    if (q == 0) {
+        execl("/bin/true", "true", "--version-not", (char *)0);
+        _exit(99);
+    }
+    waitpid(q, &st, 0);
+    return 3;
+}
+"""
+
+
+def _counts(trace) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for n in trace.names():
+        out[n] = out.get(n, 0) + 1
+    return out
+
+
+def _check_pattern(db: Path, run: str, out_file: Path, launched: bool) -> None:
+    store = Store(db)
+    info = store.run(run)
+    assert info.status == "complete"
+    assert info.events_lost == 0 and info.details_lost == 0
+    traces = store.load_run(run)
+    assert len(traces) == 3
+    parent, child, execd = traces
+    assert child.process.ppid == parent.pid and execd.process.ppid == parent.pid
+    assert parent.process.exit_code == 3 and parent.process.exit_signal is None
+    assert child.process.exit_code == 7
+    assert execd.process.exit_code == 0
+    assert execd.process.exe == "/bin/true" or execd.process.exe.endswith("/true")
+    assert execd.process.argv == ["true", "--version-not"]
+    assert execd.process.name == "true"
+
+    pc = _counts(parent)
+    # attach mode misses what ran before the attach; from the open on, all is exact
+    assert pc["getppid"] == 7
+    assert pc["write"] == 20
+    assert pc["wait4"] == 2
+    assert _counts(child) == {"getppid": 3, "set_robust_list": 1, "exit_group": 1} or (
+        _counts(child)["getppid"] == 3
+    )
+    writes = [r for r in parent if r.name == "write"]
+    assert all(r.return_value == 64 for r in writes)
+    assert all(r.duration_nanos > 0 for r in writes)
+    opens = [r for r in parent if r.name == "openat" and r.args.get("path") == str(out_file)]
+    assert len(opens) == 1 and opens[0].return_value >= 3
+    fd = opens[0].return_value
+    assert all(r.args["fd"] == fd for r in writes)
+    execs = [r for r in execd if r.name == "execve"]
+    assert execs[0].args["path"] == "/bin/true"
+    assert execs[0].args["argv"] == ["true", "--version-not"]
+    if launched:
+        assert parent.names()[0] == "execve"
+
+    from renacerd.fdtrack import file_io
+
+    assert file_io(parent)[str(out_file)] == [0, 20 * 64]
+
+
+def test_launch_mode_exact_pattern(cc, renacerd, db, tmp_path):
+    exe = cc("pattern", PATTERN)
+    out = tmp_path / "out.bin"
+    r = renacerd("--run", "launch", "--", str(exe), str(out))
+    assert r.returncode == 3, r.stderr  # the command's exit status
+    assert "run launch: 3 processes" in r.stderr
+    assert "0 lost" in r.stderr
+    _check_pattern(db, "launch", out, launched=True)
+
+
+STOPPED = PATTERN.replace(
+    "    const char *out = argv[1];",
+    '    const char *out = argv[1];\n    #include <signal.h>\n    raise(SIGSTOP);',
+)
+
+
+def _wait_state(pid: int, state: str, timeout: float = 10) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat[stat.rindex(")") + 2] == state:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} never reached state {state}")
+
+
+def test_attach_mode_to_stopped_process(cc, db, tmp_path):
+    exe = cc("stopped", "#include <signal.h>\n" + STOPPED.replace("#include <signal.h>\n", ""))
+    out = tmp_path / "out.bin"
+    target = subprocess.Popen([str(exe), str(out)])
+    try:
+        _wait_state(target.pid, "T")
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "renacerd.cli.renacerd_main", "--db", str(db), "--run",
+             "attach", "--pid", str(target.pid)],
+            stderr=subprocess.PIPE, text=True, env=env,
+        )
+        line = daemon.stderr.readline()
+        assert "tracing run attach" in line
+        os.kill(target.pid, signal.SIGCONT)
+        assert target.wait(timeout=30) == 3
+        rest = daemon.communicate(timeout=30)[1]
+        assert daemon.returncode == 0, rest
+    finally:
+        if target.poll() is None:
+            target.kill()
+    _check_pattern(db, "attach", out, launched=False)
+    store = Store(db)
+    parent = store.load_run("attach")[0]
+    assert parent.process.attached
+
+
+THREADS = r"""
+#include <pthread.h>
+#include <unistd.h>
+static void *work(void *a) { for (int i = 0; i < 5; i++) getppid(); return 0; }
+int main(void) {
+    pthread_t t[2];
+    for (int i = 0; i < 2; i++) pthread_create(&t[i], 0, work, 0);
+    for (int i = 0; i < 2; i++) pthread_join(t[i], 0);
+    getppid();
+    return 0;
+}
+"""
+
+
+def test_threads_stay_in_their_process(cc, renacerd, db):
+    exe = cc("threads", THREADS, "-pthread")
+    r = renacerd("-q", "--run", "thr", "--", str(exe))
+    assert r.returncode == 0, r.stderr
+    traces = Store(db).load_run("thr")
+    assert len(traces) == 1
+    t = traces[0]
+    calls = [r for r in t if r.name == "getppid"]
+    assert len(calls) == 11
+    tids = {r.tid for r in calls}
+    assert len(tids) == 3 and t.pid in tids
+    assert sum(1 for r in calls if r.tid == t.pid) == 1
+
+
+NEW_SYSCALLS = r"""
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <linux/openat2.h>
+int main(void) {
+    struct open_how how = {.flags = O_RDONLY};
+    long fd = syscall(SYS_openat2, AT_FDCWD, "/etc/hostname", &how, sizeof how);
+    syscall(SYS_io_uring_setup, 0, (void *)0);   /* NULL params: EFAULT */
+    syscall(435, (void *)0, 0);                   /* clone3 with a NULL struct: EINVAL */
+    return fd >= 0 ? 0 : 1;
+}
+"""
+
+
+def test_syscall_names_above_334(cc, renacerd, db):
+    exe = cc("newsys", NEW_SYSCALLS)
+    r = renacerd("-q", "--run", "new", "--", str(exe))
+    assert r.returncode == 0, r.stderr
+    t = Store(db).load_run("new")[0]
+    recs = {r.name: r for r in t}
+    assert recs["openat2"].args["path"] == "/etc/hostname"
+    assert recs["openat2"].return_value >= 3
+    assert recs["io_uring_setup"].errno == 14  # EFAULT: params are copied first
+    assert recs["clone3"].errno in (14, 22)
+
+
+SOCKETS = r"""
+#include <arpa/inet.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0};
+    inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+    bind(s, (struct sockaddr *)&a, sizeof a);
+    listen(s, 1);
+    socklen_t l = sizeof a;
+    getsockname(s, (struct sockaddr *)&a, &l);
+    int c = socket(AF_INET, SOCK_STREAM, 0);
+    connect(c, (struct sockaddr *)&a, sizeof a);
+    int acc = accept(s, 0, 0);
+    write(c, "hello", 5);
+    char buf[8];
+    read(acc, buf, 5);
+    printf("%d\n", ntohs(a.sin_port));
+    int u = socket(AF_UNIX, SOCK_DGRAM, 0);
+    struct sockaddr_un un = {.sun_family = AF_UNIX};
+    strcpy(un.sun_path, argv[1]);
+    bind(u, (struct sockaddr *)&un, sizeof un);
+    int u6 = socket(AF_INET6, SOCK_DGRAM, 0);
+    struct sockaddr_in6 a6 = {.sin6_family = AF_INET6, .sin6_port = htons(9)};
+    inet_pton(AF_INET6, "::1", &a6.sin6_addr);
+    sendto(u6, "x", 1, 0, (struct sockaddr *)&a6, sizeof a6);
+    return 0;
+}
+"""
+
+
+def test_socket_addresses(cc, db, tmp_path):
+    exe = cc("sockets", SOCKETS)
+    sock_path = tmp_path / "u.sock"
+    r = run_cli("renacerd_main", "--db", str(db), "-q", "--run", "net", "--", str(exe),
+                str(sock_path))
+    assert r.returncode == 0, r.stderr
+    port = int(r.stdout.strip())
+    t = Store(db).load_run("net")[0]
+    by = {}
+    for rec in t:
+        by.setdefault(rec.name, []).append(rec)
+    assert by["connect"][0].args["addr"] == f"inet:127.0.0.1:{port}"
+    assert by["bind"][0].args["addr"] == "inet:127.0.0.1:0"
+    assert by["bind"][1].args["addr"] == f"unix:{sock_path}"
+    assert by["sendto"][-1].args["addr"] == "inet6:[::1]:9"
+    assert by["getsockname"][0].args["addr"] == f"inet:127.0.0.1:{port}"
+    from renacerd.fdtrack import file_io
+
+    io = file_io(t)
+    assert io[f"socket:inet:127.0.0.1:{port}"][1] == 5
+
+
+STORM = r"""
+#include <unistd.h>
+#include <stdlib.h>
+int main(int argc, char **argv) {
+    long n = atol(argv[1]);
+    for (long i = 0; i < n; i++) getppid();
+    return 0;
+}
+"""
+
+
+def test_tiny_ring_buffer_losses_are_counted(cc, renacerd, renacer, db):
+    exe = cc("storm", STORM)
+    n = 300_000
+    r = renacerd("--run", "lossy", "--ring-mb", "0.004", "--", str(exe), str(n))
+    assert r.returncode == 0, r.stderr
+    assert "LOST EVENTS" in r.stderr
+    info = Store(db).run("lossy")
+    assert info.events_lost > 0
+    assert sum(info.lost_per_cpu["events_lost"]) == info.events_lost
+    t = Store(db).load_run("lossy")[0]
+    got = sum(1 for x in t.names() if x == "getppid")
+    assert got < n
+    assert got + info.events_lost >= n
+    shown = json.loads(renacer("show", "lossy", "--json").stdout)
+    assert shown["lost_events"] == info.events_lost
+    assert "LOSSES" in renacer("show", "lossy").stdout
+    assert "!" in renacer("runs").stdout.splitlines()[1]
+
+
+SLOW = r"""
+#include <fcntl.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    int fd = open(argv[1], O_CREAT | O_WRONLY | O_TRUNC, 0644);
+    for (int i = 0; i < 400; i++) { write(fd, "abcd", 4); usleep(10000); }
+    return 0;
+}
+"""
+
+
+def test_kill_9_daemon_leaves_readable_store(cc, db, tmp_path):
+    exe = cc("slow", SLOW)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "renacerd.cli.renacerd_main", "--db", str(db), "--run", "killed",
+         "--", str(exe), str(tmp_path / "o")],
+        stderr=subprocess.PIPE, text=True, env=env,
+    )
+    assert "tracing run killed" in daemon.stderr.readline()
+    time.sleep(2.0)
+    daemon.kill()
+    daemon.wait()
+    time.sleep(0.2)
+    store = Store(db)
+    info = store.run("killed")
+    assert info.status == "incomplete"  # its daemon is gone
+    t = store.load_run("killed")[0]
+    writes = sum(1 for x in t.names() if x == "write")
+    # 2 s at ~100 writes/s, committed at least every second
+    assert writes >= 80
+    # the next daemon start marks it incomplete in the file itself
+    r = run_cli("renacerd_main", "--db", str(db), "-q", "--run", "next", "--", "/bin/true")
+    assert r.returncode == 0, r.stderr
+    row = store.db.execute("SELECT status FROM runs WHERE name='killed'").fetchone()
+    assert row[0] == "incomplete"
+    subprocess.run(["pkill", "-f", str(exe)], check=False)
+    # no probe stayed behind: the daemon's perf events died with it
+    assert "renacer" not in Path("/sys/kernel/tracing/uprobe_events").read_text()
+
+
+def test_sigterm_detaches_and_flushes(cc, db, tmp_path):
+    exe = cc("slow2", SLOW)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "renacerd.cli.renacerd_main", "--db", str(db), "--run", "term",
+         "--", str(exe), str(tmp_path / "o")],
+        stderr=subprocess.PIPE, text=True, env=env,
+    )
+    assert "tracing run term" in daemon.stderr.readline()
+    time.sleep(0.5)
+    daemon.send_signal(signal.SIGTERM)
+    err = daemon.communicate(timeout=5)[1]  # a hang guard: it must not wait for the command
+    assert "run term:" in err and "detached; command still running" in err
+    assert daemon.returncode == 0
+    assert Store(db).run("term").status == "complete"
+    subprocess.run(["pkill", "-f", str(exe)], check=False)
+
+
+def test_duration_stops_the_run(cc, renacerd, db, tmp_path):
+    exe = cc("slow3", SLOW)
+    r = renacerd("-q", "--run", "dur", "--duration", "0.5", "--", str(exe), str(tmp_path / "o"),
+                 timeout=10)
+    assert r.returncode == 0
+    info = Store(db).run("dur")
+    assert info.status == "complete" and info.events > 0
+    subprocess.run(["pkill", "-f", str(exe)], check=False)
+
+
+def test_store_is_compact(cc, renacerd, db):
+    exe = cc("storm2", STORM)
+    r = renacerd("-q", "--run", "big", "--", str(exe), "200000")
+    assert r.returncode == 0
+    store = Store(db)
+    info = store.run("big")
+    size = store.db.execute(
+        "SELECT sum(length(data)) FROM chunks WHERE run_id=?", (info.id,)
+    ).fetchone()[0]
+    assert info.events >= 200_000
+    assert size / info.events <= 16
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--pid", "999999"], "no process with pid 999999"),
+        (["--pid", "2"], "kernel thread"),
+        (["--", "/nonexistent/cmd"], "cannot execute"),
+        (["--pid", "1", "--", "true"], "exactly one"),
+        ([], "exactly one"),
+        (["--duration", "-1", "--", "true"], "--duration"),
+        (["--bogus"], "unrecognized arguments"),
+    ],
+)
+def test_bad_input_one_line_exit_2(renacerd, args, message):
+    r = renacerd(*args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_bad_store_paths(tmp_path):
+    corrupt = tmp_path / "corrupt.db"
+    corrupt.write_bytes(b"this is not sqlite" * 100)
+    before = corrupt.read_bytes()
+    r = run_cli("renacerd_main", "--db", str(corrupt), "--", "/bin/true")
+    assert r.returncode == 2 and "not a renacer store" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert corrupt.read_bytes() == before
+    r = run_cli("renacerd_main", "--db", "/proc/renacer/x.db", "--", "/bin/true")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_existing_run_is_never_overwritten(renacerd, db):
+    assert renacerd("-q", "--run", "same", "--", "/bin/true").returncode == 0
+    events = Store(db).run("same").events
+    r = renacerd("-q", "--run", "same", "--", "/bin/true")
+    assert r.returncode == 2 and "already exists" in r.stderr
+    assert Store(db).run("same").events == events
+
+
+def test_non_root_is_refused(tmp_path):
+    r = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+         "renacerd.cli.renacerd_main", "--db", str(tmp_path / "x.db"), "--", "/bin/true"],
+        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd="/",
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip() == "renacerd: error: must run as root (BPF needs CAP_BPF and " \
+        "CAP_PERFMON); try sudo"
+
+
+def test_unknown_run_and_show_json_contract(cc, renacerd, renacer, db, tmp_path):
+    exe = cc("pattern2", PATTERN)
+    out = tmp_path / "o.bin"
+    assert renacerd("-q", "--run", "j", "--", str(exe), str(out)).returncode == 3
+    d = json.loads(renacer("show", "j", "--json").stdout)
+    assert d["run"] == "j" and d["status"] == "complete" and d["lost_events"] == 0
+    p = d["processes"][0]
+    assert {"pid", "ppid", "comm", "exit_code", "syscalls", "files"} <= set(p)
+    assert p["syscalls"]["getppid"]["calls"] == 7
+    assert p["syscalls"]["getppid"]["errors"] == 0
+    assert p["files"][str(out)] == {"bytes_read": 0, "bytes_written": 1280}
+    assert [q["exit_code"] for q in d["processes"]] == [3, 7, 0]
+    r = renacer("show", "nope")
+    assert r.returncode == 2 and "no run named 'nope'" in r.stderr
