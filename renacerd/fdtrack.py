@@ -85,9 +85,8 @@ def _replay(trace: UnifiedTrace, initial: dict[int, int] | None, intern: _Intern
                 sid = intern(f"socket:{trace.string(int(c['s0'][i]))}")
                 table[a0] = sid
                 changes[a0].append((ts, sid))
-        elif name in CLOSES:
-            if table.pop(a0, None) is not None:
-                changes[a0].append((ts, -1))
+        elif name in CLOSES and table.pop(a0, None) is not None:
+            changes[a0].append((ts, -1))
     return changes, table
 
 

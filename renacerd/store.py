@@ -177,7 +177,8 @@ class Store:
             if create:
                 self.db.executescript(SCHEMA)
                 self.db.execute(
-                    "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                    "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
                 )
             ver = self.db.execute(
                 "SELECT value FROM meta WHERE key='schema_version'"
@@ -324,6 +325,16 @@ class Store:
         )
         return len(blob)
 
+    def add_encoded_chunk(self, run_id: int, proc_id: int, blob: bytes, n: int, first_ts: int,
+                          last_ts: int, layer: str = "sys") -> None:
+        """Store a chunk already encoded by columns.encode."""
+        self._tx()
+        self.db.execute(
+            "INSERT INTO chunks (run_id, proc_id, layer, n, first_ts, last_ts, data) "
+            "VALUES (?,?,?,?,?,?,?)",
+            (run_id, proc_id, layer, n, first_ts, last_ts, blob),
+        )
+
     def add_spans(self, run_id: int, records: Iterable[Any], proc_ids: dict[int, int]) -> None:
         """Persist SpanRecords (renacerd.experiment_span.SpanRecord)."""
         rows = []
@@ -466,7 +477,8 @@ class Store:
 
     def span_records(self, run_id: int) -> list[Any]:
         """The run's SpanRecords, ordered by start."""
-        if self.db.execute("SELECT 1 FROM spans WHERE run_id=? LIMIT 1", (run_id,)).fetchone() is None:
+        q = "SELECT 1 FROM spans WHERE run_id=? LIMIT 1"
+        if self.db.execute(q, (run_id,)).fetchone() is None:
             return []
         from renacerd.experiment_span import SpanRecord
 

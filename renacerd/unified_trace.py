@@ -15,10 +15,15 @@ from renacerd.syscall_table import name_of, syscall_table
 
 # syscalls whose a0 is a file descriptor (for -y style decoding and fd -> path attribution)
 FD_SYSCALLS = frozenset(
-    ["read", "write", "pread64", "pwrite64", "readv", "writev", "preadv", "pwritev", "preadv2", "pwritev2", "close", "fstat", "lseek", "fsync", "fdatasync", "ftruncate", "getdents64", "getdents", "fchmod", "fchown", "fcntl", "ioctl", "flock", "sendfile", "recvfrom", "sendto", "recvmsg", "sendmsg", "recvmmsg", "sendmmsg", "connect", "bind", "listen", "accept", "accept4", "shutdown", "getsockname", "getpeername", "setsockopt", "getsockopt", "dup", "dup2", "dup3", "fallocate", "fadvise64", "readahead", "sync_file_range", "copy_file_range", "splice", "tee", "vmsplice", "epoll_ctl", "fstatfs", "syncfs"]
+    """read write pread64 pwrite64 readv writev preadv pwritev preadv2 pwritev2 close fstat
+    lseek fsync fdatasync ftruncate getdents64 getdents fchmod fchown fcntl ioctl flock
+    sendfile recvfrom sendto recvmsg sendmsg recvmmsg sendmmsg connect bind listen accept
+    accept4 shutdown getsockname getpeername setsockopt getsockopt dup dup2 dup3
+    fallocate fadvise64 readahead sync_file_range copy_file_range splice tee vmsplice
+    epoll_ctl fstatfs syncfs""".split()
 )
-READ_FAMILY = frozenset(["read", "pread64", "readv", "preadv", "preadv2", "recvfrom", "recvmsg"])
-WRITE_FAMILY = frozenset(["write", "pwrite64", "writev", "pwritev", "pwritev2", "sendto", "sendmsg"])
+READ_FAMILY = frozenset("read pread64 readv preadv preadv2 recvfrom recvmsg".split())
+WRITE_FAMILY = frozenset("write pwrite64 writev pwritev pwritev2 sendto sendmsg".split())
 # where the path captured for s0/s1 lives in the argument list (for display)
 PATH_ARG = {"execve": "filename", "execveat": "filename"}
 

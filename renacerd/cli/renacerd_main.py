@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog=PROG,
         usage="renacerd [options] (--pid PID ... | -- CMD [ARGS...])\n"
-        "       renacerd doctor | serve [options]",
+        "       renacerd doctor",
         description="Trace every syscall of a process tree with eBPF into the renacer store.",
     )
     p.add_argument("--pid", type=int, action="append", default=[], metavar="PID",
@@ -27,8 +27,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-follow", action="store_true", help="do not follow forked children")
     p.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this long")
     p.add_argument("-q", "--quiet", action="store_true", help="no summary")
-    p.add_argument("--socket", metavar="PATH",
-                   help="client socket for experiment spans (launch mode default: private)")
     p.add_argument("--ring-mb", type=float, default=32, metavar="MB",
                    help="event ring buffer size (power of two pages)")
     p.add_argument("--detail-ring-mb", type=float, default=8, metavar="MB",
@@ -44,10 +42,6 @@ def main(argv: list[str] | None = None) -> int:
         from renacerd.cli.doctor import main as doctor
 
         return doctor(argv[1:])
-    if argv and argv[0] == "serve":
-        from renacerd.cli.serve import main as serve
-
-        return serve(argv[1:])
     cmd: list[str] = []
     if "--" in argv:
         i = argv.index("--")

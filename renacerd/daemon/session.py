@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+import resource
 import sys
-import time
 
 from renacerd.daemon.tracer import Summary, Tracer, default_run_name, install_signal_handlers
 from renacerd.probes.loader import ProbeError
@@ -85,7 +85,6 @@ class Session:
         if self.store.run_exists(self.run_name):
             raise SessionError(f"run {self.run_name!r} already exists in {self.db_path}")
         self.quiet = args.quiet
-        self.span_link = None
 
     def _say(self, msg: str) -> None:
         if not self.quiet:
@@ -96,15 +95,6 @@ class Session:
         args = self.args
         env = dict(os.environ)
         child = None
-        from renacerd.daemon.span_link import SpanLink, SpanLinkError
-
-        try:
-            self.span_link = SpanLink.for_session(args.socket, launch=bool(self.cmd))
-        except SpanLinkError as e:
-            sys.stderr.write(f"renacerd: error: {e}\n")
-            return 2
-        if self.span_link is not None:
-            env["RENACER_SOCKET"] = self.span_link.path
         if self.cmd:
             child = HeldChild(self.cmd, env)
         probes = SyscallProbes(
@@ -115,8 +105,6 @@ class Session:
         except ProbeError as e:
             if child is not None:
                 child.abort()
-            if self.span_link is not None:
-                self.span_link.close()
             sys.stderr.write(f"renacerd: error: {e}\n")
             return 2
         tracer = Tracer(
@@ -130,14 +118,10 @@ class Session:
         try:
             if child is not None:
                 tracer.adopt_launched(child.pid)
-                if self.span_link is not None:
-                    self.span_link.attach(tracer)
                 err = child.release()
                 if err is not None:
                     error = f"cannot execute {self.cmd[0]!r}: {err}"
             else:
-                if self.span_link is not None:
-                    self.span_link.attach(tracer)
                 for pid in args.pid:
                     tracer.attach(pid)
             self._say(f"tracing run {self.run_name} (store {self.db_path})")
@@ -151,8 +135,6 @@ class Session:
             raise
         finally:
             try:
-                if self.span_link is not None:
-                    self.span_link.close()
                 summary = tracer.finish(status=status, error=error)
             except StoreError as e:
                 summary = None
@@ -188,8 +170,5 @@ class Session:
                 f"{s.lost.get('details_lost', 0)} argument records (ring buffer full; "
                 "raise --ring-mb)"
             )
-        self._say(f"store {s.db}; see `renacer show {s.run}`")
-
-
-def _now() -> float:
-    return time.monotonic()
+        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        self._say(f"store {s.db}; daemon peak RSS {rss_mb:.0f} MB; see `renacer show {s.run}`")

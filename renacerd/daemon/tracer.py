@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from renacerd import __version__
+from renacerd.daemon.writer import ChunkWriter
 from renacerd.procfs import descendants, snapshot
 from renacerd.records import (
     EV_EXEC,
@@ -140,6 +141,8 @@ class Tracer:
             owner_uid=os.getuid(),
         )
         self._last_flush = time.monotonic()
+        self.writer = ChunkWriter(store, self.run_id)
+        self.lock = self.writer.lock
         self.on_process_exit: list[Callable[[ProcState], None]] = []
         self.on_flush: list[Callable[[], None]] = []
         # Other event sources (CUDA uprobes, ...): see the Source protocol below.
@@ -147,7 +150,9 @@ class Tracer:
 
     # -- targets -----------------------------------------------------------------------
     def _new_proc(self, span: ProcessSpan) -> ProcState:
-        st = ProcState(proc_id=self.store.add_process(self.run_id, span), span=span)
+        with self.lock:
+            proc_id = self.store.add_process(self.run_id, span)
+        st = ProcState(proc_id=proc_id, span=span)
         self.procs[span.pid] = st
         return st
 
@@ -164,7 +169,8 @@ class Tracer:
                     self._new_proc(snapshot(child, time.monotonic_ns(), attached=True))
                 except Exception:  # gone since we listed it
                     self.probes.remove_target(child)
-        self.store.commit()
+        with self.lock:
+            self.store.commit()
 
     def adopt_launched(self, pid: int) -> None:
         """Trace a child we forked and hold before exec: its events start at execve."""
@@ -172,7 +178,8 @@ class Tracer:
         st = self._new_proc(snapshot(pid, time.monotonic_ns(), attached=False))
         st.gated = True
         self.root_pid = pid
-        self.store.commit()
+        with self.lock:
+            self.store.commit()
 
     # -- the loop ----------------------------------------------------------------------
     def live_targets(self) -> bool:
@@ -410,40 +417,39 @@ class Tracer:
                 if st.exec_argv is not None:  # the kernel's copy beats a failed user read
                     argv = [st.exec_argv]
                     st.exec_argv = None
-                if st.exec_path and (s0[i] < 0 or not self.strings_by_id(int(s0[i]))):
-                    s0[i] = self.strings.intern(st.exec_path)
                 else:
                     st.span.argv = [a.decode(errors="backslashreplace") for a in argv]
                     st.dirty = True
+                if st.exec_path and (s0[i] < 0 or not self.strings_by_id(int(s0[i]))):
+                    s0[i] = self.strings.intern(st.exec_path)
             if argv:
                 s1[i] = self.strings.intern(b"\0".join(argv))
         pid = ev["pid"]
-        order = np.argsort(pid, kind="stable")
-        spid = pid[order]
-        cuts = np.flatnonzero(np.diff(spid)) + 1
-        starts = np.concatenate(([0], cuts))
-        ends = np.concatenate((cuts, [n]))
-        for a, b in zip(starts, ends):
-            idx = order[a:b]
-            p = int(spid[a])
-            st = self._proc(p, int(ev["ts"][idx[0]]))
+        if pid[0] == pid[-1] and (pid == pid[0]).all():
+            groups = [(int(pid[0]), None)]  # the common case: one busy process
+        else:
+            order = np.argsort(pid, kind="stable")
+            spid = pid[order]
+            cuts = np.flatnonzero(np.diff(spid)) + 1
+            groups = [
+                (int(spid[a]), order[a:b])
+                for a, b in zip(np.concatenate(([0], cuts)), np.concatenate((cuts, [n])))
+            ]
+        for p, idx in groups:
+            sub, s0s, s1s = (ev, s0, s1) if idx is None else (ev[idx], s0[idx], s1[idx])
+            st = self._proc(p, int(sub["ts"][0]))
             if st.gated:
-                nrs = ev["nr"][idx]
+                nrs = sub["nr"]
                 hit = np.flatnonzero((nrs == NR_EXECVE) | (nrs == NR_EXECVEAT))
                 if not len(hit):
                     continue
-                idx = idx[hit[0] :]
+                k = int(hit[0])
+                sub, s0s, s1s = sub[k:], s0s[k:], s1s[k:]
                 st.gated = False
-            rec = np.empty(len(idx), dtype=_BUF)
-            sub = ev[idx]
-            for f in ("ts", "dur", "ret", "a0", "tid", "nr", "flags"):
-                rec[f] = sub[f]
-            rec["s0"] = s0[idx]
-            rec["s1"] = s1[idx]
-            st.buf.append(rec)
-            st.buffered += len(rec)
-            st.events += len(rec)
-            self.events += len(rec)
+            st.buf.append((sub, s0s, s1s))
+            st.buffered += len(sub)
+            st.events += len(sub)
+            self.events += len(sub)
             if st.buffered >= CHUNK_EVENTS:
                 self._flush_proc(st)
         return s0
@@ -452,13 +458,15 @@ class Tracer:
     def _flush_proc(self, st: ProcState) -> None:
         if not st.buffered:
             return
-        rec = np.concatenate(st.buf) if len(st.buf) > 1 else st.buf[0]
+        parts = st.buf
         st.buf, st.buffered = [], 0
-        if len(rec) > 1 and (np.diff(rec["ts"].view(np.int64)) < 0).any():
-            rec = rec[np.argsort(rec["ts"], kind="stable")]
-        cols = {f: rec[f] for f in rec.dtype.names}
-        cols["ts"] = cols["ts"].view(np.int64)
-        self.store.add_chunk(self.run_id, st.proc_id, cols)
+        if len(parts) == 1:
+            ev, s0, s1 = parts[0]
+        else:
+            ev = np.concatenate([x[0] for x in parts])
+            s0 = np.concatenate([x[1] for x in parts])
+            s1 = np.concatenate([x[2] for x in parts])
+        self.writer.submit(st.proc_id, ev, s0, s1)
 
     def counters(self) -> dict[str, int]:
         """Kernel-side loss counters."""
@@ -466,26 +474,28 @@ class Tracer:
 
     def flush(self) -> None:
         """Write every buffer, process change and counter; commit."""
-        if self.strings.pending:
-            self.store.add_strings(self.run_id, self.strings.pending)
-            self.strings.pending = []
         for st in self.procs.values():
             self._flush_proc(st)
-            if st.dirty:
-                self.store.update_process(st.proc_id, st.span)
-                st.dirty = False
         for src in self.sources:
             src.flush(self)
         for cb in self.on_flush:
             cb()
         per_cpu = self.probes.counters_per_cpu()
-        self.store.update_run(
-            self.run_id,
-            events=self.events,
-            lost_per_cpu=per_cpu,
-            **{k: sum(v) for k, v in per_cpu.items()},
-        )
-        self.store.commit()
+        with self.lock:
+            if self.strings.pending:
+                self.store.add_strings(self.run_id, self.strings.pending)
+                self.strings.pending = []
+            for st in self.procs.values():
+                if st.dirty:
+                    self.store.update_process(st.proc_id, st.span)
+                    st.dirty = False
+            self.store.update_run(
+                self.run_id,
+                events=self.events,
+                lost_per_cpu=per_cpu,
+                **{k: sum(v) for k, v in per_cpu.items()},
+            )
+            self.store.commit()
         self._last_flush = time.monotonic()
         # Details whose event never came (its record was lost) must not pile up.
         if len(self.pending_details) > 100_000:
@@ -497,11 +507,15 @@ class Tracer:
             # Stopped early (signal, --duration): never wait for, or harm, the command.
             self._reap_root(block=not self.stop_requested and not self.live_targets())
         self.flush()
+        self.writer.close()
         exit_code = None
         if self.root_status is not None:
             s = self.root_status
             exit_code = os.WEXITSTATUS(s) if os.WIFEXITED(s) else 128 + os.WTERMSIG(s)
         end_wall, end_mono = time.time_ns(), time.monotonic_ns()
+        self.store.update_run(
+            self.run_id, events=self.events, **self.probes.counters()
+        )
         self.store.update_run(
             self.run_id,
             status=status,
@@ -510,7 +524,8 @@ class Tracer:
             exit_code=exit_code,
             error=error,
         )
-        self.store.commit()
+        with self.lock:
+            self.store.commit()
         lost = self.counters()
         return Summary(
             run=self.run_name,
@@ -538,21 +553,6 @@ class Source(Protocol):
 
     def close(self) -> None:
         """Detach everything."""
-
-
-_BUF = np.dtype(
-    [
-        ("ts", "<u8"),
-        ("dur", "<u8"),
-        ("ret", "<i8"),
-        ("a0", "<u8"),
-        ("tid", "<u4"),
-        ("nr", "<u2"),
-        ("flags", "<u2"),
-        ("s0", "<i4"),
-        ("s1", "<i4"),
-    ]
-)
 
 
 def _is_zombie(pid: int) -> bool:

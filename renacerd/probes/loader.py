@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 BPF_DIR = Path(__file__).resolve().parent.parent.parent / "bpf"
@@ -36,6 +37,16 @@ def compile_bpf(text: str, **kw: object):
             "(the PyPI package named bcc is unrelated); run `renacerd doctor`"
         ) from e
     try:
-        return BPF(text=text, **kw)
+        b = BPF(text=text, **kw)
     except Exception as e:  # BCC raises bare Exception on compile/load failures
         raise ProbeError(f"BPF program failed to load: {e}; run `renacerd doctor`") from e
+    _release_compiler_heap()
+    return b
+
+
+def _release_compiler_heap() -> None:
+    """clang/LLVM leave ~100 MB of freed heap behind; hand it back to the OS."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -100,7 +100,7 @@ class SyscallProbes:
 
     def targets(self) -> list[int]:
         """Pids currently traced."""
-        return [k.value for k in self.bpf["targets"].keys()]
+        return [k.value for k in self.bpf["targets"]]
 
     def counters(self) -> dict[str, int]:
         """Loss counters summed over CPUs."""

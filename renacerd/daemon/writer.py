@@ -1,0 +1,73 @@
+"""Chunk writer: encodes and inserts event chunks on its own thread, off the drain path."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import numpy as np
+
+from renacerd.store import Store
+
+MAX_PENDING = 8  # chunks in flight; beyond that the drain loop writes itself (backpressure)
+
+
+class ChunkWriter:
+    """zlib and SQLite release the GIL, so encoding here overlaps with draining the rings."""
+
+    def __init__(self, store: Store, run_id: int) -> None:
+        self.store = store
+        self.run_id = run_id
+        self.lock = threading.RLock()  # every store call of the run goes under it
+        self.bytes_written = 0
+        self.error: Exception | None = None
+        self._q: queue.Queue = queue.Queue(maxsize=MAX_PENDING)
+        self._t = threading.Thread(target=self._loop, name="renacerd-writer", daemon=True)
+        self._t.start()
+
+    def submit(self, proc_id: int, ev: np.ndarray, s0: np.ndarray, s1: np.ndarray) -> None:
+        """Queue one chunk; writes it inline when the queue is full."""
+        try:
+            self._q.put_nowait((proc_id, ev, s0, s1))
+        except queue.Full:
+            self._write(proc_id, ev, s0, s1)
+
+    def _write(self, proc_id: int, ev: np.ndarray, s0: np.ndarray, s1: np.ndarray) -> None:
+        ts = ev["ts"].view(np.int64)
+        if len(ts) > 1 and (np.diff(ts) < 0).any():
+            order = np.argsort(ts, kind="stable")
+            ev, s0, s1 = ev[order], s0[order], s1[order]
+        cols = {f: ev[f] for f in ("ts", "dur", "ret", "a0", "tid", "nr", "flags")}
+        cols["ts"] = cols["ts"].view(np.int64)
+        cols["s0"] = s0
+        cols["s1"] = s1
+        from renacerd.columns import encode
+
+        blob = encode(cols)
+        with self.lock:
+            self.store.add_encoded_chunk(self.run_id, proc_id, blob, len(ts),
+                                         int(cols["ts"].min()), int(cols["ts"].max()))
+            self.bytes_written += len(blob)
+
+    def _loop(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            try:
+                self._write(*item)
+            except Exception as e:  # surfaced by close(); the drain loop keeps going
+                self.error = e
+            finally:
+                self._q.task_done()
+
+    def wait(self) -> None:
+        """Block until every queued chunk is inserted."""
+        self._q.join()
+
+    def close(self) -> None:
+        """Finish the queue and stop the thread; re-raise a write failure."""
+        self._q.put(None)
+        self._t.join()
+        if self.error is not None:
+            raise self.error
