@@ -100,11 +100,12 @@ static __always_inline void count(int idx) {
         (*c)++;
 }
 
-static __always_inline u16 emit_str(u64 ts, u32 tid, u16 nr, u8 slot, const void *ptr, int user) {
+// A detail record with its join key filled, or NULL (counted) when the ring is full.
+static __always_inline struct detail *reserve_detail(u64 ts, u32 tid, u16 nr, u8 slot) {
     struct detail *d = details.ringbuf_reserve(sizeof(struct detail));
     if (!d) {
         count(C_DETAILS_LOST);
-        return F_DETAIL_LOST;
+        return 0;
     }
     d->ts = ts;
     d->tid = tid;
@@ -112,6 +113,13 @@ static __always_inline u16 emit_str(u64 ts, u32 tid, u16 nr, u8 slot, const void
     d->slot = slot;
     d->flags = 0;
     d->pad = 0;
+    return d;
+}
+
+static __always_inline u16 emit_str(u64 ts, u32 tid, u16 nr, u8 slot, const void *ptr, int user) {
+    struct detail *d = reserve_detail(ts, tid, nr, slot);
+    if (!d)
+        return F_DETAIL_LOST;
     int n;
     if (user)
         n = bpf_probe_read_user_str(d->data, STR_LEN, ptr);
@@ -131,16 +139,9 @@ static __always_inline u16 emit_str(u64 ts, u32 tid, u16 nr, u8 slot, const void
 }
 
 static __always_inline u16 emit_addr(u64 ts, u32 tid, u16 nr, const void *ptr, u32 len) {
-    struct detail *d = details.ringbuf_reserve(sizeof(struct detail));
-    if (!d) {
-        count(C_DETAILS_LOST);
+    struct detail *d = reserve_detail(ts, tid, nr, SLOT_ADDR);
+    if (!d)
         return F_DETAIL_LOST;
-    }
-    d->ts = ts;
-    d->tid = tid;
-    d->nr = nr;
-    d->slot = SLOT_ADDR;
-    d->pad = 0;
     // sockaddr_storage is 128 bytes; the mask keeps the size provably within data[]
     if (len > 128)
         len = 128;
@@ -439,16 +440,9 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
         bpf_probe_read_kernel(&as, sizeof(as), (char *)mm + MM_ARG_START_OFF);
         bpf_probe_read_kernel(&ae, sizeof(ae), (char *)mm + MM_ARG_END_OFF);
     }
-    struct detail *d = details.ringbuf_reserve(sizeof(struct detail));
-    if (!d) {
-        count(C_DETAILS_LOST);
+    struct detail *d = reserve_detail(ts, tid, EV_EXEC, SLOT_ARGV_BLOB);
+    if (!d)
         return 0;
-    }
-    d->ts = ts;
-    d->tid = tid;
-    d->nr = EV_EXEC;
-    d->slot = SLOT_ARGV_BLOB;
-    d->pad = 0;
     u64 n = ae > as ? ae - as : 0;
     u8 fl = F_DETAIL;
     if (n > STR_LEN) {

@@ -305,15 +305,20 @@ int main(int argc, char **argv) {
 """
 
 
+def _start_daemon(db: Path, run: str, exe: Path, out: Path) -> subprocess.Popen:
+    """renacerd launching `exe out` in the background, returned once it traces."""
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "renacerd.cli.renacerd_main", "--db", str(db), "--run", run,
+         "--", str(exe), str(out)],
+        stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert f"tracing run {run}" in daemon.stderr.readline()
+    return daemon
+
+
 def test_kill_9_daemon_leaves_readable_store(cc, db, tmp_path):
     exe = cc("slow", SLOW)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "renacerd.cli.renacerd_main", "--db", str(db), "--run", "killed",
-         "--", str(exe), str(tmp_path / "o")],
-        stderr=subprocess.PIPE, text=True, env=env,
-    )
-    assert "tracing run killed" in daemon.stderr.readline()
+    daemon = _start_daemon(db, "killed", exe, tmp_path / "o")
     time.sleep(2.0)
     daemon.kill()
     daemon.wait()
@@ -337,13 +342,7 @@ def test_kill_9_daemon_leaves_readable_store(cc, db, tmp_path):
 
 def test_sigterm_detaches_and_flushes(cc, db, tmp_path):
     exe = cc("slow2", SLOW)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "renacerd.cli.renacerd_main", "--db", str(db), "--run", "term",
-         "--", str(exe), str(tmp_path / "o")],
-        stderr=subprocess.PIPE, text=True, env=env,
-    )
-    assert "tracing run term" in daemon.stderr.readline()
+    daemon = _start_daemon(db, "term", exe, tmp_path / "o")
     time.sleep(0.5)
     daemon.send_signal(signal.SIGTERM)
     err = daemon.communicate(timeout=5)[1]  # a hang guard: it must not wait for the command

@@ -1,4 +1,4 @@
-"""`renacer`: read the store — runs, show, spans, compare, export, push, status."""
+"""`renacer`: read the store — runs, show."""
 
 from __future__ import annotations
 
@@ -10,12 +10,7 @@ from renacerd.cli.common import EXIT_USAGE
 # One module per subcommand (memray style); each has main(argv) -> exit status.
 COMMANDS = {
     "runs": ("renacerd.cli.runs", "list the runs in the store"),
-    "show": ("renacerd.cli.show", "a run's process tree, syscall table, files, GPU, steps"),
-    "spans": ("renacerd.cli.spans", "a run's experiment spans with their syscalls"),
-    "compare": ("renacerd.cli.compare", "are two runs behaviourally equivalent?"),
-    "export": ("renacerd.cli.export", "golden trace file, Perfetto JSON or JSON lines"),
-    "push": ("renacerd.cli.push", "send a stored run to ClickHouse"),
-    "status": ("renacerd.cli.status", "what the renacerd service is tracing now"),
+    "show": ("renacerd.cli.show", "a run's process tree, syscall table, files, losses"),
 }
 
 

@@ -76,10 +76,6 @@ def render_text(d: dict[str, Any], out) -> None:
             w("top files:                                  read      written\n")
             for path, f in list(p["files"].items())[:10]:
                 w(f"  {_escape(path)[:38]:<38} {f['bytes_read']:>10} {f['bytes_written']:>12}\n")
-        if p.get("gpu"):
-            from renacerd.reports.gpu_text import render_gpu
-
-            render_gpu(p["gpu"], out)
 
 
 def main(argv: list[str]) -> int:
@@ -88,8 +84,6 @@ def main(argv: list[str]) -> int:
     p.add_argument("run", help="run name")
     add_db(p)
     p.add_argument("--json", action="store_true", help="machine-readable (stable contract)")
-    p.add_argument("--by", choices=["process", "step"], default="process",
-                   help="group by process (default) or by experiment step")
     a = p.parse_args(argv)
     try:
         store = open_store(a.db)
@@ -97,15 +91,6 @@ def main(argv: list[str]) -> int:
         traces = store.load_run(a.run)
     except StoreError as e:
         return fail(PROG, str(e))
-    if a.by == "step":
-        from renacerd.reports.steps import render_steps, steps_data
-
-        data = steps_data(run, traces)
-        if a.json:
-            sys.stdout.buffer.write(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
-        else:
-            render_steps(data, sys.stdout)
-        return 0
     from renacerd.reports.show import show_data
 
     data = show_data(run, traces)

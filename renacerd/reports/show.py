@@ -53,8 +53,6 @@ def show_data(run: RunInfo, traces: list[UnifiedTrace]) -> dict[str, Any]:
                 for path, rw in sorted(files.items(), key=lambda kv: -(kv[1][0] + kv[1][1]))
             },
         }
-        if t.gpu:
-            entry["gpu"] = t.gpu.get("summary", t.gpu)
         procs.append(entry)
     return {
         "run": run.name,
