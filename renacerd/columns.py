@@ -37,16 +37,6 @@ def _shuffle(a: np.ndarray) -> bytes:
     return np.ascontiguousarray(a.view(np.uint8).reshape(-1, w).T).tobytes()
 
 
-def _unshuffle(b: bytes, dtype: np.dtype, n: int) -> np.ndarray:
-    w = dtype.itemsize
-    raw = np.frombuffer(b, dtype=np.uint8)
-    if raw.size != n * w:
-        raise ChunkError(f"column holds {raw.size} bytes, expected {n * w}")
-    if w == 1:
-        return raw.view(dtype).copy()
-    return np.ascontiguousarray(raw.reshape(w, n).T).view(dtype).reshape(n)
-
-
 def encode(cols: dict[str, np.ndarray], layout=SYSCALL_COLUMNS, level: int = 1) -> bytes:
     """Pack equal-length columns into one BLOB."""
     n = len(cols[layout[0][0]])
@@ -67,6 +57,25 @@ def encode(cols: dict[str, np.ndarray], layout=SYSCALL_COLUMNS, level: int = 1) 
 
 def decode(blob: bytes, layout=SYSCALL_COLUMNS) -> dict[str, np.ndarray]:
     """Inverse of encode; raises ChunkError on anything malformed."""
+    n = chunk_len(blob)
+    out = {name: np.empty(n, dtype=dt) for name, dt in layout}
+    decode_into(blob, out, 0, layout)
+    return out
+
+
+def chunk_len(blob: bytes) -> int:
+    """Number of events in a chunk, from its header."""
+    if bytes(blob[:4]) != MAGIC:
+        raise ChunkError("not a renacerd column chunk")
+    try:
+        return struct.unpack_from("<I", blob, 4)[0]
+    except struct.error as e:
+        raise ChunkError(f"corrupt column chunk: {e}") from e
+
+
+def decode_into(blob: bytes, out: dict[str, np.ndarray], start: int,
+                layout=SYSCALL_COLUMNS) -> int:
+    """Decode a chunk straight into out[name][start:start+n] (no concatenation); returns n."""
     mv = memoryview(blob)
     if bytes(mv[:4]) != MAGIC:
         raise ChunkError("not a renacerd column chunk")
@@ -74,7 +83,6 @@ def decode(blob: bytes, layout=SYSCALL_COLUMNS) -> dict[str, np.ndarray]:
         n, ncols = struct.unpack_from("<IH", mv, 4)
         off = 10
         dtypes = dict(layout)
-        out: dict[str, np.ndarray] = {}
         for _ in range(ncols):
             ln, zlen = struct.unpack_from("<BI", mv, off)
             off += 5
@@ -85,17 +93,20 @@ def decode(blob: bytes, layout=SYSCALL_COLUMNS) -> dict[str, np.ndarray]:
                 raise ChunkError("chunk truncated")
             off += zlen
             dt = np.dtype(dtypes[name])
-            a = _unshuffle(zlib.decompress(z), dt, n)
+            dst = out[name][start : start + n]
+            if len(dst) != n:
+                raise ChunkError("chunk holds more events than its row says")
+            raw = np.frombuffer(zlib.decompress(z), dtype=np.uint8)
+            if raw.size != n * dt.itemsize:
+                raise ChunkError(f"column {name} holds {raw.size} bytes, expected "
+                                 f"{n * dt.itemsize}")
+            w = dt.itemsize
+            if w == 1:
+                dst.view(np.uint8)[:] = raw
+            else:
+                dst.view(np.uint8).reshape(n, w)[:] = raw.reshape(w, n).T
             if name in _DELTA:
-                a = np.cumsum(a, dtype=a.dtype)
-            out[name] = a
+                np.cumsum(dst, dtype=dst.dtype, out=dst)
     except (struct.error, zlib.error, KeyError, UnicodeDecodeError) as e:
         raise ChunkError(f"corrupt column chunk: {e}") from e
-    return out
-
-
-def concat(chunks: list[dict[str, np.ndarray]], layout=SYSCALL_COLUMNS) -> dict[str, np.ndarray]:
-    """Join decoded chunks column by column."""
-    if not chunks:
-        return {name: np.empty(0, dtype=dt) for name, dt in layout}
-    return {name: np.concatenate([c[name] for c in chunks]) for name, _ in layout}
+    return n

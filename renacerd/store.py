@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from renacerd.columns import ChunkError, concat, decode, encode
+from renacerd.columns import SYSCALL_COLUMNS, ChunkError, chunk_len, decode_into, encode
 from renacerd.unified_trace import ProcessSpan, UnifiedTrace
 
 SCHEMA_VERSION = 1
@@ -496,20 +496,29 @@ class Store:
         return out
 
     def _columns(self, run_id: int, proc_id: int, layer: str = "sys", layout: Any = None):
-        chunks = []
-        for (blob,) in self.db.execute(
-            "SELECT data FROM chunks WHERE run_id=? AND proc_id=? AND layer=? ORDER BY id",
+        layout = SYSCALL_COLUMNS if layout is None else layout
+        rows = self.db.execute(
+            "SELECT n, first_ts, last_ts, data FROM chunks WHERE run_id=? AND proc_id=? "
+            "AND layer=? ORDER BY id",
             (run_id, proc_id, layer),
-        ):
+        ).fetchall()
+        total = sum(r[0] for r in rows)
+        cols = {name: np.empty(total, dtype=dt) for name, dt in layout}
+        pos = 0
+        for n, _, _, blob in rows:
             try:
-                chunks.append(decode(blob) if layout is None else decode(blob, layout))
+                if chunk_len(blob) != n:
+                    raise ChunkError(f"chunk says {chunk_len(blob)} events, its row {n}")
+                pos += decode_into(blob, cols, pos, layout)
             except ChunkError as e:
                 raise StoreError(f"{self.path}: {e}") from e
-        cols = concat(chunks) if layout is None else concat(chunks, layout)
-        ts = cols["ts"]
-        if len(ts) > 1 and (np.diff(ts.view(np.int64)) < 0).any():
-            order = np.argsort(ts, kind="stable")
-            cols = {k: v[order] for k, v in cols.items()}
+        # Chunks are sorted inside; only overlapping chunks can leave the whole out of order.
+        overlap = any(rows[i][1] < rows[i - 1][2] for i in range(1, len(rows)))
+        if overlap or layer != "sys":
+            ts = cols["ts"]
+            if len(ts) > 1 and (np.diff(ts.view(np.int64)) < 0).any():
+                order = np.argsort(ts, kind="stable")
+                cols = {k: v[order] for k, v in cols.items()}
         return cols
 
     def _trace(self, run: RunInfo, proc_id: int, p: ProcessSpan, strings: list[bytes],
