@@ -170,5 +170,8 @@ class Session:
                 f"{s.lost.get('details_lost', 0)} argument records (ring buffer full; "
                 "raise --ring-mb)"
             )
-        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        self._say(f"store {s.db}; daemon peak RSS {rss_mb:.0f} MB; see `renacer show {s.run}`")
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        self._say(
+            f"store {s.db}; daemon peak RSS {ru.ru_maxrss / 1024:.0f} MB, CPU "
+            f"{ru.ru_utime + ru.ru_stime:.2f} s; see `renacer show {s.run}`"
+        )
