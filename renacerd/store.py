@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS runs (
     failed_reads INTEGER NOT NULL DEFAULT 0,
     unmatched_exits INTEGER NOT NULL DEFAULT 0,
     client_dropped INTEGER NOT NULL DEFAULT 0,
-    lost_per_cpu TEXT, syscall_table TEXT, exit_code INTEGER, error TEXT
+    lost_per_cpu TEXT, syscall_table TEXT, exit_code INTEGER, error TEXT,
+    source_counters TEXT
 );
 CREATE TABLE IF NOT EXISTS processes (
     id INTEGER PRIMARY KEY,
@@ -108,14 +109,18 @@ class RunInfo:
     unmatched_exits: int
     client_dropped: int
     lost_per_cpu: dict[str, list[int]]
+    source_counters: dict[str, int]
     syscall_table: dict[int, str]
     exit_code: int | None
     error: str | None
 
     @property
     def lost(self) -> int:
-        """Everything that did not reach the store: events, details, failed reads."""
-        return self.events_lost + self.details_lost + self.failed_reads
+        """Everything that did not reach the store: events, details, failed reads, and
+        what other sources (CUDA) dropped."""
+        other = sum(v for k, v in self.source_counters.items()
+                    if k.endswith("_lost") or k.endswith("_failed_reads"))
+        return self.events_lost + self.details_lost + self.failed_reads + other
 
 
 def default_db_path() -> str:
@@ -176,6 +181,9 @@ class Store:
             self.db.execute("PRAGMA synchronous=NORMAL")
             if create:
                 self.db.executescript(SCHEMA)
+                cols = {r[1] for r in self.db.execute("PRAGMA table_info(runs)")}
+                if "source_counters" not in cols:  # stores made before the CUDA layer
+                    self.db.execute("ALTER TABLE runs ADD COLUMN source_counters TEXT")
                 self.db.execute(
                     "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                     (str(SCHEMA_VERSION),),
@@ -373,7 +381,7 @@ class Store:
         """Set columns of a run row (counters, status, end times)."""
         if not fields:
             return
-        for k in ("lost_per_cpu",):
+        for k in ("lost_per_cpu", "source_counters"):
             if k in fields and not isinstance(fields[k], str):
                 fields[k] = orjson.dumps(fields[k]).decode()
         cols = ", ".join(f"{k}=?" for k in fields)
@@ -414,6 +422,7 @@ class Store:
             unmatched_exits=d["unmatched_exits"],
             client_dropped=d["client_dropped"],
             lost_per_cpu=orjson.loads(d["lost_per_cpu"] or "{}"),
+            source_counters=orjson.loads(d.get("source_counters") or "{}"),
             syscall_table={int(k): v for k, v in orjson.loads(d["syscall_table"] or "{}").items()},
             exit_code=d["exit_code"],
             error=d["error"],
@@ -495,7 +504,8 @@ class Store:
             out.append(SpanRecord(**d))
         return out
 
-    def _columns(self, run_id: int, proc_id: int, layer: str = "sys", layout: Any = None):
+    def columns(self, run_id: int, proc_id: int, layer: str = "sys", layout: Any = None):
+        """One layer of one process, decoded into numpy columns sorted by ts."""
         layout = SYSCALL_COLUMNS if layout is None else layout
         rows = self.db.execute(
             "SELECT n, first_ts, last_ts, data FROM chunks WHERE run_id=? AND proc_id=? "
@@ -526,28 +536,104 @@ class Store:
         t = UnifiedTrace(p.pid, p.name)
         t.process = p
         t.run = run.name
-        t.columns = self._columns(run.id, proc_id)
+        t.columns = self.columns(run.id, proc_id)
         t.strings = strings
         if run.syscall_table:
             t.table = run.syscall_table
         t.spans = spans
+        from renacerd.gpu_trace import load_gpu
+
+        t.gpu = load_gpu(self, run.id, proc_id, strings)
         return t
 
     def load_run(self, run: str) -> list[UnifiedTrace]:
-        """Every process of the run, each as a UnifiedTrace, in order of appearance."""
+        """Every process of the run, each as a UnifiedTrace, in order of appearance, its
+        events tagged with the innermost experiment span active at their timestamp."""
         info = self.run(run)
         strings = self.strings(info.id)
         spans = self.span_records(info.id)
-        return [
+        traces = [
             self._trace(info, pid_, p, strings, spans)
             for pid_, p in self.processes(info.id)
         ]
+        tag_spans(traces)
+        return traces
+
+    def query_by_attribute(self, key: str, run: str) -> dict[str, list[tuple[Any, dict]]]:
+        """Spans of a run grouped by one attribute's value (e.g. experiment.step), each with
+        a summary of the events tagged with it: {value: [(SpanRecord, summary), ...]}."""
+        traces = self.load_run(run)
+        spans = traces[0].spans if traces else []
+        summaries = span_summaries(traces)
+        out: dict[str, list[tuple[Any, dict]]] = {}
+        for i, sp in enumerate(spans):
+            attrs = sp.attributes()
+            if key in attrs:
+                out.setdefault(str(attrs[key]), []).append((sp, summaries[i]))
+        return out
 
     def load_trace(self, run: str, pid: int) -> UnifiedTrace:
-        """One process of a run."""
-        info = self.run(run)
-        for proc_id, p in self.processes(info.id):
-            if p.pid == pid:
-                return self._trace(info, proc_id, p, self.strings(info.id),
-                                   self.span_records(info.id))
+        """One process of a run (spans tagged as in load_run)."""
+        for t in self.load_run(run):
+            if t.pid == pid:
+                return t
         raise StoreError(f"run {run!r} has no process {pid}")
+
+
+def tag_spans(traces: list[UnifiedTrace]) -> None:
+    """Set each trace's span_index: the innermost span of its own process or of an ancestor
+    (DataLoader workers inherit their parent's step) active at each event, or -1."""
+    from renacerd.span_tagging import innermost_span
+
+    if not traces:
+        return
+    spans = traces[0].spans
+    ppid = {t.pid: t.process.ppid for t in traces}
+    by_pid: dict[int, list[int]] = {}
+    for i, sp in enumerate(spans):
+        by_pid.setdefault(sp.process_id, []).append(i)
+    for t in traces:
+        chain, p, seen = [], t.pid, set()
+        while p in ppid and p not in seen:
+            seen.add(p)
+            chain.append(p)
+            p = ppid[p]
+        idx = np.array(sorted(i for q in chain for i in by_pid.get(q, [])), dtype=np.int64)
+        if not len(idx) or not len(t):
+            t.span_index = np.full(len(t), -1, dtype=np.int64)
+            continue
+        starts = np.array([spans[i].start_mono_nanos for i in idx], dtype=np.int64)
+        ends = np.array([spans[i].end_mono_nanos for i in idx], dtype=np.int64)
+        local = innermost_span(t.columns["ts"], starts, ends)
+        t.span_index = np.where(local >= 0, idx[np.maximum(local, 0)], -1)
+
+
+def span_summaries(traces: list[UnifiedTrace]) -> list[dict[str, Any]]:
+    """Per span of the run: syscall count, time in syscalls, bytes read/written, calls by
+    name, over the events tagged with it in every process."""
+    from renacerd.unified_trace import READ_FAMILY, WRITE_FAMILY
+
+    n = len(traces[0].spans) if traces else 0
+    out = [{"syscalls": 0, "syscall_ns": 0, "bytes_read": 0, "bytes_written": 0, "calls": {}}
+           for _ in range(n)]
+    for t in traces:
+        if not len(t) or not (t.span_index >= 0).any():
+            continue
+        c = t.columns
+        sel = t.span_index >= 0
+        si, nr = t.span_index[sel], c["nr"][sel].astype(np.int64)
+        ret, dur = c["ret"][sel], c["dur"][sel]
+        rd = np.isin(nr, [k for k, v in t.table.items() if v in READ_FAMILY]) & (ret > 0)
+        wr = np.isin(nr, [k for k, v in t.table.items() if v in WRITE_FAMILY]) & (ret > 0)
+        for j in np.unique(si):
+            m = si == j
+            o = out[int(j)]
+            o["syscalls"] += int(m.sum())
+            o["syscall_ns"] += int(dur[m].sum())
+            o["bytes_read"] += int(ret[m & rd].sum())
+            o["bytes_written"] += int(ret[m & wr].sum())
+            names, counts = np.unique(nr[m], return_counts=True)
+            for k, cnt in zip(names, counts):
+                name = t.table.get(int(k), f"syscall_{int(k)}")
+                o["calls"][name] = o["calls"].get(name, 0) + int(cnt)
+    return out

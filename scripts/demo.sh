@@ -7,3 +7,5 @@ export RENACER_DB=${RENACER_DB:-/var/lib/renacer/traces.db}
 run="demo-$(date +%Y%m%d-%H%M%S)"
 .venv/bin/renacerd --run "$run" -- .venv/bin/python examples/demo_train.py
 .venv/bin/renacer show "$run"
+.venv/bin/renacer show "$run" --by step
+.venv/bin/renacer spans "$run"

@@ -3,6 +3,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+# What only the tests need: the framework integrations are tested against the real
+# libraries (torch 2.13.0 installs from the machine's local CPU wheel), and the client
+# bench compares with the OpenTelemetry SDK.
+.venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 transformers accelerate \
+    lightning opentelemetry-sdk
 if [ -x scripts/clickhouse.sh ]; then bash scripts/clickhouse.sh start || true; fi
 .venv/bin/ruff check renacerd tests bench
 set +e

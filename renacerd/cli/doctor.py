@@ -88,6 +88,14 @@ def _load() -> tuple[bool, str, str]:
     return True, "BPF programs compile, load, attach and detach", ""
 
 
+def _cuda() -> tuple[bool, str, str]:
+    from renacerd.daemon.cuda_source import system_cuda_libraries
+
+    libs = system_cuda_libraries()
+    what = ", ".join(libs) if libs else "none in ldconfig's cache (wheel copies are found per run)"
+    return True, f"CUDA libraries: {what}", ""
+
+
 CHECKS: list[tuple[str, Callable[[], tuple[bool, str, str]]]] = [
     ("root", _root),
     ("bcc", _bcc),
@@ -96,6 +104,7 @@ CHECKS: list[tuple[str, Callable[[], tuple[bool, str, str]]]] = [
     ("headers", _headers),
     ("syscalls", _syscalls),
     ("load", _load),
+    ("cuda", _cuda),
 ]
 
 

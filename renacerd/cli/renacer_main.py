@@ -1,4 +1,4 @@
-"""`renacer`: read the store — runs, show."""
+"""`renacer`: read the store — runs, show, compare, export, push."""
 
 from __future__ import annotations
 
@@ -11,6 +11,10 @@ from renacerd.cli.common import EXIT_USAGE
 COMMANDS = {
     "runs": ("renacerd.cli.runs", "list the runs in the store"),
     "show": ("renacerd.cli.show", "a run's process tree, syscall table, files, losses"),
+    "spans": ("renacerd.cli.spans", "a run's experiment spans with their syscalls"),
+    "compare": ("renacerd.cli.compare", "are two runs behaviourally equivalent?"),
+    "export": ("renacerd.cli.export", "golden trace file, Perfetto JSON or JSON lines"),
+    "push": ("renacerd.cli.push", "send a stored run to ClickHouse"),
 }
 
 

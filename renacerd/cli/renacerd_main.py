@@ -27,10 +27,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-follow", action="store_true", help="do not follow forked children")
     p.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this long")
     p.add_argument("-q", "--quiet", action="store_true", help="no summary")
+    p.add_argument("--socket", metavar="PATH",
+                   help="client socket for experiment spans (launch mode: a private one; "
+                   "--pid: /run/renacer/renacerd.sock)")
     p.add_argument("--ring-mb", type=float, default=32, metavar="MB",
                    help="event ring buffer size (power of two pages)")
     p.add_argument("--detail-ring-mb", type=float, default=8, metavar="MB",
                    help=argparse.SUPPRESS)
+    p.add_argument("--cuda", nargs="+", metavar="auto|off|PATH", default=None,
+                   help="CUDA uprobes: auto (default), off, or only these library files")
+    p.add_argument("--cuda-force", action="store_true",
+                   help="CUDA uprobes on arm64 too (off there by default)")
+    p.add_argument("--sink", metavar="URL", action="append", default=[],
+                   help="stream the run to clickhouse://HOST:8123/DATABASE (repeatable)")
+    p.add_argument("--otlp-endpoint", metavar="URL",
+                   help="export spans over OTLP/HTTP (env OTEL_EXPORTER_OTLP_ENDPOINT)")
     p.add_argument("--print-bpf", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -58,6 +69,22 @@ def main(argv: list[str] | None = None) -> int:
         return fail(PROG, f"--duration must be positive, not {args.duration}")
     if args.ring_mb <= 0 or args.detail_ring_mb <= 0:
         return fail(PROG, "ring buffer sizes must be positive")
+    from renacerd.daemon.cuda_source import CudaOptionError, CudaOptions
+    from renacerd.sinks import SinkError
+    from renacerd.sinks.clickhouse import parse_url
+    from renacerd.sinks.otlp import resolve_endpoint
+
+    try:
+        for u in args.sink:
+            parse_url(u)
+        args.otlp_endpoint = resolve_endpoint(args.otlp_endpoint)
+    except SinkError as e:
+        return fail(PROG, str(e))
+
+    try:
+        args.cuda_options = CudaOptions.parse(args.cuda, args.cuda_force)
+    except CudaOptionError as e:
+        return fail(PROG, str(e))
     if os.geteuid() != 0:
         return fail(PROG, "must run as root (BPF needs CAP_BPF and CAP_PERFMON); try sudo")
     if cmd and shutil.which(cmd[0]) is None:

@@ -76,21 +76,58 @@ def render_text(d: dict[str, Any], out) -> None:
             w("top files:                                  read      written\n")
             for path, f in list(p["files"].items())[:10]:
                 w(f"  {_escape(path)[:38]:<38} {f['bytes_read']:>10} {f['bytes_written']:>12}\n")
+        _render_gpu(p.get("gpu") or {}, w)
+
+
+def _render_gpu(g: dict[str, Any], w) -> None:
+    m, al = g.get("memcpy", {}), g.get("malloc", {})
+    if not (g.get("kernels") or any(m.values()) or al.get("calls") or g.get("nccl")):
+        return
+    w(f"GPU: H2D {m.get('h2d_bytes', 0)} B, D2H {m.get('d2h_bytes', 0)} B, "
+      f"D2D {m.get('d2d_bytes', 0)} B; malloc {al.get('calls', 0)} ({al.get('bytes', 0)} B), "
+      f"free {g.get('free', {}).get('calls', 0)}; sync {g.get('sync', {}).get('calls', 0)} "
+      f"({g.get('sync', {}).get('time_ns', 0) / 1e6:.2f} ms)\n")
+    out = g.get("outstanding", {})
+    if out.get("allocations"):
+        w(f"  !! {out['allocations']} allocations ({out['bytes']} B) never freed\n")
+    if g.get("unresolved_kernels"):
+        w(f"  {g['unresolved_kernels']} launches with unresolved kernel names (shown as hex)\n")
+    for name, n in sorted(g.get("kernels", {}).items(), key=lambda kv: -kv[1])[:10]:
+        w(f"  {n:>8} launches  {_escape(name)[:70]}\n")
+    for op, n in g.get("nccl", {}).items():
+        w(f"  {n:>8} x {op}\n")
 
 
 def main(argv: list[str]) -> int:
     """Entry point."""
     p = Parser(prog=PROG, description="Show a run: process tree, syscall tables, files.")
-    p.add_argument("run", help="run name")
+    p.add_argument("run", help="run name, or clickhouse://HOST:8123/DB/RUN")
     add_db(p)
     p.add_argument("--json", action="store_true", help="machine-readable (stable contract)")
+    p.add_argument("--by", choices=["process", "step"], default="process",
+                   help="group by process (default) or by experiment step, outliers flagged")
     a = p.parse_args(argv)
+    from renacerd.sinks import SinkError
+    from renacerd.sinks.clickhouse_source import is_clickhouse_url, load_run_info_from_url
+
     try:
-        store = open_store(a.db)
-        run = store.run(a.run)
-        traces = store.load_run(a.run)
-    except StoreError as e:
+        if is_clickhouse_url(a.run):
+            run, traces = load_run_info_from_url(a.run)
+        else:
+            store = open_store(a.db)
+            run = store.run(a.run)
+            traces = store.load_run(a.run)
+    except (StoreError, SinkError) as e:
         return fail(PROG, str(e))
+    if a.by == "step":
+        from renacerd.reports.steps import render_steps, steps_data
+
+        sd = steps_data(run, traces)
+        if a.json:
+            sys.stdout.buffer.write(orjson.dumps(sd, option=orjson.OPT_INDENT_2) + b"\n")
+        else:
+            render_steps(sd, sys.stdout)
+        return 0
     from renacerd.reports.show import show_data
 
     data = show_data(run, traces)

@@ -6,10 +6,14 @@ import os
 import resource
 import sys
 
+from renacerd.daemon.cuda_source import CudaSource
+from renacerd.daemon.span_link import SpanLink, SpanLinkError
 from renacerd.daemon.tracer import Summary, Tracer, default_run_name, install_signal_handlers
 from renacerd.probes.loader import ProbeError
 from renacerd.probes.syscalls import SyscallProbes
 from renacerd.procfs import TargetError, check_target
+from renacerd.sinks.clickhouse import ClickHouseSink
+from renacerd.sinks.otlp import OtlpExporter
 from renacerd.store import Store, StoreError, default_db_path
 
 
@@ -85,6 +89,7 @@ class Session:
         if self.store.run_exists(self.run_name):
             raise SessionError(f"run {self.run_name!r} already exists in {self.db_path}")
         self.quiet = args.quiet
+        self.span_link = None
 
     def _say(self, msg: str) -> None:
         if not self.quiet:
@@ -95,6 +100,13 @@ class Session:
         args = self.args
         env = dict(os.environ)
         child = None
+        try:
+            self.span_link = SpanLink.for_session(args.socket, launch=bool(self.cmd))
+        except SpanLinkError as e:
+            sys.stderr.write(f"renacerd: error: {e}\n")
+            return 2
+        if self.span_link is not None:
+            env["RENACER_SOCKET"] = self.span_link.path
         if self.cmd:
             child = HeldChild(self.cmd, env)
         probes = SyscallProbes(
@@ -105,6 +117,8 @@ class Session:
         except ProbeError as e:
             if child is not None:
                 child.abort()
+            if self.span_link is not None:
+                self.span_link.close()
             sys.stderr.write(f"renacerd: error: {e}\n")
             return 2
         tracer = Tracer(
@@ -114,8 +128,30 @@ class Session:
             cmdline=self.cmd or [f"--pid={p}" for p in args.pid],
             follow=not args.no_follow,
         )
+        cuda_src = None
+        try:
+            cuda_src = CudaSource.for_tracer(tracer, args.cuda_options)
+        except ProbeError as e:
+            if args.cuda_options.mode == "paths":
+                if self.span_link is not None:
+                    self.span_link.close()
+                tracer.finish(status="incomplete", error=str(e))
+                if child is not None:
+                    child.abort()
+                probes.close()
+                sys.stderr.write(f"renacerd: error: {e}\n")
+                return 2
+            self._say(f"CUDA probes off: {e}")
+        if cuda_src is not None:
+            tracer.sources.append(cuda_src)
+        # Sinks tail the committed store on their own threads: the network never slows capture.
+        sinks = [ClickHouseSink(self.db_path, u, self.run_name).start() for u in args.sink]
+        if args.otlp_endpoint:
+            sinks.append(OtlpExporter(self.db_path, args.otlp_endpoint, self.run_name).start())
         status, error = "complete", None
         try:
+            if self.span_link is not None:
+                self.span_link.attach(tracer, [child.pid] if child is not None else args.pid)
             if child is not None:
                 tracer.adopt_launched(child.pid)
                 err = child.release()
@@ -135,15 +171,21 @@ class Session:
             raise
         finally:
             try:
+                if self.span_link is not None:
+                    self.span_link.close()
                 summary = tracer.finish(status=status, error=error)
             except StoreError as e:
                 summary = None
                 error = str(e)
+            if cuda_src is not None:
+                cuda_src.close()
             probes.close()
             try:
                 self.store.close()
             except Exception:
                 pass
+            for sink in sinks:
+                sink.stop(drain_s=10)
         if error is not None:
             sys.stderr.write(f"renacerd: error: {error}\n")
             if summary is None or child is not None and summary.exit_status == 127:
@@ -157,7 +199,8 @@ class Session:
         return 0
 
     def _print_summary(self, s: Summary) -> None:
-        lost = s.lost.get("events_lost", 0) + s.lost.get("details_lost", 0)
+        lost = (s.lost.get("events_lost", 0) + s.lost.get("details_lost", 0)
+                + s.lost.get("gpu_events_lost", 0) + s.lost.get("gpu_names_lost", 0))
         failed = s.lost.get("failed_reads", 0)
         self._say(
             f"run {s.run}: {s.processes} process{'es' if s.processes != 1 else ''}, "
@@ -167,9 +210,13 @@ class Session:
         if lost:
             self._say(
                 f"LOST EVENTS: {s.lost.get('events_lost', 0)} events, "
-                f"{s.lost.get('details_lost', 0)} argument records (ring buffer full; "
+                f"{s.lost.get('details_lost', 0)} argument records, "
+                f"{s.lost.get('gpu_events_lost', 0)} GPU events (ring buffer full; "
                 "raise --ring-mb)"
             )
+        if s.lost.get("gpu_events"):
+            self._say(f"GPU: {s.lost['gpu_events']} CUDA calls recorded from "
+                      f"{s.lost.get('gpu_objects_probed', 0)} libraries")
         ru = resource.getrusage(resource.RUSAGE_SELF)
         self._say(
             f"store {s.db}; daemon peak RSS {ru.ru_maxrss / 1024:.0f} MB, CPU "

@@ -147,6 +147,8 @@ class Tracer:
         self.on_flush: list[Callable[[], None]] = []
         # Other event sources (CUDA uprobes, ...): see the Source protocol below.
         self.sources: list[Source] = []
+        self.source_errors: list[str] = []
+        self._dead_counters: dict[str, int] = {}
 
     # -- targets -----------------------------------------------------------------------
     def _new_proc(self, span: ProcessSpan) -> ProcState:
@@ -262,8 +264,8 @@ class Tracer:
         if len(de):
             self._take_details(de)
         if not len(ev):
-            for src in self.sources:
-                src.drain(self)
+            for src in list(self.sources):
+                self._guard(src, src.drain, self)
             return 0
         nr = ev["nr"]
         life = nr >= LIFECYCLE_MIN
@@ -279,11 +281,30 @@ class Tracer:
             ev = ev[~life]
         if len(ev):
             s0 = self._assemble(ev)
-            for src in self.sources:
-                src.on_syscalls(self, ev, s0)
-        for src in self.sources:
-            src.drain(self)
+            for src in list(self.sources):
+                self._guard(src, src.on_syscalls, self, ev, s0)
+        for src in list(self.sources):
+            self._guard(src, src.drain, self)
         return len(ev)
+
+    def _guard(self, src: Source, fn: Callable, *args) -> None:
+        """A failing source is dropped with a logged, persisted reason: syscall capture and
+        the traced job go on."""
+        try:
+            fn(*args)
+        except Exception as e:
+            log.error("renacerd: %s failed and is detached: %s: %s", type(src).__name__,
+                      type(e).__name__, e)
+            self.source_errors.append(f"{type(src).__name__}: {type(e).__name__}: {e}")
+            try:
+                self._dead_counters.update(src.counters())
+            except Exception:
+                pass
+            self.sources.remove(src)
+            try:
+                src.close()
+            except Exception:
+                pass
 
     def _take_details(self, de: np.ndarray) -> None:
         pend = self.pending_details
@@ -469,15 +490,23 @@ class Tracer:
         self.writer.submit(st.proc_id, ev, s0, s1)
 
     def counters(self) -> dict[str, int]:
-        """Kernel-side loss counters."""
-        return self.probes.counters()
+        """Kernel-side loss counters of the syscall probes and of every other source."""
+        c = self.probes.counters()
+        c.update(self._source_counters())
+        return c
+
+    def _source_counters(self) -> dict[str, int]:
+        out: dict[str, int] = {**self._dead_counters, "source_errors": len(self.source_errors)}
+        for src in self.sources:
+            out.update(src.counters())
+        return out
 
     def flush(self) -> None:
         """Write every buffer, process change and counter; commit."""
         for st in self.procs.values():
             self._flush_proc(st)
-        for src in self.sources:
-            src.flush(self)
+        for src in list(self.sources):
+            self._guard(src, src.flush, self)
         for cb in self.on_flush:
             cb()
         per_cpu = self.probes.counters_per_cpu()
@@ -493,6 +522,7 @@ class Tracer:
                 self.run_id,
                 events=self.events,
                 lost_per_cpu=per_cpu,
+                source_counters=self._source_counters(),
                 **{k: sum(v) for k, v in per_cpu.items()},
             )
             self.store.commit()
@@ -514,7 +544,8 @@ class Tracer:
             exit_code = os.WEXITSTATUS(s) if os.WIFEXITED(s) else 128 + os.WTERMSIG(s)
         end_wall, end_mono = time.time_ns(), time.monotonic_ns()
         self.store.update_run(
-            self.run_id, events=self.events, **self.probes.counters()
+            self.run_id, events=self.events, source_counters=self._source_counters(),
+            **self.probes.counters()
         )
         self.store.update_run(
             self.run_id,
@@ -522,7 +553,7 @@ class Tracer:
             end_wall_ns=end_wall,
             end_mono_ns=end_mono,
             exit_code=exit_code,
-            error=error,
+            error=error or ("; ".join(self.source_errors) or None),
         )
         with self.lock:
             self.store.commit()
@@ -550,6 +581,9 @@ class Source(Protocol):
 
     def flush(self, tracer: Tracer) -> None:
         """Called before each commit: write chunks (store.add_chunk(..., layer=...))."""
+
+    def counters(self) -> dict[str, int]:
+        """Loss counters (names ending in _lost count dropped events), persisted with the run."""
 
     def close(self) -> None:
         """Detach everything."""

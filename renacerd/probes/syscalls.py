@@ -98,6 +98,14 @@ class SyscallProbes:
         except KeyError:
             pass
 
+    def is_target(self, pid: int) -> bool:
+        """`pid` is in the kernel's target map now."""
+        try:
+            self.bpf["targets"][ctypes.c_uint32(pid)]
+        except KeyError:
+            return False
+        return True
+
     def targets(self) -> list[int]:
         """Pids currently traced."""
         return [k.value for k in self.bpf["targets"]]

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from renacerd.fdtrack import file_io, run_fd_path_ids
+from renacerd.gpu_trace import gpu_summary
 from renacerd.store import RunInfo
 from renacerd.unified_trace import UnifiedTrace
 
@@ -53,6 +54,7 @@ def show_data(run: RunInfo, traces: list[UnifiedTrace]) -> dict[str, Any]:
                 for path, rw in sorted(files.items(), key=lambda kv: -(kv[1][0] + kv[1][1]))
             },
         }
+        entry["gpu"] = gpu_summary(t)
         procs.append(entry)
     return {
         "run": run.name,
@@ -63,12 +65,15 @@ def show_data(run: RunInfo, traces: list[UnifiedTrace]) -> dict[str, Any]:
         "start_wall_ns": run.start_wall_ns,
         "end_wall_ns": run.end_wall_ns,
         "events": run.events,
-        "lost_events": run.events_lost + run.details_lost,
+        "lost_events": run.events_lost + run.details_lost
+        + run.source_counters.get("gpu_events_lost", 0),
         "lost": {
             "events": run.events_lost,
             "details": run.details_lost,
             "failed_reads": run.failed_reads,
             "unmatched_exits": run.unmatched_exits,
+            "gpu_events": run.source_counters.get("gpu_events_lost", 0),
+            "sources": run.source_counters,
             "client_dropped": run.client_dropped,
             "per_cpu": run.lost_per_cpu,
         },

@@ -1,0 +1,120 @@
+"""`renacer compare BASELINE CANDIDATE`: are two runs or golden traces behaviourally equivalent?"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import orjson
+
+from renacerd.cli.common import Parser, UsageError, add_db, fail, open_store
+from renacerd.golden import SUFFIX, GoldenError, read_golden
+from renacerd.store import StoreError
+from renacerd.unified_trace import UnifiedTrace
+
+PROG = "renacer compare"
+EXIT_EQUIVALENT, EXIT_DIFFERENT = 0, 1
+
+
+class _Source:
+    """Where a side comes from: a run in the store or a golden trace file."""
+
+    def __init__(self, db: str | None) -> None:
+        self.db = db
+        self._store = None
+
+    def store(self):
+        if self._store is None:
+            self._store = open_store(self.db)
+        return self._store
+
+    def load(self, what: str) -> tuple[list[UnifiedTrace], list[str]]:
+        """The traces, plus notes worth a line on stderr."""
+        from renacerd.sinks import SinkError
+        from renacerd.sinks.clickhouse_source import is_clickhouse_url, load_run_from_url
+
+        if is_clickhouse_url(what):  # before the path test: a URL contains '/'
+            try:
+                return load_run_from_url(what), []
+            except SinkError as e:
+                raise UsageError(str(e)) from None
+        if os.path.isfile(what) or what.endswith(SUFFIX) or os.sep in what:
+            try:
+                return read_golden(what)[1], []
+            except GoldenError as e:
+                raise UsageError(str(e)) from None
+        try:
+            info = self.store().run(what)
+            if info.status == "running":
+                raise UsageError(f"run {what!r} is still in progress (status running): "
+                                 "compare it once it has finished")
+            notes = []
+            if info.status != "complete":
+                notes.append(f"run {what!r} is {info.status}: "
+                             f"{info.error or 'its trace may be partial'}")
+            if info.lost:
+                notes.append(f"run {what!r} lost {info.lost} events/arguments while tracing")
+            return self.store().load_run(what), notes
+        except StoreError as e:
+            raise UsageError(str(e)) from None
+
+
+def main(argv: list[str]) -> int:
+    """Entry point: 0 equivalent, 1 not equivalent, 2 usage or input error."""
+    p = Parser(prog=PROG, description="Compare two runs for behavioural equivalence "
+               "(run names in the store, or golden trace files).")
+    p.add_argument("baseline", help="run name or golden trace file")
+    p.add_argument("candidate", help="run name or golden trace file")
+    add_db(p)
+    p.add_argument("--threshold", type=float, default=0.85,
+                   help="overall score needed to call them equivalent (default 0.85)")
+    p.add_argument("--json", action="store_true", help="machine-readable result")
+    p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report")
+    p.add_argument("--raw", action="store_true",
+                   help="no normalisation: keep futex/clock/poll/... and compare tids as seen")
+    p.add_argument("--budget", type=float, default=60.0, metavar="SECONDS",
+                   help="time for exact LCS work before answering with a bound (default 60)")
+    a = p.parse_args(argv)
+    if not 0.0 <= a.threshold <= 1.0:
+        return fail(PROG, f"--threshold must be between 0 and 1, not {a.threshold}")
+    if a.budget <= 0:
+        return fail(PROG, f"--budget must be positive, not {a.budget}")
+    src = _Source(a.db)
+    try:
+        base, notes_b = src.load(a.baseline)
+        cand, notes_c = src.load(a.candidate)
+    except UsageError as e:
+        return fail(PROG, str(e))
+    for n in notes_b + notes_c:
+        sys.stderr.write(f"{PROG}: warning: {n}\n")
+    if not base or not cand:
+        empty = a.baseline if not base else a.candidate
+        return fail(PROG, f"{empty!r} has no processes to compare")
+    from renacerd.compare import Budget, compare_runs
+    from renacerd.compare.report import report_data
+
+    comp = compare_runs(base, cand, raw=a.raw, threshold=a.threshold,
+                        budget=Budget(seconds=a.budget))
+    data = report_data(comp)
+    for side, n in (("baseline", comp.events[0]), ("candidate", comp.events[1])):
+        if n == 0:
+            sys.stderr.write(f"{PROG}: note: the {side} has no syscalls to compare\n")
+    if a.html:
+        from renacerd.reports.compare_html import render_html
+
+        try:
+            with open(a.html, "w", encoding="utf-8") as f:
+                f.write(render_html(data, a.baseline, a.candidate))
+        except OSError as e:
+            return fail(PROG, f"cannot write {a.html}: {e.strerror}")
+    if a.json:
+        sys.stdout.buffer.write(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        from renacerd.reports.compare_text import render_text
+
+        render_text(data, sys.stdout, a.baseline, a.candidate)
+    return EXIT_EQUIVALENT if data["equivalent"] else EXIT_DIFFERENT
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,668 @@
+"""The training-side client: `experiment_span` marks steps and tells renacerd about them.
+
+Pure Python on CPython >= 3.9 (stdlib, orjson, renacerd.experiment_span, renacerd.protocol).
+Fail-open: without a daemon spans still work locally, one warning is logged, nothing raises
+or blocks; sends are non-blocking and a full socket drops (and counts) the message.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import inspect
+import logging
+import math
+import operator
+import os
+import select
+import socket
+import threading
+import time
+from collections import deque
+from contextvars import ContextVar
+from typing import Any, Callable, Optional, TypeVar, Union
+
+import orjson
+
+from renacerd import protocol
+from renacerd.experiment_span import (
+    RESOURCE_JSON,
+    U32_MAX,
+    U64_MAX,
+    ExperimentMetadata,
+    SpanKind,
+    SpanRecord,
+    SpanType,
+    StatusCode,
+    clock,
+    id_rng,
+    parse_traceparent,
+)
+
+__all__ = [
+    "Span",
+    "configure",
+    "current_span",
+    "experiment_span",
+    "request_tracing",
+    "stats",
+]
+
+log = logging.getLogger("renacerd.client")
+
+RETRY_NS = 1_000_000_000
+DEFAULT_TRACE_TIMEOUT = 1.0
+SEND_BUFFER = 1 << 20
+# Frames kept while the socket is full, before new ones are dropped (and counted).
+BACKLOG = 4096
+EXIT_FLUSH_TIMEOUT = 0.5
+_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+
+_current: ContextVar[Optional[Span]] = ContextVar("renacerd_span", default=None)
+_getrandbits = id_rng.getrandbits
+_tick = clock.tick
+_monotonic_ns = time.monotonic_ns
+_time_ns = time.time_ns
+_native_id = threading.get_native_id
+_isfinite = math.isfinite
+_dumps = orjson.dumps
+_MAX_NAME = protocol.MAX_NAME
+_MAX_KEY = protocol.MAX_KEY
+CLIENT_NAME = "renacerd.client/1"
+_pid = os.getpid()
+# native thread ids, cached per thread (get_native_id is a syscall); replaced after fork
+_tls = threading.local()
+_OK = StatusCode.OK
+_ERROR = StatusCode.ERROR
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _uint_or_none(value: Any, limit: int) -> Optional[int]:
+    try:
+        number = operator.index(value)
+    except TypeError:
+        return None
+    return number if 0 <= number <= limit else None
+
+
+def _float_or_none(value: Any) -> Optional[float]:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if _isfinite(number) else None
+
+
+def _clean_metrics(metrics: Any) -> dict[str, float]:
+    """Coerce user metrics into what the protocol accepts, dropping what cannot be sent."""
+    clean: dict[str, float] = {}
+    try:
+        items = list(metrics.items())
+    except AttributeError:
+        return clean
+    for key, value in items[: protocol.MAX_METRICS]:
+        number = _float_or_none(value)
+        if number is not None:
+            clean[str(key)[:_MAX_KEY]] = number
+    return clean
+
+
+def _wire_metrics(metrics: Any) -> Any:
+    """The metrics as they may go on the wire: the dict itself when already clean."""
+    if not metrics:
+        return {}
+    try:
+        for key, value in metrics.items():
+            if type(value) is not float or type(key) is not str or len(key) > _MAX_KEY:
+                return _clean_metrics(metrics)
+        if len(metrics) <= protocol.MAX_METRICS and _isfinite(sum(metrics.values())):
+            return metrics
+    except (AttributeError, TypeError):
+        pass
+    return _clean_metrics(metrics)
+
+
+def _wire_field(name: str, value: Any) -> Any:
+    """One metadata field coerced for the wire (None when it cannot be sent)."""
+    if value is None:
+        return None
+    if name == "model_name":
+        return value[:_MAX_NAME] if type(value) is str else str(value)[:_MAX_NAME]
+    if name == "epoch":
+        return value if type(value) is int and 0 <= value <= U32_MAX else _uint_or_none(
+            value, U32_MAX)
+    if name == "step":
+        return value if type(value) is int and 0 <= value <= U64_MAX else _uint_or_none(
+            value, U64_MAX)
+    if name == "loss":
+        return value if type(value) is float and _isfinite(value) else _float_or_none(value)
+    return _wire_metrics(value)
+
+
+class _Client:
+    """The process's one connection to renacerd, its settings and counters."""
+
+    __slots__ = (
+        "path", "run", "trace_timeout", "sock", "gen", "sent", "dropped", "unreported",
+        "next_attempt_ns", "warned", "lock", "trace_lock", "needs_setup", "env_parent",
+        "request_id", "hello", "wall_offset_ns", "backlog",
+    )
+
+    def __init__(self) -> None:
+        self.path = protocol.DEFAULT_SOCKET
+        self.run: Optional[str] = None
+        self.trace_timeout = DEFAULT_TRACE_TIMEOUT
+        self.sock: Optional[socket.socket] = None
+        # Bumped on every new or lost connection: a span ends only on the connection it began on.
+        self.gen = 0
+        self.sent = 0
+        self.dropped = 0
+        self.unreported = 0
+        self.next_attempt_ns = 0
+        self.warned = False
+        self.lock = threading.Lock()
+        self.trace_lock = threading.Lock()
+        self.needs_setup = True
+        self.env_parent: Optional[tuple[int, int]] = None
+        self.request_id = 0
+        self.hello = b""
+        self.backlog: deque[bytes] = deque()
+        # Spans that never reach the daemon get wall times from CLOCK_MONOTONIC plus this.
+        self.wall_offset_ns = _time_ns() - _monotonic_ns()
+
+    def setup(self, socket_path: Optional[str] = None, run: Optional[str] = None,
+              trace_timeout: Optional[float] = None) -> None:
+        """Read settings once (explicit values over environment over defaults)."""
+        self.path = socket_path or os.environ.get("RENACER_SOCKET") or protocol.DEFAULT_SOCKET
+        self.run = run or os.environ.get("RENACER_RUN") or None
+        if trace_timeout is not None:
+            self.trace_timeout = trace_timeout
+        self.wall_offset_ns = _time_ns() - _monotonic_ns()
+        header = os.environ.get("TRACEPARENT")
+        self.env_parent = None
+        if header:
+            try:
+                trace_id, span_id, _ = parse_traceparent(header)
+                self.env_parent = (int.from_bytes(trace_id, "big"),
+                                   int.from_bytes(span_id, "big"))
+            except ValueError as exc:
+                log.warning("ignoring TRACEPARENT: %s", exc)
+        self.hello = protocol.encode(protocol.Hello(pid=os.getpid(), run=self.run,
+                                                    client=CLIENT_NAME))
+
+    def first_use(self) -> None:
+        """Settings from the environment; in service mode, the one tracing request."""
+        with self.lock:
+            if not self.needs_setup:
+                return
+            if not self.hello:
+                self.setup()
+            self.needs_setup = False
+            run = self.run
+        if run is not None:
+            request_tracing(self.trace_timeout)
+
+    def warn(self, what: str, exc: BaseException) -> None:
+        """Log the single fail-open warning of this process tree."""
+        if not self.warned:
+            self.warned = True
+            log.warning("renacerd %s at %s (%s); experiment spans stay local, training goes on",
+                        what, self.path, exc)
+
+    def connect(self, now_ns: int) -> bool:
+        """Open the connection and say hello; call with the lock held."""
+        self.next_attempt_ns = now_ns + RETRY_NS
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+            sock.connect(self.path)
+            sock.send(self.hello, _FLAGS)
+        except OSError as exc:
+            sock.close()
+            self.warn("not reachable", exc)
+            return False
+        self.sock = sock
+        self.gen += 1
+        self.sent += 1
+        return True
+
+    def lose(self, exc: BaseException, failed: int = 0) -> None:
+        """Forget a broken connection; its backlog and `failed` frames count as dropped."""
+        self.dropped += len(self.backlog) + failed
+        self.unreported += len(self.backlog) + failed
+        self.backlog.clear()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+            self.gen += 1
+        self.next_attempt_ns = _monotonic_ns() + RETRY_NS
+        self.warn("connection lost", exc)
+
+    def flush(self, sock: socket.socket) -> None:
+        """Send the drop report and the backlog, oldest first; BlockingIOError when full."""
+        if self.unreported:
+            sock.send(_dumps({"t": "dropped", "n": self.unreported}), _FLAGS)
+            self.sent += 1
+            self.unreported = 0
+        backlog = self.backlog
+        while backlog:
+            sock.send(backlog[0], _FLAGS)
+            backlog.popleft()
+            self.sent += 1
+
+    def send(self, payload: bytes, now_ns: int, must: bool = False) -> int:
+        """Send one frame without blocking; the connection generation, or 0 if dropped.
+
+        A frame the socket cannot take now waits in a bounded backlog, sent before anything
+        newer; when the backlog is full the frame is dropped and counted. `must` frames
+        (ends of spans the daemon knows about) are always kept, so no span stays open there.
+        """
+        with self.lock:
+            if self.sock is None and (now_ns < self.next_attempt_ns or not self.connect(now_ns)):
+                return 0
+            sock = self.sock
+            try:
+                if self.backlog or self.unreported:
+                    self.flush(sock)
+                sock.send(payload, _FLAGS)
+            except BlockingIOError:
+                if must or len(self.backlog) < BACKLOG:
+                    self.backlog.append(payload)
+                    return self.gen
+                self.dropped += 1
+                self.unreported += 1
+                return 0
+            except OSError as exc:
+                self.lose(exc, failed=1)
+                return 0
+            self.sent += 1
+            return self.gen
+
+    def flush_at_exit(self) -> None:
+        """At interpreter exit, give the backlog a short blocking chance to reach the daemon."""
+        with self.lock:
+            sock = self.sock
+            if sock is None or not (self.backlog or self.unreported):
+                return
+            deadline = time.monotonic() + EXIT_FLUSH_TIMEOUT
+            poller = select.poll()
+            poller.register(sock, select.POLLOUT)
+            while self.backlog or self.unreported:
+                left = deadline - time.monotonic()
+                if left <= 0 or not poller.poll(left * 1000):
+                    return
+                try:
+                    self.flush(sock)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    return
+
+    def reset(self, socket_path: Optional[str], run: Optional[str],
+              trace_timeout: Optional[float]) -> None:
+        """Apply configure(): close the connection and take the new settings."""
+        with self.lock:
+            if self.sock is not None:
+                self.sock.close()
+                self.sock = None
+                self.gen += 1
+            self.next_attempt_ns = 0
+            self.unreported = 0
+            self.backlog.clear()
+            self.setup(socket_path, run, trace_timeout)
+            # A run name asks the service to trace this process before its first span.
+            self.needs_setup = self.run is not None
+
+    def after_fork(self) -> None:
+        """In a forked child: drop the parent's connection; the child connects on its own."""
+        global _pid, _tls
+        _pid = os.getpid()
+        _tls = threading.local()
+        self.lock = threading.Lock()
+        self.trace_lock = threading.Lock()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        self.gen += 1
+        self.sent = self.dropped = self.unreported = 0
+        self.backlog = deque()
+        self.next_attempt_ns = 0
+        if self.hello:
+            self.hello = protocol.encode(protocol.Hello(pid=os.getpid(), run=self.run,
+                                                        client=CLIENT_NAME))
+
+
+_client = _Client()
+os.register_at_fork(after_in_child=_client.after_fork)
+atexit.register(_client.flush_at_exit)
+
+
+def configure(socket: Optional[str] = None, run: Optional[str] = None,
+              trace_timeout: Optional[float] = None) -> None:
+    """Set the daemon socket and service-mode run name (None: RENACER_SOCKET / RENACER_RUN)."""
+    _client.reset(socket, run, trace_timeout)
+
+
+def stats() -> dict[str, Any]:
+    """Messages sent, dropped and waiting in the backlog, and whether it is connected."""
+    c = _client
+    return {"sent": c.sent, "dropped": c.dropped, "queued": len(c.backlog),
+            "connected": c.sock is not None}
+
+
+def current_span() -> Optional[Span]:
+    """The innermost open span of this context, if any."""
+    return _current.get()
+
+
+def request_tracing(timeout: float = DEFAULT_TRACE_TIMEOUT) -> bool:
+    """Ask the daemon to trace this process (service mode); False on refusal or timeout."""
+    c = _client
+    with c.lock:
+        if not c.hello:
+            c.setup()
+        c.needs_setup = False
+    with c.trace_lock:
+        with c.lock:
+            c.request_id = request_id = (c.request_id % U32_MAX) + 1
+        payload = protocol.encode(protocol.TraceMe(request_id, c.run))
+        gen = c.send(payload, _monotonic_ns() + RETRY_NS)
+        sock = c.sock
+        if not gen or sock is None:
+            return False
+        deadline = time.monotonic() + timeout
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                log.warning("renacerd did not confirm tracing within %.1f s; going on untraced",
+                            timeout)
+                return False
+            try:
+                frame = sock.recv(protocol.MAX_FRAME, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                with c.lock:
+                    c.lose(exc)
+                return False
+            if not frame:
+                with c.lock:
+                    c.lose(ConnectionResetError("daemon closed the connection"))
+                return False
+            try:
+                msg = protocol.decode(frame)
+            except protocol.ProtocolError:
+                continue
+            if isinstance(msg, protocol.Ack) and msg.request_id == request_id:
+                if not msg.ok:
+                    log.warning("renacerd refused to trace this process: %s", msg.reason)
+                return msg.ok
+
+
+Parent = Union["Span", str, None]
+
+
+class Span:
+    """An experiment span: a context manager, a decorator, and the handle `with` yields."""
+
+    __slots__ = (
+        "name", "model_name", "epoch", "step", "loss", "metrics", "parent", "_sid", "_trace",
+        "_psid", "start_mono_ns", "_start_wall", "end_mono_ns", "_end_wall",
+        "start_clock", "end_clock", "status", "status_message", "exception_type",
+        "thread_id", "process_id", "_token", "_gen",
+    )
+
+    def __init__(self, name: str, model_name: str = "", epoch: Optional[int] = None,
+                 step: Optional[int] = None, loss: Optional[float] = None,
+                 metrics: Optional[dict[str, float]] = None, parent: Parent = None) -> None:
+        self.name = name
+        self.model_name = model_name
+        self.epoch = epoch
+        self.step = step
+        self.loss = loss
+        self.metrics = metrics
+        self.parent = parent
+        # Ids stay ints until someone needs hex: formatting costs more than drawing them.
+        self._sid = self._trace = self._psid = 0
+        self.start_mono_ns = self.end_mono_ns = self._gen = self._start_wall = self._end_wall = 0
+        self.status = StatusCode.UNSET
+        self.exception_type: Optional[str] = None
+        self.status_message = ""
+
+    def _link(self, parent: Parent) -> None:
+        if parent is None:
+            self._trace, self._psid = _client.env_parent  # type: ignore[misc]
+        else:
+            try:
+                trace_id, span_id, _ = parse_traceparent(str(parent))
+                self._trace = int.from_bytes(trace_id, "big")
+                self._psid = int.from_bytes(span_id, "big")
+            except ValueError as exc:
+                log.warning("span %r: ignoring parent: %s", self.name, exc)
+                self._trace = _getrandbits(128) or 1
+
+    def __enter__(self) -> Span:
+        c = _client
+        if c.needs_setup:
+            c.first_use()
+        parent = self.parent if self.parent is not None else _current.get()
+        if type(parent) is Span:
+            self._trace = parent._trace
+            self._psid = parent._sid
+        elif parent is None and c.env_parent is None:
+            self._trace = _getrandbits(128) or 1
+        else:
+            self._link(parent)
+        self._sid = _getrandbits(64) or 1
+        try:
+            self.thread_id = _tls.tid
+        except AttributeError:
+            self.thread_id = _tls.tid = _native_id()
+        self.process_id = _pid
+        self.start_clock = _tick()
+        self.start_mono_ns = now = _monotonic_ns()
+        self._token = _current.set(self)
+        if c.sock is not None or now >= c.next_attempt_ns:
+            self._send_start(c, now)
+        return self
+
+    def _send_start(self, c: _Client, now: int) -> None:
+        name = self.name
+        model_name = self.model_name
+        epoch = self.epoch
+        step = self.step
+        loss = self.loss
+        self._start_wall = _time_ns()
+        try:
+            payload = _dumps({
+                "t": "span_start", "span": f"{self._sid:016x}", "trace": f"{self._trace:032x}",
+                "parent": f"{self._psid:016x}" if self._psid else None,
+                "name": name if type(name) is str and len(name) <= _MAX_NAME
+                else str(name)[:_MAX_NAME],
+                "kind": "experiment",
+                "md": {
+                    "model_name": model_name if type(model_name) is str
+                    and len(model_name) <= _MAX_NAME else _wire_field("model_name", model_name),
+                    "epoch": epoch if epoch is None or type(epoch) is int and 0 <= epoch <= U32_MAX
+                    else _wire_field("epoch", epoch),
+                    "step": step if step is None or type(step) is int and 0 <= step <= U64_MAX
+                    else _wire_field("step", step),
+                    "loss": loss if loss is None or type(loss) is float and _isfinite(loss)
+                    else _wire_field("loss", loss),
+                    "metrics": _wire_metrics(self.metrics),
+                },
+                "mono": now, "wall": self._start_wall, "tid": self.thread_id,
+                "lc": self.start_clock,
+            })
+        except (TypeError, orjson.JSONEncodeError) as exc:
+            log.debug("span %r not sent: %s", self.name, exc)
+            return
+        self._gen = c.send(payload, now)
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        self.end_mono_ns = now = _monotonic_ns()
+        self.end_clock = _tick()
+        if exc_type is None:
+            self.status = _OK
+        else:
+            self.status = _ERROR
+            self.exception_type = exc_type.__name__
+            try:
+                self.status_message = str(exc)[: protocol.MAX_MESSAGE]
+            except Exception:  # noqa: BLE001 - a broken __str__ must not mask the real error
+                self.status_message = ""
+        try:
+            _current.reset(self._token)
+        except ValueError:
+            # Exited in another context (e.g. a generator resumed elsewhere): unwind by hand.
+            _current.set(self.parent if type(self.parent) is Span else None)
+        if self._gen and self._gen == _client.gen:
+            self._end_wall = _time_ns()
+            self._send_end(_client, now)
+        return False
+
+    def _send_end(self, c: _Client, now: int) -> None:
+        payload = _dumps({
+            "t": "span_end", "span": f"{self._sid:016x}",
+            "status": "ok" if self.status is _OK else "error",
+            "msg": self.status_message, "exc": self.exception_type, "mono": now,
+            "wall": self._end_wall, "lc": self.end_clock,
+        })
+        c.send(payload, now, must=True)
+
+    async def __aenter__(self) -> Span:
+        return self.__enter__()
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        return self.__exit__(exc_type, exc, tb)
+
+    def set(self, *, loss: Optional[float] = None, metrics: Optional[dict[str, float]] = None,
+            step: Optional[int] = None, epoch: Optional[int] = None,
+            model_name: Optional[str] = None) -> None:
+        """Update metadata (None leaves a field as it is; metrics are merged)."""
+        update: dict[str, Any] = {}
+        if loss is not None:
+            self.loss = update["loss"] = loss
+        if step is not None:
+            self.step = update["step"] = step
+        if epoch is not None:
+            self.epoch = update["epoch"] = epoch
+        if model_name is not None:
+            self.model_name = update["model_name"] = model_name
+        if metrics:
+            self.metrics = {**self.metrics, **metrics} if self.metrics else dict(metrics)
+            update["metrics"] = metrics
+        c = _client
+        if not update or not self._gen or self._gen != c.gen or self.end_mono_ns:
+            return
+        md = {}
+        for key, value in update.items():
+            wire = _wire_field(key, value)
+            if wire is not None:
+                md[key] = wire
+        if md:
+            c.send(_dumps({"t": "span_set", "span": f"{self._sid:016x}", "md": md}),
+                   _monotonic_ns())
+
+    def __call__(self, fn: F) -> F:
+        """Decorate a function (or coroutine function) so each call runs in a fresh span."""
+        args = (self.name, self.model_name, self.epoch, self.step, self.loss, self.metrics,
+                self.parent)
+        if inspect.iscoroutinefunction(fn):
+            @functools.wraps(fn)
+            async def run_async(*a: Any, **kw: Any) -> Any:
+                with Span(*args):
+                    return await fn(*a, **kw)
+            return run_async  # type: ignore[return-value]
+
+        @functools.wraps(fn)
+        def run(*a: Any, **kw: Any) -> Any:
+            with Span(*args):
+                return fn(*a, **kw)
+        return run  # type: ignore[return-value]
+
+    @property
+    def span_id(self) -> str:
+        """This span's id, 16 lowercase hex digits ("" before it starts)."""
+        return f"{self._sid:016x}" if self._sid else ""
+
+    @property
+    def trace_id(self) -> str:
+        """The trace id, 32 lowercase hex digits ("" before the span starts)."""
+        return f"{self._trace:032x}" if self._trace else ""
+
+    @property
+    def parent_span_id(self) -> Optional[str]:
+        """The parent span's id in hex, None for a root span."""
+        return f"{self._psid:016x}" if self._psid else None
+
+    @property
+    def start_wall_ns(self) -> int:
+        """Wall-clock start (derived from CLOCK_MONOTONIC when the span was not sent)."""
+        return self._start_wall or (self.start_mono_ns + _client.wall_offset_ns
+                                    if self.start_mono_ns else 0)
+
+    @property
+    def end_wall_ns(self) -> int:
+        """Wall-clock end, 0 while open (derived from CLOCK_MONOTONIC when not sent)."""
+        return self._end_wall or (self.end_mono_ns + _client.wall_offset_ns
+                                  if self.end_mono_ns else 0)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the daemon was told about this span."""
+        return bool(self._gen)
+
+    @property
+    def traceparent(self) -> str:
+        """The W3C traceparent naming this span (hand it to subprocesses as TRACEPARENT)."""
+        return f"00-{self._trace:032x}-{self._sid:016x}-01"
+
+    def metadata(self) -> ExperimentMetadata:
+        """The span's metadata, coerced the way it is sent."""
+        return ExperimentMetadata(
+            model_name=_wire_field("model_name", self.model_name) or "",
+            epoch=_wire_field("epoch", self.epoch),
+            step=_wire_field("step", self.step),
+            loss=_wire_field("loss", self.loss),
+            metrics=dict(_wire_metrics(self.metrics)),
+        )
+
+    def to_span_record(self) -> SpanRecord:
+        """This span as a SpanRecord, built locally (no daemon needed)."""
+        attrs = self.metadata().to_attributes()
+        attrs["span.type"] = SpanType.EXPERIMENT.value
+        if self.exception_type is not None:
+            attrs["exception.type"] = self.exception_type
+        end = self.end_wall_ns
+        return SpanRecord(
+            trace_id=self._trace.to_bytes(16, "big"),
+            span_id=self._sid.to_bytes(8, "big"),
+            parent_span_id=self._psid.to_bytes(8, "big") if self._psid else None,
+            span_name=str(self.name),
+            span_kind=SpanKind.INTERNAL,
+            start_time_nanos=self.start_wall_ns,
+            end_time_nanos=end,
+            duration_nanos=max(end - self.start_wall_ns, 0) if end else 0,
+            logical_clock=self.end_clock if self.end_mono_ns else self.start_clock,
+            status_code=self.status,
+            status_message=self.status_message,
+            attributes_json=orjson.dumps(attrs).decode(),
+            resource_json=RESOURCE_JSON,
+            process_id=self.process_id,
+            thread_id=self.thread_id,
+            start_mono_nanos=self.start_mono_ns,
+            end_mono_nanos=self.end_mono_ns,
+        )
+
+    def __repr__(self) -> str:
+        return (f"Span({self.name!r}, span_id={self.span_id!r}, trace_id={self.trace_id!r}, "
+                f"status={self.status.name})")
+
+
+# The span class is the public factory: one call layer less on the hot path.
+experiment_span = Span

@@ -1,0 +1,236 @@
+"""Observable effects of a run, and how much two runs' effects agree (semantic_equiv)."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from renacerd.compare.pairing import ProcessPair
+from renacerd.fdtrack import file_io, run_fd_path_ids
+from renacerd.unified_trace import UnifiedTrace
+
+_PROC = re.compile(r"^/proc/\d+(?=/|$)")
+_TASK = re.compile(r"/task/\d+(?=/|$)")
+_INODE = re.compile(r"^(pipe|socket|anon_inode):\[\d+\]$")
+_PYTMP = re.compile(r"tmp[a-z0-9_]{8}")
+_SUFFIX6 = re.compile(r"(?<=[._-])[A-Za-z0-9]{6}$")
+_PORT = re.compile(r"^(inet6?:.*):(\d+)$")
+EPHEMERAL_PORT_MIN = 32768  # Linux ip_local_port_range default start
+TMP_DIRS = ("/tmp/", "/var/tmp/", "/dev/shm/")
+NOT_FILES = ("socket:", "pipe:", "anon_inode:", "<stdout>", "<stderr>")
+CREATES = frozenset("creat mkdir mkdirat mknod mknodat link linkat symlink symlinkat".split())
+REMOVES = frozenset("unlink unlinkat rmdir".split())
+RENAMES = frozenset("rename renameat renameat2".split())
+EXECS = frozenset({"execve", "execveat"})
+
+
+def _randomish(s: str) -> bool:
+    """Looks generated: mixes digits and letters, or upper and lower case."""
+    d = any(ch.isdigit() for ch in s)
+    lo = any(ch.islower() for ch in s)
+    up = any(ch.isupper() for ch in s)
+    return (d and (lo or up)) or (lo and up)
+
+
+def _component(c: str, in_tmp: bool) -> str:
+    if in_tmp:
+        c = _PYTMP.sub("tmp*", c)
+    m = _SUFFIX6.search(c)
+    if m and _randomish(m.group()):
+        c = c[: m.start()] + "*"
+    elif in_tmp and len(c) >= 6 and _randomish(c[-6:]) and c[-6:].isalnum():
+        c = c[:-6] + "*"
+    return c
+
+
+def canonical_path(p: str) -> str:
+    """Path with pids, inode numbers and generated temp names replaced by placeholders."""
+    m = _INODE.match(p)
+    if m:
+        return m.group(1) + ":"
+    if p.startswith("socket:"):
+        return "socket:" + canonical_endpoint(p[7:]) if len(p) > 7 else p
+    p = _PROC.sub("/proc/<pid>", p)
+    if p.startswith("/proc/"):
+        p = _TASK.sub("/task/<tid>", p)
+    tmp = os.environ.get("TMPDIR", "").rstrip("/") + "/"
+    dirs = TMP_DIRS + ((tmp,) if len(tmp) > 1 else ())
+    in_tmp = p.startswith(dirs)
+    parts = p.split("/")
+    return "/".join(_component(c, in_tmp) for c in parts)
+
+
+def canonical_endpoint(addr: str) -> str:
+    """A socket address with an ephemeral port replaced by '*'."""
+    m = _PORT.match(addr)
+    if m and int(m.group(2)) >= EPHEMERAL_PORT_MIN:
+        return f"{m.group(1)}:*"
+    return addr
+
+
+@dataclass(slots=True)
+class Effects:
+    """What a run did that someone outside it could observe."""
+
+    written: Counter = field(default_factory=Counter)  # file -> bytes written
+    created: Counter = field(default_factory=Counter)  # file -> times created
+    removed: Counter = field(default_factory=Counter)  # file -> times removed
+    execs: Counter = field(default_factory=Counter)  # program -> times exec'd
+    connects: Counter = field(default_factory=Counter)  # endpoint -> connect/bind calls
+    net_sent: Counter = field(default_factory=Counter)  # endpoint -> bytes sent
+    net_recv: Counter = field(default_factory=Counter)  # endpoint -> bytes received
+    stdio: Counter = field(default_factory=Counter)  # "stdout"/"stderr" -> bytes
+    gpu_kernels: Counter = field(default_factory=Counter)  # kernel name -> launches
+    gpu_bytes: Counter = field(default_factory=Counter)  # "h2d"/"d2h"/"d2d" -> bytes
+
+    def items(self) -> dict[str, int]:
+        """Flat `kind:key -> value` view; the units of the semantic score."""
+        out: dict[str, int] = {}
+        for kind in ("written", "created", "removed", "execs", "connects", "net_sent",
+                     "net_recv", "stdio", "gpu_kernels", "gpu_bytes"):
+            for k, v in getattr(self, kind).items():
+                if v:
+                    out[f"{kind}:{k}"] = int(v)
+        return out
+
+
+def _nrs(trace: UnifiedTrace, names: frozenset[str]) -> np.ndarray:
+    return np.array([nr for nr, n in trace.table.items() if n in names], dtype=np.uint16)
+
+
+def run_effects(traces: list[UnifiedTrace], ids: dict[int, np.ndarray] | None = None) -> Effects:
+    """Effects of a whole run (every process), with canonical names."""
+    e = Effects()
+    if not traces:
+        return e
+    if ids is None:
+        ids = run_fd_path_ids(traces)
+    pids = {t.pid for t in traces}
+    std: dict[str, str] = {}
+    for t in traces:
+        if t.process.ppid not in pids:
+            for fd, name in ((2, "stderr"), (1, "stdout")):
+                if fd in t.process.initial_fds:
+                    std[t.process.initial_fds[fd]] = name
+    renames: list[tuple[int, str, str]] = []
+    for t in traces:
+        io = file_io(t, ids[t.pid])
+        for path, (got, wrote) in io.items():
+            if path.startswith("socket:") and got:
+                e.net_recv[canonical_endpoint(path[7:]) or "?"] += got
+            if path in std:
+                e.stdio[std[path]] += wrote
+            elif path.startswith("socket:"):
+                ep = canonical_endpoint(path[7:]) or "?"
+                e.net_sent[ep] += wrote
+            elif wrote:
+                e.written[canonical_path(path)] += wrote
+        c = t.columns
+        if not len(t):
+            continue
+        ok = c["ret"] >= 0
+        nr = c["nr"]
+        for i in np.flatnonzero(ok & np.isin(nr, _nrs(t, CREATES))):
+            e.created[canonical_path(t.string(int(c["s1" if _two(t, i) else "s0"][i])) or "")] += 1
+        for i in np.flatnonzero(ok & np.isin(nr, _nrs(t, REMOVES))):
+            e.removed[canonical_path(t.string(int(c["s0"][i])) or "")] += 1
+        for i in np.flatnonzero(ok & np.isin(nr, _nrs(t, RENAMES))):
+            renames.append((int(c["ts"][i]), t.string(int(c["s0"][i])) or "",
+                            t.string(int(c["s1"][i])) or ""))
+        for i in np.flatnonzero(ok & np.isin(nr, _nrs(t, EXECS))):
+            e.execs[canonical_path(t.string(int(c["s0"][i])) or "?")] += 1
+        # connect may legitimately return -EINPROGRESS on a non-blocking socket
+        cok = ok | (c["ret"] == -115)
+        for i in np.flatnonzero(cok & np.isin(nr, _nrs(t, frozenset({"connect", "bind"})))):
+            if c["s0"][i] >= 0:
+                e.connects[canonical_endpoint(t.string(int(c["s0"][i])) or "")] += 1
+        for i in np.flatnonzero((c["ret"] > 0) & np.isin(nr, _nrs(t, frozenset({"sendto"})))
+                                & (c["s0"] >= 0)):
+            e.net_sent[canonical_endpoint(t.string(int(c["s0"][i])) or "")] += int(c["ret"][i])
+        if t.gpu:
+            _gpu(t, e)
+    for _, old, new in sorted(renames):
+        # write-to-temp-then-rename: the bytes end up under the final name
+        o, n = canonical_path(old), canonical_path(new)
+        if o in e.written:
+            e.written[n] += e.written.pop(o)
+        if o in e.created:
+            e.created[n] += e.created.pop(o)
+    return e
+
+
+def _two(t: UnifiedTrace, i: int) -> bool:
+    """link/symlink create their second path."""
+    return t.table.get(int(t.columns["nr"][i]), "") in ("link", "linkat", "symlink", "symlinkat")
+
+
+def _gpu(t: UnifiedTrace, e: Effects) -> None:
+    summary: dict[str, Any]
+    if "summary" in t.gpu:
+        summary = t.gpu["summary"]
+    else:
+        try:
+            from renacerd.gpu_trace import gpu_summary
+
+            summary = gpu_summary(t)
+        except ImportError:
+            summary = t.gpu
+    for name, n in (summary.get("kernels") or {}).items():
+        e.gpu_kernels[str(name)] += int(n)
+    mem = summary.get("memcpy") or {}
+    for d in ("h2d", "d2h", "d2d"):
+        if mem.get(f"{d}_bytes"):
+            e.gpu_bytes[d] += int(mem[f"{d}_bytes"])
+
+
+@dataclass(slots=True)
+class EffectsDiff:
+    """Both runs' effects side by side, the hard differences and the soft score."""
+
+    baseline: dict[str, int]
+    candidate: dict[str, int]
+    hard: list[str]
+    score: float
+
+    def differing(self) -> list[tuple[str, int, int]]:
+        """(item, baseline value, candidate value) for every item that differs."""
+        keys = sorted(set(self.baseline) | set(self.candidate))
+        return [(k, self.baseline.get(k, 0), self.candidate.get(k, 0)) for k in keys
+                if self.baseline.get(k, 0) != self.candidate.get(k, 0)]
+
+
+def _exit(t: UnifiedTrace) -> str:
+    p = t.process
+    if p.exit_signal is not None:
+        return f"signal {p.exit_signal}"
+    return "unknown" if p.exit_code is None else f"exit {p.exit_code}"
+
+
+def compare_effects(base: Effects, cand: Effects, pairs: list[ProcessPair]) -> EffectsDiff:
+    """semantic score = mean over effect items of min/max agreement; see docs/comparison.md."""
+    bi, ci = base.items(), cand.items()
+    hard: list[str] = []
+    scores: list[float] = []
+    for k in set(bi) | set(ci):
+        b, c = bi.get(k, 0), ci.get(k, 0)
+        scores.append(min(b, c) / max(b, c))
+        kind, _, name = k.partition(":")
+        if kind == "written" and not (b and c) and not name.startswith(NOT_FILES):
+            hard.append(f"file {name} written only in the {'baseline' if b else 'candidate'}")
+        if kind == "execs" and not (b and c):
+            hard.append(f"program {name} exec'd only in the {'baseline' if b else 'candidate'}")
+    for p in pairs:
+        if p.baseline is None or p.candidate is None:
+            scores.append(0.0)
+            continue
+        eb, ec = _exit(p.baseline), _exit(p.candidate)
+        scores.append(1.0 if eb == ec else 0.0)
+        if eb != ec:
+            hard.append(f"process {p.label}: baseline {eb}, candidate {ec}")
+    score = sum(scores) / len(scores) if scores else 1.0
+    return EffectsDiff(bi, ci, sorted(hard), score)

@@ -1,0 +1,1 @@
+"""CUDA layer: hooked symbols, record layouts, library discovery, kernel-name resolution."""

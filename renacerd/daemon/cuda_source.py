@@ -1,0 +1,266 @@
+"""The CUDA event source of a tracing run: finds libraries, probes them, writes the gpu layer."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from renacerd.cuda.hooks import DRIVER, HOOKS, LAUNCH, MEMCPY
+from renacerd.cuda.maps import family_of
+from renacerd.cuda.names import KernelNames
+from renacerd.cuda.records import GPU_LAYOUT
+from renacerd.probes.cuda import CudaProbes, ProbedObject
+from renacerd.probes.loader import ProbeError
+
+log = logging.getLogger("renacerd")
+
+NR_OPEN, NR_OPENAT, NR_OPENAT2 = 2, 257, 437
+NR_EXECVE, NR_EXECVEAT = 59, 322
+_OPENS = np.array([NR_OPEN, NR_OPENAT, NR_OPENAT2], dtype=np.uint16)
+_EXECS = np.array([NR_EXECVE, NR_EXECVEAT], dtype=np.uint16)
+
+# fn id -> is a driver launch (its handle is a CUfunction, not a host stub)
+_DRIVER_LAUNCH = np.array(
+    [False] + [h.kind == LAUNCH and h.family == DRIVER for h in HOOKS], dtype=bool
+)
+_IS_LAUNCH = np.array([False] + [h.kind == LAUNCH for h in HOOKS], dtype=bool)
+# driver copies carry their direction in the symbol, not an argument
+_COPY_KIND = np.array(
+    [0] + [h.copy_kind if h.kind == MEMCPY and h.family == DRIVER else -1 for h in HOOKS],
+    dtype=np.int64,
+)
+
+
+class CudaOptionError(ValueError):
+    """Bad --cuda value (one line, exit 2)."""
+
+
+@dataclass(slots=True)
+class CudaOptions:
+    """--cuda auto|off|PATH... and --cuda-force."""
+
+    mode: str = "auto"                      # auto | off | paths
+    paths: list[str] = field(default_factory=list)
+    force: bool = False
+
+    @classmethod
+    def parse(cls, values: list[str] | None, force: bool = False) -> CudaOptions:
+        """From the CLI's --cuda values (nargs='+'; None means the default, auto)."""
+        if not values or values == ["auto"]:
+            return cls("auto", [], force)
+        if values == ["off"]:
+            return cls("off", [], force)
+        for v in values:
+            if v in ("auto", "off"):
+                raise CudaOptionError(f"--cuda {v} cannot be combined with paths")
+            if not os.path.isfile(v):
+                raise CudaOptionError(f"--cuda: no such library: {v}")
+        return cls("paths", [os.path.abspath(v) for v in values], force)
+
+
+def system_cuda_libraries() -> list[str]:
+    """CUDA runtime / driver / NCCL copies the dynamic linker knows (ldconfig's cache)."""
+    try:
+        out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    found = []
+    for line in out.splitlines():
+        if "=>" not in line or "x86-64" not in line:
+            continue
+        path = line.rsplit("=>", 1)[1].strip()
+        if family_of(path) and os.path.exists(path):
+            found.append(os.path.realpath(path))
+    return sorted(set(found))
+
+
+class CudaSource:
+    """A tracer Source: uprobes on every CUDA copy the traced tree maps."""
+
+    def __init__(self, probes: CudaProbes, options: CudaOptions, shared_targets: bool) -> None:
+        self.probes = probes
+        self.options = options
+        self.shared_targets = shared_targets
+        self.names = KernelNames()
+        self.scanned: set[int] = set()
+        self.own_targets: set[int] = set()
+        self.buf: dict[int, list[dict[str, np.ndarray]]] = {}
+        self.events = 0
+        self.attach_latency_ns: list[int] = []  # library open -> probes attached
+        self._rev: dict[int, bytes] = {}
+        self._rev_upto = -1
+
+    @classmethod
+    def for_tracer(cls, tracer, options: CudaOptions) -> CudaSource | None:
+        """Build, load and pre-attach for a Tracer; None with --cuda off."""
+        if options.mode == "off":
+            return None
+        fd = None
+        bpf = getattr(tracer.probes, "bpf", None)
+        if bpf is not None:
+            fd = bpf["targets"].map_fd
+        probes = CudaProbes(targets_fd=fd, force=options.force)
+        try:
+            probes.load()
+        except ProbeError:
+            if fd is None:
+                raise
+            # No bpffs to hand the map over: keep our own, synced every drain.
+            probes = CudaProbes(targets_fd=None, force=options.force)
+            probes.load()
+            fd = None
+        src = cls(probes, options, shared_targets=fd is not None)
+        # auto: only what the traced tree maps (its maps at attach and exec, and every
+        # library it opens later). Probing every system copy up front would cost each run
+        # seconds of uprobe unregistration at exit (~0.1 s per probe on this kernel).
+        paths = options.paths if options.mode == "paths" else []
+        for p in paths:
+            try:
+                probes.probe_object(p)
+            except ProbeError as e:
+                if options.mode == "paths":
+                    probes.close()
+                    raise
+                log.warning("cuda: %s", e)
+        return src
+
+    # -- discovery -----------------------------------------------------------------------
+    def _path(self, tracer, sid: int) -> bytes | None:
+        if sid > self._rev_upto:
+            for i, s in tracer.strings.pending:
+                if i > self._rev_upto:
+                    self._rev[i] = s
+            self._rev_upto = max(self._rev) if self._rev else -1
+        s = self._rev.get(sid)
+        if s is None:
+            s = tracer.strings_by_id(sid)
+            self._rev[sid] = s
+        return s
+
+    def on_syscalls(self, tracer, ev: np.ndarray, s0: np.ndarray) -> None:
+        """Library opens and execs of the traced tree: probe what they bring, now."""
+        if self.options.mode != "auto":
+            return
+        nr = ev["nr"]
+        opened = np.flatnonzero(np.isin(nr, _OPENS) & (ev["ret"] >= 0) & (s0 >= 0))
+        for i in opened:
+            raw = self._path(tracer, int(s0[i]))
+            if not raw or b".so" not in raw:
+                continue
+            pid = int(ev["pid"][i])
+            path = raw.decode("utf-8", "surrogateescape")
+            if not path.startswith("/"):
+                try:
+                    path = os.path.join(os.readlink(f"/proc/{pid}/cwd"), path)
+                except OSError:
+                    continue
+            full = f"/proc/{pid}/root{path}"
+            if family_of(path) is None and not self.probes._may_hold_runtime(full):
+                continue
+            try:
+                obj = self.probes.probe_object(full)
+            except ProbeError:
+                continue  # the process is gone; its children re-open and re-trigger
+            if obj is not None:
+                self._attached(obj, int(ev["ts"][i]))
+                self.names.snapshot_maps(pid)
+        for i in np.flatnonzero(np.isin(nr, _EXECS) & (ev["ret"] == 0)):
+            self.scanned.discard(int(ev["pid"][i]))  # a new image: rescan its maps
+
+    def _attached(self, obj: ProbedObject, opened_ts: int) -> None:
+        lat = obj.attached_ns - opened_ts
+        self.attach_latency_ns.append(lat)
+        log.info("cuda: probed %s (%d symbols) %.1f ms after it was opened", obj.path,
+                 len(obj.symbols), lat / 1e6)
+
+    def _scan_new(self, tracer) -> None:
+        for pid, st in tracer.procs.items():
+            if st.ended:
+                if pid in self.own_targets:
+                    self.probes.remove_target(pid)
+                    self.own_targets.discard(pid)
+                continue
+            if not self.shared_targets and pid not in self.own_targets:
+                self.probes.add_target(pid)
+                self.own_targets.add(pid)
+            if pid in self.scanned:
+                continue
+            self.scanned.add(pid)
+            if self.options.mode == "auto":
+                for obj in self.probes.probe_process(pid):
+                    log.info("cuda: probed %s (%d symbols) in pid %d", obj.path,
+                             len(obj.symbols), pid)
+            self.names.snapshot_maps(pid)
+
+    # -- events ----------------------------------------------------------------------------
+    def drain(self, tracer) -> None:
+        """Read the rings; decode launches' names; buffer rows per process."""
+        self._scan_new(tracer)
+        ev, names = self.probes.drain()
+        if len(names):
+            self.names.take(names)
+        if not len(ev):
+            return
+        self.events += len(ev)
+        fn = ev["fn"].astype(np.int64)
+        a = ev["a"]
+        name = np.full(len(ev), -1, dtype=np.int32)
+        for i in np.flatnonzero(_IS_LAUNCH[fn]):
+            n, _how = self.names.resolve(int(ev["pid"][i]), int(a[i, 0]),
+                                         bool(_DRIVER_LAUNCH[fn[i]]))
+            name[i] = tracer.strings.intern(n.encode())
+        copy_kind = _COPY_KIND[fn]
+        a3 = np.where(copy_kind >= 0, copy_kind.astype(np.uint64), a[:, 3])
+        d = ev["d"]
+        cols = {
+            "ts": ev["ts"].astype(np.int64), "dur": ev["dur"], "ret": ev["ret"],
+            "tid": ev["tid"], "fn": ev["fn"], "flags": ev["flags"],
+            "a0": a[:, 0], "a1": a[:, 1], "a2": a[:, 2], "a3": a3, "a4": a[:, 4],
+            "gx": d[:, 0], "gy": d[:, 1], "gz": d[:, 2], "bx": d[:, 3], "by": d[:, 4],
+            "bz": d[:, 5], "name": name,
+        }
+        pid = ev["pid"]
+        for p in np.unique(pid):
+            sel = pid == p
+            self.buf.setdefault(int(p), []).append({k: v[sel] for k, v in cols.items()})
+
+    def flush(self, tracer) -> None:
+        """Write one gpu chunk per process with buffered rows."""
+        for pid in list(self.buf):
+            st = tracer.procs.get(pid)
+            if st is None:
+                continue  # its fork record comes with a later drain
+            parts = self.buf.pop(pid)
+            cols = {k: np.concatenate([p[k] for p in parts]) for k, _ in GPU_LAYOUT}
+            order = np.argsort(cols["ts"], kind="stable")
+            cols = {k: v[order] for k, v in cols.items()}
+            with tracer.lock:
+                tracer.store.add_chunk(tracer.run_id, st.proc_id, cols, layer="gpu",
+                                       layout=GPU_LAYOUT)
+
+    def counters(self) -> dict[str, int]:
+        """Kernel counters plus what discovery and naming did."""
+        c = self.probes.counters()
+        c["gpu_events"] = self.events
+        c["gpu_objects_probed"] = len(self.probes.probed())
+        c["gpu_unresolved_launches"] = self.names.unresolved()
+        return c
+
+    def close(self) -> None:
+        """Detach every uprobe."""
+        self.probes.close()
+
+
+def wait_attached(src: CudaSource, n: int, timeout: float = 5.0) -> bool:
+    """Until `n` objects are probed (tests and tools that drive a source by hand)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if len(src.probes.probed()) >= n:
+            return True
+        time.sleep(0.005)
+    return False

@@ -1,0 +1,285 @@
+"""The GPU layer of a trace for readers: kernels, copies, allocations, syncs, collectives."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from renacerd.cuda.hooks import (
+    COLLECTIVE,
+    COMM_INIT,
+    D2D,
+    D2H,
+    DEFAULT,
+    FREE,
+    H2D,
+    H2H,
+    HOOKS,
+    LAUNCH,
+    MALLOC,
+    MEMCPY,
+    NCCL_DTYPES,
+    NCCL_OPS,
+    SYNC,
+)
+from renacerd.cuda.records import GPU_LAYOUT
+
+DIRECTIONS = {H2H: "cpu_to_cpu", H2D: "cpu_to_gpu", D2H: "gpu_to_cpu", D2D: "gpu_to_gpu",
+              DEFAULT: "default"}
+_KIND = np.array([""] + [h.kind for h in HOOKS], dtype=object)
+_SYMBOL = np.array([""] + [h.symbol for h in HOOKS], dtype=object)
+_OP = np.array([""] + [h.op for h in HOOKS], dtype=object)
+
+
+@dataclass(slots=True)
+class GpuKernel:
+    """One kernel launch (renacer's fields; duration is the launch call's, on the host)."""
+
+    kernel: str
+    duration_us: float
+    backend: str
+    workgroup_size: str       # block dims "[x,y,z]"
+    grid_size: str            # grid dims "[x,y,z]"
+    elements: int             # threads launched: grid x block
+    shared_mem: int
+    stream: int
+    timestamp_nanos: int
+    tid: int
+    api: str
+    return_code: int
+
+
+@dataclass(slots=True)
+class GpuMemoryTransfer:
+    """One cudaMemcpy* / cuMemcpy* call."""
+
+    direction: str
+    bytes: int
+    duration_us: float
+    bandwidth_mbps: float
+    backend: str
+    stream: int
+    timestamp_nanos: int
+    tid: int
+    api: str
+    return_code: int
+
+
+@dataclass(slots=True)
+class GpuAllocation:
+    """A device allocation; freed_nanos None while it is outstanding."""
+
+    ptr: int
+    bytes: int
+    timestamp_nanos: int
+    api: str
+    freed_nanos: int | None = None
+
+
+@dataclass(slots=True)
+class GpuSync:
+    """A host wait on the device (device, stream, event or context synchronisation)."""
+
+    api: str
+    handle: int
+    timestamp_nanos: int
+    duration_nanos: int
+    tid: int
+
+
+@dataclass(slots=True)
+class GpuCollective:
+    """One NCCL call."""
+
+    op: str
+    count: int
+    dtype: str
+    bytes: int
+    reduce_op: str | None
+    peer: int | None          # root (broadcast) or peer (send/recv)
+    rank: int | None
+    nranks: int | None
+    comm: int
+    stream: int
+    timestamp_nanos: int
+    duration_nanos: int
+    return_code: int
+
+
+def bandwidth_mbps(nbytes: int, duration_us: float) -> float:
+    """renacer's formula: bytes*1e6/(duration_us*1048576), 0 when the duration is 0."""
+    if duration_us <= 0:
+        return 0.0
+    return nbytes * 1e6 / (duration_us * 1048576)
+
+
+def empty_columns() -> dict[str, np.ndarray]:
+    """A gpu layer with no rows."""
+    return {k: np.empty(0, dtype=dt) for k, dt in GPU_LAYOUT}
+
+
+def load_gpu(store, run_id: int, proc_id: int, strings: list[bytes]) -> dict[str, Any]:
+    """The gpu layer of one process as UnifiedTrace.gpu: columns plus decoded records."""
+    cols = store.columns(run_id, proc_id, "gpu", GPU_LAYOUT)
+    return decode_gpu(cols, strings)
+
+
+def decode_gpu(cols: dict[str, np.ndarray], strings: list[bytes]) -> dict[str, Any]:
+    """Columns -> {"columns", "kernels", "transfers", "allocations", "syncs", "collectives"}."""
+    kind = _KIND[cols["fn"].astype(np.int64)]
+    ok = cols["ret"] == 0
+    sym = _SYMBOL[cols["fn"].astype(np.int64)]
+    ts, dur, tid, ret = cols["ts"], cols["dur"], cols["tid"], cols["ret"]
+    a0, a1, a2, a3, a4 = (cols[f"a{i}"] for i in range(5))
+
+    def name_of(sid: int) -> str:
+        if 0 <= sid < len(strings):
+            return strings[sid].decode("utf-8", "backslashreplace")
+        return "?"
+
+    kernels = []
+    for i in np.flatnonzero(kind == LAUNCH):
+        g = (int(cols["gx"][i]), int(cols["gy"][i]), int(cols["gz"][i]))
+        b = (int(cols["bx"][i]), int(cols["by"][i]), int(cols["bz"][i]))
+        kernels.append(GpuKernel(
+            kernel=name_of(int(cols["name"][i])), duration_us=int(dur[i]) / 1e3,
+            backend="cuda", workgroup_size=f"[{b[0]},{b[1]},{b[2]}]",
+            grid_size=f"[{g[0]},{g[1]},{g[2]}]",
+            elements=g[0] * g[1] * g[2] * b[0] * b[1] * b[2], shared_mem=int(a1[i]),
+            stream=int(a2[i]), timestamp_nanos=int(ts[i]), tid=int(tid[i]), api=sym[i],
+            return_code=int(ret[i]),
+        ))
+    transfers = []
+    for i in np.flatnonzero(kind == MEMCPY):
+        us = int(dur[i]) / 1e3
+        transfers.append(GpuMemoryTransfer(
+            direction=DIRECTIONS.get(int(a3[i]), "default"), bytes=int(a2[i]), duration_us=us,
+            bandwidth_mbps=bandwidth_mbps(int(a2[i]), us), backend="cuda", stream=int(a4[i]),
+            timestamp_nanos=int(ts[i]), tid=int(tid[i]), api=sym[i], return_code=int(ret[i]),
+        ))
+    allocations: list[GpuAllocation] = []
+    live: dict[int, GpuAllocation] = {}
+    for i in np.flatnonzero(((kind == MALLOC) | (kind == FREE)) & ok):
+        if kind[i] == MALLOC:
+            al = GpuAllocation(int(a0[i]), int(a1[i]), int(ts[i]), sym[i])
+            allocations.append(al)
+            if sym[i] != "cuMemCreate":  # a physical handle, not a pointer that is freed
+                live[al.ptr] = al
+        else:
+            al = live.pop(int(a0[i]), None)
+            if al is not None:
+                al.freed_nanos = int(ts[i])
+    syncs = [
+        GpuSync(sym[i], int(a0[i]), int(ts[i]), int(dur[i]), int(tid[i]))
+        for i in np.flatnonzero(kind == SYNC)
+    ]
+    comms: dict[int, tuple[int, int]] = {}
+    for i in np.flatnonzero((kind == COMM_INIT) & ok):
+        comms[int(a0[i])] = (int(a2[i]), int(a1[i]))
+    collectives = []
+    for i in np.flatnonzero(kind == COLLECTIVE):
+        op = _OP[int(cols["fn"][i])]
+        dname, size = NCCL_DTYPES.get(int(a1[i]), (f"dtype{int(a1[i])}", 0))
+        rank, nranks = comms.get(int(a3[i]), (None, None))
+        reducing = op in ("allreduce", "reducescatter")
+        collectives.append(GpuCollective(
+            op=op, count=int(a0[i]), dtype=dname, bytes=int(a0[i]) * size,
+            reduce_op=NCCL_OPS.get(int(a2[i]), str(int(a2[i]))) if reducing else None,
+            peer=int(cols["gx"][i]) if op in ("broadcast", "send", "recv") else None,
+            rank=rank, nranks=nranks, comm=int(a3[i]), stream=int(a4[i]),
+            timestamp_nanos=int(ts[i]), duration_nanos=int(dur[i]), return_code=int(ret[i]),
+        ))
+    return {"columns": cols, "kernels": kernels, "transfers": transfers,
+            "allocations": allocations, "syncs": syncs, "collectives": collectives,
+            "strings": strings}
+
+
+def summarize(cols: dict[str, np.ndarray], strings: list[bytes],
+              mask: np.ndarray | None = None) -> dict[str, Any]:
+    """The `renacer show` JSON of a gpu layer (optionally only rows under `mask`)."""
+    if mask is not None:
+        cols = {k: v[mask] for k, v in cols.items()}
+    fn = cols["fn"].astype(np.int64)
+    kind = _KIND[fn]
+    ok = cols["ret"] == 0
+    launches = (kind == LAUNCH) & ok
+    names, counts = np.unique(cols["name"][launches], return_counts=True)
+    kernels: dict[str, int] = {}
+    unresolved = 0
+    for sid, n in zip(names.tolist(), counts.tolist()):
+        nm = strings[sid].decode("utf-8", "backslashreplace") if 0 <= sid < len(strings) else "?"
+        kernels[nm] = kernels.get(nm, 0) + n
+        if nm.startswith("0x"):
+            unresolved += n
+    cp = (kind == MEMCPY) & ok
+    by = cols["a2"]
+    direction = cols["a3"]
+
+    def moved(k: int) -> int:
+        return int(by[cp & (direction == k)].sum())
+
+    mal = (kind == MALLOC) & ok
+    fre = (kind == FREE) & ok
+    syn = kind == SYNC
+    nccl: Counter[str] = Counter(_OP[fn[(kind == COLLECTIVE) & ok]].tolist())
+    dec = decode_gpu(cols, strings) if mal.any() else None
+    out_allocs = [a for a in dec["allocations"] if a.freed_nanos is None
+                  and a.api != "cuMemCreate"] if dec else []
+    return {
+        "kernels": kernels,
+        "memcpy": {"h2d_bytes": moved(H2D), "d2h_bytes": moved(D2H), "d2d_bytes": moved(D2D)},
+        "malloc": {"calls": int(mal.sum()), "bytes": int(cols["a1"][mal].sum())},
+        "free": {"calls": int(fre.sum())},
+        "nccl": dict(nccl),
+        "memcpy_other": {"h2h_bytes": moved(H2H), "default_bytes": moved(DEFAULT)},
+        "outstanding": {"allocations": len(out_allocs),
+                        "bytes": sum(a.bytes for a in out_allocs)},
+        "sync": {"calls": int(syn.sum()), "time_ns": int(cols["dur"][syn].sum())},
+        "unresolved_kernels": unresolved,
+        "failed_calls": int((~ok & (kind != "")).sum()),
+    }
+
+
+def gpu_summary(trace) -> dict[str, Any]:
+    """The per-process `"gpu"` object of `renacer show --json` for a UnifiedTrace."""
+    gpu = trace.gpu or {}
+    cols = gpu.get("columns")
+    if cols is None:
+        cols = empty_columns()
+    return summarize(cols, gpu.get("strings", trace.strings))
+
+
+def gpu_by_interval(trace, intervals: Iterable[tuple[str, int, int]]) -> dict[str, Any]:
+    """Per-step GPU summaries: calls whose entry falls in [start, end) of each interval."""
+    gpu = trace.gpu or {}
+    cols = gpu.get("columns")
+    if cols is None:
+        cols = empty_columns()
+    strings = gpu.get("strings", trace.strings)
+    ts = cols["ts"]
+    out = {}
+    for key, start, end in intervals:
+        out[key] = summarize(cols, strings, (ts >= start) & (ts < end))
+    return out
+
+
+def gpu_by_span(trace) -> dict[str, Any]:
+    """Per-span GPU summaries keyed "name#step" (or "name@start") over the trace's spans."""
+    iv = []
+    for s in trace.spans:
+        start = getattr(s, "start_mono_nanos", None)
+        end = getattr(s, "end_mono_nanos", None)
+        if start is None or end is None:
+            continue
+        step = None
+        attrs = getattr(s, "attributes_json", None)
+        if attrs:
+            step = orjson.loads(attrs).get("experiment.step")
+        name = getattr(s, "span_name", "span")
+        iv.append((f"{name}#{step}" if step is not None else f"{name}@{start}", start, end))
+    return gpu_by_interval(trace, iv)

@@ -1,0 +1,1 @@
+"""Ready callbacks for training frameworks; each module imports its framework on its own."""

@@ -1,0 +1,574 @@
+"""The client library against no daemon, a real in-process SpanServer, and real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from renacerd import client
+from renacerd.client import experiment_span
+from renacerd.daemon.span_server import SpanServer
+from renacerd.daemon.spans import SpanBook
+from renacerd.experiment_span import StatusCode
+from renacerd.protocol import (
+    MAX_FRAME,
+    Ack,
+    Dropped,
+    Hello,
+    SpanEnd,
+    SpanStart,
+    TraceMe,
+    decode,
+    encode,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def sock_dir():
+    d = tempfile.mkdtemp(prefix="rsc", dir="/tmp")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon(sock_dir):
+    """A real SpanServer + SpanBook; the client is configured to it, and away afterwards."""
+    book = SpanBook(grace_ns=0)
+    server = SpanServer(os.path.join(sock_dir, "d.sock"), on_message=book.handle,
+                        on_disconnect=book.disconnected)
+    server.start()
+    client.configure(socket=server.address)
+    yield server, book
+    client.configure(socket=os.path.join(sock_dir, "gone.sock"))
+    server.stop()
+
+
+def wait_for(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.005)
+    return cond()
+
+
+def records(book, n):
+    """The next n records the book finishes, by span name."""
+    got = []
+    deadline = time.monotonic() + 10
+    while len(got) < n and time.monotonic() < deadline:
+        got += book.drain()
+        time.sleep(0.005)
+    assert len(got) == n, (got, book.counts())
+    return {r.span_name: r for r in got}
+
+
+def run_python(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    e = dict(os.environ, PYTHONPATH=str(ROOT))
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=e,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_no_daemon_works_warns_once_never_raises(sock_dir):
+    proc = run_python(f"""
+        import time
+        from renacerd.client import configure, experiment_span, stats
+        configure(socket={os.path.join(sock_dir, "none.sock")!r})
+        t0 = time.perf_counter()
+        for i in range(2000):
+            with experiment_span("step", model_name="m", step=i, metrics={{"a": 1.0}}) as s:
+                s.set(loss=0.5)
+        per_span = (time.perf_counter() - t0) / 2000
+        try:
+            with experiment_span("boom"):
+                raise KeyError("k")
+        except KeyError:
+            pass
+        print(s.step, s.loss, s.status.name, stats(), per_span < 50e-6)
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split(None, 3)[:3] == ["1999", "0.5", "OK"]
+    assert "'sent': 0, 'dropped': 0, 'queued': 0, 'connected': False" in proc.stdout
+    assert proc.stdout.strip().endswith("True")
+    warnings = [ln for ln in proc.stderr.splitlines() if "renacerd" in ln]
+    assert len(warnings) == 1 and "not reachable" in warnings[0], proc.stderr
+
+
+def test_refused_socket_file_is_fail_open(sock_dir):
+    path = os.path.join(sock_dir, "dead.sock")
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    dead.bind(path)
+    dead.close()
+    proc = run_python(f"""
+        from renacerd.client import configure, experiment_span, stats
+        configure(socket={path!r})
+        with experiment_span("s") as s:
+            pass
+        print(s.status.name, stats()["connected"])
+    """)
+    assert proc.returncode == 0 and proc.stdout.split() == ["OK", "False"], proc.stderr
+    assert "Connection refused" in proc.stderr
+
+
+def test_env_socket_and_default(sock_dir, monkeypatch):
+    monkeypatch.setenv("RENACER_SOCKET", os.path.join(sock_dir, "env.sock"))
+    client.configure()
+    assert client._client.path == os.path.join(sock_dir, "env.sock")
+    monkeypatch.delenv("RENACER_SOCKET")
+    client.configure()
+    assert client._client.path == "/run/renacer/renacerd.sock"
+    client.configure(socket=os.path.join(sock_dir, "gone.sock"))
+
+
+def test_nested_spans_reach_daemon(daemon):
+    server, book = daemon
+    with experiment_span("outer", model_name="gpt-2", epoch=1) as outer, experiment_span(
+            "inner", model_name="gpt-2", step=7, metrics={"acc": 0.5, "ppl": 3.0}) as inner:
+        inner.set(loss=0.25, metrics={"acc": 0.75})
+    assert outer.connected and inner.connected
+    recs = records(book, 2)
+    o, i = recs["outer"], recs["inner"]
+    assert o.parent_span_id is None
+    assert i.parent_span_id == o.span_id and i.trace_id == o.trace_id
+    assert i.span_id_hex() == inner.span_id and o.trace_id_hex() == outer.trace_id
+    assert i.attributes() == {
+        "experiment.model_name": "gpt-2", "experiment.step": "7", "experiment.loss": "0.25",
+        "experiment.metrics.acc": "0.75", "experiment.metrics.ppl": "3",
+        "span.type": "experiment"}
+    assert (i.start_mono_nanos, i.end_mono_nanos) == (inner.start_mono_ns, inner.end_mono_ns)
+    assert o.start_mono_nanos <= i.start_mono_nanos <= i.end_mono_nanos <= o.end_mono_nanos
+    assert i.process_id == os.getpid() and i.thread_id == threading.get_native_id()
+    assert i.status_code is StatusCode.OK
+    assert o.logical_clock > i.logical_clock
+    assert client.current_span() is None
+
+
+def test_local_record_matches_daemon_record(daemon):
+    _, book = daemon
+    with experiment_span("s", model_name="m", step=1, metrics={"x": 2.0}) as s:
+        pass
+    local = s.to_span_record()
+    remote = records(book, 1)["s"]
+    for name in ("trace_id", "span_id", "parent_span_id", "span_name", "start_mono_nanos",
+                 "end_mono_nanos", "start_time_nanos", "end_time_nanos", "logical_clock",
+                 "status_code", "attributes_json", "process_id", "thread_id"):
+        assert getattr(local, name) == getattr(remote, name), name
+
+
+def test_exception_marks_error_and_reraises(daemon):
+    _, book = daemon
+    with pytest.raises(ZeroDivisionError), experiment_span("bad") as s:
+        1 / 0  # noqa: B018
+    assert s.status is StatusCode.ERROR and s.exception_type == "ZeroDivisionError"
+    rec = records(book, 1)["bad"]
+    assert rec.status_code is StatusCode.ERROR
+    assert rec.status_message == "division by zero"
+    assert rec.attributes()["exception.type"] == "ZeroDivisionError"
+
+
+def test_decorator_sync_and_async(daemon):
+    _, book = daemon
+
+    @experiment_span("train_step", model_name="m", step=1)
+    def step(x):
+        return client.current_span(), x * 2
+
+    @experiment_span("async_step", model_name="m")
+    async def astep():
+        await asyncio.sleep(0)
+        return client.current_span()
+
+    s1, doubled = step(21)
+    s2, _ = step(1)
+    a = asyncio.run(astep())
+    assert doubled == 42 and s1.span_id != s2.span_id and s1.name == "train_step"
+    assert a.name == "async_step" and step.__name__ == "step"
+    assert wait_for(lambda: book.counts()["spans_ended"] == 3)
+    assert sorted(r.span_name for r in book.drain()) == ["async_step", "train_step",
+                                                         "train_step"]
+
+
+def test_decorator_exception(daemon):
+    _, book = daemon
+
+    @experiment_span("fails")
+    def fails():
+        raise ValueError("nope")
+
+    with pytest.raises(ValueError, match="nope"):
+        fails()
+    assert records(book, 1)["fails"].status_code is StatusCode.ERROR
+
+
+def test_async_nesting_follows_tasks(daemon):
+    _, book = daemon
+
+    async def worker(name):
+        with experiment_span(name) as outer:
+            await asyncio.sleep(0.01)
+            with experiment_span(name + "-inner") as inner:
+                await asyncio.sleep(0.005)
+        return outer, inner
+
+    async def main():
+        with experiment_span("root") as root:
+            results = await asyncio.gather(worker("a"), worker("b"))
+        return root, results
+
+    root, [(a, ai), (b, bi)] = asyncio.run(main())
+    assert a.parent_span_id == root.span_id and b.parent_span_id == root.span_id
+    assert ai.parent_span_id == a.span_id and bi.parent_span_id == b.span_id
+    assert len({root.trace_id, a.trace_id, bi.trace_id}) == 1
+    recs = records(book, 5)
+    assert recs["b-inner"].parent_span_id_hex() == b.span_id
+
+
+def test_explicit_parent_across_threads(daemon):
+    _, book = daemon
+    box = {}
+    with experiment_span("main") as main:
+        def work():
+            with experiment_span("no-parent") as orphan:
+                pass
+            with experiment_span("child", parent=main) as child:
+                pass
+            box.update(orphan=orphan, child=child)
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+    assert box["child"].parent_span_id == main.span_id
+    assert box["child"].trace_id == main.trace_id
+    assert box["orphan"].parent_span_id is None and box["orphan"].trace_id != main.trace_id
+    assert box["child"].thread_id != main.thread_id
+    recs = records(book, 3)
+    assert recs["child"].thread_id == box["child"].thread_id
+
+
+def test_parent_as_traceparent_string(daemon):
+    header = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    with experiment_span("s", parent=header) as s:
+        assert s.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736"
+        assert s.parent_span_id == "00f067aa0ba902b7"
+        assert s.traceparent == f"00-4bf92f3577b34da6a3ce929d0e0e4736-{s.span_id}-01"
+
+
+def test_traceparent_env_joins_trace(daemon):
+    server, book = daemon
+    header = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    proc = run_python(f"""
+        from renacerd.client import configure, experiment_span
+        configure(socket={server.address!r})
+        with experiment_span("root") as r:
+            with experiment_span("kid") as k:
+                pass
+        print(r.trace_id, r.parent_span_id, k.parent_span_id == r.span_id)
+    """, env={"TRACEPARENT": header})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7",
+                                   "True"]
+    recs = records(book, 2)
+    assert recs["root"].parent_span_id_hex() == "00f067aa0ba902b7"
+    assert recs["kid"].trace_id_hex() == "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def test_bad_traceparent_env_is_ignored(sock_dir):
+    proc = run_python(f"""
+        from renacerd.client import configure, experiment_span
+        configure(socket={os.path.join(sock_dir, "x.sock")!r})
+        with experiment_span("root") as r:
+            pass
+        print(r.parent_span_id, len(r.trace_id))
+    """, env={"TRACEPARENT": "garbage"})
+    assert proc.returncode == 0 and proc.stdout.split() == ["None", "32"], proc.stderr
+    assert "ignoring TRACEPARENT" in proc.stderr
+
+
+def test_fork_child_gets_its_own_connection(daemon):
+    server, book = daemon
+    with experiment_span("parent-step") as parent:
+        pass
+    assert client.stats()["connected"]
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            before = client.stats()
+            with experiment_span("child-step") as child:
+                pass
+            after = client.stats()
+            ok = (before == {"sent": 0, "dropped": 0, "queued": 0, "connected": False}
+                  and after["connected"] and after["sent"] == 3 and child.connected
+                  and child.process_id == os.getpid())
+            os.write(w, b"ok" if ok else repr((before, after)).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    answer = os.read(r, 4096)
+    os.close(r)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    assert answer == b"ok"
+    recs = records(book, 2)
+    assert recs["child-step"].process_id == pid != recs["parent-step"].process_id
+    assert server.stats["connections"] == 2
+    # the parent's connection is untouched by the child closing its copy
+    with experiment_span("parent-again"):
+        pass
+    assert records(book, 1)["parent-again"].process_id == os.getpid()
+    assert parent.process_id == os.getpid()
+
+
+def test_fork_inside_span_child_does_not_end_parent_span(daemon):
+    _, book = daemon
+    with experiment_span("outer") as outer:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)  # leaves the with-block in the child without ending anything remote
+        os.waitpid(pid, 0)
+    recs = records(book, 1)
+    assert recs["outer"].span_id_hex() == outer.span_id
+    assert book.counts()["orphan_ends"] == 0
+
+
+def test_full_socket_backlog_then_drops_and_reports_count(sock_dir):
+    path = os.path.join(sock_dir, "full.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(path)
+    listener.listen(8)
+    client.configure(socket=path)
+    base = client.stats()
+    try:
+        n = 0
+        while client.stats()["dropped"] == base["dropped"] and n < 200_000:
+            with experiment_span("flood", metrics={"x": 1.0}):
+                pass
+            n += 1
+        assert client.stats()["queued"] >= client.BACKLOG
+        t0 = time.perf_counter()
+        for _ in range(100):
+            with experiment_span("more"):
+                pass
+        assert time.perf_counter() - t0 < 0.5  # never blocks on a full socket
+        stats = client.stats()
+        assert stats["dropped"] > base["dropped"] and stats["connected"]
+        conn, _ = listener.accept()
+        conn.setblocking(False)
+        frames = []
+
+        def read_all():
+            while True:
+                try:
+                    frames.append(decode(conn.recv(MAX_FRAME)))
+                except BlockingIOError:
+                    return
+
+        for _ in range(1000):
+            read_all()
+            if client.stats()["queued"] == 0:
+                break
+            with experiment_span("nudge"):  # each send first pushes the backlog out
+                pass
+        with experiment_span("after") as after:  # the backlog is gone: sent at once
+            pass
+        read_all()
+        starts = {f.span_id for f in frames if isinstance(f, SpanStart)}
+        ends = {f.span_id for f in frames if isinstance(f, SpanEnd)}
+        assert after.span_id in starts
+        final = client.stats()
+        assert isinstance(frames[0], Hello)
+        assert final["queued"] == 0
+        assert len(frames) == final["sent"] - base["sent"]
+        reports = [f for f in frames if isinstance(f, Dropped)]
+        assert reports == [Dropped(final["dropped"] - base["dropped"])]
+        # every span the daemon saw start was also ended: no span left open there
+        assert starts == ends
+        conn.close()
+    finally:
+        client.configure(socket=os.path.join(sock_dir, "gone.sock"))
+        listener.close()
+
+
+def test_daemon_dies_mid_run_then_returns(sock_dir):
+    path = os.path.join(sock_dir, "die.sock")
+    book = SpanBook()
+    server = SpanServer(path, on_message=book.handle, on_disconnect=book.disconnected)
+    server.start()
+    client.configure(socket=path)
+    try:
+        with experiment_span("before"):
+            pass
+        assert wait_for(lambda: book.counts()["spans_ended"] == 1)
+        with experiment_span("straddles") as straddles:
+            server.stop()
+        for _ in range(5):
+            with experiment_span("while-down"):
+                pass
+        assert not client.stats()["connected"]
+        book2 = SpanBook()
+        server2 = SpanServer(path, on_message=book2.handle)
+        server2.start()
+        t0 = time.monotonic()
+        try:
+            while book2.counts()["spans_ended"] == 0 and time.monotonic() - t0 < 5:
+                with experiment_span("after"):
+                    pass
+                time.sleep(0.01)
+            # reconnects after the 1 s back-off, not on every span
+            assert 0.5 < time.monotonic() - t0 < 3
+            assert book2.counts()["orphan_ends"] == 0
+            assert straddles.status is StatusCode.OK
+        finally:
+            server2.stop()
+    finally:
+        client.configure(socket=os.path.join(sock_dir, "gone.sock"))
+
+
+def test_unsendable_metadata_is_cleaned_not_fatal(daemon):
+    server, book = daemon
+    np = pytest.importorskip("numpy")
+    metrics = {"nan": math.nan, "inf": math.inf, "flag": True, 3: 1.5, "np": np.float32(0.5),
+               "i": 2, "text": "x", "k" * 300: 1.0}
+    with experiment_span("weird" * 100, model_name=12, epoch=-1, step=np.int64(5),
+                         loss=math.nan, metrics=metrics) as s:
+        s.set(loss=np.float64(0.125), epoch=2**40)
+    assert s.connected
+    assert wait_for(lambda: book.counts()["spans_ended"] == 1)
+    (rec,) = book.drain()
+    attrs = rec.attributes()
+    assert attrs["experiment.model_name"] == "12"
+    assert attrs["experiment.step"] == "5"
+    assert attrs["experiment.loss"] == "0.125"
+    assert "experiment.epoch" not in attrs
+    assert attrs["experiment.metrics.flag"] == "1" and attrs["experiment.metrics.3"] == "1.5"
+    assert attrs["experiment.metrics.np"] == "0.5" and attrs["experiment.metrics.i"] == "2"
+    assert attrs["experiment.metrics." + "k" * 128] == "1"
+    assert not {"experiment.metrics.nan", "experiment.metrics.inf",
+                "experiment.metrics.text"} & attrs.keys()
+    assert len(rec.span_name) == 256
+    assert server.stats["protocol_errors"] == 0
+
+
+def test_stats_count_messages(daemon):
+    before = client.stats()["sent"]
+    with experiment_span("a") as a:
+        a.set(step=3)
+    assert client.stats()["sent"] - before in (3, 4)  # (hello +) start, set, end
+    assert client.stats()["connected"]
+
+
+def test_request_tracing_ack_and_nack(sock_dir):
+    answers = iter([(True, ""), (False, "not your process tree")])
+    asked = []
+
+    def trace_request(peer, msg):
+        asked.append((peer.pid, msg.run))
+        return next(answers)
+
+    book = SpanBook(trace_request=trace_request)
+    with SpanServer(os.path.join(sock_dir, "svc.sock"), on_message=book.handle) as server:
+        client.configure(socket=server.address, run="llama-ft")
+        try:
+            with experiment_span("first"):  # triggers the request once
+                pass
+            with experiment_span("second"):
+                pass
+            assert asked == [(os.getpid(), "llama-ft")]
+            assert client.request_tracing(timeout=2) is False
+            assert len(asked) == 2
+        finally:
+            client.configure(socket=os.path.join(sock_dir, "gone.sock"))
+
+
+def test_request_tracing_times_out_open(sock_dir):
+    path = os.path.join(sock_dir, "mute.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(path)
+    listener.listen(8)
+    try:
+        client.configure(socket=path)
+        t0 = time.monotonic()
+        assert client.request_tracing(timeout=0.3) is False
+        assert 0.25 < time.monotonic() - t0 < 2
+        conn, _ = listener.accept()
+        conn.settimeout(2)
+        assert isinstance(decode(conn.recv(MAX_FRAME)), Hello)
+        assert isinstance(decode(conn.recv(MAX_FRAME)), TraceMe)
+        conn.send(encode(Ack(999, True)))  # an answer to another request is not ours
+        conn.close()
+    finally:
+        client.configure(socket=os.path.join(sock_dir, "gone.sock"))
+        listener.close()
+
+
+def test_request_tracing_without_daemon_is_immediate(sock_dir):
+    client.configure(socket=os.path.join(sock_dir, "none.sock"))
+    t0 = time.monotonic()
+    assert client.request_tracing(timeout=5) is False
+    assert time.monotonic() - t0 < 1
+
+
+def test_run_env_triggers_request(sock_dir):
+    path = os.path.join(sock_dir, "svcenv.sock")
+    asked = []
+    book = SpanBook(trace_request=lambda peer, msg: (asked.append((peer.pid, msg.run)) or True,
+                                                     ""))
+    with SpanServer(path, on_message=book.handle):
+        proc = run_python("""
+            import os
+            from renacerd.client import experiment_span
+            with experiment_span("s"):
+                pass
+            print(os.getpid())
+        """, env={"RENACER_SOCKET": path, "RENACER_RUN": "env-run"})
+    assert proc.returncode == 0, proc.stderr
+    assert asked == [(int(proc.stdout), "env-run")]
+
+
+def test_client_import_is_light():
+    proc = run_python("""
+        import sys
+        import renacerd, renacerd.client
+        heavy = {"numpy", "bcc", "psutil", "transformers", "lightning", "torch",
+                 "pytorch_lightning", "renacerd.daemon", "renacerd.integrations"}
+        print(sorted(m for m in sys.modules if m in heavy or m.split(".")[0] in heavy))
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_threads_share_connection_safely(daemon):
+    _, book = daemon
+    n_threads, n_spans = 8, 200
+
+    def work(i):
+        for k in range(n_spans):
+            with experiment_span(f"t{i}", step=k), experiment_span(f"t{i}-in"):
+                pass
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    total = n_threads * n_spans * 2
+    dropped = client.stats()["dropped"]
+    assert wait_for(lambda: book.counts()["spans_ended"] + book.counts()["orphan_ends"]
+                    >= total - dropped)
+    assert book.counts()["spans_ended"] + dropped >= total
