@@ -8,8 +8,8 @@ import re
 import subprocess
 
 VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
-_TYPE = re.compile(r"^\[(\d+)\] (\w+) '([^']*)'(.*)$")
 _MEMBER = re.compile(r"^\s+'([^']*)' type_id=(\d+) bits_offset=(\d+)")
+_HEAD = re.compile(r"^\[(\d+)\] (\w+) '([^']*)'")
 
 
 class BTFError(RuntimeError):
@@ -17,55 +17,59 @@ class BTFError(RuntimeError):
 
 
 @functools.lru_cache(maxsize=1)
-def _types() -> tuple[dict[int, tuple[str, str, list[tuple[str, int, int]]]], dict[str, int]]:
+def _dump() -> str:
     try:
-        out = subprocess.run(
+        return subprocess.run(
             ["bpftool", "btf", "dump", "file", VMLINUX_BTF, "format", "raw"],
             capture_output=True, text=True, check=True,
         ).stdout
     except (OSError, subprocess.CalledProcessError) as e:
         raise BTFError(f"cannot read {VMLINUX_BTF} with bpftool: {e}") from e
-    types: dict[int, tuple[str, str, list[tuple[str, int, int]]]] = {}
-    by_name: dict[str, int] = {}
-    cur: list[tuple[str, int, int]] | None = None
-    for line in out.splitlines():
-        m = _TYPE.match(line)
-        if m:
-            tid, kind, name = int(m.group(1)), m.group(2), m.group(3)
-            cur = []
-            types[tid] = (kind, name, cur)
-            if kind == "STRUCT" and name not in by_name:
-                by_name[name] = tid
-            continue
+
+
+def _type_at(text: str, pos: int) -> tuple[str, list[tuple[str, int, int]]]:
+    """Kind and members of the type whose header line starts at `pos`."""
+    end = text.find("\n[", pos + 1)
+    block = text[pos : end if end >= 0 else len(text)].splitlines()
+    m = _HEAD.match(block[0])
+    kind = m.group(2) if m else ""
+    members = []
+    for line in block[1:]:
         mm = _MEMBER.match(line)
-        if mm and cur is not None:
-            cur.append((mm.group(1), int(mm.group(2)), int(mm.group(3))))
-    return types, by_name
+        if mm:
+            members.append((mm.group(1), int(mm.group(2)), int(mm.group(3))))
+    return kind, members
+
+
+def _by_id(text: str, tid: int) -> tuple[str, list[tuple[str, int, int]]]:
+    pos = text.find(f"\n[{tid}] ")
+    if pos < 0:
+        raise BTFError(f"BTF type {tid} not found")
+    return _type_at(text, pos + 1)
 
 
 def member_offset(struct: str, member: str) -> int:
-    """Byte offset of `member` in `struct`, looking through anonymous struct/union members."""
-    types, by_name = _types()
-    if struct not in by_name:
+    """Byte offset of `member` in `struct`, looking through anonymous struct/union members.
+    Only the few types needed are parsed: the dump has hundreds of thousands of lines."""
+    text = _dump()
+    pos = text.find(f"] STRUCT '{struct}' ")
+    if pos < 0:
         raise BTFError(f"struct {struct} not in the kernel's BTF")
+    start = text.rfind("\n", 0, pos) + 1
 
-    def find(tid: int, base: int) -> int | None:
-        kind, _, members = types[tid]
+    def find(members: list[tuple[str, int, int]], base: int, depth: int) -> int | None:
         for name, mt, bits in members:
             if name == member:
                 return base + bits // 8
-            if name == "(anon)":
-                t = mt
-                while types[t][0] in ("TYPEDEF", "CONST", "VOLATILE"):
-                    t = types[t][2][0][1] if types[t][2] else t
-                    break
-                if types[t][0] in ("STRUCT", "UNION"):
-                    r = find(t, base + bits // 8)
+            if name == "(anon)" and depth < 4:
+                kind, sub = _by_id(text, mt)
+                if kind in ("STRUCT", "UNION"):
+                    r = find(sub, base + bits // 8, depth + 1)
                     if r is not None:
                         return r
         return None
 
-    off = find(by_name[struct], 0)
+    off = find(_type_at(text, start)[1], 0, 0)
     if off is None:
         raise BTFError(f"struct {struct} has no member {member} in the kernel's BTF")
     return off
