@@ -6,7 +6,6 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -170,16 +169,10 @@ def _two(t: UnifiedTrace, i: int) -> bool:
 
 
 def _gpu(t: UnifiedTrace, e: Effects) -> None:
-    summary: dict[str, Any]
-    if "summary" in t.gpu:
-        summary = t.gpu["summary"]
-    else:
-        try:
-            from renacerd.gpu_trace import gpu_summary
+    from renacerd.gpu_trace import gpu_summary
 
-            summary = gpu_summary(t)
-        except ImportError:
-            summary = t.gpu
+    # a precomputed summary (e.g. built by hand or carried by an exporter) wins
+    summary = t.gpu["summary"] if "summary" in t.gpu else gpu_summary(t)
     for name, n in (summary.get("kernels") or {}).items():
         e.gpu_kernels[str(name)] += int(n)
     mem = summary.get("memcpy") or {}
