@@ -315,6 +315,16 @@ class _Client:
             # A run name asks the service to trace this process before its first span.
             self.needs_setup = self.run is not None
 
+    def move_to(self, path: str) -> None:
+        """Service mode: this run's spans go to its own per-run socket from now on."""
+        with self.lock:
+            if self.sock is not None:
+                self.sock.close()
+                self.sock = None
+                self.gen += 1
+            self.path = path
+            self.connect(_monotonic_ns())
+
     def after_fork(self) -> None:
         """In a forked child: drop the parent's connection; the child connects on its own."""
         global _pid, _tls
@@ -400,6 +410,8 @@ def request_tracing(timeout: float = DEFAULT_TRACE_TIMEOUT) -> bool:
             if isinstance(msg, protocol.Ack) and msg.request_id == request_id:
                 if not msg.ok:
                     log.warning("renacerd refused to trace this process: %s", msg.reason)
+                elif msg.socket:
+                    c.move_to(msg.socket)
                 return msg.ok
 
 

@@ -31,6 +31,7 @@ MAX_KEY = 128
 MAX_MESSAGE = 4096
 MAX_CLIENT = 64
 MAX_RUN = 128
+MAX_PATH = 108  # sun_path
 DEFAULT_SOCKET = "/run/renacer/renacerd.sock"
 
 _SPAN_ID = re.compile(r"[0-9a-f]{16}")
@@ -157,13 +158,42 @@ class Ack:
     request_id: int
     ok: bool
     reason: str = ""
+    # Service mode: the per-run socket the client reconnects to for its spans.
+    socket: Optional[str] = None
 
     def to_wire(self) -> dict[str, Any]:
         """The JSON object of this message."""
-        return {"t": "ack", "req": self.request_id, "ok": self.ok, "reason": self.reason}
+        wire = {"t": "ack", "req": self.request_id, "ok": self.ok, "reason": self.reason}
+        if self.socket is not None:
+            wire["socket"] = self.socket
+        return wire
 
 
-Message = Union[Hello, SpanStart, SpanSet, SpanEnd, Dropped, TraceMe, Ack]
+@dataclass(**SLOTS)
+class StatusQuery:
+    """Service mode: what is being traced now (answered by a ServiceStatus)."""
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON object of this message."""
+        return {"t": "status"}
+
+
+@dataclass(**SLOTS)
+class ServiceStatus:
+    """The service's answer to a StatusQuery: its uptime and the runs the asker may see."""
+
+    uptime_s: float
+    runs: list[dict[str, Any]]
+    pid: int = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON object of this message."""
+        return {"t": "service_status", "uptime": self.uptime_s, "pid": self.pid,
+                "runs": self.runs}
+
+
+Message = Union[Hello, SpanStart, SpanSet, SpanEnd, Dropped, TraceMe, Ack, StatusQuery,
+                ServiceStatus]
 
 
 def encode(msg: Message) -> bytes:
@@ -359,7 +389,21 @@ def _ack(obj: dict[str, Any]) -> Ack:
     if type(ok) is not bool:
         raise ProtocolError("schema", "ok must be a boolean")
     return Ack(_uint(obj, "req", U32_MAX), ok, _text(obj, "reason", MAX_MESSAGE, nullable=True)
-               or "")
+               or "", _text(obj, "socket", MAX_PATH, nullable=True))
+
+
+def _status(obj: dict[str, Any]) -> StatusQuery:
+    return StatusQuery()
+
+
+def _service_status(obj: dict[str, Any]) -> ServiceStatus:
+    uptime = _get(obj, "uptime")
+    runs = _get(obj, "runs")
+    if type(uptime) not in (int, float) or type(runs) is not list:
+        raise ProtocolError("schema", "service_status: uptime must be a number, runs a list")
+    if not all(type(r) is dict for r in runs):
+        raise ProtocolError("schema", "service_status: every run must be an object")
+    return ServiceStatus(float(uptime), runs, _uint(obj, "pid", U32_MAX))
 
 
 _DECODERS = {
@@ -370,6 +414,8 @@ _DECODERS = {
     "dropped": _dropped,
     "trace_me": _trace_me,
     "ack": _ack,
+    "status": _status,
+    "service_status": _service_status,
 }
 
 

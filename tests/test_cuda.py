@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -252,3 +254,43 @@ def test_decode_empty_layer():
     assert g["kernels"] == [] and summarize(g["columns"], [])["malloc"] == {"calls": 0,
                                                                              "bytes": 0}
     assert np.array_equal(g["columns"]["ts"], np.empty(0, np.int64))
+
+
+@needs_root
+def test_launch_mode_cli_show_and_perfetto(stubs, tmp_path):
+    """`renacerd -- app` end to end: probed before exec, shown by `renacer show`, exported."""
+    env = env_with_driver(stubs)
+    env["PYTHONPATH"] = str(ROOT)
+    db = tmp_path / "t.db"
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "renacerd.cli.renacerd_main", "--db", str(db), "--run", "cli",
+         "--", str(stubs.app)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )
+    assert daemon.stdout.readline() == b"ready\n"
+    # a real job lives long enough for its maps to be read; give this one a drain cycle
+    time.sleep(0.2)
+    out, err = daemon.communicate(b"go\n", timeout=120)
+    assert daemon.returncode == 0, err.decode()
+    assert b"GPU: " in err
+    show = subprocess.run(
+        [sys.executable, "-m", "renacerd.cli.renacer_main", "show", "cli", "--db", str(db),
+         "--json"], capture_output=True, env=env, check=True)
+    gpu = json.loads(show.stdout)["processes"][0]["gpu"]
+    assert gpu["kernels"] == {"vecAdd(float*, float*, int)": 4, "saxpy(float, float*, float*)": 2}
+    assert gpu["memcpy"] == {"h2d_bytes": 1 << 20, "d2h_bytes": 512 << 10, "d2d_bytes": 0}
+    assert gpu["malloc"] == {"calls": 2, "bytes": (1 << 20) + 256}
+    assert gpu["free"] == {"calls": 1}
+    text = subprocess.run(
+        [sys.executable, "-m", "renacerd.cli.renacer_main", "show", "cli", "--db", str(db)],
+        capture_output=True, env=env, check=True).stdout.decode()
+    assert "1 allocations (256 B) never freed" in text
+    out = tmp_path / "trace.json"
+    subprocess.run(
+        [sys.executable, "-m", "renacerd.cli.renacer_main", "export", "cli", "--db", str(db),
+         "--format", "perfetto", "-o", str(out)], env=env, check=True)
+    ev = json.loads(out.read_text())["traceEvents"]
+    cuda = [e for e in ev if e.get("cat") == "cuda"]
+    assert sum(1 for e in cuda if e["name"] == "cudaLaunchKernel") == 6
+    assert {e["args"].get("kernel") for e in cuda if e["name"] == "cudaLaunchKernel"} == {
+        "vecAdd(float*, float*, int)", "saxpy(float, float*, float*)"}

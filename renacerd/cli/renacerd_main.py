@@ -43,12 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--otlp-endpoint", metavar="URL",
                    help="export spans over OTLP/HTTP (env OTEL_EXPORTER_OTLP_ENDPOINT)")
     p.add_argument("--print-bpf", action="store_true", help=argparse.SUPPRESS)
+    # `renacerd serve` learns on this inherited pipe that the probes are attached.
+    p.add_argument("--ready-fd", type=int, metavar="FD", help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `renacerd`."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "serve":
+        from renacerd.cli.serve import main as serve
+
+        return serve(argv[1:])
     if argv and argv[0] == "doctor":
         from renacerd.cli.doctor import main as doctor
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -128,6 +129,37 @@ class CudaSource:
                     raise
                 log.warning("cuda: %s", e)
         return src
+
+    def preload_for_command(self, cmd: list[str], env: dict[str, str]) -> list[str]:
+        """Launch mode: probe the CUDA copies the command links (and cudart linked into the
+        executable) before it runs, so calls made by library constructors are not missed."""
+        if self.options.mode != "auto":
+            return []
+        exe = shutil.which(cmd[0], path=env.get("PATH"))
+        if exe is None:
+            return []
+        paths = [os.path.realpath(exe)]
+        try:
+            # ldd asks the dynamic loader to resolve DT_NEEDED without running the program
+            out = subprocess.run(["ldd", exe], capture_output=True, text=True, timeout=5,
+                                 env=env).stdout
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        for line in out.splitlines():
+            if "=>" in line:
+                lib = line.split("=>", 1)[1].split("(")[0].strip()
+                if lib.startswith("/") and family_of(lib):
+                    paths.append(os.path.realpath(lib))
+        probed = []
+        for p in paths:
+            if family_of(p) is None and not self.probes._may_hold_runtime(p):
+                continue
+            try:
+                if self.probes.probe_object(p) is not None:
+                    probed.append(p)
+            except ProbeError as e:
+                log.warning("cuda: %s", e)
+        return probed
 
     # -- discovery -----------------------------------------------------------------------
     def _path(self, tracer, sid: int) -> bytes | None:

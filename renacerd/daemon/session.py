@@ -144,6 +144,8 @@ class Session:
             self._say(f"CUDA probes off: {e}")
         if cuda_src is not None:
             tracer.sources.append(cuda_src)
+            if self.cmd:
+                cuda_src.preload_for_command(self.cmd, env)
         # Sinks tail the committed store on their own threads: the network never slows capture.
         sinks = [ClickHouseSink(self.db_path, u, self.run_name).start() for u in args.sink]
         if args.otlp_endpoint:
@@ -162,6 +164,10 @@ class Session:
                     tracer.attach(pid)
             self._say(f"tracing run {self.run_name} (store {self.db_path})")
             install_signal_handlers(tracer)
+            if getattr(args, "ready_fd", None) is not None:
+                # Probes attached and the first commit done: `renacerd serve` may ack now.
+                os.write(args.ready_fd, b"ready\n")
+                os.close(args.ready_fd)
             if error is None:
                 tracer.run(duration=args.duration)
         except StoreError as e:

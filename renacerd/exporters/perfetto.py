@@ -65,6 +65,32 @@ def _lanes(spans: list[Any]) -> list[tuple[int, Any]]:
     return out
 
 
+GPU_TRACK = 1_000_000_000  # a CUDA API track beside each thread: calls nest, syscalls inside
+
+
+def gpu_events(t: UnifiedTrace) -> list[dict[str, Any]]:
+    """X slices for the process's CUDA API calls, one track per calling thread."""
+    from renacerd.gpu_trace import _SYMBOL
+
+    cols = (t.gpu or {}).get("columns")
+    if cols is None or not len(cols["ts"]):
+        return []
+    out: list[dict[str, Any]] = []
+    names = {int(th): f"{t.process.name} thread {th} CUDA" for th in np.unique(cols["tid"])}
+    for th, name in names.items():
+        out.append({"ph": "M", "name": "thread_name", "pid": t.pid, "tid": GPU_TRACK + th,
+                    "args": {"name": name}})
+    sym = _SYMBOL[cols["fn"].astype(np.int64)]
+    for i in range(len(cols["ts"])):
+        args: dict[str, Any] = {"ret": int(cols["ret"][i])}
+        if "name" in cols and cols["name"][i] >= 0:
+            args["kernel"] = t.string(int(cols["name"][i]))
+        out.append({"ph": "X", "name": str(sym[i]), "cat": "cuda", "pid": t.pid,
+                    "tid": GPU_TRACK + int(cols["tid"][i]), "ts": _us(cols["ts"][i]),
+                    "dur": _us(cols["dur"][i]), "args": args})
+    return out
+
+
 def chrome_trace(traces: list[UnifiedTrace], run: str | None = None) -> dict[str, Any]:
     """The whole run as a Chrome trace JSON object."""
     ev: list[dict[str, Any]] = []
@@ -77,6 +103,7 @@ def chrome_trace(traces: list[UnifiedTrace], run: str | None = None) -> dict[str
             ev.append({"ph": "M", "name": "thread_name", "pid": t.pid, "tid": int(th),
                        "args": {"name": f"{t.process.name} thread {k} ({th})"}})
         ev += syscall_events(t)
+        ev += gpu_events(t)
     spans = [s for s in (traces[0].spans if traces else [])
              if getattr(s, "start_mono_nanos", 0)]
     by_pid: dict[int, list[Any]] = {}
