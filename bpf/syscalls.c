@@ -160,13 +160,14 @@ static __always_inline u16 emit_addr(u64 ts, u32 tid, u16 nr, const void *ptr, u
     return fl;
 }
 
-static __always_inline void emit_lifecycle(u16 kind, u32 pid, u32 tid, u64 a0, u32 aux, u16 flags) {
+static __always_inline void emit_lifecycle(u64 ts, u16 kind, u32 pid, u32 tid, u64 a0, u32 aux,
+                                           u16 flags) {
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
     if (!e) {
         count(C_EVENTS_LOST);
         return;
     }
-    e->ts = bpf_ktime_get_ns();
+    e->ts = ts;  // the same ts keys this record's detail records
     e->dur = 0;
     e->ret = 0;
     e->a0 = a0;
@@ -399,7 +400,7 @@ TRACEPOINT_PROBE(sched, sched_process_fork) {
     }
 #endif
     u64 ts = bpf_ktime_get_ns();
-    emit_lifecycle(EV_FORK, tgid, tid, child, child, flags);
+    emit_lifecycle(ts, EV_FORK, tgid, tid, child, child, flags);
     emit_str(ts, child, EV_FORK, SLOT_COMM, (char *)args + (args->data_loc_child_comm & 0xFFFF), 0);
     return 0;
 }
@@ -471,7 +472,14 @@ TRACEPOINT_PROBE(sched, sched_process_exit) {
     u32 tgid = id >> 32;
     if (!targets.lookup(&tgid))
         return 0;
-    emit_lifecycle(EV_EXIT, tgid, (u32)id, args->group_dead, 0, 0);
+    // A thread killed inside a syscall never reaches sys_exit: free its slot so a later
+    // thread reusing the tid cannot match it.
+    u32 tid = (u32)id;
+    u32 idx = tid & (TID_SLOTS - 1);
+    struct start_t *s = starts.lookup(&idx);
+    if (s && s->tid == tid)
+        s->ts = 0;
+    emit_lifecycle(bpf_ktime_get_ns(), EV_EXIT, tgid, tid, args->group_dead, 0, 0);
     return 0;
 }
 
@@ -483,6 +491,6 @@ TRACEPOINT_PROBE(signal, signal_deliver) {
     u32 tgid = id >> 32;
     if (!targets.lookup(&tgid))
         return 0;
-    emit_lifecycle(EV_SIGNAL, tgid, (u32)id, args->code, args->sig, 0);
+    emit_lifecycle(bpf_ktime_get_ns(), EV_SIGNAL, tgid, (u32)id, args->code, args->sig, 0);
     return 0;
 }

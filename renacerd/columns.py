@@ -83,6 +83,7 @@ def decode_into(blob: bytes, out: dict[str, np.ndarray], start: int,
         n, ncols = struct.unpack_from("<IH", mv, 4)
         off = 10
         dtypes = dict(layout)
+        seen: set[str] = set()
         for _ in range(ncols):
             ln, zlen = struct.unpack_from("<BI", mv, off)
             off += 5
@@ -92,6 +93,7 @@ def decode_into(blob: bytes, out: dict[str, np.ndarray], start: int,
             if len(z) != zlen:
                 raise ChunkError("chunk truncated")
             off += zlen
+            seen.add(name)
             dt = np.dtype(dtypes[name])
             dst = out[name][start : start + n]
             if len(dst) != n:
@@ -109,4 +111,7 @@ def decode_into(blob: bytes, out: dict[str, np.ndarray], start: int,
                 np.cumsum(dst, dtype=dst.dtype, out=dst)
     except (struct.error, zlib.error, KeyError, UnicodeDecodeError) as e:
         raise ChunkError(f"corrupt column chunk: {e}") from e
+    missing = set(dtypes) - seen
+    if missing:
+        raise ChunkError(f"chunk lacks columns {sorted(missing)}")
     return n

@@ -13,7 +13,12 @@ DUPS = frozenset({"dup", "dup2", "dup3"})
 SOCKETS = frozenset({"socket", "accept", "accept4"})
 CLOSES = frozenset({"close"})
 CONNECTS = frozenset({"connect", "bind"})
-_TABLE_CHANGERS = OPENS | DUPS | SOCKETS | CLOSES | CONNECTS | {"execve", "execveat"}
+# Calls returning a new fd that names no file: the fd number must stop naming the old one.
+OTHER_FDS = frozenset({"eventfd", "eventfd2", "epoll_create", "epoll_create1", "memfd_create",
+                       "timerfd_create", "signalfd", "signalfd4", "inotify_init",
+                       "inotify_init1", "pidfd_open", "userfaultfd", "perf_event_open", "bpf",
+                       "fanotify_init", "open_by_handle_at", "memfd_secret"})
+_TABLE_CHANGERS = OPENS | DUPS | SOCKETS | CLOSES | CONNECTS | OTHER_FDS | {"close_range"}
 
 
 class _Interner:
@@ -87,6 +92,15 @@ def _replay(trace: UnifiedTrace, initial: dict[int, int] | None, intern: _Intern
                 changes[a0].append((ts, sid))
         elif name in CLOSES and table.pop(a0, None) is not None:
             changes[a0].append((ts, -1))
+        elif name in OTHER_FDS:
+            table[ret] = -1
+            changes[ret].append((ts, -1))
+        elif name == "close_range":
+            # close_range(first, last, flags): only `first` is captured; Python's subprocess
+            # and most callers close everything from `first` up
+            for fd in [f for f in table if f >= a0]:
+                del table[fd]
+                changes[fd].append((ts, -1))
     return changes, table
 
 

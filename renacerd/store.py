@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import socket
 import sqlite3
@@ -154,6 +155,19 @@ def _pid_alive(pid: int | None) -> bool:
     return True
 
 
+def _writes(fn):
+    """A failed write (disk full, read-only, locked) becomes one clear StoreError."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kw):
+        try:
+            return fn(self, *args, **kw)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot write {self.path}: {e}") from e
+
+    return wrapper
+
+
 class Store:
     """SQLite store; one writer (the daemon) and any number of readers."""
 
@@ -203,12 +217,14 @@ class Store:
             self.db.execute("BEGIN")
             self._in_tx = True
 
+    @_writes
     def commit(self) -> None:
         """Make everything written so far durable."""
         if self._in_tx:
             self.db.execute("COMMIT")
             self._in_tx = False
 
+    @_writes
     def mark_stale_runs_incomplete(self) -> list[str]:
         """Runs left 'running' by a daemon that is gone become 'incomplete'."""
         me = boot_id()
@@ -232,6 +248,7 @@ class Store:
         """A run of that name is already stored."""
         return self.db.execute("SELECT 1 FROM runs WHERE name=?", (name,)).fetchone() is not None
 
+    @_writes
     def begin_run(
         self,
         name: str,
@@ -268,6 +285,7 @@ class Store:
         self.commit()
         return int(cur.lastrowid)
 
+    @_writes
     def add_process(self, run_id: int, p: ProcessSpan) -> int:
         """Insert a process row; returns its id (chunks refer to it)."""
         self._tx()
@@ -293,6 +311,7 @@ class Store:
         )
         return int(cur.lastrowid)
 
+    @_writes
     def update_process(self, proc_id: int, p: ProcessSpan) -> None:
         """Rewrite the mutable fields of a process row."""
         self._tx()
@@ -310,6 +329,7 @@ class Store:
             ),
         )
 
+    @_writes
     def add_strings(self, run_id: int, items: Iterable[tuple[int, bytes]]) -> None:
         """Append to the run's string table."""
         self._tx()
@@ -318,6 +338,7 @@ class Store:
             [(run_id, i, s) for i, s in items],
         )
 
+    @_writes
     def add_chunk(
         self, run_id: int, proc_id: int, cols: dict[str, np.ndarray], layer: str = "sys",
         layout: Any = None,
@@ -333,6 +354,7 @@ class Store:
         )
         return len(blob)
 
+    @_writes
     def add_encoded_chunk(self, run_id: int, proc_id: int, blob: bytes, n: int, first_ts: int,
                           last_ts: int, layer: str = "sys") -> None:
         """Store a chunk already encoded by columns.encode."""
@@ -343,6 +365,7 @@ class Store:
             (run_id, proc_id, layer, n, first_ts, last_ts, blob),
         )
 
+    @_writes
     def add_spans(self, run_id: int, records: Iterable[Any], proc_ids: dict[int, int]) -> None:
         """Persist SpanRecords (renacerd.experiment_span.SpanRecord)."""
         rows = []
@@ -377,6 +400,7 @@ class Store:
             "INSERT INTO spans VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows
         )
 
+    @_writes
     def update_run(self, run_id: int, **fields: Any) -> None:
         """Set columns of a run row (counters, status, end times)."""
         if not fields:

@@ -439,3 +439,44 @@ def test_unknown_run_and_show_json_contract(cc, renacerd, renacer, db, tmp_path)
     assert [q["exit_code"] for q in d["processes"]] == [3, 7, 0]
     r = renacer("show", "nope")
     assert r.returncode == 2 and "no run named 'nope'" in r.stderr
+
+
+EXEC_FROM_THREADS = r"""
+#include <pthread.h>
+#include <unistd.h>
+static void *idle(void *a) { pause(); return 0; }
+int main(void) {
+    pthread_t t;
+    pthread_create(&t, 0, idle, 0);
+    usleep(1000);
+    execl("/bin/sh", "sh", "-c", "exit 5", (char *)0);
+    return 1;
+}
+"""
+
+
+def test_exec_from_multithreaded_process_keeps_exit_code(cc, renacerd, db):
+    # exec kills the other threads with SIGKILL; the process still ends with exit 5
+    exe = cc("execthr", EXEC_FROM_THREADS, "-pthread")
+    r = renacerd("-q", "--run", "xt", "--", str(exe))
+    assert r.returncode == 5, r.stderr
+    (t,) = Store(db).load_run("xt")
+    assert (t.process.exit_code, t.process.exit_signal) == (5, None)
+    assert t.process.argv == ["sh", "-c", "exit 5"]
+
+
+def test_attach_to_itself_or_its_ancestor(db):
+    cmd = (f"{sys.executable} -m renacerd.cli.renacerd_main -q --db {db} --run anc "
+           "--duration 0.5 --pid $$")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # bash -c execs a lone command: $$ is then renacerd's own pid
+    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2 and r.stderr.endswith("is renacerd itself\n")
+    # with a second command bash forks: $$ is the parent shell, renacerd its child
+    r = subprocess.run(["bash", "-c", cmd + "; true"], capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    store = Store(db)
+    info = store.run("anc")
+    pids = [p.pid for _, p in store.processes(info.id)]
+    assert info.daemon_pid not in pids and len(pids) == 1

@@ -15,6 +15,7 @@ COMMANDS = {
     "compare": ("renacerd.cli.compare", "are two runs behaviourally equivalent?"),
     "export": ("renacerd.cli.export", "golden trace file, Perfetto JSON or JSON lines"),
     "push": ("renacerd.cli.push", "send a stored run to ClickHouse"),
+    "status": ("renacerd.cli.status", "what the renacerd service is tracing now"),
 }
 
 

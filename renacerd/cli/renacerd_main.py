@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import sys
@@ -71,10 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if bool(cmd) == bool(args.pid):
         return fail(PROG, "give either --pid PID or -- CMD (exactly one of them)")
-    if args.duration is not None and args.duration <= 0:
-        return fail(PROG, f"--duration must be positive, not {args.duration}")
-    if args.ring_mb <= 0 or args.detail_ring_mb <= 0:
-        return fail(PROG, "ring buffer sizes must be positive")
+    if args.duration is not None and not (math.isfinite(args.duration) and args.duration > 0):
+        return fail(PROG, f"--duration must be a positive number of seconds, not {args.duration}")
+    for name, mb in (("--ring-mb", args.ring_mb), ("--detail-ring-mb", args.detail_ring_mb)):
+        if not (math.isfinite(mb) and 0 < mb <= 4096):
+            return fail(PROG, f"{name} must be between 0 and 4096 MB, not {mb}")
     from renacerd.daemon.cuda_source import CudaOptionError, CudaOptions
     from renacerd.sinks import SinkError
     from renacerd.sinks.clickhouse import parse_url

@@ -121,13 +121,22 @@ class Session:
                 self.span_link.close()
             sys.stderr.write(f"renacerd: error: {e}\n")
             return 2
-        tracer = Tracer(
-            probes,
-            self.store,
-            self.run_name,
-            cmdline=self.cmd or [f"--pid={p}" for p in args.pid],
-            follow=not args.no_follow,
-        )
+        try:
+            tracer = Tracer(
+                probes,
+                self.store,
+                self.run_name,
+                cmdline=self.cmd or [f"--pid={p}" for p in args.pid],
+                follow=not args.no_follow,
+            )
+        except StoreError as e:  # e.g. another daemon took the run name meanwhile
+            if child is not None:
+                child.abort()
+            if self.span_link is not None:
+                self.span_link.close()
+            probes.close()
+            sys.stderr.write(f"renacerd: error: {e}\n")
+            return 2
         cuda_src = None
         try:
             cuda_src = CudaSource.for_tracer(tracer, args.cuda_options)
@@ -151,6 +160,7 @@ class Session:
         if args.otlp_endpoint:
             sinks.append(OtlpExporter(self.db_path, args.otlp_endpoint, self.run_name).start())
         status, error = "complete", None
+        store_failed = False
         try:
             if self.span_link is not None:
                 self.span_link.attach(tracer, [child.pid] if child is not None else args.pid)
@@ -159,6 +169,7 @@ class Session:
                 err = child.release()
                 if err is not None:
                     error = f"cannot execute {self.cmd[0]!r}: {err}"
+                    tracer._reap_root(block=True)  # it exits 127 at once
             else:
                 for pid in args.pid:
                     tracer.attach(pid)
@@ -172,20 +183,23 @@ class Session:
                 tracer.run(duration=args.duration)
         except StoreError as e:
             status, error = "incomplete", str(e)
+            store_failed = True
         except BaseException as e:  # never leave probes in the kernel
             status, error = "incomplete", f"{type(e).__name__}: {e}"
             raise
         finally:
+            summary = None
             try:
                 if self.span_link is not None:
                     self.span_link.close()
                 summary = tracer.finish(status=status, error=error)
+                error = tracer.final_error or error
             except StoreError as e:
-                summary = None
                 error = str(e)
-            if cuda_src is not None:
-                cuda_src.close()
-            probes.close()
+            finally:
+                if cuda_src is not None:
+                    cuda_src.close()
+                probes.close()
             try:
                 self.store.close()
             except Exception:
@@ -200,6 +214,8 @@ class Session:
             self._print_summary(summary)
             if child is not None and summary.exit_status is None:
                 self._say(f"detached; command still running as pid {child.pid}")
+        if store_failed:
+            return 2
         if child is not None and summary is not None and summary.exit_status is not None:
             return summary.exit_status
         return 0

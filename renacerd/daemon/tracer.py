@@ -32,7 +32,7 @@ from renacerd.records import (
     SLOT_PATH1,
 )
 from renacerd.sockaddr import format_sockaddr
-from renacerd.store import Store
+from renacerd.store import Store, StoreError
 from renacerd.syscall_table import syscall_table
 from renacerd.unified_trace import ProcessSpan
 
@@ -72,19 +72,25 @@ class ProcState:
 class StringTable:
     """Interns byte strings of one run; new ones are written with the next flush."""
 
-    __slots__ = ("ids", "pending")
+    __slots__ = ("ids", "by_id", "pending")
 
     def __init__(self) -> None:
         self.ids: dict[bytes, int] = {}
+        self.by_id: list[bytes] = []
         self.pending: list[tuple[int, bytes]] = []
 
     def intern(self, s: bytes) -> int:
         """The id of `s`, allocating one on first sight."""
         i = self.ids.get(s)
         if i is None:
-            i = self.ids[s] = len(self.ids)
+            i = self.ids[s] = len(self.by_id)
+            self.by_id.append(s)
             self.pending.append((i, s))
         return i
+
+    def get(self, sid: int) -> bytes:
+        """The string with id `sid` (b"" if none)."""
+        return self.by_id[sid] if 0 <= sid < len(self.by_id) else b""
 
 
 @dataclass(slots=True)
@@ -148,10 +154,21 @@ class Tracer:
         # Other event sources (CUDA uprobes, ...): see the Source protocol below.
         self.sources: list[Source] = []
         self.source_errors: list[str] = []
+        self.foreign_events = 0
+        self.final_error: str | None = None
+        self.paths_lost = 0
         self._dead_counters: dict[str, int] = {}
 
     # -- targets -----------------------------------------------------------------------
     def _new_proc(self, span: ProcessSpan) -> ProcState:
+        old = self.procs.get(span.pid)
+        if old is not None:
+            # The pid was reused within the run: persist the old process before replacing it.
+            if not old.ended:
+                self._end_process(old, span.start_mono_ns)
+            self._flush_proc(old)
+            with self.lock:
+                self.store.update_process(old.proc_id, old.span)
         with self.lock:
             proc_id = self.store.add_process(self.run_id, span)
         st = ProcState(proc_id=proc_id, span=span)
@@ -160,12 +177,14 @@ class Tracer:
 
     def attach(self, pid: int) -> None:
         """Trace a running process (and, when following, its existing descendants)."""
+        if pid in self.procs:
+            return
         self.probes.add_target(pid)
         self._new_proc(snapshot(pid, time.monotonic_ns(), attached=True))
         if self.follow:
             for child in descendants(pid):
-                if child in self.procs:
-                    continue
+                if child in self.procs or child == os.getpid():
+                    continue  # never trace ourselves: our own drain calls would feed back
                 self.probes.add_target(child)
                 try:
                     self._new_proc(snapshot(child, time.monotonic_ns(), attached=True))
@@ -200,6 +219,8 @@ class Tracer:
         last_check = time.monotonic()
         while not self.stop_requested:
             t0 = time.monotonic()
+            if self.writer.error is not None:
+                raise self.writer.error  # the store refuses writes: stop, the job goes on
             self.drain_once()
             if self.root_pid is not None and self.root_status is None:
                 self._reap_root(block=False)
@@ -319,18 +340,19 @@ class Tracer:
             pend.setdefault(key, []).append((int(d["slot"]), int(d["nr"]), data))
 
     def strings_by_id(self, sid: int) -> bytes:
-        """The interned string `sid` (only used on rare paths: exec)."""
-        for s, i in self.strings.ids.items():
-            if i == sid:
-                return s
-        return b""
+        """The interned string `sid`."""
+        return self.strings.get(sid)
 
     def _details_for(self, tid: int, ts: int) -> list[tuple[int, int, bytes]]:
         return self.pending_details.pop((tid, ts), [])
 
-    def _proc(self, pid: int, ts: int) -> ProcState:
+    def _proc(self, pid: int, ts: int) -> ProcState | None:
         st = self.procs.get(pid)
         if st is None:
+            if not self.probes.is_target(pid):
+                # A stale start slot matched an unrelated thread: not ours, counted.
+                self.foreign_events += 1
+                return None
             # A process whose fork record we never saw (lost, or raced attach).
             try:
                 span = snapshot(pid, ts, attached=True)
@@ -348,6 +370,8 @@ class Tracer:
             if int(e["flags"]) & F_THREAD or not self.follow:
                 return
             parent = self._proc(pid, ts)
+            if parent is None:
+                return
             comm = next((d for s, _, d in det if s == SLOT_COMM), b"").decode(errors="replace")
             span = ProcessSpan(
                 pid=child,
@@ -361,6 +385,10 @@ class Tracer:
             self._new_proc(span)
         elif kind == EV_EXEC:
             st = self._proc(pid, ts)
+            if st is None:
+                return
+            # exec kills the other threads with SIGKILL: that is not how the process ends
+            st.fatal_signal = st.exit_group = st.thread_exit_code = None
             for slot, _, data in self._details_for(tid, ts):
                 if slot == SLOT_PATH0:
                     st.span.exe = data.decode(errors="backslashreplace")
@@ -421,6 +449,8 @@ class Tracer:
             e = ev[i]
             dets = self._details_for(int(e["tid"]), int(e["ts"]))
             if not dets:
+                # its detail record sits behind a busy one in the ring, or was dropped
+                self.paths_lost += 1
                 continue
             nr = int(e["nr"])
             argv: list[bytes] = []
@@ -435,6 +465,8 @@ class Tracer:
                     argv.append(data)
             if nr in (NR_EXECVE, NR_EXECVEAT) and int(e["ret"]) == 0:
                 st = self._proc(int(e["pid"]), int(e["ts"]))
+                if st is None:
+                    continue
                 if st.exec_argv is not None:  # the kernel's copy beats a failed user read
                     argv = [st.exec_argv]
                     st.exec_argv = None
@@ -459,6 +491,9 @@ class Tracer:
         for p, idx in groups:
             sub, s0s, s1s = (ev, s0, s1) if idx is None else (ev[idx], s0[idx], s1[idx])
             st = self._proc(p, int(sub["ts"][0]))
+            if st is None:
+                self.foreign_events += len(sub) - 1
+                continue
             if st.gated:
                 nrs = sub["nr"]
                 hit = np.flatnonzero((nrs == NR_EXECVE) | (nrs == NR_EXECVEAT))
@@ -496,7 +531,12 @@ class Tracer:
         return c
 
     def _source_counters(self) -> dict[str, int]:
-        out: dict[str, int] = {**self._dead_counters, "source_errors": len(self.source_errors)}
+        out: dict[str, int] = {
+            **self._dead_counters,
+            "source_errors": len(self.source_errors),
+            "paths_lost": self.paths_lost,
+            "foreign_events": self.foreign_events,
+        }
         for src in self.sources:
             out.update(src.counters())
         return out
@@ -536,27 +576,37 @@ class Tracer:
         if self.root_pid is not None and self.root_status is None:
             # Stopped early (signal, --duration): never wait for, or harm, the command.
             self._reap_root(block=not self.stop_requested and not self.live_targets())
-        self.flush()
-        self.writer.close()
+        write_error: str | None = None
+        try:
+            self.flush()
+        except StoreError as e:
+            write_error = str(e)
+        try:
+            self.writer.close()
+        except StoreError as e:
+            write_error = write_error or str(e)
+        if write_error is not None:
+            # The disk refused data: say so in the run (if it can still be written at all).
+            status, error = "incomplete", error or write_error
         exit_code = None
         if self.root_status is not None:
             s = self.root_status
             exit_code = os.WEXITSTATUS(s) if os.WIFEXITED(s) else 128 + os.WTERMSIG(s)
         end_wall, end_mono = time.time_ns(), time.monotonic_ns()
-        self.store.update_run(
-            self.run_id, events=self.events, source_counters=self._source_counters(),
-            **self.probes.counters()
-        )
-        self.store.update_run(
-            self.run_id,
-            status=status,
-            end_wall_ns=end_wall,
-            end_mono_ns=end_mono,
-            exit_code=exit_code,
-            error=error or ("; ".join(self.source_errors) or None),
-        )
-        with self.lock:
-            self.store.commit()
+        try:
+            with self.lock:
+                self.store.update_run(
+                    self.run_id, events=self.events, source_counters=self._source_counters(),
+                    status=status, end_wall_ns=end_wall, end_mono_ns=end_mono,
+                    exit_code=exit_code,
+                    error=error or ("; ".join(self.source_errors) or None),
+                    **self.probes.counters(),
+                )
+                self.store.commit()
+        except StoreError as e:
+            # Left 'running' in the file: readers and the next start show it incomplete.
+            status, error = "incomplete", error or str(e)
+        self.final_error = error if status != "complete" else None
         lost = self.counters()
         return Summary(
             run=self.run_name,
@@ -590,11 +640,20 @@ class Source(Protocol):
 
 
 def _is_zombie(pid: int) -> bool:
+    """Dead but not reaped; a zombie leader whose other threads still run is alive."""
     try:
         stat = open(f"/proc/{pid}/stat").read()
     except OSError:
         return True
-    return stat[stat.rindex(")") + 2] in "ZX"
+    if stat[stat.rindex(")") + 2] not in "ZX":
+        return False
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("Threads:"):
+                return int(line.split()[1]) <= 1
+    except (OSError, ValueError):
+        pass
+    return True
 
 
 def default_run_name(cmd: list[str] | None) -> str:

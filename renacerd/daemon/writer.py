@@ -7,7 +7,8 @@ import threading
 
 import numpy as np
 
-from renacerd.store import Store
+from renacerd.columns import encode
+from renacerd.store import Store, StoreError
 
 MAX_PENDING = 8  # chunks in flight; beyond that the drain loop writes itself (backpressure)
 
@@ -41,8 +42,6 @@ class ChunkWriter:
         cols["ts"] = cols["ts"].view(np.int64)
         cols["s0"] = s0
         cols["s1"] = s1
-        from renacerd.columns import encode
-
         blob = encode(cols)
         with self.lock:
             self.store.add_encoded_chunk(self.run_id, proc_id, blob, len(ts),
@@ -56,14 +55,11 @@ class ChunkWriter:
                 return
             try:
                 self._write(*item)
-            except Exception as e:  # surfaced by close(); the drain loop keeps going
-                self.error = e
+            except Exception as e:  # surfaced to the drain loop, which stops the run
+                self.error = e if isinstance(e, StoreError) else StoreError(
+                    f"{self.store.path}: {type(e).__name__}: {e}")
             finally:
                 self._q.task_done()
-
-    def wait(self) -> None:
-        """Block until every queued chunk is inserted."""
-        self._q.join()
 
     def close(self) -> None:
         """Finish the queue and stop the thread; re-raise a write failure."""

@@ -1,0 +1,98 @@
+"""`renacerd serve`: the per-host service that traces training processes on request."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+
+from renacerd.cli.common import Parser, fail
+from renacerd.daemon.span_link import DEFAULT_SOCKET
+
+PROG = "renacerd serve"
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of `renacerd serve`."""
+    p = Parser(prog=PROG, description="Serve trace requests of experiment-span clients: "
+               "each run gets its own tracer (see docs/security.md).")
+    p.add_argument("--socket", metavar="PATH",
+                   help=f"front socket (default {DEFAULT_SOCKET}; systemd's LISTEN_FDS wins)")
+    p.add_argument("--db", metavar="PATH",
+                   help="store file (default $RENACER_DB or /var/lib/renacer/traces.db)")
+    p.add_argument("--group", default="renacer",
+                   help="group allowed to connect and to read the store (default renacer)")
+    p.add_argument("--runs-dir", metavar="DIR", help="per-run sockets (default: next to "
+                   "the front socket, in runs/)")
+    p.add_argument("--no-bpf-check", action="store_true",
+                   help="skip loading a test BPF program before READY=1")
+    a = p.parse_args(argv)
+    if os.geteuid() != 0:
+        return fail(PROG, "must run as root (BPF needs CAP_BPF and CAP_PERFMON); try sudo")
+    from renacerd.daemon.notify import Notifier
+    from renacerd.daemon.service import (
+        Service,
+        ServiceError,
+        bpf_load_check,
+        check_handed_socket,
+        listen,
+        renacer_gid,
+        secure_store,
+    )
+    from renacerd.daemon.span_server import sockets_from_systemd
+    from renacerd.store import StoreError, default_db_path
+
+    logging.basicConfig(level=logging.INFO, format="renacerd: %(message)s")
+    notifier = Notifier.from_environment()
+    gid = renacer_gid(a.group)
+    # Store files, WAL and SHM come out 0640 whoever creates them.
+    os.umask(0o027)
+    db = a.db or default_db_path()
+    handed = sockets_from_systemd()
+    try:
+        if len(handed) > 1:
+            raise ServiceError(f"systemd passed {len(handed)} sockets; expected one")
+        if not a.no_bpf_check:
+            notifier.status("checking that BPF programs load")
+            bpf_load_check()
+        if handed:
+            sock, unlink = handed[0], None
+            check_handed_socket(sock)
+            path = sock.getsockname()
+            path = path.decode() if isinstance(path, bytes) else path
+        else:
+            path = a.socket or DEFAULT_SOCKET
+            if gid is None:
+                logging.warning("group %r does not exist: only root can connect", a.group)
+            sock, unlink = listen(path, gid), path
+        runs_dir = a.runs_dir or os.path.join(os.path.dirname(path) or ".", "runs")
+        service = Service(sock, db, runs_dir, notifier, unlink_path=unlink)
+        # Only the default state directory is ours to chmod; never a --db's /tmp or $HOME.
+        secure_store(db, gid, directory=a.db is None and "RENACER_DB" not in os.environ)
+    except (ServiceError, StoreError) as e:
+        notifier.status(f"failed: {e}")
+        return fail(PROG, str(e))
+    except OSError as e:
+        notifier.status(f"failed: {e}")
+        return fail(PROG, f"{e.strerror or e}: {getattr(e, 'filename', '') or ''}".rstrip(": "))
+
+    def _stop(signum: int, frame: object) -> None:
+        # The handler runs in the main thread; stopping joins children, so do it elsewhere.
+        threading.Thread(target=service.stop, name="renacerd-stop").start()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    notifier.ready(f"listening on {path}; store {db}")
+    logging.info("serving on %s (store %s)", path, db)
+    service.serve_forever()
+    for t in threading.enumerate():
+        if t.name == "renacerd-stop":
+            t.join()
+    logging.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
