@@ -138,6 +138,43 @@ class ElfSymbols:
         return None
 
 
+CUDA_SECTIONS = frozenset({b".nv_fatbin", b".nvFatBinSegment", b"__nv_module_id"})
+
+
+def has_cuda_code(path: str) -> bool:
+    """The object embeds CUDA device code (the sections nvcc emits beside a statically linked
+    runtime). Reads only the section headers: cheap enough for every library a job opens,
+    unlike a full symbol scan of e.g. a 500 MB libtorch_cpu.so."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        eh = np.frombuffer(os.pread(fd, _EHDR.itemsize, 0), _EHDR)
+        if len(eh) != 1:
+            return False
+        eh = eh[0]
+        ident = bytes(eh["ident"])
+        if ident[:4] != b"\x7fELF" or ident[4] != 2 or not eh["shnum"]:
+            return False
+        n = int(eh["shnum"])
+        raw = os.pread(fd, n * _SHDR.itemsize, int(eh["shoff"]))
+        if len(raw) != n * _SHDR.itemsize or int(eh["shstrndx"]) >= n:
+            return False
+        sh = np.frombuffer(raw, _SHDR)
+        st = sh[int(eh["shstrndx"])]
+        names = os.pread(fd, int(st["size"]), int(st["offset"]))
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    for off in sh["name"]:
+        end = names.find(b"\0", int(off))
+        if names[int(off) : end if end >= 0 else None] in CUDA_SECTIONS:
+            return True
+    return False
+
+
 def read_symbols(path: str) -> ElfSymbols:
     """Parse the program headers and every symbol table of `path`."""
     try:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from renacerd.cuda.elf import ElfError, read_symbols
+from renacerd.cuda.elf import ElfError, has_cuda_code, read_symbols
 from renacerd.cuda.hooks import FN_ID, HOOKS, NAME_HOOKS, RUNTIME_MARKERS, entries_define
 from renacerd.cuda.maps import family_of, openable_path, read_maps
 from renacerd.cuda.records import COUNTER_NAMES, GPU_EVENT, NAME_LEN, NAME_REC
@@ -222,7 +222,7 @@ class CudaProbes:
         if key in self._not_cuda:
             return False
         try:
-            if read_symbols(path).lookup(RUNTIME_MARKERS):
+            if has_cuda_code(path) and read_symbols(path).lookup(RUNTIME_MARKERS):
                 return True
         except ElfError:
             pass

@@ -6,6 +6,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* nvcc puts every program's device code in a .nv_fatbin section; renacerd looks for it
+ * before scanning an object's symbols for a statically linked runtime. */
+__attribute__((section(".nv_fatbin"), used)) static const unsigned char fatbin[16] = {
+    0x50, 0xed, 0x55, 0xba, 0x01, 0x00, 0x10, 0x00};
+
 typedef int cudaError_t;
 typedef struct CUstream_st *cudaStream_t;
 typedef struct CUkern_st *cudaKernel_t;
