@@ -51,7 +51,7 @@ __all__ = [
 log = logging.getLogger("renacerd.client")
 
 RETRY_NS = 1_000_000_000
-DEFAULT_TRACE_TIMEOUT = 1.0
+DEFAULT_TRACE_TIMEOUT = 10.0  # a service attach compiles BPF: ~2 s on a 2-core host
 SEND_BUFFER = 1 << 20
 # Frames kept while the socket is full, before new ones are dropped (and counted).
 BACKLOG = 4096

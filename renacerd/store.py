@@ -174,7 +174,11 @@ class Store:
     def __init__(self, path: str | os.PathLike[str], *, create: bool = False) -> None:
         self.path = str(path)
         p = Path(self.path)
-        if not create and not p.exists():
+        try:
+            exists = p.exists()
+        except OSError as e:  # a directory the user may not enter (0750 root:renacer)
+            raise StoreError(f"cannot open {self.path}: {e.strerror}") from e
+        if not create and not exists:
             raise StoreError(f"no store at {self.path}")
         if create:
             try:

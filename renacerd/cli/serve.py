@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -12,6 +13,7 @@ from renacerd.cli.common import Parser, fail
 from renacerd.daemon.span_link import DEFAULT_SOCKET
 
 PROG = "renacerd serve"
+STATE_DIR = "/var/lib/renacer"
 
 
 def main(argv: list[str]) -> int:
@@ -50,6 +52,9 @@ def main(argv: list[str]) -> int:
     # Store files, WAL and SHM come out 0640 whoever creates them.
     os.umask(0o027)
     db = a.db or default_db_path()
+    # The store's directory is ours to chmod only if it is the default or we create it.
+    db_dir = os.path.dirname(os.path.abspath(db))
+    own_dir = db_dir == STATE_DIR or not os.path.isdir(db_dir)
     handed = sockets_from_systemd()
     try:
         if len(handed) > 1:
@@ -69,8 +74,7 @@ def main(argv: list[str]) -> int:
             sock, unlink = listen(path, gid), path
         runs_dir = a.runs_dir or os.path.join(os.path.dirname(path) or ".", "runs")
         service = Service(sock, db, runs_dir, notifier, unlink_path=unlink)
-        # Only the default state directory is ours to chmod; never a --db's /tmp or $HOME.
-        secure_store(db, gid, directory=a.db is None and "RENACER_DB" not in os.environ)
+        secure_store(db, gid, directory=own_dir)
     except (ServiceError, StoreError) as e:
         notifier.status(f"failed: {e}")
         return fail(PROG, str(e))
@@ -82,6 +86,8 @@ def main(argv: list[str]) -> int:
         # The handler runs in the main thread; stopping joins children, so do it elsewhere.
         threading.Thread(target=service.stop, name="renacerd-stop").start()
 
+    # `kill -USR1` dumps every thread's stack to the journal: a stuck service explains itself.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     notifier.ready(f"listening on {path}; store {db}")

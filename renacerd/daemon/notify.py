@@ -15,6 +15,7 @@ class Notifier:
     address: str | bytes | None
     watchdog_s: float | None = None
     _last_ping: float = 0.0
+    _last_status: str = ""
 
     @classmethod
     def from_environment(cls) -> Notifier:
@@ -35,6 +36,8 @@ class Notifier:
         if self.address is None:
             return False
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            # A manager that stops reading must never stall the daemon: drop instead.
+            s.setblocking(False)
             try:
                 s.sendto("\n".join(fields).encode(), self.address)
             except OSError:
@@ -46,7 +49,10 @@ class Notifier:
         return self.send("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
 
     def status(self, text: str) -> bool:
-        """A STATUS= line (shown by systemctl status)."""
+        """A STATUS= line (shown by systemctl status), sent only when it changed."""
+        if text == self._last_status:
+            return False
+        self._last_status = text
         return self.send(f"STATUS={text}")
 
     def stopping(self, status: str) -> bool:

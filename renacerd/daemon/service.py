@@ -392,6 +392,13 @@ class Service:
                 del self.runs[run.name]
         for run in done:
             log.info("run %s ended (tracer exit status %d)", run.name, run.proc.returncode)
+        if any(run.proc.returncode != 0 for run in done):
+            # A tracer that died (killed, disk full) could not end its run: mark it now.
+            with self.store_lock:
+                try:
+                    self.store.mark_stale_runs_incomplete()
+                except StoreError as e:
+                    log.warning("marking ended runs: %s", e)
         if done:
             self._say_status()
 

@@ -51,6 +51,9 @@ class _Open:
     end_mono: int = 0
     end_wall: int = 0
     deadline: int = 0
+    # the process's exit, seen while its connection may still hold unread messages
+    exit_mono: int = 0
+    exit_wall: int = 0
 
 
 @dataclass(slots=True)
@@ -236,7 +239,11 @@ class SpanBook:
                 return
             for key in state.keys:
                 span = self._open.pop(key, None)
-                if span is not None:
+                if span is not None and span.exit_mono:
+                    self.ended_by_exit += 1
+                    self._finished.append(self._abandon(span, span.exit_mono, span.exit_wall,
+                                                        EXITED))
+                elif span is not None:
                     span.end_mono, span.end_wall = now_mono, now_wall
                     span.deadline = now_mono + self._grace_ns
                     self._gone[key] = span
@@ -244,7 +251,11 @@ class SpanBook:
     def process_exited(self, pid: int, exit_mono_ns: int, exit_wall_ns: int) -> int:
         """End pid's open spans at its exit time with status Error; returns how many."""
         with self._lock:
-            keys = [k for k in self._open if k[0] == pid] + [k for k in self._gone if k[0] == pid]
+            for key, span in self._open.items():
+                if key[0] == pid:
+                    # Its connection may still hold an unread span_end: decide at disconnect.
+                    span.exit_mono, span.exit_wall = exit_mono_ns, exit_wall_ns
+            keys = [k for k in self._gone if k[0] == pid]
             for key in keys:
                 span = self._open.pop(key, None) or self._gone.pop(key)
                 self._forget(span, key)
