@@ -627,13 +627,22 @@ def tag_spans(traces: list[UnifiedTrace]) -> None:
             chain.append(p)
             p = ppid[p]
         idx = np.array(sorted(i for q in chain for i in by_pid.get(q, [])), dtype=np.int64)
-        if not len(idx) or not len(t):
-            t.span_index = np.full(len(t), -1, dtype=np.int64)
-            continue
         starts = np.array([spans[i].start_mono_nanos for i in idx], dtype=np.int64)
         ends = np.array([spans[i].end_mono_nanos for i in idx], dtype=np.int64)
-        local = innermost_span(t.columns["ts"], starts, ends)
-        t.span_index = np.where(local >= 0, idx[np.maximum(local, 0)], -1)
+
+        t.span_index = _tag(t.columns["ts"], idx, starts, ends, innermost_span)
+        gcols = (t.gpu or {}).get("columns")
+        if gcols is not None:
+            t.gpu["span_index"] = _tag(gcols["ts"], idx, starts, ends, innermost_span)
+
+
+def _tag(ts: np.ndarray, idx: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+         innermost_span) -> np.ndarray:
+    """Global span index of the innermost of the given spans at each timestamp, or -1."""
+    if not len(idx) or not len(ts):
+        return np.full(len(ts), -1, dtype=np.int64)
+    local = innermost_span(ts, starts, ends)
+    return np.where(local >= 0, idx[np.maximum(local, 0)], -1)
 
 
 def span_summaries(traces: list[UnifiedTrace]) -> list[dict[str, Any]]:
@@ -644,7 +653,18 @@ def span_summaries(traces: list[UnifiedTrace]) -> list[dict[str, Any]]:
     n = len(traces[0].spans) if traces else 0
     out = [{"syscalls": 0, "syscall_ns": 0, "bytes_read": 0, "bytes_written": 0, "calls": {}}
            for _ in range(n)]
+    from renacerd.gpu_trace import summarize
+
     for t in traces:
+        gsi = (t.gpu or {}).get("span_index")
+        if gsi is not None and (gsi >= 0).any():
+            for j in np.unique(gsi[gsi >= 0]):
+                g = summarize(t.gpu["columns"], t.gpu.get("strings", t.strings), gsi == j)
+                o = out[int(j)].setdefault("gpu", {"launches": 0, "h2d_bytes": 0,
+                                                   "d2h_bytes": 0, "d2d_bytes": 0})
+                o["launches"] += sum(g["kernels"].values())
+                for k in ("h2d_bytes", "d2h_bytes", "d2d_bytes"):
+                    o[k] += g["memcpy"][k]
         if not len(t) or not (t.span_index >= 0).any():
             continue
         c = t.columns

@@ -294,3 +294,42 @@ def test_launch_mode_cli_show_and_perfetto(stubs, tmp_path):
     assert sum(1 for e in cuda if e["name"] == "cudaLaunchKernel") == 6
     assert {e["args"].get("kernel") for e in cuda if e["name"] == "cudaLaunchKernel"} == {
         "vecAdd(float*, float*, int)", "saxpy(float, float*, float*)"}
+
+
+GPU_STEPS = r"""
+import ctypes as C, sys, time
+from renacerd.client import experiment_span
+sys.path.insert(0, sys.argv[2])
+from ctypes_app import Dim3, runtime
+rt = runtime(sys.argv[1])
+time.sleep(0.3)  # the daemon probes a library within 100 ms of its open
+stub = 0x10000
+rt.__cudaRegisterFunction(None, stub, b"_Z4stepPf", b"_Z4stepPf", -1, None, None, None, None,
+                          None)
+host = C.create_string_buffer(4096)
+for k in range(1, 4):
+    with experiment_span("training_step", model_name="m", step=k):
+        for _ in range(k):
+            rt.cudaLaunchKernel(stub, Dim3(1, 1, 1), Dim3(32, 1, 1), None, 0, 0)
+        rt.cudaMemcpyAsync(0x7E0000000000, host, 1024 * k, 1, 0)
+"""
+
+
+@needs_root
+def test_gpu_events_tagged_per_step(stubs, tmp_path):
+    script = tmp_path / "gpu_steps.py"
+    script.write_text(GPU_STEPS)
+    env = env_with_driver(stubs)
+    env["PYTHONPATH"] = str(ROOT)
+    db = tmp_path / "t.db"
+    r = subprocess.run(
+        [sys.executable, "-m", "renacerd.cli.renacerd_main", "-q", "--db", str(db), "--run",
+         "gs", "--", sys.executable, str(script), str(stubs.runtime), str(STUBS)],
+        capture_output=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()
+    show = subprocess.run(
+        [sys.executable, "-m", "renacerd.cli.renacer_main", "show", "gs", "--db", str(db),
+         "--by", "step", "--json"], capture_output=True, env=env, check=True)
+    steps = json.loads(show.stdout)["steps"]
+    assert [(s["step"], s["gpu_launches"], s["gpu_bytes"]) for s in steps] == [
+        ("1", 1, 1024), ("2", 2, 2048), ("3", 3, 3072)]

@@ -36,6 +36,8 @@ def spans_data(traces: list[UnifiedTrace]) -> list[dict[str, Any]]:
             "syscall_ns": s["syscall_ns"],
             "bytes_read": s["bytes_read"],
             "bytes_written": s["bytes_written"],
+            "gpu": s.get("gpu", {"launches": 0, "h2d_bytes": 0, "d2h_bytes": 0,
+                                 "d2d_bytes": 0}),
         })
     return out
 
@@ -61,14 +63,18 @@ def steps_data(run: RunInfo, traces: list[UnifiedTrace]) -> dict[str, Any]:
         if step is None:
             continue
         r = rows.setdefault(str(step), {"step": step, "spans": 0, "syscalls": 0,
-                                        "syscall_ns": 0, "bytes": 0, "errors": 0})
+                                        "syscall_ns": 0, "bytes": 0, "errors": 0,
+                                        "gpu_launches": 0, "gpu_bytes": 0})
+        g = s["gpu"]
+        r["gpu_launches"] += g["launches"]
+        r["gpu_bytes"] += g["h2d_bytes"] + g["d2h_bytes"] + g["d2d_bytes"]
         r["spans"] += 1
         r["syscalls"] += s["syscall_count"]
         r["syscall_ns"] += s["syscall_ns"]
         r["bytes"] += s["bytes_read"] + s["bytes_written"]
         r["errors"] += s["status"] == "error"
     ordered = sorted(rows.values(), key=lambda r: float(r["step"]))
-    for key in ("syscalls", "syscall_ns", "bytes"):
+    for key in ("syscalls", "syscall_ns", "bytes", "gpu_launches", "gpu_bytes"):
         for r, flag in zip(ordered, outliers([r[key] for r in ordered])):
             r.setdefault("outliers", [])
             if flag:
@@ -83,12 +89,15 @@ def render_steps(d: dict[str, Any], out) -> None:
     if not d["steps"]:
         w("no spans carry experiment.step (use experiment_span(..., step=N))\n")
         return
-    w(f"{'step':>8} {'spans':>6} {'syscalls':>10} {'syscall ms':>11} {'bytes':>12}  flags\n")
+    w(f"{'step':>8} {'spans':>6} {'syscalls':>10} {'syscall ms':>11} {'bytes':>12} "
+      f"{'launches':>9} {'GPU bytes':>11}  flags\n")
     for r in d["steps"]:
         o = set(r["outliers"])
-        m = {k: "!" if k in o else " " for k in ("syscalls", "syscall_ns", "bytes")}
+        m = {k: "!" if k in o else " "
+             for k in ("syscalls", "syscall_ns", "bytes", "gpu_launches", "gpu_bytes")}
         flags = ("error " if r["errors"] else "") + (
             "outlier: " + ", ".join(r["outliers"]) if o else "")
         w(f"{r['step']!s:>8} {r['spans']:>6} {r['syscalls']:>9}{m['syscalls']} "
           f"{r['syscall_ns'] / 1e6:>10.3f}{m['syscall_ns']} {r['bytes']:>11}{m['bytes']}"
+          f"{r['gpu_launches']:>9}{m['gpu_launches']}{r['gpu_bytes']:>11}{m['gpu_bytes']}"
           f"  {flags}\n")
