@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import random
 import sqlite3
+import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -202,3 +204,84 @@ def span_summary(
     ranked = sorted(calls, key=lambda k: (-ns[k], -calls[k], k))[:TOP_SYSCALLS]
     s.top = [(k, calls[k], ns[k]) for k in ranked]
     return s
+
+
+class StoreTailer:
+    """A thread that pushes what the local store has committed, with backoff on failure.
+
+    Subclasses set `_stats` (with errors, retries, last_error), `timeout_s` and `_progress_key`,
+    and implement `_poll()`: one pass, True when nothing was left to send.
+    """
+
+    _thread_name = "renacer-sink"
+
+    def __init__(self, store_path: str, run: str | None, poll_s: float,
+                 backoff: Backoff | None) -> None:
+        self.store_path = str(store_path)
+        self.run = run
+        self.poll_s = poll_s
+        self._backoff = backoff or Backoff()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._drain_until = 0.0
+        self._thread: threading.Thread | None = None
+        self._store = None
+        self._progress: Progress | None = None
+
+    def start(self):
+        """Start the background thread (returns self)."""
+        self._thread = threading.Thread(target=self._loop, name=self._thread_name, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, drain_s: float = 10.0):
+        """Push what is committed (for up to drain_s while the target answers), then stop.
+        Whatever is not pushed stays in the store and goes out on the next start or push."""
+        self._drain_until = time.monotonic() + drain_s
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(drain_s + self.timeout_s + 5)
+        if self._store is not None:
+            self._store.db.close()
+            self._store = None
+        return self.stats
+
+    def flush_now(self):
+        """Push everything committed so far, now, in this thread; raises SinkError on failure."""
+        with self._lock:
+            while not self._poll():
+                pass
+        return self.stats
+
+    def _open(self):
+        from renacerd.store import Store
+
+        if self._store is None:
+            self._store = Store(self.store_path)
+            self._progress = Progress(self._store.db, self._progress_key)
+        assert self._progress is not None
+        return self._store, self._progress
+
+    def _loop(self) -> None:
+        from renacerd.store import StoreError
+
+        while True:
+            stopping = self._stop.is_set()
+            try:
+                with self._lock:
+                    idle = self._poll()
+                self._backoff.reset()
+                if stopping and idle:
+                    return
+                wait = self.poll_s if idle else 0.0
+            except (SinkError, StoreError, sqlite3.Error) as e:
+                self._stats.errors += 1
+                self._stats.retries += 1
+                self._stats.last_error = str(e)
+                wait = max(self._backoff.next(), getattr(e, "retry_after", 0.0))
+            if stopping and time.monotonic() + wait > self._drain_until:
+                return
+            if stopping:
+                time.sleep(wait)
+            else:
+                self._stop.wait(wait)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 import sqlite3
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -25,8 +24,16 @@ import numpy as np
 import orjson
 
 from renacerd.columns import decode
-from renacerd.sinks import Backoff, Position, Progress, SinkError, descendants, span_summary
-from renacerd.store import RunInfo, Store, StoreError
+from renacerd.sinks import (
+    Backoff,
+    Position,
+    Progress,
+    SinkError,
+    StoreTailer,
+    descendants,
+    span_summary,
+)
+from renacerd.store import RunInfo, Store
 
 DEFAULT_PORT = 8123
 BATCH_ROWS = 262_144  # well under max_insert_block_size (1,048,576): one block, one part
@@ -388,52 +395,25 @@ def _dups(ts: np.ndarray) -> np.ndarray:
     return out
 
 
-class ClickHouseSink:
+class ClickHouseSink(StoreTailer):
     """Tails the store at `store_path` into ClickHouse at `url` (one run, or all of them)."""
+
+    _thread_name = "renacer-clickhouse"
 
     def __init__(self, store_path: str, url: str, run: str | None = None, *,
                  poll_s: float = 1.0, batch_rows: int = BATCH_ROWS,
                  timeout_s: float = 30.0, backoff: Backoff | None = None) -> None:
-        self.store_path = str(store_path)
+        super().__init__(store_path, run, poll_s, backoff)
         self.target = parse_url(url)
-        self.run = run
-        self.poll_s = poll_s
         self.batch_rows = batch_rows
+        self.timeout_s = timeout_s
         self.client = ClickHouseClient(self.target, timeout_s)
-        self._backoff = backoff or Backoff()
+        self._progress_key = self.target.key
         self._stats = SinkStats()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._drain_until = 0.0
-        self._thread: threading.Thread | None = None
-        self._store: Store | None = None
-        self._progress: Progress | None = None
         self._schema_ok = False
         self._sent_rows: dict[tuple[str, int, int], tuple] = {}
         self._span_seen: dict[tuple[int, int], float] = {}
         self._luts: dict[int, np.ndarray] = {}
-
-    # -- lifecycle ------------------------------------------------------------------------
-    def start(self) -> ClickHouseSink:
-        """Start the background thread (returns self)."""
-        self._thread = threading.Thread(target=self._loop, name="renacer-clickhouse",
-                                        daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self, drain_s: float = 10.0) -> SinkStats:
-        """Push what is committed (for up to drain_s while the server answers), then stop.
-
-        Whatever is not pushed stays in the store and goes out on the next start or push.
-        """
-        self._drain_until = time.monotonic() + drain_s
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(drain_s + self.client.timeout_s + 5)
-        if self._store is not None:
-            self._store.db.close()
-            self._store = None
-        return self.stats
 
     @property
     def stats(self) -> SinkStats:
@@ -441,45 +421,6 @@ class ClickHouseSink:
         s = replace(self._stats)
         s.bytes_sent = self.client.bytes_sent
         return s
-
-    def flush_now(self) -> SinkStats:
-        """Push everything committed so far, now, in this thread; raises SinkError on failure."""
-        with self._lock:
-            while not self._poll():
-                pass
-        return self.stats
-
-    def _loop(self) -> None:
-        while True:
-            stopping = self._stop.is_set()
-            try:
-                with self._lock:
-                    idle = self._poll()
-                self._backoff.reset()
-                wait = self.poll_s
-                if stopping and idle:
-                    return
-                if not idle:
-                    wait = 0.0
-            except (SinkError, StoreError, sqlite3.Error) as e:
-                self._stats.errors += 1
-                self._stats.retries += 1
-                self._stats.last_error = str(e)
-                wait = self._backoff.next()
-            if stopping and time.monotonic() + wait > self._drain_until:
-                return
-            if stopping:
-                time.sleep(wait)
-            else:
-                self._stop.wait(wait)
-
-    # -- one pass -------------------------------------------------------------------------
-    def _open(self) -> tuple[Store, Progress]:
-        if self._store is None:
-            self._store = Store(self.store_path)
-            self._progress = Progress(self._store.db, self.target.key)
-        assert self._progress is not None
-        return self._store, self._progress
 
     def _poll(self) -> bool:
         """One pass over the runs; True when nothing was left to send."""

@@ -9,8 +9,6 @@ uses the official opentelemetry-proto messages; delivery is at least once, as OT
 from __future__ import annotations
 
 import os
-import sqlite3
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -29,8 +27,8 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
 from renacerd import __version__
-from renacerd.sinks import Backoff, Progress, SinkError, descendants, span_summary
-from renacerd.store import RunInfo, Store, StoreError
+from renacerd.sinks import Backoff, Progress, SinkError, StoreTailer, descendants, span_summary
+from renacerd.store import RunInfo, Store
 from renacerd.unified_trace import ProcessSpan
 
 TRACES_PATH = "/v1/traces"
@@ -183,8 +181,10 @@ class _Rejected(SinkError):
     """The collector refused a request in a way a retry cannot fix."""
 
 
-class OtlpExporter:
+class OtlpExporter(StoreTailer):
     """Tails the spans of the store at `store_path` to an OTLP/HTTP collector."""
+
+    _thread_name = "renacer-otlp"
 
     def __init__(self, store_path: str, endpoint: str | None = None, run: str | None = None, *,
                  poll_s: float = 1.0, batch_spans: int = BATCH_SPANS, timeout_s: float = 10.0,
@@ -193,82 +193,25 @@ class OtlpExporter:
         if url is None:
             raise SinkError("no OTLP endpoint: give --otlp-endpoint URL or set "
                             "OTEL_EXPORTER_OTLP_ENDPOINT")
+        super().__init__(store_path, run, poll_s, backoff)
         self.url = url
-        self.store_path = str(store_path)
-        self.run = run
-        self.poll_s = poll_s
         self.batch_spans = batch_spans
         self.timeout_s = timeout_s
         self.headers = {"Content-Type": "application/x-protobuf",
                         **parse_headers(os.environ.get("OTEL_EXPORTER_OTLP_HEADERS")),
                         **(headers or {})}
-        self._backoff = backoff or Backoff()
+        self._progress_key = f"otlp:{url}"
         self._stats = ExportStats()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._drain_until = 0.0
-        self._thread: threading.Thread | None = None
-        self._store: Store | None = None
-        self._progress: Progress | None = None
         self._seen: dict[tuple[int, int], float] = {}
-
-    def start(self) -> OtlpExporter:
-        """Start the background thread (returns self)."""
-        self._thread = threading.Thread(target=self._loop, name="renacer-otlp", daemon=True)
-        self._thread.start()
-        return self
 
     def stop(self, drain_s: float = 5.0) -> ExportStats:
         """Export what is stored (for up to drain_s while the collector answers), then stop."""
-        self._drain_until = time.monotonic() + drain_s
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(drain_s + self.timeout_s + 5)
-        if self._store is not None:
-            self._store.db.close()
-            self._store = None
-        return self.stats
+        return super().stop(drain_s)
 
     @property
     def stats(self) -> ExportStats:
         """A snapshot of the counters."""
         return replace(self._stats)
-
-    def flush_now(self) -> ExportStats:
-        """Export every stored span now, in this thread; raises SinkError on failure."""
-        with self._lock:
-            while not self._poll():
-                pass
-        return self.stats
-
-    def _loop(self) -> None:
-        while True:
-            stopping = self._stop.is_set()
-            try:
-                with self._lock:
-                    idle = self._poll()
-                self._backoff.reset()
-                if stopping and idle:
-                    return
-                wait = self.poll_s if idle else 0.0
-            except (SinkError, StoreError, sqlite3.Error) as e:
-                self._stats.errors += 1
-                self._stats.retries += 1
-                self._stats.last_error = str(e)
-                wait = max(self._backoff.next(), getattr(e, "retry_after", 0.0))
-            if stopping and time.monotonic() + wait > self._drain_until:
-                return
-            if stopping:
-                time.sleep(wait)
-            else:
-                self._stop.wait(wait)
-
-    def _open(self) -> tuple[Store, Progress]:
-        if self._store is None:
-            self._store = Store(self.store_path)
-            self._progress = Progress(self._store.db, f"otlp:{self.url}")
-        assert self._progress is not None
-        return self._store, self._progress
 
     def _poll(self) -> bool:
         store, progress = self._open()
