@@ -30,7 +30,21 @@ def main(argv: list[str]) -> int:
                    "the front socket, in runs/)")
     p.add_argument("--no-bpf-check", action="store_true",
                    help="skip loading a test BPF program before READY=1")
+    p.add_argument("--sink", metavar="URL", action="append", default=[],
+                   help="stream every run to clickhouse://HOST:8123/DATABASE (repeatable)")
+    p.add_argument("--otlp-endpoint", metavar="URL",
+                   help="export spans over OTLP/HTTP (env OTEL_EXPORTER_OTLP_ENDPOINT)")
     a = p.parse_args(argv)
+    from renacerd.sinks import SinkError
+    from renacerd.sinks.clickhouse import ClickHouseSink, parse_url
+    from renacerd.sinks.otlp import OtlpExporter, resolve_endpoint
+
+    try:
+        for u in a.sink:
+            parse_url(u)
+        otlp = resolve_endpoint(a.otlp_endpoint)
+    except SinkError as e:
+        return fail(PROG, str(e))
     if os.geteuid() != 0:
         return fail(PROG, "must run as root (BPF needs CAP_BPF and CAP_PERFMON); try sudo")
     from renacerd.daemon.notify import Notifier
@@ -90,9 +104,17 @@ def main(argv: list[str]) -> int:
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    # One tailer per target for the whole store: every run, whichever tracer wrote it.
+    sinks = [ClickHouseSink(db, u).start() for u in a.sink]
+    if otlp:
+        sinks.append(OtlpExporter(db, otlp).start())
     notifier.ready(f"listening on {path}; store {db}")
     logging.info("serving on %s (store %s)", path, db)
-    service.serve_forever()
+    try:
+        service.serve_forever()
+    finally:
+        for sink in sinks:
+            sink.stop(drain_s=5)
     for t in threading.enumerate():
         if t.name == "renacerd-stop":
             t.join()
