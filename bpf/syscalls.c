@@ -138,15 +138,9 @@ static __always_inline u16 emit_str(u64 ts, u32 tid, u16 nr, u8 slot, const void
     return fl;
 }
 
-static __always_inline u16 emit_addr(u64 ts, u32 tid, u16 nr, const void *ptr, u32 len) {
-    struct detail *d = reserve_detail(ts, tid, nr, SLOT_ADDR);
-    if (!d)
-        return F_DETAIL_LOST;
-    // sockaddr_storage is 128 bytes; the mask keeps the size provably within data[]
-    if (len > 128)
-        len = 128;
-    asm volatile("%0 &= 0xff" : "+r"(len));
-    u16 fl = F_DETAIL;
+// Read `len` bytes (already bounded by the caller, provably <= STR_LEN) of user memory into
+// a reserved detail, flag a failed read, submit it.
+static __always_inline u16 submit_bytes(struct detail *d, const void *ptr, u32 len, u16 fl) {
     int err = bpf_probe_read_user(d->data, len, ptr);
     if (err < 0) {
         fl |= F_READ_FAILED;
@@ -158,6 +152,17 @@ static __always_inline u16 emit_addr(u64 ts, u32 tid, u16 nr, const void *ptr, u
     d->flags = fl;
     details.ringbuf_submit(d, BPF_RB_NO_WAKEUP);
     return fl;
+}
+
+static __always_inline u16 emit_addr(u64 ts, u32 tid, u16 nr, const void *ptr, u32 len) {
+    struct detail *d = reserve_detail(ts, tid, nr, SLOT_ADDR);
+    if (!d)
+        return F_DETAIL_LOST;
+    // sockaddr_storage is 128 bytes; the mask keeps the size provably within data[]
+    if (len > 128)
+        len = 128;
+    asm volatile("%0 &= 0xff" : "+r"(len));
+    return submit_bytes(d, ptr, len, F_DETAIL);
 }
 
 static __always_inline void emit_lifecycle(u64 ts, u16 kind, u32 pid, u32 tid, u64 a0, u32 aux,
@@ -445,7 +450,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
     if (!d)
         return 0;
     u64 n = ae > as ? ae - as : 0;
-    u8 fl = F_DETAIL;
+    u16 fl = F_DETAIL;
     if (n > STR_LEN) {
         n = STR_LEN;
         fl |= F_TRUNCATED;
@@ -453,16 +458,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
     asm volatile("%0 &= 0x1ff" : "+r"(n));
     if (n > STR_LEN)
         n = STR_LEN;
-    int err = bpf_probe_read_user(d->data, n, (void *)as);
-    if (err < 0) {
-        fl |= F_READ_FAILED;
-        count(C_READ_FAILED);
-        d->len = err;
-    } else {
-        d->len = n;
-    }
-    d->flags = fl;
-    details.ringbuf_submit(d, BPF_RB_NO_WAKEUP);
+    submit_bytes(d, (void *)as, n, fl);
 #endif
     return 0;
 }

@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS sink_progress (
 """
 
 TOP_SYSCALLS = 5
+SPAN_GRACE_S = 5.0  # how long a span waits for its events before it is sent anyway
 
 
 class SinkError(RuntimeError):
@@ -285,3 +286,20 @@ class StoreTailer:
                 time.sleep(wait)
             else:
                 self._stop.wait(wait)
+
+
+def ready_spans(db: sqlite3.Connection, run_id: int, running: bool, rows: list[tuple],
+                end_col: int, seen: dict[tuple[int, int], float]) -> list[tuple]:
+    """The leading span rows (rowid first) whose events are in the store: a span's summary
+    needs them, so wait until the store holds events past its end, the run has ended, or
+    SPAN_GRACE_S has passed since the span was first seen."""
+    covered = db.execute("SELECT max(last_ts) FROM chunks WHERE run_id=? AND layer='sys'",
+                         (run_id,)).fetchone()[0] or 0
+    now = time.monotonic()
+    ready = []
+    for r in rows:
+        first = seen.setdefault((run_id, r[0]), now)
+        if running and (r[end_col] or 0) > covered and now - first < SPAN_GRACE_S:
+            break
+        ready.append(r)
+    return ready

@@ -31,13 +31,13 @@ from renacerd.sinks import (
     SinkError,
     StoreTailer,
     descendants,
+    ready_spans,
     span_summary,
 )
 from renacerd.store import RunInfo, Store
 
 DEFAULT_PORT = 8123
 BATCH_ROWS = 262_144  # well under max_insert_block_size (1,048,576): one block, one part
-SPAN_GRACE_S = 5.0
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _DAY_NS = 86_400 * 10**9
 
@@ -656,17 +656,7 @@ class ClickHouseSink(StoreTailer):
             "ORDER BY rowid", (info.id, pos.span_rowid)).fetchall()
         if not rows:
             return True
-        covered = db.execute("SELECT max(last_ts) FROM chunks WHERE run_id=? AND layer='sys'",
-                             (info.id,)).fetchone()[0] or 0
-        now = time.monotonic()
-        ready = []
-        for r in rows:
-            # A span's summary needs its events in the store: wait until the store holds
-            # events past the span's end (or the run ended, or the grace time passed).
-            first = self._span_seen.setdefault((info.id, r[0]), now)
-            if info.status == "running" and (r[11] or 0) > covered and now - first < SPAN_GRACE_S:
-                break
-            ready.append(r)
+        ready = ready_spans(db, info.id, info.status == "running", rows, 11, self._span_seen)
         if not ready:
             return True
         tree = [(i, p.pid, p.ppid) for i, p in procs]

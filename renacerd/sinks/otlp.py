@@ -9,7 +9,6 @@ uses the official opentelemetry-proto messages; delivery is at least once, as OT
 from __future__ import annotations
 
 import os
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -27,13 +26,20 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
 from renacerd import __version__
-from renacerd.sinks import Backoff, Progress, SinkError, StoreTailer, descendants, span_summary
+from renacerd.sinks import (
+    Backoff,
+    Progress,
+    SinkError,
+    StoreTailer,
+    descendants,
+    ready_spans,
+    span_summary,
+)
 from renacerd.store import RunInfo, Store
 from renacerd.unified_trace import ProcessSpan
 
 TRACES_PATH = "/v1/traces"
 BATCH_SPANS = 512
-SPAN_GRACE_S = 5.0
 RETRYABLE = frozenset({429, 502, 503, 504})
 _SPAN_COLS = (
     "rowid, proc_id, trace_id, span_id, parent_span_id, span_name, span_kind, "
@@ -235,16 +241,7 @@ class OtlpExporter(StoreTailer):
                 pos.done = True
                 progress.set(info.id, pos)
             return False
-        covered = db.execute("SELECT max(last_ts) FROM chunks WHERE run_id=? AND layer='sys'",
-                             (info.id,)).fetchone()[0] or 0
-        now = time.monotonic()
-        ready = []
-        for r in rows:
-            # the summary needs the span's events in the store first
-            first = self._seen.setdefault((info.id, r[0]), now)
-            if info.status == "running" and (r[10] or 0) > covered and now - first < SPAN_GRACE_S:
-                break
-            ready.append(r)
+        ready = ready_spans(db, info.id, info.status == "running", rows, 10, self._seen)
         if not ready:
             return False
         procs = store.processes(info.id)
