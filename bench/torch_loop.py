@@ -1,7 +1,7 @@
 """A small PyTorch CPU training loop with a 2-worker DataLoader reading file shards:
 median step time untraced vs traced by renacerd vs strace -f, in one run.
 
-Usage: sudo .venv/bin/python bench/torch_loop.py [--steps 80] [--rounds 3]
+Usage: sudo .venv/bin/python bench/torch_loop.py [--steps 200] [--rounds 3]
 (needs torch: `.venv/bin/pip install torch==2.13.0` takes the local CPU wheel)
 """
 
@@ -22,6 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARD_BYTES = 64 * 1024
 READ_BYTES = 256
 READS_PER_ITEM = 120  # 16 items a batch: ~2,000 syscalls per step across the workers
+# Step time = wall time of the timed steps / steps (throughput). Single steps are bimodal
+# here (3 busy processes on 2 vCPUs: a step that shares its core with a worker takes ~3 ms
+# more), which makes a median of steps jump between the modes from run to run.
+STAT = "mean_step_s"
 
 
 def workload(shard_dir: str, steps: int, warmup: int) -> None:
@@ -53,7 +57,10 @@ def workload(shard_dir: str, steps: int, warmup: int) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     times = []
     it = iter(loader)
+    win = [0, 0]  # CLOCK_MONOTONIC window of the timed steps: the clock of the trace
     for step in range(steps + warmup):
+        if step == warmup:
+            win[0] = time.monotonic_ns()
         t0 = time.perf_counter()
         x, y = next(it)
         loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -62,19 +69,36 @@ def workload(shard_dir: str, steps: int, warmup: int) -> None:
         opt.step()
         if step >= warmup:
             times.append(time.perf_counter() - t0)
-    print(json.dumps({"median_step_s": statistics.median(times)}), flush=True)
+    win[1] = time.monotonic_ns()
+    if os.environ.get("BENCH_TIMES"):  # per-step times, to look at a run's shape
+        Path(os.environ["BENCH_TIMES"]).write_text(" ".join(f"{t * 1e3:.2f}" for t in times))
+    print(json.dumps({"median_step_s": statistics.median(times),
+                      "mean_step_s": (win[1] - win[0]) / 1e9 / steps, "window_ns": win}),
+          flush=True)
 
 
-def _run(cmd: list[str]) -> float:
+def _run(cmd: list[str]) -> dict:
     out = subprocess.run(cmd, capture_output=True, text=True, check=True,
                          env=dict(os.environ, PYTHONPATH=str(ROOT))).stdout
-    return json.loads(out.strip().splitlines()[-1])["median_step_s"]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _events_in(db: Path, run: str, window: list[int]) -> int:
+    """Syscalls of the whole tree (main + workers) inside the timed steps."""
+    from renacerd.store import Store
+
+    st = Store(db)
+    try:
+        return sum(int(((t.columns["ts"] >= window[0]) & (t.columns["ts"] < window[1])).sum())
+                   for t in st.load_run(run))
+    finally:
+        st.close()
 
 
 def main() -> int:
     """Alternate untraced / renacerd rounds; strace -f once."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workload", nargs=1, help=argparse.SUPPRESS)
@@ -93,28 +117,30 @@ def main() -> int:
         me = [sys.executable, __file__, "--steps", str(a.steps), "--warmup", str(a.warmup),
               "--workload", str(shard_dir)]
         db = Path(d) / "t.db"
-        untraced, traced, events = [], [], []
+        untraced, traced, events, per_step = [], [], [], []
         for r in range(a.rounds):
-            untraced.append(_run(me))
-            traced.append(_run([sys.executable, "-m", "renacerd.cli.renacerd_main", "-q",
-                                "--db", str(db), "--run", f"r{r}", "--", *me]))
+            untraced.append(_run(me)[STAT])
+            out = _run([sys.executable, "-m", "renacerd.cli.renacerd_main", "-q", "--db",
+                        str(db), "--run", f"r{r}", "--", *me])
+            traced.append(out[STAT])
             con = sqlite3.connect(db)
             events.append(con.execute("SELECT events, events_lost FROM runs WHERE name=?",
                                       (f"r{r}",)).fetchone())
             con.close()
-        strace = _run(["strace", "-f", "-o", "/dev/null", *me])
+            per_step.append(_events_in(db, f"r{r}", out["window_ns"]) / a.steps)
+        strace = _run(["strace", "-f", "-o", "/dev/null", *me])[STAT]
     u, t = statistics.median(untraced), statistics.median(traced)
-    steps_total = a.steps + a.warmup
-    print(f"PyTorch CPU loop, DataLoader(num_workers=2), {a.steps} timed steps, median of "
-          f"{a.rounds} rounds")
+    print(f"PyTorch CPU loop, DataLoader(num_workers=2), mean step time over {a.steps} timed "
+          f"steps, median of {a.rounds} rounds (rounds alternate untraced / traced)")
     print(f"{'how':<22} {'step ms':>9} {'vs untraced':>12}")
     print(f"{'untraced':<22} {u * 1e3:9.2f} {1:11.3f}x")
     print(f"{'renacerd':<22} {t * 1e3:9.2f} {t / u:11.3f}x")
     print(f"{'strace -f':<22} {strace * 1e3:9.2f} {strace / u:11.3f}x")
-    ev = [e[0] for e in events]
-    per_step = statistics.median(ev) / steps_total
-    print(f"renacerd: {statistics.median(ev):,.0f} events per run (~{per_step:,.0f} per step "
-          f"incl. start-up), lost {sum(e[1] for e in events)}")
+    print("per round, untraced / renacerd ms: " + ", ".join(
+        f"{x * 1e3:.2f}/{y * 1e3:.2f}" for x, y in zip(untraced, traced)))
+    print(f"renacerd: {statistics.median(per_step):,.0f} syscalls per timed step (whole tree), "
+          f"{statistics.median([e[0] for e in events]):,.0f} events per run, "
+          f"lost {sum(e[1] for e in events)}")
     return 0
 
 

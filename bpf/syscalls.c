@@ -7,6 +7,9 @@
 //   STR_LEN        bytes of one path / sockaddr / argv string captured
 //   ARGV_MAX       argv elements captured at execve
 //   FOLLOW         defined: processes forked by a target become targets
+//   TGID_INDEX     defined when pid_max <= TID_SLOTS: targets are also kept in a tgid-indexed
+//                  array, the cheap test on every syscall of the system
+//   RAW_TP         defined (x86-64): raw tracepoints on sys_enter/sys_exit, args from pt_regs
 //   TASK_MM_OFF, MM_ARG_START_OFF, MM_ARG_END_OFF  struct offsets from the running
 //                  kernel's BTF (renacerd.probes.btf); without them argv comes from execve
 //   The __NR_* numbers come from the kernel headers BCC compiles against.
@@ -88,11 +91,26 @@ struct detail {
 #define K_ADDR      3   // p0 is a sockaddr, p1 its length
 #define K_ADDR_OUT  4   // p0 is a sockaddr filled by the kernel, p1 points to its length
 
-BPF_HASH(targets, u32, u32, 65536);
+BPF_HASH(targets, u32, u32, 65536);  // the authority, shared with the CUDA probes
+#ifdef TGID_INDEX
+// pid_max <= TID_SLOTS: a tgid-indexed copy answers "is this a target?" exactly, and the
+// verifier inlines an array lookup where a hash lookup is a helper call (~7 ns a syscall).
+BPF_ARRAY(target_idx, u32, TID_SLOTS);
+#endif
 BPF_ARRAY(starts, struct start_t, TID_SLOTS);
 BPF_PERCPU_ARRAY(counters, u64, C_MAX);
 BPF_RINGBUF_OUTPUT(events, EVENT_PAGES);
 BPF_RINGBUF_OUTPUT(details, DETAIL_PAGES);
+
+static __always_inline int is_target(u32 tgid) {
+#ifdef TGID_INDEX
+    u32 i = tgid & (TID_SLOTS - 1);
+    u32 *v = target_idx.lookup(&i);
+    return v && *v == tgid && tgid;
+#else
+    return targets.lookup(&tgid) != 0;
+#endif
+}
 
 static __always_inline void count(int idx) {
     u64 *c = counters.lookup(&idx);
@@ -184,68 +202,130 @@ static __always_inline void emit_lifecycle(u64 ts, u16 kind, u32 pid, u32 tid, u
     events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 }
 
-// Which user memory a syscall's behaviour depends on, read at exit.
-static __always_inline u32 capture_kind(u32 nr, u64 *a, u64 *p0, u64 *p1) {
+// How a syscall's user memory is read at exit; K_ARGS: no capture, but enter needs all six
+// arguments (clone flags, execve). Only these calls pay for reading more than arg 0.
+#define K_ARGS 5
+static __always_inline u32 kind_of(u32 nr) {
     switch (nr) {
     case __NR_open: case __NR_creat: case __NR_stat: case __NR_lstat:
     case __NR_access: case __NR_unlink: case __NR_mkdir: case __NR_rmdir:
     case __NR_chdir: case __NR_truncate: case __NR_readlink: case __NR_chmod:
     case __NR_chown: case __NR_lchown: case __NR_statfs:
-        *p0 = a[0];
+    case __NR_openat: case __NR_openat2: case __NR_newfstatat: case __NR_statx:
+    case __NR_faccessat: case __NR_faccessat2: case __NR_unlinkat: case __NR_mkdirat:
+    case __NR_readlinkat: case __NR_fchmodat: case __NR_fchownat: case __NR_mknodat:
+    case __NR_utimensat:
         return K_PATH0;
+    case __NR_rename: case __NR_link: case __NR_symlink:
+    case __NR_renameat: case __NR_renameat2: case __NR_linkat: case __NR_symlinkat:
+        return K_PATH01;
+    case __NR_connect: case __NR_bind: case __NR_sendto:
+        return K_ADDR;
+    case __NR_accept: case __NR_accept4: case __NR_getpeername: case __NR_getsockname:
+        return K_ADDR_OUT;
+    case __NR_clone: case __NR_clone3: case __NR_execve: case __NR_execveat:
+        return K_ARGS;
+    }
+    return K_NONE;
+}
+
+// Which argument(s) hold the user memory of `kind`; returns the kind actually to capture.
+static __always_inline u32 capture_ptrs(u32 nr, u32 kind, u64 *a, u64 *p0, u64 *p1) {
+    switch (nr) {
     case __NR_openat: case __NR_openat2: case __NR_newfstatat: case __NR_statx:
     case __NR_faccessat: case __NR_faccessat2: case __NR_unlinkat: case __NR_mkdirat:
     case __NR_readlinkat: case __NR_fchmodat: case __NR_fchownat: case __NR_mknodat:
     case __NR_utimensat:
         *p0 = a[1];
-        return K_PATH0;
-    case __NR_rename: case __NR_link: case __NR_symlink:
-        *p0 = a[0];
-        *p1 = a[1];
-        return K_PATH01;
+        return kind;
     case __NR_renameat: case __NR_renameat2: case __NR_linkat:
         *p0 = a[1];
         *p1 = a[3];
-        return K_PATH01;
+        return kind;
     case __NR_symlinkat:
         *p0 = a[0];
         *p1 = a[2];
-        return K_PATH01;
+        return kind;
     case __NR_connect: case __NR_bind:
         *p0 = a[1];
         *p1 = a[2];
-        return K_ADDR;
+        return kind;
     case __NR_sendto:
         if (!a[4])
             return K_NONE;
         *p0 = a[4];
         *p1 = a[5];
-        return K_ADDR;
+        return kind;
     case __NR_accept: case __NR_accept4: case __NR_getpeername: case __NR_getsockname:
         if (!a[1] || !a[2])
             return K_NONE;
         *p0 = a[1];
         *p1 = a[2];
-        return K_ADDR_OUT;
+        return kind;
+    case __NR_clone: case __NR_clone3: case __NR_execve: case __NR_execveat:
+        return K_NONE;
     }
-    return K_NONE;
+    // open, creat, stat ... and rename, link, symlink: the path(s) lead
+    *p0 = a[0];
+    *p1 = a[1];
+    return kind;
 }
 
-TRACEPOINT_PROBE(raw_syscalls, sys_enter) {
+// Two ways in, one body. RAW_TP (x86-64): raw tracepoints hand over pt_regs, skipping the
+// perf trace-buffer set-up of a classic tracepoint (about 20 ns a syscall here); the
+// arguments are read from the registers, and only the calls that need more than arg 0
+// read all six. Elsewhere: the classic raw_syscalls tracepoints with their args array.
+#ifdef RAW_TP
+struct sysregs { u64 r10, r9, r8, ax, cx, dx, si, di; };  // pt_regs from r10 on, in order
+#define ENTER_PROBE RAW_TRACEPOINT_PROBE(sys_enter)
+#define EXIT_PROBE RAW_TRACEPOINT_PROBE(sys_exit)
+#define ENTER_NR ((u32)ctx->args[1])
+#define EXIT_RET ((s64)ctx->args[1])
+static __always_inline void load_a0(struct bpf_raw_tracepoint_args *ctx, u64 *a) {
+    struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
+    bpf_probe_read_kernel(&a[0], sizeof(u64), &regs->di);
+}
+static __always_inline void load_args(struct bpf_raw_tracepoint_args *ctx, u64 *a) {
+    struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
+    struct sysregs r = {};
+    bpf_probe_read_kernel(&r, sizeof(r), &regs->r10);
+    a[0] = r.di; a[1] = r.si; a[2] = r.dx; a[3] = r.r10; a[4] = r.r8; a[5] = r.r9;
+}
+static __always_inline u32 exit_nr(struct bpf_raw_tracepoint_args *ctx) {
+    struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
+    u64 nr = 0;
+    bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
+    return (u32)nr;
+}
+#define LOAD_A0(a) load_a0(ctx, a)
+#define LOAD_ARGS(a) load_args(ctx, a)
+#define EXIT_NR exit_nr(ctx)
+#else
+#define ENTER_PROBE TRACEPOINT_PROBE(raw_syscalls, sys_enter)
+#define EXIT_PROBE TRACEPOINT_PROBE(raw_syscalls, sys_exit)
+#define ENTER_NR ((u32)args->id)
+#define EXIT_RET ((s64)args->ret)
+#define LOAD_A0(a) (a)[0] = args->args[0]
+#define LOAD_ARGS(a) do { (a)[0] = args->args[0]; (a)[1] = args->args[1]; \
+    (a)[2] = args->args[2]; (a)[3] = args->args[3]; (a)[4] = args->args[4]; \
+    (a)[5] = args->args[5]; } while (0)
+#define EXIT_NR ((u32)args->id)
+#endif
+
+ENTER_PROBE {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
-    if (!targets.lookup(&tgid))
+    if (!is_target(tgid))
         return 0;
     u32 tid = (u32)id;
-    u32 nr = args->id;
+    u32 nr = ENTER_NR;
     u64 ts = bpf_ktime_get_ns();
-    u64 a[6];
-    a[0] = args->args[0];
-    a[1] = args->args[1];
-    a[2] = args->args[2];
-    a[3] = args->args[3];
-    a[4] = args->args[4];
-    a[5] = args->args[5];
+    u64 a[6] = {};
+    u32 kind = kind_of(nr);
+    if (kind == K_NONE)
+        LOAD_A0(a);
+    else
+        LOAD_ARGS(a);
 
     if (nr == __NR_exit_group || nr == __NR_exit) {
         // These never return: record them now, with the exit code as a0.
@@ -277,8 +357,11 @@ TRACEPOINT_PROBE(raw_syscalls, sys_enter) {
     s->nr = nr;
     s->p0 = 0;
     s->p1 = 0;
-    s->kind = capture_kind(nr, a, &s->p0, &s->p1);
     s->pad = 0;
+    s->kind = K_NONE;
+    if (kind == K_NONE)
+        return 0;
+    s->kind = capture_ptrs(nr, kind, a, &s->p0, &s->p1);
     if (nr == __NR_clone) {
         s->p0 = a[0];  // clone flags, read by sched_process_fork
     } else if (nr == __NR_clone3) {
@@ -303,7 +386,7 @@ TRACEPOINT_PROBE(raw_syscalls, sys_enter) {
     return 0;
 }
 
-TRACEPOINT_PROBE(raw_syscalls, sys_exit) {
+EXIT_PROBE {
     u64 id = bpf_get_current_pid_tgid();
     u32 tid = (u32)id;
     u32 idx = tid & (TID_SLOTS - 1);
@@ -314,43 +397,45 @@ TRACEPOINT_PROBE(raw_syscalls, sys_exit) {
     u64 now = bpf_ktime_get_ns();
     u16 flags = 0;
     u64 ts, a0;
-    u32 nr = args->id;
-    if (s->tid == tid && s->ts && s->nr == nr) {
+    u32 nr;
+    s64 ret = EXIT_RET;
+    // A live slot of this tid is this syscall's enter: a thread is in one syscall at a time,
+    // and sched_process_fork clears a new thread's slot, so a reused tid never matches a
+    // dead thread's leftover.
+    if (s->tid == tid && s->ts) {
         ts = s->ts;
         a0 = s->a0;
+        nr = s->nr;
         flags = s->pad;
         s->ts = 0;
     } else {
         // Not ours, or it entered before we attached.
-        if (!targets.lookup(&tgid))
+        if (!is_target(tgid))
             return 0;
+        nr = EXIT_NR;
         // A new child's return from fork/clone: it never entered, and strace shows nothing.
-        if (args->ret == 0 && (nr == __NR_clone || nr == __NR_clone3 || nr == __NR_fork ||
-                               nr == __NR_vfork))
+        if (ret == 0 && (nr == __NR_clone || nr == __NR_clone3 || nr == __NR_fork ||
+                         nr == __NR_vfork))
             return 0;
         count(C_NO_ENTER);
-        ts = now;
-        a0 = 0;
-        flags = F_NO_ENTER;
         struct event *e = events.ringbuf_reserve(sizeof(struct event));
         if (!e) {
             count(C_EVENTS_LOST);
             return 0;
         }
-        e->ts = ts;
+        e->ts = now;
         e->dur = 0;
-        e->ret = args->ret;
+        e->ret = ret;
         e->a0 = 0;
         e->pid = tgid;
         e->tid = tid;
         e->nr = nr;
-        e->flags = flags;
+        e->flags = F_NO_ENTER;
         e->aux = 0;
         events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
         return 0;
     }
 
-    s64 ret = args->ret;
     u32 kind = s->kind;
     if (kind != K_NONE) {
         u64 p0 = s->p0, p1 = s->p1;
@@ -386,12 +471,18 @@ TRACEPOINT_PROBE(raw_syscalls, sys_exit) {
 }
 
 TRACEPOINT_PROBE(sched, sched_process_fork) {
+    u32 child = args->child_pid;
+    // A new thread starts with no syscall in flight: drop what a dead thread of the same
+    // tid (say, an exec'ing non-leader) left in the slot, so sys_exit cannot match it.
+    u32 cidx = child & (TID_SLOTS - 1);
+    struct start_t *cs = starts.lookup(&cidx);
+    if (cs && cs->tid == child)
+        cs->ts = 0;
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
-    if (!targets.lookup(&tgid))
+    if (!is_target(tgid))
         return 0;
     u32 tid = (u32)id;
-    u32 child = args->child_pid;
     u16 flags = 0;
     u32 idx = tid & (TID_SLOTS - 1);
     struct start_t *s = starts.lookup(&idx);
@@ -402,6 +493,10 @@ TRACEPOINT_PROBE(sched, sched_process_fork) {
     if (!(flags & F_THREAD)) {
         u32 one = 1;
         targets.update(&child, &one);
+#ifdef TGID_INDEX
+        u32 ci = child & (TID_SLOTS - 1);
+        target_idx.update(&ci, &child);
+#endif
     }
 #endif
     u64 ts = bpf_ktime_get_ns();
@@ -413,7 +508,7 @@ TRACEPOINT_PROBE(sched, sched_process_fork) {
 TRACEPOINT_PROBE(sched, sched_process_exec) {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
-    if (!targets.lookup(&tgid))
+    if (!is_target(tgid))
         return 0;
     u32 tid = (u32)id;
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
@@ -466,7 +561,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
 TRACEPOINT_PROBE(sched, sched_process_exit) {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
-    if (!targets.lookup(&tgid))
+    if (!is_target(tgid))
         return 0;
     // A thread killed inside a syscall never reaches sys_exit: free its slot so a later
     // thread reusing the tid cannot match it.
@@ -485,7 +580,7 @@ TRACEPOINT_PROBE(signal, signal_deliver) {
         return 0;
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
-    if (!targets.lookup(&tgid))
+    if (!is_target(tgid))
         return 0;
     emit_lifecycle(bpf_ktime_get_ns(), EV_SIGNAL, tgid, (u32)id, args->code, args->sig, 0);
     return 0;

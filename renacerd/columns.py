@@ -1,13 +1,16 @@
-"""Columnar chunk codec: numpy columns -> one compact BLOB (delta + byte-shuffle + zlib)."""
+"""Columnar chunk codec: numpy columns -> one compact BLOB (delta, narrow, byte-shuffle, zstd)."""
 
 from __future__ import annotations
 
 import struct
+import threading
 import zlib
 
 import numpy as np
+import zstandard
 
-MAGIC = b"RCC1"
+MAGIC = b"RCC2"
+MAGIC_V1 = b"RCC1"  # zlib, full-width columns: still read
 
 
 class ChunkError(ValueError):
@@ -27,6 +30,34 @@ SYSCALL_COLUMNS: tuple[tuple[str, str], ...] = (
     ("s1", "<i4"),
 )
 _DELTA = frozenset({"ts"})
+_SIGNED = tuple(np.dtype(t) for t in ("<i1", "<i2", "<i4", "<i8"))
+_UNSIGNED = tuple(np.dtype(t) for t in ("<u1", "<u2", "<u4", "<u8"))
+_CODES = {dt.str: i for i, dt in enumerate(_SIGNED + _UNSIGNED)}
+_BY_CODE = _SIGNED + _UNSIGNED
+_local = threading.local()
+
+
+def _zstd() -> tuple[zstandard.ZstdCompressor, zstandard.ZstdDecompressor]:
+    """One (de)compressor pair per thread: zstandard's objects are not thread-safe."""
+    pair = getattr(_local, "pair", None)
+    if pair is None:
+        pair = _local.pair = (zstandard.ZstdCompressor(level=1), zstandard.ZstdDecompressor())
+    return pair
+
+
+def _narrow(a: np.ndarray) -> np.ndarray:
+    """The same values in the narrowest integer type of the same signedness that holds them."""
+    # 8-byte columns only: two passes over a narrow column cost more than they save
+    if a.dtype.kind not in "iu" or not len(a) or a.dtype.itemsize < 8:
+        return a
+    lo, hi = int(a.min()), int(a.max())
+    for dt in _SIGNED if a.dtype.kind == "i" else _UNSIGNED:
+        if dt.itemsize >= a.dtype.itemsize:
+            return a
+        info = np.iinfo(dt)
+        if info.min <= lo and hi <= info.max:
+            return a.astype(dt)
+    return a
 
 
 def _shuffle(a: np.ndarray) -> bytes:
@@ -37,9 +68,10 @@ def _shuffle(a: np.ndarray) -> bytes:
     return np.ascontiguousarray(a.view(np.uint8).reshape(-1, w).T).tobytes()
 
 
-def encode(cols: dict[str, np.ndarray], layout=SYSCALL_COLUMNS, level: int = 1) -> bytes:
+def encode(cols: dict[str, np.ndarray], layout=SYSCALL_COLUMNS) -> bytes:
     """Pack equal-length columns into one BLOB."""
     n = len(cols[layout[0][0]])
+    comp = _zstd()[0]
     parts = [MAGIC, struct.pack("<IH", n, len(layout))]
     for name, dt in layout:
         a = np.ascontiguousarray(cols[name], dtype=dt)
@@ -47,9 +79,10 @@ def encode(cols: dict[str, np.ndarray], layout=SYSCALL_COLUMNS, level: int = 1) 
             raise ValueError(f"column {name} has {len(a)} values, expected {n}")
         if name in _DELTA and n:
             a = np.diff(a, prepend=np.zeros(1, dtype=a.dtype))
-        z = zlib.compress(_shuffle(a), level)
+        a = _narrow(a)
+        z = comp.compress(_shuffle(a))
         nb = name.encode()
-        parts.append(struct.pack("<BI", len(nb), len(z)))
+        parts.append(struct.pack("<BBI", len(nb), _CODES[a.dtype.str], len(z)))
         parts.append(nb)
         parts.append(z)
     return b"".join(parts)
@@ -65,7 +98,7 @@ def decode(blob: bytes, layout=SYSCALL_COLUMNS) -> dict[str, np.ndarray]:
 
 def chunk_len(blob: bytes) -> int:
     """Number of events in a chunk, from its header."""
-    if bytes(blob[:4]) != MAGIC:
+    if bytes(blob[:4]) not in (MAGIC, MAGIC_V1):
         raise ChunkError("not a renacerd column chunk")
     try:
         return struct.unpack_from("<I", blob, 4)[0]
@@ -77,16 +110,23 @@ def decode_into(blob: bytes, out: dict[str, np.ndarray], start: int,
                 layout=SYSCALL_COLUMNS) -> int:
     """Decode a chunk straight into out[name][start:start+n] (no concatenation); returns n."""
     mv = memoryview(blob)
-    if bytes(mv[:4]) != MAGIC:
+    magic = bytes(mv[:4])
+    if magic not in (MAGIC, MAGIC_V1):
         raise ChunkError("not a renacerd column chunk")
+    v1 = magic == MAGIC_V1
+    dec = _zstd()[1]
     try:
         n, ncols = struct.unpack_from("<IH", mv, 4)
         off = 10
         dtypes = dict(layout)
         seen: set[str] = set()
         for _ in range(ncols):
-            ln, zlen = struct.unpack_from("<BI", mv, off)
-            off += 5
+            if v1:
+                ln, zlen = struct.unpack_from("<BI", mv, off)
+                off += 5
+            else:
+                ln, code, zlen = struct.unpack_from("<BBI", mv, off)
+                off += 6
             name = bytes(mv[off : off + ln]).decode()
             off += ln
             z = mv[off : off + zlen]
@@ -95,21 +135,28 @@ def decode_into(blob: bytes, out: dict[str, np.ndarray], start: int,
             off += zlen
             seen.add(name)
             dt = np.dtype(dtypes[name])
+            sdt = dt if v1 else _BY_CODE[code]
             dst = out[name][start : start + n]
             if len(dst) != n:
                 raise ChunkError("chunk holds more events than its row says")
-            raw = np.frombuffer(zlib.decompress(z), dtype=np.uint8)
-            if raw.size != n * dt.itemsize:
-                raise ChunkError(f"column {name} holds {raw.size} bytes, expected "
-                                 f"{n * dt.itemsize}")
-            w = dt.itemsize
-            if w == 1:
-                dst.view(np.uint8)[:] = raw
+            w = sdt.itemsize
+            if v1:
+                raw = np.frombuffer(zlib.decompress(z), dtype=np.uint8)
             else:
-                dst.view(np.uint8).reshape(n, w)[:] = raw.reshape(w, n).T
+                raw = np.frombuffer(dec.decompress(z, max_output_size=n * w), dtype=np.uint8)
+            if raw.size != n * w:
+                raise ChunkError(f"column {name} holds {raw.size} bytes, expected {n * w}")
+            tmp = dst if sdt == dt else np.empty(n, dtype=sdt)
+            if w == 1:
+                tmp.view(np.uint8)[:] = raw
+            else:
+                tmp.view(np.uint8).reshape(n, w)[:] = raw.reshape(w, n).T
+            if tmp is not dst:
+                dst[:] = tmp
             if name in _DELTA:
                 np.cumsum(dst, dtype=dst.dtype, out=dst)
-    except (struct.error, zlib.error, KeyError, UnicodeDecodeError) as e:
+    except (struct.error, zlib.error, zstandard.ZstdError, KeyError, IndexError,
+            UnicodeDecodeError) as e:
         raise ChunkError(f"corrupt column chunk: {e}") from e
     missing = set(dtypes) - seen
     if missing:

@@ -178,8 +178,11 @@ class CudaSource:
         """Library opens and execs of the traced tree: probe what they bring, now."""
         if self.options.mode != "auto":
             return
-        nr = ev["nr"]
-        opened = np.flatnonzero(np.isin(nr, _OPENS) & (ev["ret"] >= 0) & (s0 >= 0))
+        # Only events with a path can open a library: filter on that (rare) first, so a
+        # syscall storm costs one comparison per event here.
+        cand = np.flatnonzero(s0 >= 0)
+        sub = ev[cand]
+        opened = cand[np.isin(sub["nr"], _OPENS) & (sub["ret"] >= 0)]
         for i in opened:
             raw = self._path(tracer, int(s0[i]))
             if not raw or b".so" not in raw:
@@ -201,7 +204,11 @@ class CudaSource:
             if obj is not None:
                 self._attached(obj, int(ev["ts"][i]))
                 self.names.snapshot_maps(pid)
-        for i in np.flatnonzero(np.isin(nr, _EXECS) & (ev["ret"] == 0)):
+        nr = ev["nr"]
+        execs = nr == _EXECS[0]
+        for x in _EXECS[1:]:
+            execs |= nr == x
+        for i in np.flatnonzero(execs & (ev["ret"] == 0)):
             self.scanned.discard(int(ev["pid"][i]))  # a new image: rescan its maps
 
     def _attached(self, obj: ProbedObject, opened_ts: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import platform
 
 import numpy as np
 
@@ -25,13 +26,17 @@ def _pages(mb: float) -> int:
     return 1 << (want - 1).bit_length()
 
 
+def pid_max() -> int:
+    """The kernel's pid_max (the largest on 64-bit when unreadable)."""
+    try:
+        return int(open("/proc/sys/kernel/pid_max").read())
+    except (OSError, ValueError):
+        return 1 << 22
+
+
 def tid_slots() -> int:
     """Start-array slots: pid_max rounded up to a power of two, capped (slots then hash by mask)."""
-    try:
-        pid_max = int(open("/proc/sys/kernel/pid_max").read())
-    except (OSError, ValueError):
-        pid_max = 1 << 22
-    return min(1 << (pid_max - 1).bit_length(), MAX_TID_SLOTS)
+    return min(1 << (pid_max() - 1).bit_length(), MAX_TID_SLOTS)
 
 
 class SyscallProbes:
@@ -45,13 +50,19 @@ class SyscallProbes:
     ) -> None:
         self.event_pages = _pages(event_mb)
         self.detail_pages = _pages(detail_mb)
+        slots = tid_slots()
         self.defines: dict[str, object] = {
-            "TID_SLOTS": tid_slots(),
+            "TID_SLOTS": slots,
+            # pid_max can grow at run time (sysctl), but not past this check's use: a pid
+            # above the slots would be missed, so the index is used only when all fit
+            "TGID_INDEX": pid_max() <= slots,
             "EVENT_PAGES": self.event_pages,
             "DETAIL_PAGES": self.detail_pages,
             "STR_LEN": STR_LEN,
             "ARGV_MAX": ARGV_MAX,
             "FOLLOW": follow,
+            # raw tracepoints read arguments from pt_regs, whose layout is per arch
+            "RAW_TP": platform.machine() == "x86_64",
         }
         try:
             self.defines.update(
@@ -89,6 +100,9 @@ class SyscallProbes:
         """Trace process `pid` (all its threads)."""
         t = self.bpf["targets"]
         t[ctypes.c_uint32(pid)] = ctypes.c_uint32(1)
+        if self.defines["TGID_INDEX"]:
+            self.bpf["target_idx"][ctypes.c_uint32(pid & (self.defines["TID_SLOTS"] - 1))] = \
+                ctypes.c_uint32(pid)
 
     def remove_target(self, pid: int) -> None:
         """Stop tracing `pid` (after it exited, so a reused pid is not traced)."""
@@ -97,6 +111,11 @@ class SyscallProbes:
             del t[ctypes.c_uint32(pid)]
         except KeyError:
             pass
+        if self.defines["TGID_INDEX"]:
+            idx = self.bpf["target_idx"]
+            k = ctypes.c_uint32(pid & (self.defines["TID_SLOTS"] - 1))
+            if idx[k].value == pid:
+                idx[k] = ctypes.c_uint32(0)
 
     def is_target(self, pid: int) -> bool:
         """`pid` is in the kernel's target map now."""
