@@ -80,11 +80,13 @@ class RingReader:
                 f"of {self.payload.itemsize}-byte records"
             )
         keep = (lens & _DISCARD) == 0
-        if keep.all():
-            # one memcpy of the whole range (twice as fast as copying the payload field),
-            # then a view of the payloads inside it
-            raw = self._data[off : off + n * self.rec_size].copy()
-            out = np.frombuffer(raw, dtype=self._rec)["p"]
+        if keep.all() and self.payload.itemsize % 8 == 0:
+            # the payloads as rows of 8-byte words: one 2-D copy, contiguous, ~3x faster
+            # than numpy's copy of a structured field
+            words = np.frombuffer(self._data, dtype=np.uint64, count=n * self.rec_size // 8,
+                                  offset=off).reshape(n, self.rec_size // 8)
+            out = np.ascontiguousarray(words[:, 1 : 1 + self.payload.itemsize // 8])
+            out = out.view(self.payload).reshape(n)
         else:
             out = view["p"][keep]
         self._cons[0] = cons + n * self.rec_size

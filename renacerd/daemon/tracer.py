@@ -30,6 +30,7 @@ from renacerd.records import (
     SLOT_COMM,
     SLOT_PATH0,
     SLOT_PATH1,
+    take,
 )
 from renacerd.sockaddr import format_sockaddr
 from renacerd.store import Store, StoreError
@@ -299,7 +300,7 @@ class Tracer:
                     self._lifecycle(e)
                 else:
                     self._exit_call(e)
-            ev = ev[~life]
+            ev = take(ev, np.flatnonzero(~life))
         if len(ev):
             s0 = self._assemble(ev)
             for src in list(self.sources):
@@ -489,7 +490,7 @@ class Tracer:
                 for a, b in zip(np.concatenate(([0], cuts)), np.concatenate((cuts, [n])))
             ]
         for p, idx in groups:
-            sub, s0s, s1s = (ev, s0, s1) if idx is None else (ev[idx], s0[idx], s1[idx])
+            sub, s0s, s1s = (ev, s0, s1) if idx is None else (take(ev, idx), s0[idx], s1[idx])
             st = self._proc(p, int(sub["ts"][0]))
             if st is None:
                 self.foreign_events += len(sub) - 1

@@ -34,14 +34,17 @@ class ChunkWriter:
             self._write(proc_id, ev, s0, s1)
 
     def _write(self, proc_id: int, ev: np.ndarray, s0: np.ndarray, s1: np.ndarray) -> None:
-        ts = ev["ts"].view(np.int64)
-        if len(ts) > 1 and (np.diff(ts) < 0).any():
-            order = np.argsort(ts, kind="stable")
-            ev, s0, s1 = ev[order], s0[order], s1[order]
-        cols = {f: ev[f] for f in ("ts", "dur", "ret", "a0", "tid", "nr", "flags")}
-        cols["ts"] = cols["ts"].view(np.int64)
+        # columns first, then one gather per plain column: permuting the structured
+        # records themselves costs ~4x more
+        cols = {f: np.ascontiguousarray(ev[f]) for f in ("ts", "dur", "ret", "a0", "tid", "nr",
+                                                         "flags")}
+        cols["ts"] = ts = cols["ts"].view(np.int64)
         cols["s0"] = s0
         cols["s1"] = s1
+        if len(ts) > 1 and (np.diff(ts) < 0).any():
+            # records arrive in exit order; the store keeps enter order
+            order = np.argsort(ts, kind="stable")
+            cols = {k: v.take(order) for k, v in cols.items()}
         blob = encode(cols)
         with self.lock:
             # sorted above: the ends are the extremes
