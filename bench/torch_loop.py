@@ -101,6 +101,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-strace", dest="strace", action="store_false")
     ap.add_argument("--workload", nargs=1, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.workload:
@@ -128,7 +129,8 @@ def main() -> int:
                                       (f"r{r}",)).fetchone())
             con.close()
             per_step.append(_events_in(db, f"r{r}", out["window_ns"]) / a.steps)
-        strace = _run(["strace", "-f", "-o", "/dev/null", *me])[STAT]
+        strace = (_run(["strace", "-f", "-o", "/dev/null", *me])[STAT] if a.strace
+                  else float("nan"))
     u, t = statistics.median(untraced), statistics.median(traced)
     print(f"PyTorch CPU loop, DataLoader(num_workers=2), mean step time over {a.steps} timed "
           f"steps, median of {a.rounds} rounds (rounds alternate untraced / traced)")
@@ -136,6 +138,9 @@ def main() -> int:
     print(f"{'untraced':<22} {u * 1e3:9.2f} {1:11.3f}x")
     print(f"{'renacerd':<22} {t * 1e3:9.2f} {t / u:11.3f}x")
     print(f"{'strace -f':<22} {strace * 1e3:9.2f} {strace / u:11.3f}x")
+    ratios = [y / x for x, y in zip(untraced, traced)]
+    print(f"median of the per-round ratios: {statistics.median(ratios):.3f}x "
+          f"(range {min(ratios):.3f}-{max(ratios):.3f})")
     print("per round, untraced / renacerd ms: " + ", ".join(
         f"{x * 1e3:.2f}/{y * 1e3:.2f}" for x, y in zip(untraced, traced)))
     print(f"renacerd: {statistics.median(per_step):,.0f} syscalls per timed step (whole tree), "
