@@ -13,6 +13,7 @@ import argparse
 import logging
 import multiprocessing
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -141,6 +142,8 @@ def main() -> None:
     stop.set()
     drained, counts = result_r.recv()
     daemon.join(30)
+    client.configure(socket=os.path.join(tmp, "absent.sock"))
+    shutil.rmtree(tmp, ignore_errors=True)
     sent_spans = (a.spans // a.batch + 1) * a.batch
     dropped = after["dropped"] - before["dropped"]
     rows.append(("renacerd, daemon connected", connected,

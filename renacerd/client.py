@@ -2,7 +2,8 @@
 
 Pure Python on CPython >= 3.9 (stdlib, orjson, renacerd.experiment_span, renacerd.protocol).
 Fail-open: without a daemon spans still work locally, one warning is logged, nothing raises
-or blocks; sends are non-blocking and a full socket drops (and counts) the message.
+or blocks; sends are non-blocking, a full socket queues frames in a bounded backlog (sent by
+a short-lived flusher thread once there is room) and then drops (and counts) them.
 """
 
 from __future__ import annotations
@@ -55,12 +56,21 @@ DEFAULT_TRACE_TIMEOUT = 10.0  # a service attach compiles BPF: ~2 s on a 2-core 
 SEND_BUFFER = 1 << 20
 # Frames kept while the socket is full, before new ones are dropped (and counted).
 BACKLOG = 4096
+# After the socket was found full, frames go straight to the backlog for this long instead of
+# each paying a send that fails again (a syscall and an exception, ~2 us) while the daemon
+# is saturated; its timestamps come from the client, so the short delay changes nothing.
+FULL_RETRY_NS = 50_000
+# The flusher thread sends this many backlog frames per hold of the lock, and waits at most
+# this long for room before it looks at the connection again.
+FLUSH_SLICE = 64
+FLUSH_POLL_MS = 100
+# How often span wall-clock times re-read CLOCK_REALTIME (they are CLOCK_MONOTONIC + offset).
+WALL_SYNC_NS = 1_000_000_000
 EXIT_FLUSH_TIMEOUT = 0.5
 _FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 
 _current: ContextVar[Optional[Span]] = ContextVar("renacerd_span", default=None)
 _getrandbits = id_rng.getrandbits
-_tick = clock.tick
 _monotonic_ns = time.monotonic_ns
 _time_ns = time.time_ns
 _native_id = threading.get_native_id
@@ -72,8 +82,11 @@ CLIENT_NAME = "renacerd.client/1"
 _pid = os.getpid()
 # native thread ids, cached per thread (get_native_id is a syscall); replaced after fork
 _tls = threading.local()
+_UNSET = StatusCode.UNSET
 _OK = StatusCode.OK
 _ERROR = StatusCode.ERROR
+_NO_METRICS: dict[str, float] = {}
+_MAX_METRICS = protocol.MAX_METRICS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -113,12 +126,16 @@ def _wire_metrics(metrics: Any) -> Any:
     if not metrics:
         return {}
     try:
-        for key, value in metrics.items():
-            if type(value) is not float or type(key) is not str or len(key) > _MAX_KEY:
-                return _clean_metrics(metrics)
-        if len(metrics) <= protocol.MAX_METRICS and _isfinite(sum(metrics.values())):
-            return metrics
-    except (AttributeError, TypeError):
+        if type(metrics) is dict and len(metrics) <= protocol.MAX_METRICS:
+            for key, value in metrics.items():
+                # len() of a non-str key raises TypeError; a str subclass goes the slow way.
+                if type(value) is not float or len(key) > _MAX_KEY or type(key) is not str:
+                    break
+            else:
+                # One sum finds any NaN or infinity among the values.
+                if _isfinite(sum(metrics.values())):
+                    return metrics
+    except TypeError:
         pass
     return _clean_metrics(metrics)
 
@@ -146,7 +163,8 @@ class _Client:
     __slots__ = (
         "path", "run", "trace_timeout", "sock", "gen", "sent", "dropped", "unreported",
         "next_attempt_ns", "warned", "lock", "trace_lock", "needs_setup", "env_parent",
-        "request_id", "hello", "wall_offset_ns", "backlog",
+        "request_id", "hello", "wall_offset_ns", "wall_due_ns", "backlog", "full_until_ns",
+        "flusher",
     )
 
     def __init__(self) -> None:
@@ -168,8 +186,11 @@ class _Client:
         self.request_id = 0
         self.hello = b""
         self.backlog: deque[bytes] = deque()
-        # Spans that never reach the daemon get wall times from CLOCK_MONOTONIC plus this.
+        self.full_until_ns = 0
+        self.flusher: Optional[threading.Thread] = None
+        # Wall-clock times are CLOCK_MONOTONIC plus this offset, re-read once WALL_SYNC_NS.
         self.wall_offset_ns = _time_ns() - _monotonic_ns()
+        self.wall_due_ns = 0
 
     def setup(self, socket_path: Optional[str] = None, run: Optional[str] = None,
               trace_timeout: Optional[float] = None) -> None:
@@ -179,6 +200,7 @@ class _Client:
         if trace_timeout is not None:
             self.trace_timeout = trace_timeout
         self.wall_offset_ns = _time_ns() - _monotonic_ns()
+        self.wall_due_ns = 0
         header = os.environ.get("TRACEPARENT")
         self.env_parent = None
         if header:
@@ -190,6 +212,13 @@ class _Client:
                 log.warning("ignoring TRACEPARENT: %s", exc)
         self.hello = protocol.encode(protocol.Hello(pid=os.getpid(), run=self.run,
                                                     client=CLIENT_NAME))
+
+    def sync_wall(self, now_ns: int) -> None:
+        """Re-read the offset of CLOCK_REALTIME from CLOCK_MONOTONIC (due again WALL_SYNC_NS on)."""
+        # Wall times are CLOCK_MONOTONIC plus this offset: one clock read per message instead
+        # of two, and a step of the wall clock shows within WALL_SYNC_NS.
+        self.wall_offset_ns = _time_ns() - _monotonic_ns()
+        self.wall_due_ns = now_ns + WALL_SYNC_NS
 
     def first_use(self) -> None:
         """Settings from the environment; in service mode, the one tracing request."""
@@ -212,7 +241,6 @@ class _Client:
 
     def connect(self, now_ns: int) -> bool:
         """Open the connection and say hello; call with the lock held."""
-        self.next_attempt_ns = now_ns + RETRY_NS
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             sock.setblocking(False)
@@ -221,6 +249,9 @@ class _Client:
             sock.send(self.hello, _FLAGS)
         except OSError as exc:
             sock.close()
+            # Only a failure delays the next try: a thread that finds the first connect under
+            # way waits for it on the lock instead of taking the daemon for absent.
+            self.next_attempt_ns = now_ns + RETRY_NS
             self.warn("not reachable", exc)
             return False
         self.sock = sock
@@ -240,17 +271,19 @@ class _Client:
         self.next_attempt_ns = _monotonic_ns() + RETRY_NS
         self.warn("connection lost", exc)
 
-    def flush(self, sock: socket.socket) -> None:
-        """Send the drop report and the backlog, oldest first; BlockingIOError when full."""
+    def flush(self, sock: socket.socket, limit: int = -1) -> None:
+        """Send the drop report, then up to `limit` backlog frames oldest first (-1: all)."""
+        # A full socket raises BlockingIOError; what was not sent stays queued.
         if self.unreported:
             sock.send(_dumps({"t": "dropped", "n": self.unreported}), _FLAGS)
             self.sent += 1
             self.unreported = 0
         backlog = self.backlog
-        while backlog:
+        while backlog and limit:
             sock.send(backlog[0], _FLAGS)
             backlog.popleft()
             self.sent += 1
+            limit -= 1
 
     def send(self, payload: bytes, now_ns: int, must: bool = False) -> int:
         """Send one frame without blocking; the connection generation, or 0 if dropped.
@@ -260,25 +293,83 @@ class _Client:
         (ends of spans the daemon knows about) are always kept, so no span stays open there.
         """
         with self.lock:
-            if self.sock is None and (now_ns < self.next_attempt_ns or not self.connect(now_ns)):
-                return 0
-            sock = self.sock
-            try:
-                if self.backlog or self.unreported:
-                    self.flush(sock)
-                sock.send(payload, _FLAGS)
-            except BlockingIOError:
-                if must or len(self.backlog) < BACKLOG:
-                    self.backlog.append(payload)
-                    return self.gen
-                self.dropped += 1
-                self.unreported += 1
-                return 0
-            except OSError as exc:
-                self.lose(exc, failed=1)
-                return 0
-            self.sent += 1
+            return self.send_locked(payload, now_ns, must)
+
+    def send_locked(self, payload: bytes, now_ns: int, must: bool = False) -> int:
+        """`send` for a caller that holds the lock."""
+        if self.sock is None and (now_ns < self.next_attempt_ns or not self.connect(now_ns)):
+            return 0
+        if self.backlog and now_ns < self.full_until_ns:
+            return self.queue(payload, must)
+        sock = self.sock
+        try:
+            if self.backlog or self.unreported:
+                self.flush(sock)
+            sock.send(payload, _FLAGS)
+        except OSError as exc:
+            return self.unsent(payload, exc, must)
+        self.sent += 1
+        return self.gen
+
+    def queue(self, payload: bytes, must: bool) -> int:
+        """Keep a frame the socket cannot take now, or drop (and count) it."""
+        if must or len(self.backlog) < BACKLOG:
+            self.backlog.append(payload)
+            if self.flusher is None:
+                self.start_flusher()
             return self.gen
+        self.dropped += 1
+        self.unreported += 1
+        return 0
+
+    def start_flusher(self) -> None:
+        """Start the thread that sends the backlog once the socket has room; lock held."""
+        thread = threading.Thread(target=self.drain, name="renacerd-client-flush", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:
+            return  # at interpreter shutdown: the next send or the exit flush takes over
+        self.flusher = thread
+
+    def drain(self) -> None:
+        """The flusher thread's loop: wait for room, send the backlog, end when it is empty."""
+        # Without this thread, frames queued by the last spans of a burst would wait for the
+        # next span (or the exit flush). It sends in slices and waits without the lock, so a
+        # span never waits on it for more than a slice.
+        me = threading.current_thread()
+        poller = select.poll()
+        while True:
+            with self.lock:
+                sock = self.sock
+                if self.flusher is not me:
+                    return
+                if sock is None:  # lost or reconfigured meanwhile: nothing left to send
+                    self.flusher = None
+                    return
+                try:
+                    self.flush(sock, FLUSH_SLICE)
+                except BlockingIOError:
+                    fd = sock.fileno()
+                except OSError as exc:
+                    self.lose(exc)
+                    self.flusher = None
+                    return
+                else:
+                    if not self.backlog:
+                        self.flusher = None
+                        return
+                    continue
+            poller.register(fd, select.POLLOUT)
+            poller.poll(FLUSH_POLL_MS)
+            poller.unregister(fd)
+
+    def unsent(self, payload: bytes, exc: OSError, must: bool) -> int:
+        """A send failed with the lock held: queue the frame when the socket is full."""
+        if isinstance(exc, BlockingIOError):
+            self.full_until_ns = _monotonic_ns() + FULL_RETRY_NS
+            return self.queue(payload, must)
+        self.lose(exc, failed=1)
+        return 0
 
     def flush_at_exit(self) -> None:
         """At interpreter exit, give the backlog a short blocking chance to reach the daemon."""
@@ -338,6 +429,7 @@ class _Client:
         self.gen += 1
         self.sent = self.dropped = self.unreported = 0
         self.backlog = deque()
+        self.flusher = None  # the parent's flusher thread does not exist here
         self.next_attempt_ns = 0
         if self.hello:
             self.hello = protocol.encode(protocol.Hello(pid=os.getpid(), run=self.run,
@@ -425,7 +517,7 @@ class Span:
         "name", "model_name", "epoch", "step", "loss", "metrics", "parent", "_sid", "_trace",
         "_psid", "start_mono_ns", "_start_wall", "end_mono_ns", "_end_wall",
         "start_clock", "end_clock", "status", "status_message", "exception_type",
-        "thread_id", "process_id", "_token", "_gen",
+        "thread_id", "process_id", "_token", "_gen", "_hex",
     )
 
     def __init__(self, name: str, model_name: str = "", epoch: Optional[int] = None,
@@ -438,10 +530,11 @@ class Span:
         self.loss = loss
         self.metrics = metrics
         self.parent = parent
-        # Ids stay ints until someone needs hex: formatting costs more than drawing them.
-        self._sid = self._trace = self._psid = 0
-        self.start_mono_ns = self.end_mono_ns = self._gen = self._start_wall = self._end_wall = 0
-        self.status = StatusCode.UNSET
+        # Every store counts on the hot path: the ids, the hex span id and the wall times
+        # are set when the span starts or is sent, and read with a default before that.
+        # experiment_span() repeats these stores; keep the two in step.
+        self.start_mono_ns = self.end_mono_ns = self._gen = 0
+        self.status = _UNSET
         self.exception_type: Optional[str] = None
         self.status_message = ""
 
@@ -456,6 +549,7 @@ class Span:
             except ValueError as exc:
                 log.warning("span %r: ignoring parent: %s", self.name, exc)
                 self._trace = _getrandbits(128) or 1
+                self._psid = 0
 
     def __enter__(self) -> Span:
         c = _client
@@ -467,57 +561,114 @@ class Span:
             self._psid = parent._sid
         elif parent is None and c.env_parent is None:
             self._trace = _getrandbits(128) or 1
+            self._psid = 0
         else:
             self._link(parent)
-        self._sid = _getrandbits(64) or 1
+        self._sid = sid = _getrandbits(64) or 1
         try:
-            self.thread_id = _tls.tid
+            self.thread_id = tid = _tls.tid
         except AttributeError:
-            self.thread_id = _tls.tid = _native_id()
+            self.thread_id = tid = _tls.tid = _native_id()
         self.process_id = _pid
-        self.start_clock = _tick()
+        self.start_clock = lc = clock.tick()
         self.start_mono_ns = now = _monotonic_ns()
         self._token = _current.set(self)
-        if c.sock is not None or now >= c.next_attempt_ns:
-            self._send_start(c, now)
-        return self
-
-    def _send_start(self, c: _Client, now: int) -> None:
+        if c.sock is None and now < c.next_attempt_ns:
+            return self  # no daemon: the span stays local
+        # The daemon is (or may be) there: tell it. Inline rather than a method, like the end
+        # in __exit__: this is the hot path and a call costs what a metadata field does.
+        if now >= c.wall_due_ns:
+            c.sync_wall(now)
+        self._start_wall = wall = now + c.wall_offset_ns
+        # Hex through bytes: a third of the cost of format(id, "016x") for random ids.
+        self._hex = span_hex = sid.to_bytes(8, "big").hex()
         name = self.name
         model_name = self.model_name
         epoch = self.epoch
         step = self.step
         loss = self.loss
-        self._start_wall = _time_ns()
+        metrics = self.metrics
+        payload = None
         try:
-            payload = _dumps({
-                "t": "span_start", "span": f"{self._sid:016x}", "trace": f"{self._trace:032x}",
+            # Well-formed metadata goes out as it is; the rest is coerced by _start_frame.
+            # orjson itself refuses (TypeError) what these checks let through: numpy scalars,
+            # integers beyond 64 bits; len() refuses metric names that are not strings.
+            ok = (type(name) is str and len(name) <= _MAX_NAME
+                  and type(model_name) is str and len(model_name) <= _MAX_NAME
+                  and (epoch is None or type(epoch) is int and 0 <= epoch <= U32_MAX)
+                  and (step is None or type(step) is int and step >= 0)
+                  and (loss is None or type(loss) is float and _isfinite(loss)))
+            if ok and metrics:
+                if type(metrics) is dict and len(metrics) <= _MAX_METRICS:
+                    # The cheapest full check in pure Python: one pass, then one sum that
+                    # turns any NaN or infinity into a non-finite total.
+                    for key, value in metrics.items():
+                        if type(value) is not float or len(key) > _MAX_KEY:
+                            ok = False
+                            break
+                    else:
+                        ok = _isfinite(sum(metrics.values()))
+                else:
+                    ok = False
+            if ok:
+                psid = self._psid
+                payload = _dumps({
+                    "t": "span_start", "span": span_hex,
+                    "trace": self._trace.to_bytes(16, "big").hex(),
+                    "parent": psid.to_bytes(8, "big").hex() if psid else None,
+                    "name": name, "kind": "experiment",
+                    "md": {"model_name": model_name, "epoch": epoch, "step": step, "loss": loss,
+                           "metrics": metrics or _NO_METRICS},
+                    "mono": now, "wall": wall, "tid": tid, "lc": lc,
+                })
+        except TypeError:
+            pass
+        if payload is None:
+            payload = self._start_frame(now)
+            if payload is None:
+                return self
+        lock = c.lock
+        lock.acquire()
+        try:
+            sock = c.sock
+            if sock is None or c.backlog or c.unreported:
+                self._gen = c.send_locked(payload, now)
+            else:
+                try:
+                    sock.send(payload, _FLAGS)
+                except OSError as exc:
+                    self._gen = c.unsent(payload, exc, False)
+                else:
+                    c.sent += 1
+                    self._gen = c.gen
+        finally:
+            lock.release()
+        return self
+
+    def _start_frame(self, now: int) -> Optional[bytes]:
+        """The span_start frame with every field coerced for the wire (None: cannot be sent)."""
+        try:
+            return _dumps({
+                "t": "span_start", "span": self._hex, "trace": f"{self._trace:032x}",
                 "parent": f"{self._psid:016x}" if self._psid else None,
-                "name": name if type(name) is str and len(name) <= _MAX_NAME
-                else str(name)[:_MAX_NAME],
-                "kind": "experiment",
+                "name": str(self.name)[:_MAX_NAME], "kind": "experiment",
                 "md": {
-                    "model_name": model_name if type(model_name) is str
-                    and len(model_name) <= _MAX_NAME else _wire_field("model_name", model_name),
-                    "epoch": epoch if epoch is None or type(epoch) is int and 0 <= epoch <= U32_MAX
-                    else _wire_field("epoch", epoch),
-                    "step": step if step is None or type(step) is int and 0 <= step <= U64_MAX
-                    else _wire_field("step", step),
-                    "loss": loss if loss is None or type(loss) is float and _isfinite(loss)
-                    else _wire_field("loss", loss),
+                    "model_name": _wire_field("model_name", self.model_name) or "",
+                    "epoch": _wire_field("epoch", self.epoch),
+                    "step": _wire_field("step", self.step),
+                    "loss": _wire_field("loss", self.loss),
                     "metrics": _wire_metrics(self.metrics),
                 },
                 "mono": now, "wall": self._start_wall, "tid": self.thread_id,
                 "lc": self.start_clock,
             })
-        except (TypeError, orjson.JSONEncodeError) as exc:
+        except TypeError as exc:
             log.debug("span %r not sent: %s", self.name, exc)
-            return
-        self._gen = c.send(payload, now)
+            return None
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         self.end_mono_ns = now = _monotonic_ns()
-        self.end_clock = _tick()
+        self.end_clock = lc = clock.tick()
         if exc_type is None:
             self.status = _OK
         else:
@@ -532,19 +683,38 @@ class Span:
         except ValueError:
             # Exited in another context (e.g. a generator resumed elsewhere): unwind by hand.
             _current.set(self.parent if type(self.parent) is Span else None)
-        if self._gen and self._gen == _client.gen:
-            self._end_wall = _time_ns()
-            self._send_end(_client, now)
+        gen = self._gen
+        if not gen:
+            return False  # the daemon never heard of this span
+        c = _client
+        self._end_wall = wall = now + c.wall_offset_ns
+        if exc_type is None:
+            payload = (f'{{"t":"span_end","span":"{self._hex}","status":"ok","msg":"",'
+                       f'"exc":null,"mono":{now},"wall":{wall},"lc":{lc}}}').encode()
+        else:
+            payload = _dumps({
+                "t": "span_end", "span": self._hex, "status": "error",
+                "msg": self.status_message, "exc": self.exception_type, "mono": now,
+                "wall": wall, "lc": lc,
+            })
+        lock = c.lock
+        lock.acquire()
+        try:
+            # A span ends only on the connection it began on.
+            if gen == c.gen:
+                sock = c.sock
+                if sock is None or c.backlog or c.unreported:
+                    c.send_locked(payload, now, True)
+                else:
+                    try:
+                        sock.send(payload, _FLAGS)
+                    except OSError as err:
+                        c.unsent(payload, err, True)
+                    else:
+                        c.sent += 1
+        finally:
+            lock.release()
         return False
-
-    def _send_end(self, c: _Client, now: int) -> None:
-        payload = _dumps({
-            "t": "span_end", "span": f"{self._sid:016x}",
-            "status": "ok" if self.status is _OK else "error",
-            "msg": self.status_message, "exc": self.exception_type, "mono": now,
-            "wall": self._end_wall, "lc": self.end_clock,
-        })
-        c.send(payload, now, must=True)
 
     async def __aenter__(self) -> Span:
         return self.__enter__()
@@ -577,7 +747,7 @@ class Span:
             if wire is not None:
                 md[key] = wire
         if md:
-            c.send(_dumps({"t": "span_set", "span": f"{self._sid:016x}", "md": md}),
+            c.send(_dumps({"t": "span_set", "span": self._hex, "md": md}),
                    _monotonic_ns())
 
     def __call__(self, fn: F) -> F:
@@ -587,42 +757,45 @@ class Span:
         if inspect.iscoroutinefunction(fn):
             @functools.wraps(fn)
             async def run_async(*a: Any, **kw: Any) -> Any:
-                with Span(*args):
+                with experiment_span(*args):
                     return await fn(*a, **kw)
             return run_async  # type: ignore[return-value]
 
         @functools.wraps(fn)
         def run(*a: Any, **kw: Any) -> Any:
-            with Span(*args):
+            with experiment_span(*args):
                 return fn(*a, **kw)
         return run  # type: ignore[return-value]
 
     @property
     def span_id(self) -> str:
         """This span's id, 16 lowercase hex digits ("" before it starts)."""
-        return f"{self._sid:016x}" if self._sid else ""
+        sid = getattr(self, "_sid", 0)
+        return f"{sid:016x}" if sid else ""
 
     @property
     def trace_id(self) -> str:
         """The trace id, 32 lowercase hex digits ("" before the span starts)."""
-        return f"{self._trace:032x}" if self._trace else ""
+        trace = getattr(self, "_trace", 0)
+        return f"{trace:032x}" if trace else ""
 
     @property
     def parent_span_id(self) -> Optional[str]:
-        """The parent span's id in hex, None for a root span."""
-        return f"{self._psid:016x}" if self._psid else None
+        """The parent span's id in hex, None for a root span (and before the span starts)."""
+        psid = getattr(self, "_psid", 0)
+        return f"{psid:016x}" if psid else None
 
     @property
     def start_wall_ns(self) -> int:
         """Wall-clock start (derived from CLOCK_MONOTONIC when the span was not sent)."""
-        return self._start_wall or (self.start_mono_ns + _client.wall_offset_ns
-                                    if self.start_mono_ns else 0)
+        return getattr(self, "_start_wall", 0) or (
+            self.start_mono_ns + _client.wall_offset_ns if self.start_mono_ns else 0)
 
     @property
     def end_wall_ns(self) -> int:
         """Wall-clock end, 0 while open (derived from CLOCK_MONOTONIC when not sent)."""
-        return self._end_wall or (self.end_mono_ns + _client.wall_offset_ns
-                                  if self.end_mono_ns else 0)
+        return getattr(self, "_end_wall", 0) or (
+            self.end_mono_ns + _client.wall_offset_ns if self.end_mono_ns else 0)
 
     @property
     def connected(self) -> bool:
@@ -632,7 +805,7 @@ class Span:
     @property
     def traceparent(self) -> str:
         """The W3C traceparent naming this span (hand it to subprocesses as TRACEPARENT)."""
-        return f"00-{self._trace:032x}-{self._sid:016x}-01"
+        return f"00-{getattr(self, '_trace', 0):032x}-{getattr(self, '_sid', 0):016x}-01"
 
     def metadata(self) -> ExperimentMetadata:
         """The span's metadata, coerced the way it is sent."""
@@ -676,5 +849,25 @@ class Span:
                 f"status={self.status.name})")
 
 
-# The span class is the public factory: one call layer less on the hot path.
-experiment_span = Span
+_new_span = object.__new__
+
+
+def experiment_span(name: str, model_name: str = "", epoch: Optional[int] = None,
+                    step: Optional[int] = None, loss: Optional[float] = None,
+                    metrics: Optional[dict[str, float]] = None, parent: Parent = None) -> Span:
+    """A new experiment span: `with experiment_span(...) as span:`, or a decorator."""
+    # Span.__init__'s work, done here: calling a class (type.__call__, then __init__) costs
+    # ~85 ns more than a plain function on CPython 3.11, a tenth of a span without a daemon.
+    span = _new_span(Span)
+    span.name = name
+    span.model_name = model_name
+    span.epoch = epoch
+    span.step = step
+    span.loss = loss
+    span.metrics = metrics
+    span.parent = parent
+    span.start_mono_ns = span.end_mono_ns = span._gen = 0
+    span.status = _UNSET
+    span.exception_type = None
+    span.status_message = ""
+    return span

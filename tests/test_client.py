@@ -572,3 +572,206 @@ def test_threads_share_connection_safely(daemon):
     assert wait_for(lambda: book.counts()["spans_ended"] + book.counts()["orphan_ends"]
                     >= total - dropped)
     assert book.counts()["spans_ended"] + dropped >= total
+
+
+def test_threads_racing_the_first_connect_all_reach_daemon(daemon):
+    # A thread that finds another one connecting waits for it instead of taking the daemon
+    # for absent (which would silently keep its spans local).
+    _, book = daemon
+    n = 8
+    barrier = threading.Barrier(n)
+    spans = []
+
+    def work():
+        barrier.wait()
+        with experiment_span("first") as s:
+            pass
+        spans.append(s)
+
+    threads = [threading.Thread(target=work) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(spans) == n and all(s.connected for s in spans)
+    assert wait_for(lambda: book.counts()["spans_ended"] == n)
+
+
+def test_experiment_span_builds_what_the_span_class_builds():
+    args = dict(model_name="m", epoch=1, step=2, loss=0.5, metrics={"x": 1.0}, parent=None)
+    a = experiment_span("n", **args)
+    b = client.Span("n", **args)
+    assert type(a) is client.Span
+
+    def state(s):
+        return {k: getattr(s, k) for k in client.Span.__slots__ if hasattr(s, k)}
+
+    assert state(a) == state(b)
+    for s in (a, b):
+        assert (s.span_id, s.trace_id, s.parent_span_id) == ("", "", None)
+        assert s.status is StatusCode.UNSET and s.exception_type is None
+        assert (s.start_wall_ns, s.end_wall_ns, s.connected) == (0, 0, False)
+
+
+class _Str(str):
+    pass
+
+
+class _Float(float):
+    pass
+
+
+# (kwargs of one span, attributes its record must have, attributes it must not have)
+ODD_METADATA = {
+    "bool-metric": ({"metrics": {"flag": True, "x": 0.5}},
+                    {"experiment.metrics.flag": "1", "experiment.metrics.x": "0.5"}, ()),
+    "int-metric": ({"metrics": {"i": 2, "x": 0.5}}, {"experiment.metrics.i": "2"}, ()),
+    "nan-metric": ({"metrics": {"nan": math.nan, "x": 0.5}}, {"experiment.metrics.x": "0.5"},
+                   ("experiment.metrics.nan",)),
+    "inf-metric": ({"metrics": {"inf": -math.inf, "x": 0.5}}, {"experiment.metrics.x": "0.5"},
+                   ("experiment.metrics.inf",)),
+    "sum-overflows": ({"metrics": {"a": 1e308, "b": 1e308}},
+                      {"experiment.metrics.a": "1" + "0" * 308}, ()),
+    "long-key": ({"metrics": {"k" * 129: 0.5}}, {"experiment.metrics." + "k" * 128: "0.5"}, ()),
+    "int-key": ({"metrics": {3: 0.5}}, {"experiment.metrics.3": "0.5"}, ()),
+    "str-subclass-key": ({"metrics": {_Str("s"): 0.5}}, {"experiment.metrics.s": "0.5"}, ()),
+    "float-subclass": ({"metrics": {"f": _Float(0.5)}}, {"experiment.metrics.f": "0.5"}, ()),
+    "str-value": ({"metrics": {"s": "x", "x": 0.5}}, {"experiment.metrics.x": "0.5"},
+                  ("experiment.metrics.s",)),
+    "none-value": ({"metrics": {"n": None}}, {}, ("experiment.metrics.n",)),
+    "nested-value": ({"metrics": {"d": {"a": 1.0}}}, {}, ("experiment.metrics.d",)),
+    "too-many": ({"metrics": {f"m{i:03}": float(i) for i in range(300)}},
+                 {"experiment.metrics.m255": "255"}, ("experiment.metrics.m256",)),
+    "not-a-dict": ({"metrics": [("a", 1.0)]}, {}, ("experiment.metrics.a",)),
+    "bool-epoch": ({"epoch": True}, {"experiment.epoch": "1"}, ()),
+    "big-epoch": ({"epoch": 2**32}, {}, ("experiment.epoch",)),
+    "negative-epoch": ({"epoch": -1}, {}, ("experiment.epoch",)),
+    "big-step": ({"step": 2**64}, {}, ("experiment.step",)),
+    "max-step": ({"step": 2**64 - 1}, {"experiment.step": str(2**64 - 1)}, ()),
+    "negative-step": ({"step": -1}, {}, ("experiment.step",)),
+    "nan-loss": ({"loss": math.nan}, {}, ("experiment.loss",)),
+    "int-loss": ({"loss": 1}, {"experiment.loss": "1"}, ()),
+    "none-model": ({"model_name": None}, {"experiment.model_name": ""}, ()),
+    "int-model": ({"model_name": 7}, {"experiment.model_name": "7"}, ()),
+    "long-model": ({"model_name": "m" * 300}, {"experiment.model_name": "m" * 256}, ()),
+}
+
+
+def test_odd_metadata_each_alone_is_coerced_never_fatal(daemon):
+    # Each odd value alone in otherwise clean metadata: the fast path must hand it to the
+    # coercing one, and the daemon must never see a frame it refuses.
+    server, book = daemon
+    for label, (kwargs, _, _) in ODD_METADATA.items():
+        with experiment_span(label, **kwargs) as s:
+            pass
+        assert s.connected, label
+    with experiment_span(42):
+        pass
+    with experiment_span("n" * 300):
+        pass
+    recs = records(book, len(ODD_METADATA) + 2)
+    for label, (_, want, absent) in ODD_METADATA.items():
+        attrs = recs[label].attributes()
+        assert want.items() <= attrs.items(), (label, attrs)
+        assert not set(absent) & attrs.keys(), (label, attrs)
+    assert "42" in recs and "n" * 256 in recs
+    assert server.stats["protocol_errors"] == 0
+
+
+def test_backlog_tail_is_sent_without_further_spans(sock_dir):
+    # The last frames of a burst that found the socket full reach the daemon once it reads,
+    # with no later span to push them out.
+    path = os.path.join(sock_dir, "tail.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(path)
+    listener.listen(8)
+    client.configure(socket=path)
+    base = client.stats()
+    try:
+        n = 0
+        while client.stats()["queued"] == 0 and n < 200_000:
+            with experiment_span("burst", step=n):
+                pass
+            n += 1
+        for _ in range(10):
+            with experiment_span("tail"):
+                pass
+        assert 0 < client.stats()["queued"] < client.BACKLOG
+        assert client.stats()["dropped"] == base["dropped"]
+        conn, _ = listener.accept()
+        conn.setblocking(False)
+        frames = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                frames.append(decode(conn.recv(MAX_FRAME)))
+            except BlockingIOError:
+                if client.stats()["queued"] == 0 and len(frames) == (
+                        client.stats()["sent"] - base["sent"]):
+                    break
+                time.sleep(0.001)
+        starts = [f.span_id for f in frames if isinstance(f, SpanStart)]
+        ends = [f.span_id for f in frames if isinstance(f, SpanEnd)]
+        assert len(starts) == n + 10 and sorted(starts) == sorted(ends)
+        assert client.stats()["queued"] == 0
+        assert wait_for(lambda: client._client.flusher is None)
+        assert not [t for t in threading.enumerate() if t.name == "renacerd-client-flush"]
+        conn.close()
+    finally:
+        client.configure(socket=os.path.join(sock_dir, "gone.sock"))
+        listener.close()
+
+
+def test_wall_times_follow_the_wall_clock(daemon):
+    _, book = daemon
+    c = client._client
+    with experiment_span("w1") as w1:
+        pass
+    assert abs(w1.start_wall_ns - time.time_ns()) < 10**9
+    # A step of the wall clock (faked here through the offset) shows once it is re-read.
+    c.wall_offset_ns -= 3600 * 10**9
+    c.wall_due_ns = 0
+    with experiment_span("w2") as w2:
+        pass
+    recs = records(book, 2)
+    for rec, span in ((recs["w1"], w1), (recs["w2"], w2)):
+        assert rec.start_time_nanos == span.start_wall_ns
+        assert rec.end_time_nanos == span.end_wall_ns
+        assert rec.duration_nanos == span.end_mono_ns - span.start_mono_ns
+        assert abs(rec.start_time_nanos - time.time_ns()) < 10**9
+
+
+def test_client_frames_are_the_protocol_encoding(sock_dir):
+    # The hot path builds its frames by hand (and an f-string for the end): byte for byte
+    # they must be what renacerd.protocol encodes for the same messages.
+    path = os.path.join(sock_dir, "raw.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(path)
+    listener.listen(1)
+    client.configure(socket=path)
+    try:
+        with experiment_span("outer", model_name="gpt-2", epoch=3, step=2**64 - 1,
+                             loss=0.125, metrics={"acc": 0.5, "é": 1e-7}) as outer, \
+                experiment_span("inner"):
+            pass
+        with pytest.raises(ValueError), experiment_span("bad"):
+            raise ValueError("no")
+        conn, _ = listener.accept()
+        conn.settimeout(5)
+        frames = [conn.recv(MAX_FRAME) for _ in range(7)]
+        conn.close()
+    finally:
+        client.configure(socket=os.path.join(sock_dir, "gone.sock"))
+        listener.close()
+    msgs = [decode(f) for f in frames]
+    assert [type(m) for m in msgs] == [Hello, SpanStart, SpanStart, SpanEnd, SpanEnd,
+                                       SpanStart, SpanEnd]
+    for frame, msg in zip(frames, msgs):
+        assert encode(msg) == frame, frame
+    start = msgs[1]
+    assert (start.span_id, start.trace_id, start.parent_span_id) == (
+        outer.span_id, outer.trace_id, None)
+    assert (start.metadata.step, start.metadata.metrics) == (2**64 - 1, {"acc": 0.5, "é": 1e-7})
+    assert (start.mono_ns, start.wall_ns) == (outer.start_mono_ns, outer.start_wall_ns)
+    assert msgs[2].parent_span_id == outer.span_id
+    assert msgs[6].status is StatusCode.ERROR and msgs[6].exception_type == "ValueError"
