@@ -34,6 +34,8 @@
 #define F_READ_FAILED   0x08  // reading a user string / struct failed
 #define F_TRUNCATED     0x10  // a string filled STR_LEN and was cut
 #define F_THREAD        0x20  // EV_FORK: the child is a thread of the parent
+#define F_EMPTY_PATH0   0x40  // the first path is "" (no detail record)
+#define F_EMPTY_PATH1   0x80  // the second path is "" (no detail record)
 
 // detail.slot
 #define SLOT_PATH0 0
@@ -170,6 +172,16 @@ static __always_inline u16 submit_bytes(struct detail *d, const void *ptr, u32 l
     d->flags = fl;
     details.ringbuf_submit(d, BPF_RB_NO_WAKEUP);
     return fl;
+}
+
+// A path argument at exit. An empty one (glibc's fstat is newfstatat(fd, "", AT_EMPTY_PATH):
+// a third of the paths of a PyTorch data loader) is a flag on the event, not a record the
+// daemon has to decode.
+static __always_inline u16 emit_path(u64 ts, u32 tid, u16 nr, u8 slot, const void *ptr) {
+    char c = 1;
+    if (bpf_probe_read_user(&c, 1, ptr) == 0 && c == 0)
+        return slot == SLOT_PATH0 ? F_EMPTY_PATH0 : F_EMPTY_PATH1;
+    return emit_str(ts, tid, nr, slot, ptr, 1);
 }
 
 static __always_inline u16 emit_addr(u64 ts, u32 tid, u16 nr, const void *ptr, u32 len) {
@@ -440,9 +452,9 @@ EXIT_PROBE {
     if (kind != K_NONE) {
         u64 p0 = s->p0, p1 = s->p1;
         if (kind == K_PATH0 || kind == K_PATH01) {
-            flags |= emit_str(ts, tid, nr, SLOT_PATH0, (void *)p0, 1);
+            flags |= emit_path(ts, tid, nr, SLOT_PATH0, (void *)p0);
             if (kind == K_PATH01)
-                flags |= emit_str(ts, tid, nr, SLOT_PATH1, (void *)p1, 1);
+                flags |= emit_path(ts, tid, nr, SLOT_PATH1, (void *)p1);
         } else if (kind == K_ADDR) {
             flags |= emit_addr(ts, tid, nr, (void *)p0, (u32)p1);
         } else if (kind == K_ADDR_OUT && ret >= 0) {

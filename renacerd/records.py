@@ -18,6 +18,8 @@ F_DETAIL_LOST = 0x04
 F_READ_FAILED = 0x08
 F_TRUNCATED = 0x10
 F_THREAD = 0x20
+F_EMPTY_PATH0 = 0x40  # the first path argument is "" (no detail record carries it)
+F_EMPTY_PATH1 = 0x80
 
 # detail.slot
 SLOT_PATH0 = 0

@@ -207,6 +207,39 @@ def test_syscall_names_above_334(cc, renacerd, db):
     assert recs["clone3"].errno in (14, 22)
 
 
+EMPTY_PATHS = r"""
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <stdio.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int main(void) {
+    struct stat st;
+    int fd = open("/etc/hostname", O_RDONLY);
+    syscall(SYS_newfstatat, fd, "", &st, AT_EMPTY_PATH);   /* fstat as glibc does it */
+    syscall(SYS_newfstatat, AT_FDCWD, "", &st, 0);          /* ENOENT */
+    syscall(SYS_newfstatat, AT_FDCWD, "/etc/hostname", &st, 0);
+    syscall(SYS_rename, "", "/nonexistent/x");               /* ENOENT, first path empty */
+    return 0;
+}
+"""
+
+
+def test_empty_paths_are_kept_without_detail_records(cc, renacerd, db):
+    exe = cc("emptypaths", EMPTY_PATHS)
+    r = renacerd("-q", "--run", "empty", "--", str(exe))
+    assert r.returncode == 0, r.stderr
+    t = Store(db).load_run("empty")[0]
+    stats = [(x.args.get("path"), x.errno) for x in t if x.name == "newfstatat"]
+    assert stats[-3:] == [("", None), ("", 2), ("/etc/hostname", None)]
+    ren = [x for x in t if x.name == "rename"]
+    assert [(x.args.get("path"), x.args.get("path2"), x.errno) for x in ren] == [
+        ("", "/nonexistent/x", 2)]
+    flags = t.columns["flags"][t.names() == "newfstatat"][-3:]
+    assert [int(f) & 0x42 for f in flags] == [0x40, 0x40, 0x02]  # flag, flag, detail record
+
+
 SOCKETS = r"""
 #include <arpa/inet.h>
 #include <stdio.h>
