@@ -2,6 +2,7 @@
 median step time untraced vs traced by renacerd vs strace -f, in one run.
 
 Usage: sudo .venv/bin/python bench/torch_loop.py [--steps 200] [--rounds 3]
+       sudo .venv/bin/python bench/torch_loop.py --windows 6 [--window-s 3]
 (needs torch: `.venv/bin/pip install torch==2.13.0` takes the local CPU wheel)
 """
 
@@ -58,9 +59,21 @@ def workload(shard_dir: str, steps: int, warmup: int) -> None:
     times = []
     it = iter(loader)
     win = [0, 0]  # CLOCK_MONOTONIC window of the timed steps: the clock of the trace
+    # --windows mode: run for BENCH_SECONDS and keep every step's (start, duration)
+    seconds = float(os.environ.get("BENCH_SECONDS", "0"))
+    if seconds:
+        steps = 10**9
+    deadline = time.monotonic() + seconds
+    starts: list[int] = []
     for step in range(steps + warmup):
         if step == warmup:
             win[0] = time.monotonic_ns()
+            if os.environ.get("BENCH_READY"):
+                Path(os.environ["BENCH_READY"]).write_text(str(os.getpid()))
+        if seconds:
+            if time.monotonic() > deadline:
+                break
+            starts.append(time.monotonic_ns())
         t0 = time.perf_counter()
         x, y = next(it)
         loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -70,6 +83,9 @@ def workload(shard_dir: str, steps: int, warmup: int) -> None:
         if step >= warmup:
             times.append(time.perf_counter() - t0)
     win[1] = time.monotonic_ns()
+    if seconds:
+        print(json.dumps({"starts": starts[warmup:], "times": times}), flush=True)
+        return
     if os.environ.get("BENCH_TIMES"):  # per-step times, to look at a run's shape
         Path(os.environ["BENCH_TIMES"]).write_text(" ".join(f"{t * 1e3:.2f}" for t in times))
     print(json.dumps({"median_step_s": statistics.median(times),
@@ -81,6 +97,64 @@ def _run(cmd: list[str]) -> dict:
     out = subprocess.run(cmd, capture_output=True, text=True, check=True,
                          env=dict(os.environ, PYTHONPATH=str(ROOT))).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def windows(me: list[str], db: Path, n: int, width: float, extra: list[str]) -> int:
+    """One long run of the loop; renacerd attaches (--pid, all of the tree) for every other
+    window of `width` seconds. Steps inside traced windows against steps inside the untraced
+    windows between them: same processes, same placement on the CPUs, so the ratio is not
+    lost in the run-to-run noise of this VM. The daemon's start-up (BPF compile) and detach
+    fall between the windows and are left out."""
+    ready = db.parent / "ready"
+    total = 4 + n * (2 * width + 6)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), BENCH_SECONDS=str(total),
+               BENCH_READY=str(ready))
+    w = subprocess.Popen(me, stdout=subprocess.PIPE, text=True, env=env)
+    while not ready.exists():
+        time.sleep(0.05)
+    pid = int(ready.read_text())
+    time.sleep(1)
+    plain, traced = [], []
+    for i in range(n):
+        a = time.monotonic_ns()
+        time.sleep(width)
+        plain.append((a, time.monotonic_ns()))
+        rfd, wfd = os.pipe()
+        d = subprocess.Popen([sys.executable, "-m", "renacerd.cli.renacerd_main", "-q", "--db",
+                              str(db), "--run", f"w{i}", "--pid", str(pid), "--duration",
+                              str(width), "--ready-fd", str(wfd), *extra],
+                             pass_fds=(wfd,), env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        os.close(wfd)
+        with os.fdopen(rfd) as f:
+            f.readline()
+        t1 = time.monotonic_ns()
+        d.wait()
+        traced.append((t1 + 50_000_000, t1 + int(width * 1e9)))  # the drain loop is up
+    out = json.loads(w.communicate()[0].strip().splitlines()[-1])
+    starts, times = out["starts"], out["times"]
+
+    def inside(wins):
+        per = []
+        for a, b in wins:
+            sel = [t for s, t in zip(starts, times) if a <= s and s + t * 1e9 <= b]
+            per.append(sum(sel) / len(sel))
+        return per
+
+    p, t = inside(plain), inside(traced)
+    con = sqlite3.connect(db)
+    lost = con.execute("SELECT sum(events_lost) FROM runs").fetchone()[0]
+    evs = con.execute("SELECT sum(events) FROM runs").fetchone()[0]
+    con.close()
+    ratios = [y / x for x, y in zip(p, t)]
+    print(f"PyTorch CPU loop, DataLoader(num_workers=2), one run; renacerd --pid attached for "
+          f"{n} windows of {width:g} s, untraced windows of {width:g} s between them")
+    print(f"untraced windows, mean step ms: {', '.join(f'{x * 1e3:.2f}' for x in p)}")
+    print(f"traced windows, mean step ms:   {', '.join(f'{x * 1e3:.2f}' for x in t)}")
+    print(f"traced / untraced: {statistics.mean(t) / statistics.mean(p):.3f}x over all windows; "
+          f"median of the {n} window pairs {statistics.median(ratios):.3f}x "
+          f"(range {min(ratios):.3f}-{max(ratios):.3f})")
+    print(f"renacerd: {evs:,} events in the traced windows, lost {lost}")
+    return 0
 
 
 def _events_in(db: Path, run: str, window: list[int]) -> int:
@@ -102,6 +176,11 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-strace", dest="strace", action="store_false")
+    ap.add_argument("--windows", type=int, default=0,
+                    help="one long run, renacerd attached in N alternate windows")
+    ap.add_argument("--window-s", type=float, default=3.0)
+    ap.add_argument("--daemon-arg", action="append", default=[],
+                    help="passed to renacerd in --windows mode (e.g. --daemon-arg=--cuda=off)")
     ap.add_argument("--workload", nargs=1, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.workload:
@@ -118,6 +197,8 @@ def main() -> int:
         me = [sys.executable, __file__, "--steps", str(a.steps), "--warmup", str(a.warmup),
               "--workload", str(shard_dir)]
         db = Path(d) / "t.db"
+        if a.windows:
+            return windows(me, db, a.windows, a.window_s, a.daemon_arg)
         untraced, traced, events, per_step = [], [], [], []
         for r in range(a.rounds):
             untraced.append(_run(me)[STAT])
