@@ -195,23 +195,25 @@ static __always_inline u16 emit_addr(u64 ts, u32 tid, u16 nr, const void *ptr, u
     return submit_bytes(d, ptr, len, F_DETAIL);
 }
 
-static __always_inline void emit_lifecycle(u64 ts, u16 kind, u32 pid, u32 tid, u64 a0, u32 aux,
-                                           u16 flags) {
+// One event record; returns 0 (and counts it) when the ring is full.
+static __always_inline int emit_event(u64 ts, u64 dur, s64 ret, u64 a0, u32 pid, u32 tid,
+                                      u16 nr, u16 flags, u32 aux) {
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
     if (!e) {
         count(C_EVENTS_LOST);
-        return;
+        return 0;
     }
-    e->ts = ts;  // the same ts keys this record's detail records
-    e->dur = 0;
-    e->ret = 0;
+    e->ts = ts;  // lifecycle records: the same ts keys their detail records
+    e->dur = dur;
+    e->ret = ret;
     e->a0 = a0;
     e->pid = pid;
     e->tid = tid;
-    e->nr = kind;
+    e->nr = nr;
     e->flags = flags;
     e->aux = aux;
     events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+    return 1;
 }
 
 // How a syscall's user memory is read at exit; K_ARGS: no capture, but enter needs all six
@@ -341,21 +343,7 @@ ENTER_PROBE {
 
     if (nr == __NR_exit_group || nr == __NR_exit) {
         // These never return: record them now, with the exit code as a0.
-        struct event *e = events.ringbuf_reserve(sizeof(struct event));
-        if (!e) {
-            count(C_EVENTS_LOST);
-            return 0;
-        }
-        e->ts = ts;
-        e->dur = 0;
-        e->ret = 0;
-        e->a0 = a[0];
-        e->pid = tgid;
-        e->tid = tid;
-        e->nr = nr;
-        e->flags = 0;
-        e->aux = 0;
-        events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+        emit_event(ts, 0, 0, a[0], tgid, tid, nr, 0, 0);
         return 0;
     }
 
@@ -430,21 +418,7 @@ EXIT_PROBE {
                          nr == __NR_vfork))
             return 0;
         count(C_NO_ENTER);
-        struct event *e = events.ringbuf_reserve(sizeof(struct event));
-        if (!e) {
-            count(C_EVENTS_LOST);
-            return 0;
-        }
-        e->ts = now;
-        e->dur = 0;
-        e->ret = ret;
-        e->a0 = 0;
-        e->pid = tgid;
-        e->tid = tid;
-        e->nr = nr;
-        e->flags = F_NO_ENTER;
-        e->aux = 0;
-        events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+        emit_event(now, 0, ret, 0, tgid, tid, nr, F_NO_ENTER, 0);
         return 0;
     }
 
@@ -464,21 +438,7 @@ EXIT_PROBE {
         }
     }
 
-    struct event *e = events.ringbuf_reserve(sizeof(struct event));
-    if (!e) {
-        count(C_EVENTS_LOST);
-        return 0;
-    }
-    e->ts = ts;
-    e->dur = now - ts;
-    e->ret = ret;
-    e->a0 = a0;
-    e->pid = tgid;
-    e->tid = tid;
-    e->nr = nr;
-    e->flags = flags;
-    e->aux = 0;
-    events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+    emit_event(ts, now - ts, ret, a0, tgid, tid, nr, flags, 0);
     return 0;
 }
 
@@ -512,7 +472,7 @@ TRACEPOINT_PROBE(sched, sched_process_fork) {
     }
 #endif
     u64 ts = bpf_ktime_get_ns();
-    emit_lifecycle(ts, EV_FORK, tgid, tid, child, child, flags);
+    emit_event(ts, 0, 0, child, tgid, tid, EV_FORK, flags, child);
     emit_str(ts, child, EV_FORK, SLOT_COMM, (char *)args + (args->data_loc_child_comm & 0xFFFF), 0);
     return 0;
 }
@@ -523,22 +483,9 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
     if (!is_target(tgid))
         return 0;
     u32 tid = (u32)id;
-    struct event *e = events.ringbuf_reserve(sizeof(struct event));
-    if (!e) {
-        count(C_EVENTS_LOST);
-        return 0;
-    }
     u64 ts = bpf_ktime_get_ns();
-    e->ts = ts;
-    e->dur = 0;
-    e->ret = 0;
-    e->a0 = args->old_pid;
-    e->pid = tgid;
-    e->tid = tid;
-    e->nr = EV_EXEC;
-    e->flags = F_DETAIL;
-    e->aux = 0;
-    events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+    if (!emit_event(ts, 0, 0, args->old_pid, tgid, tid, EV_EXEC, F_DETAIL, 0))
+        return 0;  // no details for a record the daemon will never see
     emit_str(ts, tid, EV_EXEC, SLOT_PATH0, (char *)args + (args->data_loc_filename & 0xFFFF), 0);
     char comm[16];
     bpf_get_current_comm(&comm, sizeof(comm));
@@ -582,7 +529,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit) {
     struct start_t *s = starts.lookup(&idx);
     if (s && s->tid == tid)
         s->ts = 0;
-    emit_lifecycle(bpf_ktime_get_ns(), EV_EXIT, tgid, tid, args->group_dead, 0, 0);
+    emit_event(bpf_ktime_get_ns(), 0, 0, args->group_dead, tgid, tid, EV_EXIT, 0, 0);
     return 0;
 }
 
@@ -594,6 +541,6 @@ TRACEPOINT_PROBE(signal, signal_deliver) {
     u32 tgid = id >> 32;
     if (!is_target(tgid))
         return 0;
-    emit_lifecycle(bpf_ktime_get_ns(), EV_SIGNAL, tgid, (u32)id, args->code, args->sig, 0);
+    emit_event(bpf_ktime_get_ns(), 0, 0, args->code, tgid, (u32)id, EV_SIGNAL, 0, args->sig);
     return 0;
 }

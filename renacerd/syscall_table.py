@@ -13,6 +13,11 @@ UNISTD_HEADERS = (
     "/usr/include/asm/unistd_64.h",
 )
 
+# The x86-64 numbers the daemon itself acts on (process exit, exec, library opens).
+NR_OPEN, NR_OPENAT, NR_OPENAT2 = 2, 257, 437
+NR_EXECVE, NR_EXECVEAT = 59, 322
+NR_EXIT, NR_EXIT_GROUP = 60, 231
+
 # x86-64 numbers are append-only. The distribution's uapi header lags the running kernel
 # (Debian 12 ships 6.1's, ending at 450), so numbers added since are listed here, with the
 # kernel release that added them. Tracefs gives names but not numbers (its `id` files are

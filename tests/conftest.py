@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,3 +96,12 @@ def renacer(db):
         return run_cli("renacer_main", *args, "--db", str(db), **kw)
 
     return _run
+
+
+@pytest.fixture
+def sock_dir():
+    """A fresh directory for Unix sockets: AF_UNIX paths are limited to 108 bytes, and
+    pytest's tmp_path can be longer."""
+    d = tempfile.mkdtemp(prefix="rs", dir="/tmp")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)

@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -35,13 +33,6 @@ from renacerd.protocol import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def sock_dir():
-    d = tempfile.mkdtemp(prefix="rsc", dir="/tmp")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

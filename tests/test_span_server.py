@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -39,14 +37,6 @@ from renacerd.protocol import (
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
-
-
-@pytest.fixture
-def sock_dir():
-    # AF_UNIX paths are limited to 108 bytes: pytest's tmp_path can be longer.
-    d = tempfile.mkdtemp(prefix="rsd", dir="/tmp")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -17,13 +17,11 @@ from renacerd.cuda.names import KernelNames
 from renacerd.cuda.records import GPU_LAYOUT
 from renacerd.probes.cuda import CudaProbes, ProbedObject
 from renacerd.probes.loader import ProbeError
+from renacerd.syscall_table import NR_EXECVE, NR_EXECVEAT, NR_OPEN, NR_OPENAT, NR_OPENAT2
 
 log = logging.getLogger("renacerd")
 
-NR_OPEN, NR_OPENAT, NR_OPENAT2 = 2, 257, 437
-NR_EXECVE, NR_EXECVEAT = 59, 322
 _OPENS = np.array([NR_OPEN, NR_OPENAT, NR_OPENAT2], dtype=np.uint16)
-_EXECS = np.array([NR_EXECVE, NR_EXECVEAT], dtype=np.uint16)
 
 # fn id -> is a driver launch (its handle is a CUfunction, not a host stub)
 _DRIVER_LAUNCH = np.array(
@@ -205,9 +203,7 @@ class CudaSource:
                 self._attached(obj, int(ev["ts"][i]))
                 self.names.snapshot_maps(pid)
         nr = ev["nr"]
-        execs = nr == _EXECS[0]
-        for x in _EXECS[1:]:
-            execs |= nr == x
+        execs = (nr == NR_EXECVE) | (nr == NR_EXECVEAT)  # two compares beat isin's sort
         for i in np.flatnonzero(execs & (ev["ret"] == 0)):
             self.scanned.discard(int(ev["pid"][i]))  # a new image: rescan its maps
 

@@ -36,15 +36,17 @@ from renacerd.records import (
 )
 from renacerd.sockaddr import format_sockaddr
 from renacerd.store import Store, StoreError
-from renacerd.syscall_table import syscall_table
+from renacerd.syscall_table import (
+    NR_EXECVE,
+    NR_EXECVEAT,
+    NR_EXIT,
+    NR_EXIT_GROUP,
+    syscall_table,
+)
 from renacerd.unified_trace import ProcessSpan
 
 log = logging.getLogger("renacerd")
 
-NR_EXIT = 60
-NR_EXIT_GROUP = 231
-NR_EXECVE = 59
-NR_EXECVEAT = 322
 # Signals whose default action ends the process (signal(7)).
 FATAL_BY_DEFAULT = frozenset({1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 24, 25,
                               26, 27, 29, 30, 31, *range(34, 65)})
@@ -343,12 +345,7 @@ class Tracer:
                 data = raw[:n].ljust(n, b"\0") if n > 0 else b""
             else:
                 data = raw[: n - 1] if n > 0 else b""
-            item = (slot, nr, data)
-            got = pend.get((tid, ts))
-            if got is None:
-                pend[(tid, ts)] = [item]
-            else:
-                got.append(item)
+            pend.setdefault((tid, ts), []).append((slot, nr, data))
 
     def strings_by_id(self, sid: int) -> bytes:
         """The interned string `sid`."""
@@ -462,12 +459,11 @@ class Tracer:
             s1[(flags & F_EMPTY_PATH1) != 0] = empty
         has = np.flatnonzero(flags & F_DETAIL)
         sub = take(ev, has)
-        pend = self.pending_details
         for i, tid, ts, nr, ret, pid in zip(
             has.tolist(), sub["tid"].tolist(), sub["ts"].tolist(), sub["nr"].tolist(),
             sub["ret"].tolist(), sub["pid"].tolist(),
         ):
-            dets = pend.pop((tid, ts), None)
+            dets = self._details_for(tid, ts)
             if not dets:
                 # its detail record sits behind a busy one in the ring, or was dropped
                 self.paths_lost += 1
