@@ -38,15 +38,10 @@ def blocking_sender(path: str, spans: int) -> int:
     for i in range(spans):
         span = f"{(os.getpid() << 32) + i + 1:016x}"
         now = time.monotonic_ns()
-        s.send(orjson.dumps({
-            "t": "span_start", "span": span, "trace": trace, "parent": None,
-            "name": "training_step", "kind": "experiment",
-            "md": {"model_name": "gpt-2", "epoch": 1, "step": i, "loss": None,
-                   "metrics": metrics},
-            "mono": now, "wall": time.time_ns(), "tid": os.getpid(), "lc": 2 * i + 1}))
-        s.send(orjson.dumps({"t": "span_end", "span": span, "status": "ok", "msg": "",
-                             "exc": None, "mono": now + 1000, "wall": time.time_ns(),
-                             "lc": 2 * i + 2}))
+        # The compact frames the client library sends (docs/protocol.md).
+        s.send(orjson.dumps(["s", span, trace, None, "training_step", "gpt-2", 1, i, None,
+                             metrics, now, time.time_ns(), os.getpid(), 2 * i + 1]))
+        s.send(orjson.dumps(["e", span, now + 1000, time.time_ns(), 2 * i + 2]))
     s.close()
     return 0
 

@@ -1,12 +1,15 @@
-"""The client <-> daemon wire protocol (version 1): one orjson object per SOCK_SEQPACKET message.
+"""The client <-> daemon wire protocol (version 2): orjson objects, over a SOCK_SEQPACKET socket
+and a shared-memory ring.
 
 docs/protocol.md is the specification; this module encodes, and `decode` validates every
-frame against it. Runs on CPython >= 3.9 (the client imports it).
+frame against it, whichever way it came. Runs on CPython >= 3.9 (the client imports it).
 """
 
 from __future__ import annotations
 
+import platform
 import re
+import struct
 from dataclasses import dataclass, field
 from math import isfinite
 from typing import Any, Optional, Union
@@ -23,7 +26,7 @@ from renacerd.experiment_span import (
     StatusCode,
 )
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_FRAME = 64 * 1024
 MAX_METRICS = 256
 MAX_NAME = 256
@@ -33,6 +36,33 @@ MAX_CLIENT = 64
 MAX_RUN = 128
 MAX_PATH = 108  # sun_path
 DEFAULT_SOCKET = "/run/renacer/renacerd.sock"
+
+# The span ring (docs/protocol.md, "The ring"): a memfd the client maps and fills, the daemon
+# reads. A header page of u64 words, then `size` bytes of records.
+RING_MAGIC = int.from_bytes(b"RNCRING2", "little")
+RING_HEADER = 4096
+RING_MIN = 1 << 16
+RING_MAX = 1 << 26
+RING_DEFAULT = 1 << 21
+# Word indexes in the header page; the client's and the daemon's words sit on separate cache
+# lines so that neither side's stores slow the other's.
+W_MAGIC = 0
+W_SIZE = 1
+W_HEAD = 8  # client: bytes written (a running count; the offset is head % size)
+W_DROPPED = 9  # client: messages dropped since the ring was set up
+W_TAIL = 16  # daemon: bytes consumed
+W_TAIL_SEQ = 17  # daemon: sequence number of the last message consumed
+# A record is two u64 words, then the payload padded to RECORD_ALIGN: the payload length (low
+# 32 bits) with its check (high 32 bits), and the sequence number (from 1). The writer stores
+# the payload, then the length word, then the number, each word one aligned 8-byte store.
+# On x86 (TSO) a reader that sees the number sees everything stored before it. Other CPUs may
+# show stores out of order: there the check is the CRC-32 of the payload seeded with the low
+# 32 bits of the number, and a record whose check fails is read again later.
+RECORD = struct.Struct("<QQ")
+RECORD_ALIGN = 16
+RING_CRC = platform.machine().lower() not in ("x86_64", "amd64", "i386", "i486", "i586", "i686")
+# The length of the marker that sends the reader back to offset 0 (it takes no number).
+RING_WRAP = 0xFFFFFFFF
 
 _SPAN_ID = re.compile(r"[0-9a-f]{16}")
 _TRACE_ID = re.compile(r"[0-9a-f]{32}")
@@ -93,6 +123,13 @@ class SpanStart:
                 "md": self.metadata.to_dict(), "mono": self.mono_ns, "wall": self.wall_ns,
                 "tid": self.tid, "lc": self.logical_clock}
 
+    def to_compact(self) -> list[Any]:
+        """The compact (array) form of this message; only for kind "experiment"."""
+        md = self.metadata
+        return ["s", self.span_id, self.trace_id, self.parent_span_id, self.name,
+                md.model_name, md.epoch, md.step, md.loss, md.metrics, self.mono_ns,
+                self.wall_ns, self.tid, self.logical_clock]
+
 
 @dataclass(**SLOTS)
 class SpanSet:
@@ -126,6 +163,10 @@ class SpanEnd:
         return {"t": "span_end", "span": self.span_id, "status": _STATUS_WIRE[self.status],
                 "msg": self.message, "exc": self.exception_type, "mono": self.mono_ns,
                 "wall": self.wall_ns, "lc": self.logical_clock}
+
+    def to_compact(self) -> list[Any]:
+        """The compact (array) form of this message; only for status ok with no message."""
+        return ["e", self.span_id, self.mono_ns, self.wall_ns, self.logical_clock]
 
 
 @dataclass(**SLOTS)
@@ -192,13 +233,26 @@ class ServiceStatus:
                 "runs": self.runs}
 
 
+@dataclass(**SLOTS)
+class Ring:
+    """Client -> daemon, with the ring's memfd as SCM_RIGHTS: from now on frames come that way."""
+
+    size: int
+    checked: bool = RING_CRC  # records carry a CRC (needed where CPUs reorder stores)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON object of this message."""
+        return {"t": "ring", "size": self.size, "crc": self.checked}
+
+
 Message = Union[Hello, SpanStart, SpanSet, SpanEnd, Dropped, TraceMe, Ack, StatusQuery,
-                ServiceStatus]
+                ServiceStatus, Ring]
 
 
-def encode(msg: Message) -> bytes:
-    """Serialise a message; ProtocolError('oversized') if it would exceed MAX_FRAME."""
-    frame = orjson.dumps(msg.to_wire())
+def encode(msg: Message, compact: bool = False) -> bytes:
+    """Serialise a message (`compact`: its array form); ProtocolError('oversized') if it would
+    exceed MAX_FRAME."""
+    frame = orjson.dumps(msg.to_compact() if compact else msg.to_wire())  # type: ignore[union-attr]
     if len(frame) > MAX_FRAME:
         raise ProtocolError("oversized", f"{len(frame)} bytes > {MAX_FRAME}")
     return frame
@@ -406,6 +460,56 @@ def _service_status(obj: dict[str, Any]) -> ServiceStatus:
     return ServiceStatus(float(uptime), runs, _uint(obj, "pid", U32_MAX))
 
 
+def _ring(obj: dict[str, Any]) -> Ring:
+    size = _uint(obj, "size")
+    if not RING_MIN <= size <= RING_MAX or size & (size - 1):
+        raise ProtocolError("value", f"ring size must be a power of two in {RING_MIN}..{RING_MAX}")
+    checked = _get(obj, "crc")
+    if type(checked) is not bool:
+        raise ProtocolError("schema", "crc must be a boolean")
+    return Ring(size, checked)
+
+
+def ring_record_size(payload_size: int) -> int:
+    """Bytes a record with this payload takes in the ring (header and padding included)."""
+    return (RECORD.size + payload_size + RECORD_ALIGN - 1) & -RECORD_ALIGN
+
+
+def _compact(obj: list[Any]) -> Message:
+    """The array forms of the two hot messages, checked as their object forms are."""
+    tag = obj[0] if obj else None
+    if tag == "s" and len(obj) == 14:
+        _, span, trace, parent, name, model_name, epoch, step, loss, metrics, mono, wall, tid, \
+            lc = obj
+        if (type(span) is str and _SPAN_ID.fullmatch(span) and span != _ZERO_SPAN
+                and type(trace) is str and _TRACE_ID.fullmatch(trace) and trace != _ZERO_TRACE
+                and (parent is None or type(parent) is str and _SPAN_ID.fullmatch(parent)
+                     and parent != _ZERO_SPAN)
+                and type(name) is str and len(name) <= MAX_NAME
+                and _u64(mono) and _u64(wall) and _u64(lc)
+                and type(tid) is int and 0 <= tid <= U32_MAX):
+            metadata = _fast_metadata({"model_name": model_name, "epoch": epoch, "step": step,
+                                       "loss": loss, "metrics": metrics})
+            if metadata is not None:
+                return SpanStart(span, trace, parent, name, SpanType.EXPERIMENT, metadata, mono,
+                                 wall, tid, lc)
+        # Not the common well-formed case: the object form's full checks say what is wrong.
+        return _span_start_checked({
+            "t": "span_start", "span": span, "trace": trace, "parent": parent, "name": name,
+            "kind": "experiment", "md": {"model_name": model_name, "epoch": epoch, "step": step,
+                                         "loss": loss, "metrics": metrics},
+            "mono": mono, "wall": wall, "tid": tid, "lc": lc,
+        })
+    if tag == "e" and len(obj) == 5:
+        _, span, mono, wall, lc = obj
+        if (type(span) is str and _SPAN_ID.fullmatch(span) and span != _ZERO_SPAN
+                and _u64(mono) and _u64(wall) and _u64(lc)):
+            return SpanEnd(span, StatusCode.OK, "", None, mono, wall, lc)
+        return _span_end_checked({"t": "span_end", "span": span, "status": "ok", "msg": "",
+                                  "exc": None, "mono": mono, "wall": wall, "lc": lc})
+    raise ProtocolError("schema", "an array frame is [\"s\", 13 fields] or [\"e\", 4 fields]")
+
+
 _DECODERS = {
     "hello": _hello,
     "span_start": _span_start,
@@ -416,6 +520,7 @@ _DECODERS = {
     "ack": _ack,
     "status": _status,
     "service_status": _service_status,
+    "ring": _ring,
 }
 
 
@@ -431,6 +536,8 @@ def decode(frame: bytes | bytearray | memoryview) -> Message:
     except orjson.JSONDecodeError as exc:
         raise ProtocolError("malformed", f"not a complete JSON document ({exc})") from None
     if type(obj) is not dict:
+        if type(obj) is list:
+            return _compact(obj)
         raise ProtocolError("schema", f"message must be an object, got {type(obj).__name__}")
     kind = obj.get("t")
     decoder = _DECODERS.get(kind) if type(kind) is str else None

@@ -105,3 +105,54 @@ def sock_dir():
     d = tempfile.mkdtemp(prefix="rs", dir="/tmp")
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+class RawPeer:
+    """The daemon's end of one client connection, by hand: the frames that came over the
+    socket, then those in the shared-memory ring the client handed over (if it did)."""
+
+    def __init__(self, listener) -> None:
+        import socket
+
+        listener.settimeout(5)
+        self.conn, _ = listener.accept()
+        self.conn.setblocking(False)
+        self.ring = None
+        self._socket = socket
+
+    def read(self) -> list[bytes]:
+        """Every frame readable now, in order; the ring message itself is taken, not listed."""
+        from renacerd.daemon.span_ring import RingReader
+        from renacerd.daemon.span_server import _descriptors
+        from renacerd.protocol import MAX_FRAME, Ring, decode
+
+        out = []
+        while True:
+            try:
+                data, ancillary, _, _ = self.conn.recvmsg(
+                    MAX_FRAME, self._socket.CMSG_SPACE(16))
+            except BlockingIOError:
+                break
+            if not data:
+                break
+            fds = _descriptors(ancillary)
+            msg = decode(data)
+            if isinstance(msg, Ring):
+                self.ring = RingReader(fds.pop(), msg.size, msg.checked)
+                continue
+            out.append(data)
+        if self.ring is not None:
+            out += self.ring.read(1 << 30)
+        return out
+
+    def messages(self) -> list:
+        """read(), decoded."""
+        from renacerd.protocol import decode
+
+        return [decode(f) for f in self.read()]
+
+    def close(self) -> None:
+        """Close the connection and unmap the ring."""
+        if self.ring is not None:
+            self.ring.close()
+        self.conn.close()

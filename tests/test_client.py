@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import RawPeer
 
 from renacerd import client
 from renacerd.client import experiment_span
@@ -25,6 +26,7 @@ from renacerd.protocol import (
     Ack,
     Dropped,
     Hello,
+    Ring,
     SpanEnd,
     SpanStart,
     TraceMe,
@@ -304,8 +306,10 @@ def test_fork_child_gets_its_own_connection(daemon):
             with experiment_span("child-step") as child:
                 pass
             after = client.stats()
-            ok = (before == {"sent": 0, "dropped": 0, "queued": 0, "connected": False}
-                  and after["connected"] and after["sent"] == 3 and child.connected
+            ok = (before == {"sent": 0, "dropped": 0, "queued": 0, "connected": False,
+                             "ring": False}
+                  and after["connected"] and after["ring"] and after["sent"] == 4
+                  and child.connected
                   and child.process_id == os.getpid())
             os.write(w, b"ok" if ok else repr((before, after)).encode())
             code = 0
@@ -343,7 +347,7 @@ def test_full_socket_backlog_then_drops_and_reports_count(sock_dir):
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(path)
     listener.listen(8)
-    client.configure(socket=path)
+    client.configure(socket=path, ring=False)
     base = client.stats()
     try:
         n = 0
@@ -406,12 +410,21 @@ def test_daemon_dies_mid_run_then_returns(sock_dir):
         with experiment_span("before"):
             pass
         assert wait_for(lambda: book.counts()["spans_ended"] == 1)
+        dropped = client.stats()["dropped"]
         with experiment_span("straddles") as straddles:
             server.stop()
-        for _ in range(5):
+        # A ring write never fails: the client looks at the socket once a second.
+        t0 = time.monotonic()
+        n = 0
+        while client.stats()["connected"] and time.monotonic() - t0 < 3:
             with experiment_span("while-down"):
                 pass
-        assert not client.stats()["connected"]
+            n += 1
+            time.sleep(0.005)
+        assert not client.stats()["connected"] and time.monotonic() - t0 < 1.5
+        # Written after the daemon's last read: the end of "straddles" and every span but the
+        # one that found the daemon gone (that one stayed local).
+        assert client.stats()["dropped"] - dropped == 1 + 2 * (n - 1)
         book2 = SpanBook()
         server2 = SpanServer(path, on_message=book2.handle)
         server2.start()
@@ -460,7 +473,7 @@ def test_stats_count_messages(daemon):
     before = client.stats()["sent"]
     with experiment_span("a") as a:
         a.set(step=3)
-    assert client.stats()["sent"] - before in (3, 4)  # (hello +) start, set, end
+    assert client.stats()["sent"] - before in (3, 5)  # (hello, ring +) start, set, end
     assert client.stats()["connected"]
 
 
@@ -500,6 +513,8 @@ def test_request_tracing_times_out_open(sock_dir):
         conn, _ = listener.accept()
         conn.settimeout(2)
         assert isinstance(decode(conn.recv(MAX_FRAME)), Hello)
+        assert isinstance(decode(conn.recv(MAX_FRAME)), Ring)
+        # a request that wants an answer goes over the socket, not through the ring
         assert isinstance(decode(conn.recv(MAX_FRAME)), TraceMe)
         conn.send(encode(Ack(999, True)))  # an answer to another request is not ours
         conn.close()
@@ -676,7 +691,7 @@ def test_backlog_tail_is_sent_without_further_spans(sock_dir):
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(path)
     listener.listen(8)
-    client.configure(socket=path)
+    client.configure(socket=path, ring=False)
     base = client.stats()
     try:
         n = 0
@@ -733,8 +748,8 @@ def test_wall_times_follow_the_wall_clock(daemon):
 
 
 def test_client_frames_are_the_protocol_encoding(sock_dir):
-    # The hot path builds its frames by hand (and an f-string for the end): byte for byte
-    # they must be what renacerd.protocol encodes for the same messages.
+    # The hot path builds its frames by hand (compact arrays, written into the ring by inlined
+    # code): byte for byte they must be what renacerd.protocol encodes for the same messages.
     path = os.path.join(sock_dir, "raw.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(path)
@@ -747,18 +762,19 @@ def test_client_frames_are_the_protocol_encoding(sock_dir):
             pass
         with pytest.raises(ValueError), experiment_span("bad"):
             raise ValueError("no")
-        conn, _ = listener.accept()
-        conn.settimeout(5)
-        frames = [conn.recv(MAX_FRAME) for _ in range(7)]
-        conn.close()
+        peer = RawPeer(listener)
+        frames = peer.read()
+        assert peer.ring is not None
+        peer.close()
     finally:
         client.configure(socket=os.path.join(sock_dir, "gone.sock"))
         listener.close()
     msgs = [decode(f) for f in frames]
     assert [type(m) for m in msgs] == [Hello, SpanStart, SpanStart, SpanEnd, SpanEnd,
                                        SpanStart, SpanEnd]
-    for frame, msg in zip(frames, msgs):
-        assert encode(msg) == frame, frame
+    for i, (frame, msg) in enumerate(zip(frames, msgs)):
+        # hello and the error end in the object form, the rest compact
+        assert encode(msg, compact=i not in (0, 6)) == frame, frame
     start = msgs[1]
     assert (start.span_id, start.trace_id, start.parent_span_id) == (
         outer.span_id, outer.trace_id, None)

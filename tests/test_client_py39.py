@@ -234,7 +234,8 @@ def test_client_in_its_own_venv(venv_python, tmp_path):
     assert [local[k]["status"] for k in ("outer", "inner", "error")] == ["OK", "OK", "ERROR"]
     assert not any(local[k]["connected"] for k in ("outer", "inner", "error"))
     assert local["inner_md"] == [1, 0.25, {"acc": 0.5}]
-    assert local["stats"] == {"sent": 0, "dropped": 0, "queued": 0, "connected": False}
+    assert local["stats"] == {"sent": 0, "dropped": 0, "queued": 0, "connected": False,
+                              "ring": False}
     warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("renacerd.client")]
     assert len(warnings) == 1 and "not reachable" in warnings[0], proc.stderr
 
@@ -273,4 +274,4 @@ def test_client_in_its_own_venv(venv_python, tmp_path):
     assert failing.attributes()["experiment.step"] == "9"
     assert server.stats["protocol_errors"] == 0
     assert book.counts()["orphan_ends"] == 0 and book.counts()["open"] == 0
-    assert out["stats"]["dropped"] == 0 and out["stats"]["connected"]
+    assert out["stats"]["dropped"] == 0 and out["stats"]["connected"] and out["stats"]["ring"]

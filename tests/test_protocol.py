@@ -16,6 +16,7 @@ from renacerd.protocol import (
     Dropped,
     Hello,
     ProtocolError,
+    Ring,
     SpanEnd,
     SpanSet,
     SpanStart,
@@ -43,12 +44,37 @@ MESSAGES = [
     TraceMe(2, None),
     Ack(1, True, ""),
     Ack(2, False, "not yours"),
+    Ring(1 << 21, False),
+    Ring(1 << 16, True),
 ]
 
 
 @pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
 def test_round_trip(msg):
     assert decode(encode(msg)) == msg
+
+
+@pytest.mark.parametrize("msg", [MESSAGES[2], MESSAGES[6],
+                                 SpanStart(SPAN, TRACE, "0000000000000001", "s",
+                                           SpanType.EXPERIMENT, ExperimentMetadata(), 0, 0, 0,
+                                           0),
+                                 SpanStart(SPAN, TRACE, None, "s", SpanType.EXPERIMENT,
+                                           ExperimentMetadata("m", None, 2**64 - 1, None,
+                                                              {"i": 3.0}), 1, 2, 3, 4)],
+                         ids=["start", "end", "start-parent", "start-int-metric"])
+def test_compact_round_trip(msg):
+    frame = encode(msg, compact=True)
+    assert frame.startswith(b"[")
+    assert decode(frame) == msg
+
+
+def compact_start(**changes):
+    fields = ["t", "span", "trace", "parent", "name", "model_name", "epoch", "step", "loss",
+              "metrics", "mono", "wall", "tid", "lc"]
+    arr = MESSAGES[2].to_compact()
+    for key, value in changes.items():
+        arr[fields.index(key)] = value
+    return orjson.dumps(arr)
 
 
 def start(**changes):
@@ -80,7 +106,8 @@ BAD = [
     ("no type", b'{"n": 1}', "schema"),
     ("unknown type", b'{"t": "exec", "cmd": "rm -rf /"}', "schema"),
     ("unhashable type", b'{"t": ["span_start"]}', "schema"),
-    ("wrong version", orjson.dumps({"t": "hello", "v": 2, "pid": 1}), "version"),
+    ("old version", orjson.dumps({"t": "hello", "v": 1, "pid": 1}), "version"),
+    ("newer version", orjson.dumps({"t": "hello", "v": 3, "pid": 1}), "version"),
     ("version as string", orjson.dumps({"t": "hello", "v": "1", "pid": 1}), "schema"),
     ("missing field", without("mono"), "schema"),
     ("span id wrong type", start(span=123), "value"),
@@ -112,6 +139,23 @@ BAD = [
     ("bad run name", orjson.dumps({"t": "trace_me", "req": 1, "run": "../../etc"}), "value"),
     ("ack ok not bool", orjson.dumps({"t": "ack", "req": 1, "ok": 1}), "schema"),
     ("dropped negative", orjson.dumps({"t": "dropped", "n": -3}), "value"),
+    ("ring size not a power of two", orjson.dumps({"t": "ring", "size": 3 << 16, "crc": True}),
+     "value"),
+    ("ring too small", orjson.dumps({"t": "ring", "size": 1 << 12, "crc": True}), "value"),
+    ("ring too big", orjson.dumps({"t": "ring", "size": 1 << 27, "crc": True}), "value"),
+    ("ring crc not bool", orjson.dumps({"t": "ring", "size": 1 << 16, "crc": 1}), "schema"),
+    ("empty array", b"[]", "schema"),
+    ("array of unknown tag", b'["x", 1, 2, 3, 4]', "schema"),
+    ("compact start too short", orjson.dumps(MESSAGES[2].to_compact()[:-1]), "schema"),
+    ("compact end too long", orjson.dumps(MESSAGES[6].to_compact() + [1]), "schema"),
+    ("compact start zero span", compact_start(span="0" * 16), "value"),
+    ("compact start bad trace", compact_start(trace="x" * 32), "value"),
+    ("compact start metric null", compact_start(metrics={"acc": None}), "value"),
+    ("compact start metric bool", compact_start(metrics={"acc": True}), "value"),
+    ("compact start negative time", compact_start(mono=-1), "value"),
+    ("compact start name too long", compact_start(name="x" * 257), "limit"),
+    ("compact end bad span", orjson.dumps(["e", "zz", 1, 2, 3]), "value"),
+    ("compact end float time", orjson.dumps(["e", SPAN, 1.5, 2, 3]), "schema"),
 ]
 
 

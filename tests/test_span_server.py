@@ -106,7 +106,7 @@ def test_peercred_pid_is_the_real_client_pid(daemon):
     """)
     assert proc.returncode == 0, proc.stderr
     pid, sent = map(int, proc.stdout.split())
-    assert sent == 3  # hello, span_start, span_end
+    assert sent == 4  # hello, ring, span_start, span_end
     assert wait_for(lambda: book.counts()["spans_ended"] == 1)
     (rec,) = book.drain()
     assert rec.process_id == pid != os.getpid()

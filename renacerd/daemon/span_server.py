@@ -2,13 +2,17 @@
 
 Each connection's peer pid/uid/gid comes from SO_PEERCRED, never from its messages. Frames
 are size-checked and decoded by renacerd.protocol; a connection that breaks the protocol is
-closed with a logged reason and nothing else is affected. A per-connection token bucket
-(RATE messages/s, BURST messages) throttles a flooding client by not reading it: its socket
-fills and its own client library drops and counts messages, which it reports later.
+closed with a logged reason and nothing else is affected. A client may hand over a
+shared-memory ring (renacerd.daemon.span_ring) after its hello: its frames then come that way,
+read every RING_POLL s, and the ring is read to its end when the connection closes. A
+per-connection token bucket (RATE messages/s, BURST messages) throttles a flooding client by
+not reading it: its socket or ring fills and its own client library drops and counts
+messages, which it reports later.
 """
 
 from __future__ import annotations
 
+import array
 import errno
 import logging
 import os
@@ -22,7 +26,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 from renacerd import protocol
-from renacerd.protocol import MAX_FRAME, Hello, Message, ProtocolError
+from renacerd.daemon.span_ring import RingReader
+from renacerd.protocol import MAX_FRAME, Dropped, Hello, Message, ProtocolError, Ring
 
 log = logging.getLogger("renacerd.span_server")
 
@@ -34,7 +39,12 @@ MAX_CONNECTIONS = 1024
 # Pause after a busy round (s); timestamps come from the clients, so the delay costs nothing.
 BATCH_DELAY = 0.002
 BACKLOG = 256
+# How often rings are read (s): timestamps come from the clients, so a later read changes
+# nothing but memory; a 2 MiB ring holds ~60 ms of a client flooding at full speed.
+RING_POLL = 0.01
 _PEERCRED = struct.Struct("3i")
+# Room for the descriptors of one message: the ring's, and a few a hostile client adds.
+_ANCILLARY = socket.CMSG_SPACE(4 * array.array("i").itemsize)
 
 
 class SocketInUseError(OSError):
@@ -62,6 +72,8 @@ class _Conn:
     refilled: float
     greeted: bool = False
     throttled_until: float = 0.0
+    ring: Optional[RingReader] = None
+    received: int = 0
 
 
 def sockets_from_systemd(unset_environment: bool = True) -> list[socket.socket]:
@@ -173,6 +185,8 @@ class SpanServer:
         self._max_connections = max_connections
         self._batch_delay = batch_delay
         self._conns: dict[int, _Conn] = {}
+        self._rings: dict[int, _Conn] = {}
+        self._next_ring_poll = 0.0
         self._next_conn_id = 0
         self._selector: Optional[selectors.BaseSelector] = None
         self._wake_r = self._wake_w = -1
@@ -183,7 +197,7 @@ class SpanServer:
         self._address = path or ""
         self.stats = {
             "connections": 0, "open": 0, "rejected": 0, "protocol_errors": 0,
-            "messages": 0, "replies": 0, "throttled": 0, "callback_errors": 0,
+            "messages": 0, "replies": 0, "throttled": 0, "callback_errors": 0, "rings": 0,
         }
 
     @property
@@ -266,6 +280,10 @@ class SpanServer:
                     except BlockingIOError:
                         pass
             self._wake_throttled()
+            if self._rings and time.monotonic() >= self._next_ring_poll:
+                self._next_ring_poll = time.monotonic() + RING_POLL
+                for conn in list(self._rings.values()):
+                    self._read_ring(conn)
             if busy and self._batch_delay:
                 # Let messages pile up: a client whose server is not parked in epoll_wait
                 # pays no wake-up per send, and the next round reads many at once.
@@ -273,6 +291,8 @@ class SpanServer:
 
     def _wake_delay(self) -> Optional[float]:
         waits = [c.throttled_until for c in self._conns.values() if c.throttled_until]
+        if self._rings:
+            waits.append(self._next_ring_poll)
         if not waits:
             return None
         return max(min(waits) - time.monotonic(), 0.0)
@@ -318,21 +338,31 @@ class SpanServer:
             self.stats["connections"] += 1
             self.stats["open"] = len(self._conns)
 
-    def _read(self, conn: _Conn) -> None:
+    def _refill(self, conn: _Conn) -> float:
         now = time.monotonic()
         conn.tokens = min(self._burst, conn.tokens + (now - conn.refilled) * self._rate)
         conn.refilled = now
+        return now
+
+    def _read(self, conn: _Conn) -> None:
+        now = self._refill(conn)
         budget = min(int(conn.tokens), PER_WAKE)
         buf = self._buf
         view = self._view
         recv_into = conn.sock.recv_into
-        on_message = self._on_message
-        peer = conn.peer
         done = 0
         try:
             while done < budget:
+                fds: list[int] = []
                 try:
-                    size = recv_into(buf, MAX_FRAME + 1)
+                    if conn.received < 2:
+                        # The ring message, the one that carries a descriptor, follows the
+                        # hello; later descriptors are closed by the kernel unseen.
+                        size, ancillary, _, _ = conn.sock.recvmsg_into([buf], _ANCILLARY)
+                        fds = _descriptors(ancillary)
+                        conn.received += 1
+                    else:
+                        size = recv_into(buf, MAX_FRAME + 1)
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError as exc:
@@ -342,25 +372,93 @@ class SpanServer:
                     self._close(conn, "closed by peer", level=logging.DEBUG)
                     return
                 done += 1
-                msg = protocol.decode(view[:size])
-                if not conn.greeted:
-                    if not isinstance(msg, Hello):
-                        raise ProtocolError("schema", "first message must be hello")
-                    conn.greeted = True
                 try:
-                    reply = on_message(peer, msg)
-                except Exception:
-                    self.stats["callback_errors"] += 1
-                    log.exception("span message handler failed for pid %d", peer.pid)
-                    continue
-                if reply is not None:
-                    self._reply(conn, reply)
+                    msg = protocol.decode(view[:size])
+                    if isinstance(msg, Ring):
+                        self._take_ring(conn, msg, fds)
+                        fds = []
+                        continue
+                    if fds:
+                        raise ProtocolError("schema", "descriptors come only with a ring message")
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+                self._deliver(conn, msg)
         except ProtocolError as exc:
             self.stats["protocol_errors"] += 1
             self.stats["messages"] += done
             self._close(conn, f"protocol error ({exc})", level=logging.WARNING)
             return
         self.stats["messages"] += done
+        self._spend(conn, done, now)
+
+    def _deliver(self, conn: _Conn, msg: Message) -> None:
+        """Check the hello rule, hand `msg` to on_message and send its reply, if any."""
+        if not conn.greeted:
+            if not isinstance(msg, Hello):
+                raise ProtocolError("schema", "first message must be hello")
+            conn.greeted = True
+        try:
+            reply = self._on_message(conn.peer, msg)
+        except Exception:
+            self.stats["callback_errors"] += 1
+            log.exception("span message handler failed for pid %d", conn.peer.pid)
+            return
+        if reply is not None:
+            self._reply(conn, reply)
+
+    def _take_ring(self, conn: _Conn, msg: Ring, fds: list[int]) -> None:
+        """Map the ring a client hands over with its Ring message."""
+        if not conn.greeted:
+            raise ProtocolError("schema", "first message must be hello")
+        if conn.ring is not None:
+            raise ProtocolError("schema", "a connection sets up one ring")
+        if len(fds) != 1:
+            raise ProtocolError("schema", f"a ring message carries one descriptor, not {len(fds)}")
+        fd = fds.pop()
+        conn.ring = RingReader(fd, msg.size, msg.checked)
+        self._rings[conn.peer.conn_id] = conn
+        self.stats["rings"] += 1
+
+    def _read_ring(self, conn: _Conn, drain: bool = False) -> bool:
+        """Decode and deliver what the client wrote in its ring; False if that closed it."""
+        ring = conn.ring
+        assert ring is not None
+        now = self._refill(conn)
+        if drain:
+            budget = ring.size  # more records than the ring can hold
+        elif conn.throttled_until:
+            return True
+        else:
+            budget = min(int(conn.tokens), PER_WAKE)
+        done = 0
+        try:
+            while budget > done:
+                frames = ring.read(budget - done)
+                if not frames:
+                    break
+                for frame in frames:
+                    done += 1
+                    self._deliver(conn, protocol.decode(frame))
+            dropped = ring.dropped()
+            if dropped:
+                self._deliver(conn, Dropped(dropped))
+        except ProtocolError as exc:
+            self.stats["protocol_errors"] += 1
+            self.stats["messages"] += done
+            if not drain:
+                self._close(conn, f"protocol error ({exc})", level=logging.WARNING, drain=False)
+            else:
+                log.warning("span client pid %d uid %d: protocol error (%s)", conn.peer.pid,
+                            conn.peer.uid, exc)
+            return False
+        self.stats["messages"] += done
+        if not drain:
+            self._spend(conn, done, now)
+        return True
+
+    def _spend(self, conn: _Conn, done: int, now: float) -> None:
+        """Take `done` tokens; an empty bucket stops reading the client for a while."""
         conn.tokens -= done
         if conn.tokens < 1.0:
             # Stop reading this client until its bucket holds a token again.
@@ -369,15 +467,16 @@ class SpanServer:
             assert self._selector is not None
             self._selector.unregister(conn.sock)
 
-    def _reply(self, conn: _Conn, reply: Message) -> None:
-        try:
-            conn.sock.send(protocol.encode(reply), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
-            self.stats["replies"] += 1
-        except OSError as exc:
-            log.debug("reply to pid %d lost: %s", conn.peer.pid, exc)
-
-    def _close(self, conn: _Conn, reason: str, level: int) -> None:
+    def _close(self, conn: _Conn, reason: str, level: int, drain: bool = True) -> None:
         peer = conn.peer
+        ring = conn.ring
+        if ring is not None:
+            # What the client wrote before it went is still there: read it all first.
+            if drain:
+                self._read_ring(conn, drain=True)
+            ring.close()
+            conn.ring = None
+            del self._rings[peer.conn_id]
         log.log(level, "span client pid %d uid %d disconnected: %s", peer.pid, peer.uid, reason)
         assert self._selector is not None
         if not conn.throttled_until:
@@ -391,3 +490,19 @@ class SpanServer:
             except Exception:
                 self.stats["callback_errors"] += 1
                 log.exception("span disconnect handler failed for pid %d", peer.pid)
+
+    def _reply(self, conn: _Conn, reply: Message) -> None:
+        try:
+            conn.sock.send(protocol.encode(reply), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+            self.stats["replies"] += 1
+        except OSError as exc:
+            log.debug("reply to pid %d lost: %s", conn.peer.pid, exc)
+
+
+def _descriptors(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    """The file descriptors passed in a message's ancillary data (SCM_RIGHTS)."""
+    fds = array.array("i")
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return fds.tolist()

@@ -1,0 +1,148 @@
+"""The daemon's end of a client's span ring: map the memfd safely, read its records in bulk.
+
+The client writes records into shared memory with no syscall (docs/protocol.md, "The ring");
+the span server polls every ring a few times per 10 ms. Nothing in the ring is trusted: every
+offset and length is bounds-checked before use, every payload is copied out before it is
+checked and decoded, and a record that does not check out yet (another CPU's stores not all
+visible) is read again on the next poll, or ends the connection if it never does.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import stat
+import time
+import zlib
+
+from renacerd.protocol import (
+    MAX_FRAME,
+    RECORD,
+    RING_CRC,
+    RING_HEADER,
+    RING_MAGIC,
+    RING_WRAP,
+    W_DROPPED,
+    W_HEAD,
+    W_MAGIC,
+    W_SIZE,
+    W_TAIL,
+    W_TAIL_SEQ,
+    ProtocolError,
+    ring_record_size,
+)
+
+# A record that stays invalid this long (s) is not a write in flight: the ring is broken.
+STALL_S = 2.0
+_crc32 = zlib.crc32
+_U32 = 0xFFFFFFFF
+
+
+class RingReader:
+    """One client's ring, mapped read-write (the daemon's words are the tail and tail seq)."""
+
+    __slots__ = ("_map", "_words", "size", "_mask", "tail", "seq", "_dropped", "_stalled_at",
+                 "checked")
+
+    def __init__(self, fd: int, size: int, checked: bool = RING_CRC) -> None:
+        """Take ownership of `fd` (closed here, mapped or not) and check it can be trusted."""
+        try:
+            if RING_CRC and not checked:
+                raise ProtocolError("value", "ring: this host's CPUs reorder stores; records "
+                                             "need their CRC")
+            try:
+                seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            except OSError:
+                raise ProtocolError("value", "ring: the descriptor is no sealable memfd") from None
+            # Without this seal the client could shrink the file under the mapping, and the
+            # daemon's next read of it would die of SIGBUS.
+            if not seals & fcntl.F_SEAL_SHRINK:
+                raise ProtocolError("value", "ring: the memfd is not sealed against shrinking")
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size < RING_HEADER + size:
+                raise ProtocolError("value", f"ring: the memfd is smaller than {size} bytes")
+            self._map = mmap.mmap(fd, RING_HEADER + size, mmap.MAP_SHARED,
+                                  mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        self._words = memoryview(self._map).cast("Q")
+        if self._words[W_MAGIC] != RING_MAGIC or self._words[W_SIZE] != size:
+            self.close()
+            raise ProtocolError("value", "ring: bad magic or size in the header page")
+        self.size = size
+        self.checked = checked
+        self._mask = size - 1
+        self.tail = 0
+        self.seq = 0
+        self._dropped = 0
+        self._stalled_at = 0.0
+
+    def read(self, budget: int) -> list[bytes]:
+        """Up to `budget` complete payloads, oldest first; the space they held goes back."""
+        words = self._words
+        head = words[W_HEAD]
+        tail = self.tail
+        if not tail <= head <= tail + self.size:
+            raise ProtocolError("value", f"ring: head {head} outside tail {tail} + {self.size}")
+        out: list[bytes] = []
+        mm = self._map
+        mask = self._mask
+        seq = self.seq
+        checked = self.checked
+        while tail < head and len(out) < budget:
+            off = tail & mask
+            # The number first: the rest was stored before it (read in this order on x86).
+            rseq = words[(RING_HEADER + off) // 8 + 1]
+            want = seq + 1
+            if rseq != want:
+                break  # not written yet, or not yet visible here
+            word = words[(RING_HEADER + off) // 8]
+            size = word & _U32
+            crc = word >> 32
+            if size == RING_WRAP:
+                if checked and crc != want & _U32:
+                    break
+                tail += self.size - off
+                continue
+            if not 0 < size <= MAX_FRAME or off + RECORD.size + size > self.size:
+                raise ProtocolError("value", f"ring: record of {size} bytes at offset {off}")
+            start = RING_HEADER + off + RECORD.size
+            payload = mm[start:start + size]
+            if checked and _crc32(payload, want & _U32) != crc:
+                break  # a torn read: the rest of this record is not visible yet
+            out.append(payload)
+            seq = want
+            tail += ring_record_size(size)
+        if tail != self.tail:
+            self.tail = tail
+            self.seq = seq
+            self._stalled_at = 0.0
+            words[W_TAIL_SEQ] = seq
+            words[W_TAIL] = tail
+        elif tail < head and not out:
+            now = time.monotonic()
+            if not self._stalled_at:
+                self._stalled_at = now
+            elif now - self._stalled_at > STALL_S:
+                raise ProtocolError("value", f"ring: the record at byte {tail} never became valid")
+        return out
+
+    @property
+    def pending(self) -> bool:
+        """Whether the client has published bytes not read yet."""
+        return self._words[W_HEAD] != self.tail
+
+    def dropped(self) -> int:
+        """Messages the client dropped since the last call (it counts them in the header)."""
+        total = self._words[W_DROPPED]
+        new = total - self._dropped
+        if new <= 0:
+            return 0  # a count that goes back is not believed
+        self._dropped = total
+        return new
+
+    def close(self) -> None:
+        """Unmap (the client's writes after this go nowhere)."""
+        self._words.release()
+        self._map.close()
