@@ -1,8 +1,11 @@
 """A small PyTorch CPU training loop with a 2-worker DataLoader reading file shards:
 median step time untraced vs traced by renacerd vs strace -f, in one run.
 
-Usage: sudo .venv/bin/python bench/torch_loop.py [--steps 200] [--rounds 3]
+Usage: sudo .venv/bin/python bench/torch_loop.py [--steps 200] [--rounds 3] [--paused]
        sudo .venv/bin/python bench/torch_loop.py --windows 6 [--window-s 3]
+--paused adds a third kind of round: renacerd traced, its daemon stopped (SIGSTOP) for the
+timed steps, so the BPF programs run but the daemon does not (the ring buffer holds the
+window's events; they are drained after SIGCONT): what the kernel side costs alone.
 (needs torch: `.venv/bin/pip install torch==2.13.0` takes the local CPU wheel)
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sqlite3
 import statistics
 import subprocess
@@ -99,6 +103,24 @@ def _run(cmd: list[str]) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def _run_paused(cmd: list[str], ready: Path) -> dict:
+    """Run renacerd -- loop; stop the daemon while the loop runs its timed steps."""
+    ready.unlink(missing_ok=True)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT), BENCH_READY=str(ready)))
+    while not ready.exists() and p.poll() is None:
+        time.sleep(0.002)
+    os.kill(p.pid, signal.SIGSTOP)
+    try:
+        line = p.stdout.readline()  # the loop prints when its timed steps are done
+    finally:
+        os.kill(p.pid, signal.SIGCONT)
+    rest = p.communicate()[0]
+    if p.returncode:
+        raise subprocess.CalledProcessError(p.returncode, cmd)
+    return json.loads((line + rest).strip().splitlines()[0])
+
+
 def windows(me: list[str], db: Path, n: int, width: float, extra: list[str]) -> int:
     """One long run of the loop; renacerd attaches (--pid, all of the tree) for every other
     window of `width` seconds. Steps inside traced windows against steps inside the untraced
@@ -176,6 +198,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-strace", dest="strace", action="store_false")
+    ap.add_argument("--paused", action="store_true",
+                    help="also rounds with the daemon stopped for the timed steps")
     ap.add_argument("--windows", type=int, default=0,
                     help="one long run, renacerd attached in N alternate windows")
     ap.add_argument("--window-s", type=float, default=3.0)
@@ -199,12 +223,16 @@ def main() -> int:
         db = Path(d) / "t.db"
         if a.windows:
             return windows(me, db, a.windows, a.window_s, a.daemon_arg)
-        untraced, traced, events, per_step = [], [], [], []
+        untraced, traced, paused, events, per_step = [], [], [], [], []
         for r in range(a.rounds):
             untraced.append(_run(me)[STAT])
             out = _run([sys.executable, "-m", "renacerd.cli.renacerd_main", "-q", "--db",
                         str(db), "--run", f"r{r}", "--", *me])
             traced.append(out[STAT])
+            if a.paused:
+                paused.append(_run_paused(
+                    [sys.executable, "-m", "renacerd.cli.renacerd_main", "-q", "--db", str(db),
+                     "--run", f"p{r}", "--", *me], Path(d) / "ready")[STAT])
             con = sqlite3.connect(db)
             events.append(con.execute("SELECT events, events_lost FROM runs WHERE name=?",
                                       (f"r{r}",)).fetchone())
@@ -218,12 +246,21 @@ def main() -> int:
     print(f"{'how':<22} {'step ms':>9} {'vs untraced':>12}")
     print(f"{'untraced':<22} {u * 1e3:9.2f} {1:11.3f}x")
     print(f"{'renacerd':<22} {t * 1e3:9.2f} {t / u:11.3f}x")
+    if paused:
+        pz = statistics.median(paused)
+        print(f"{'renacerd, daemon paused':<22} {pz * 1e3:9.2f} {pz / u:11.3f}x  "
+              f"(BPF on, daemon stopped in the timed steps)")
     print(f"{'strace -f':<22} {strace * 1e3:9.2f} {strace / u:11.3f}x")
     ratios = [y / x for x, y in zip(untraced, traced)]
     print(f"median of the per-round ratios: {statistics.median(ratios):.3f}x "
           f"(range {min(ratios):.3f}-{max(ratios):.3f})")
     print("per round, untraced / renacerd ms: " + ", ".join(
         f"{x * 1e3:.2f}/{y * 1e3:.2f}" for x, y in zip(untraced, traced)))
+    if paused:
+        pr = [y / x for x, y in zip(untraced, paused)]
+        print(f"daemon paused: median of the per-round ratios {statistics.median(pr):.3f}x "
+              f"(range {min(pr):.3f}-{max(pr):.3f}); per round ms: "
+              + ", ".join(f"{y * 1e3:.2f}" for y in paused))
     print(f"renacerd: {statistics.median(per_step):,.0f} syscalls per timed step (whole tree), "
           f"{statistics.median([e[0] for e in events]):,.0f} events per run, "
           f"lost {sum(e[1] for e in events)}")

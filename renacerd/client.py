@@ -328,7 +328,7 @@ class _Client:
             words[W_MAGIC] = RING_MAGIC
             words[W_SIZE] = size
             words[W_DROPPED] = self.unreported
-            sock.sendmsg([protocol.encode(protocol.Ring(size))],
+            sock.sendmsg([protocol.encode(protocol.Ring(size, _CRC))],
                          [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
                          _FLAGS)
         except OSError as exc:

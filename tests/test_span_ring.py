@@ -431,3 +431,25 @@ def test_reader_refuses_before_mapping():
         r, w = os.pipe()
         os.close(w)
         RingReader(r, RING_MIN)
+
+
+def test_crc_records_end_to_end(sock_dir, small_ring, monkeypatch):
+    # What a weakly ordered CPU (arm64) runs: the client adds a CRC to every record and the
+    # daemon checks it; forced here on x86, across wraps of a small ring.
+    monkeypatch.setattr(client, "_CRC", True)
+    book = SpanBook(grace_ns=0)
+    with SpanServer(os.path.join(sock_dir, "crc.sock"), on_message=book.handle,
+                    on_disconnect=book.disconnected) as server:
+        client.configure(socket=server.address)
+        try:
+            for i in range(600):
+                with experiment_span("step", step=i, metrics={"m": i / 7}):
+                    pass
+                if i % 100 == 99:
+                    assert wait_for(lambda n=i + 1: book.counts()["spans_ended"] == n)
+            recs = book.drain()
+            assert sorted(int(r.attributes()["experiment.step"]) for r in recs) == list(
+                range(600))
+            assert server.stats["rings"] == 1 and server.stats["protocol_errors"] == 0
+        finally:
+            client.configure(socket=os.path.join(sock_dir, "gone.sock"))
