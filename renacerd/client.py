@@ -92,7 +92,7 @@ EXIT_FLUSH_TIMEOUT = 0.5
 RING_WAIT = 0.001
 LIVENESS_NS = 100_000_000
 _FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
-_PEEK = socket.MSG_DONTWAIT | socket.MSG_PEEK
+_GONE = select.POLLHUP | select.POLLRDHUP | select.POLLERR
 _crc32 = zlib.crc32
 _CRC = RING_CRC
 _HDR = RECORD.size
@@ -424,13 +424,17 @@ class _Client:
 
     def daemon_gone(self) -> Optional[OSError]:
         """Why the connection is dead, or None while the daemon holds it (one syscall)."""
+        # poll, not a peek: an unread reply queued before the close would hide the close.
+        if self.sock is None:
+            return ConnectionResetError("the daemon closed the connection")
+        poller = select.poll()
+        poller.register(self.sock, _GONE)
         try:
-            if self.sock is None or self.sock.recv(1, _PEEK) == b"":
-                return ConnectionResetError("the daemon closed the connection")
-        except (BlockingIOError, InterruptedError):
-            return None
+            events = poller.poll(0)
         except OSError as exc:
             return exc
+        if events and events[0][1] & _GONE:
+            return ConnectionResetError("the daemon closed the connection")
         return None
 
     def count_dropped(self, n: int) -> None:

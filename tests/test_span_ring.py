@@ -453,3 +453,20 @@ def test_crc_records_end_to_end(sock_dir, small_ring, monkeypatch):
             assert server.stats["rings"] == 1 and server.stats["protocol_errors"] == 0
         finally:
             client.configure(socket=os.path.join(sock_dir, "gone.sock"))
+
+
+def test_close_is_seen_behind_an_unread_reply(listener):
+    # The once-a-second look at the socket must see the daemon's close even when a reply
+    # nobody read (a late ack) sits in front of it.
+    path, sock = listener
+    client.configure(socket=path)
+    with experiment_span("first"):
+        pass
+    peer = RawPeer(sock)
+    assert [type(m) for m in peer.messages()] == [Hello, SpanStart, SpanEnd]
+    peer.conn.send(encode(protocol.Ack(7, True)))
+    peer.close()
+    client._client.wall_due_ns = 0  # the look is due
+    with experiment_span("second") as second:
+        pass
+    assert not client.stats()["connected"] and not second.connected
