@@ -116,6 +116,7 @@ _OK = StatusCode.OK
 _ERROR = StatusCode.ERROR
 _NO_METRICS: dict[str, float] = {}
 _MAX_METRICS = protocol.MAX_METRICS
+_MAX_FRAME = protocol.MAX_FRAME
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -449,7 +450,9 @@ class _Client:
         """Forget a broken connection; its backlog, `failed` frames and frames left unread in
         the ring count as dropped."""
         if self.words is not None:
-            failed += max(self.rseq - self.words[W_TAIL_SEQ], 0)
+            unread = min(max(self.rseq - self.words[W_TAIL_SEQ], 0), self.rseq)
+            failed += unread
+            self.rseq -= unread  # counted as dropped, not as sent
             self.close_ring()
         self.dropped += len(self.backlog) + failed
         self.unreported += len(self.backlog) + failed
@@ -505,6 +508,11 @@ class _Client:
 
     def send_locked(self, payload: bytes, now_ns: int, must: bool = False) -> int:
         """`send` for a caller that holds the lock."""
+        if len(payload) > _MAX_FRAME:
+            # Only metric names full of characters JSON escapes get here; the daemon would
+            # close the connection over it.
+            self.count_dropped(1)
+            return 0
         if self.sock is None and (now_ns < self.next_attempt_ns or not self.connect(now_ns)):
             return 0
         if self.ring is not None:
@@ -881,7 +889,7 @@ class Span:
             n = len(payload)
             head = c.rhead
             end = head + ((n + 31) & -16)
-            if end <= c.rlimit and not c.backlog and c.ring is not None:
+            if end <= c.rlimit and n <= _MAX_FRAME and not c.backlog and c.ring is not None:
                 at = RING_HEADER + (head & (c.rsize - 1))
                 c.ring[at + _HDR:at + _HDR + n] = payload
                 c.rseq = seq = c.rseq + 1

@@ -470,3 +470,80 @@ def test_close_is_seen_behind_an_unread_reply(listener):
     with experiment_span("second") as second:
         pass
     assert not client.stats()["connected"] and not second.connected
+
+
+@pytest.mark.parametrize("case", ["write sealed", "read-only descriptor"])
+def test_ring_the_daemon_cannot_map_writable_is_refused(server, case):
+    srv, book = server
+    if case == "write sealed":
+        fd, mm, words = make_ring()
+        del words
+        mm.close()
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
+        send = fd
+    else:
+        fd, mm, words = make_ring()
+        send = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
+    sock = hand_over(srv.address, send)
+    os.close(fd)
+    if send != fd:
+        os.close(send)
+    assert closed(sock)
+    assert srv.stats["protocol_errors"] == 1
+    assert good_client_still_served(srv, book)  # the server thread lives on
+    client.configure(socket="/nonexistent/x.sock")
+    sock.close()
+
+
+def test_descriptors_on_an_empty_message_are_not_leaked(server):
+    srv, book = server
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        fd, mm, words = make_ring()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.connect(srv.address)
+        sock.sendmsg([b""], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd] * 4))])
+        os.close(fd)
+        del words
+        mm.close()
+        assert closed(sock)
+        sock.close()
+    assert wait_for(lambda: srv.stats["open"] == 0)
+    assert len(os.listdir("/proc/self/fd")) <= before + 1
+
+
+def test_drain_at_close_stops_at_the_head_of_that_moment(sock_dir):
+    fd, mm, words = make_ring()
+    reader = RingReader(os.dup(fd), RING_MIN, checked=False)
+    os.close(fd)
+    frame = orjson.dumps(["e", "00f067aa0ba902b7", 1, 2, 3])
+    end = write_record(mm, words, 0, 1, frame)
+    until = reader.head
+    write_record(mm, words, end, 2, frame)  # written after the close: not this drain's
+    assert reader.read(100, until) == [frame]
+    assert reader.read(100) == [frame]
+    reader.close()
+
+
+def test_an_oversized_frame_is_dropped_and_counted_not_sent(sock_dir):
+    book = SpanBook(grace_ns=0)
+    with SpanServer(os.path.join(sock_dir, "big.sock"), on_message=book.handle,
+                    on_disconnect=book.disconnected) as server:
+        client.configure(socket=server.address)
+        try:
+            with experiment_span("small"):
+                pass
+            dropped = client.stats()["dropped"]
+            # 256 names of 128 control characters: ~190 kB of JSON escapes
+            huge = {chr(1) * 126 + chr(i // 16 + 1) + chr(i % 16 + 1): 1.0 for i in range(256)}
+            assert len(huge) == 256
+            with experiment_span("huge", metrics=huge) as big:
+                pass
+            with experiment_span("after"):
+                pass
+            assert not big.connected
+            assert client.stats()["dropped"] == dropped + 1
+            assert wait_for(lambda: book.counts()["spans_ended"] == 2)
+            assert server.stats["protocol_errors"] == 0 and server.stats["open"] == 1
+        finally:
+            client.configure(socket=os.path.join(sock_dir, "gone.sock"))

@@ -36,6 +36,8 @@ from renacerd.protocol import (
 # A record that stays invalid this long (s) is not a write in flight: the ring is broken.
 STALL_S = 2.0
 _crc32 = zlib.crc32
+# Seals that forbid the daemon's own writes (the tail words).
+_NO_WRITE = fcntl.F_SEAL_WRITE | getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)
 _U32 = 0xFFFFFFFF
 
 
@@ -59,11 +61,19 @@ class RingReader:
             # daemon's next read of it would die of SIGBUS.
             if not seals & fcntl.F_SEAL_SHRINK:
                 raise ProtocolError("value", "ring: the memfd is not sealed against shrinking")
+            if seals & _NO_WRITE or fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDWR:
+                raise ProtocolError("value", "ring: the memfd is not open for reading and "
+                                             "writing")
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_size < RING_HEADER + size:
                 raise ProtocolError("value", f"ring: the memfd is smaller than {size} bytes")
+            # A hugetlb memfd can lose a page to a hole punched later (and SIGBUS us then).
+            if st.st_blksize != mmap.PAGESIZE:
+                raise ProtocolError("value", "ring: the memfd is not plain shared memory")
             self._map = mmap.mmap(fd, RING_HEADER + size, mmap.MAP_SHARED,
                                   mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            raise ProtocolError("value", f"ring: cannot map the memfd ({exc})") from None
         finally:
             os.close(fd)
         self._words = memoryview(self._map).cast("Q")
@@ -78,10 +88,11 @@ class RingReader:
         self._dropped = 0
         self._stalled_at = 0.0
 
-    def read(self, budget: int) -> list[bytes]:
-        """Up to `budget` complete payloads, oldest first; the space they held goes back."""
+    def read(self, budget: int, until: int | None = None) -> list[bytes]:
+        """Up to `budget` complete payloads, oldest first, up to the head the client published
+        (or `until`, a head read earlier); the space they held goes back."""
         words = self._words
-        head = words[W_HEAD]
+        head = words[W_HEAD] if until is None else until
         tail = self.tail
         if not tail <= head <= tail + self.size:
             raise ProtocolError("value", f"ring: head {head} outside tail {tail} + {self.size}")
@@ -129,9 +140,9 @@ class RingReader:
         return out
 
     @property
-    def pending(self) -> bool:
-        """Whether the client has published bytes not read yet."""
-        return self._words[W_HEAD] != self.tail
+    def head(self) -> int:
+        """The head the client has published now."""
+        return self._words[W_HEAD]
 
     def dropped(self) -> int:
         """Messages the client dropped since the last call (it counts them in the header)."""

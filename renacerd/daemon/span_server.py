@@ -272,7 +272,10 @@ class SpanServer:
                 if conn is None:
                     self._accept()
                 elif isinstance(conn, _Conn):
-                    self._read(conn)
+                    try:
+                        self._read(conn)
+                    except Exception as exc:  # one client's fault must not end this thread
+                        self._fault(conn, exc)
                     busy = True
                 else:
                     try:
@@ -283,7 +286,10 @@ class SpanServer:
             if self._rings and time.monotonic() >= self._next_ring_poll:
                 self._next_ring_poll = time.monotonic() + RING_POLL
                 for conn in list(self._rings.values()):
-                    self._read_ring(conn)
+                    try:
+                        self._read_ring(conn)
+                    except Exception as exc:
+                        self._fault(conn, exc)
             if busy and self._batch_delay:
                 # Let messages pile up: a client whose server is not parked in epoll_wait
                 # pays no wake-up per send, and the next round reads many at once.
@@ -358,7 +364,8 @@ class SpanServer:
                     if conn.received < 2:
                         # The ring message, the one that carries a descriptor, follows the
                         # hello; later descriptors are closed by the kernel unseen.
-                        size, ancillary, _, _ = conn.sock.recvmsg_into([buf], _ANCILLARY)
+                        size, ancillary, _, _ = conn.sock.recvmsg_into(
+                            [buf], _ANCILLARY, socket.MSG_CMSG_CLOEXEC)
                         fds = _descriptors(ancillary)
                         conn.received += 1
                     else:
@@ -369,6 +376,8 @@ class SpanServer:
                     self._close(conn, f"receive failed: {exc}", level=logging.DEBUG)
                     return
                 if size == 0:
+                    for fd in fds:
+                        os.close(fd)
                     self._close(conn, "closed by peer", level=logging.DEBUG)
                     return
                 done += 1
@@ -391,6 +400,18 @@ class SpanServer:
             return
         self.stats["messages"] += done
         self._spend(conn, done, now)
+
+    def _fault(self, conn: _Conn, exc: Exception) -> None:
+        """An unexpected error serving one connection: log it, close that connection only."""
+        self.stats["callback_errors"] += 1
+        log.error("span client pid %d: %s: %s; connection closed", conn.peer.pid,
+                  type(exc).__name__, exc)
+        if self._conns.get(conn.peer.conn_id) is conn:
+            try:
+                self._close(conn, f"{type(exc).__name__}: {exc}", level=logging.DEBUG,
+                            drain=False)
+            except Exception:
+                log.exception("closing span client pid %d failed", conn.peer.pid)
 
     def _deliver(self, conn: _Conn, msg: Message) -> None:
         """Check the hello rule, hand `msg` to on_message and send its reply, if any."""
@@ -425,8 +446,12 @@ class SpanServer:
         ring = conn.ring
         assert ring is not None
         now = self._refill(conn)
+        until = None
         if drain:
-            budget = ring.size  # more records than the ring can hold
+            # Up to the head published now: a client that goes on writing after its close
+            # cannot keep this thread here.
+            budget = ring.size // 16
+            until = ring.head
         elif conn.throttled_until:
             return True
         else:
@@ -434,7 +459,7 @@ class SpanServer:
         done = 0
         try:
             while budget > done:
-                frames = ring.read(budget - done)
+                frames = ring.read(budget - done, until)
                 if not frames:
                     break
                 for frame in frames:
