@@ -150,64 +150,60 @@ def test_full_ring_backlog_then_drops_and_the_count_comes_through_the_ring(liste
         peer.close()
 
 
-def test_spans_written_before_a_sigkill_are_read(sock_dir):
+def test_spans_written_before_a_sigkill_are_read(served):
     # The ring outlives the process: the daemon reads it to the end when the socket closes.
-    book = SpanBook(grace_ns=0)
-    with SpanServer(os.path.join(sock_dir, "k.sock"), on_message=book.handle,
-                    on_disconnect=book.disconnected) as server:
-        code = textwrap.dedent(f"""
-            import os, signal
-            from renacerd.client import configure, experiment_span, stats
-            configure(socket={server.address!r})
-            for i in range(500):
-                with experiment_span("step", step=i):
+    server, book = served
+    code = textwrap.dedent(f"""
+        import os, signal
+        from renacerd.client import configure, experiment_span, stats
+        configure(socket={server.address!r})
+        for i in range(500):
+            with experiment_span("step", step=i):
+                pass
+        outer = experiment_span("dies-inside")
+        outer.__enter__()
+        assert stats()["ring"]
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ,
+                          PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert wait_for(lambda: book.counts()["spans_started"] == 501
+                    and server.stats["open"] == 0)
+    recs = book.drain()
+    steps = sorted(int(r.attributes()["experiment.step"]) for r in recs
+                   if r.span_name == "step")
+    assert steps == list(range(500))
+    (dead,) = [r for r in recs if r.span_name == "dies-inside"]
+    assert dead.status_code.name == "ERROR"
+    assert server.stats["rings"] == 1 and server.stats["protocol_errors"] == 0
+
+
+def test_ring_survives_fork_child_uses_its_own(served):
+    server, book = served
+    client.configure(socket=server.address)
+    try:
+        with experiment_span("parent-1"):
+            pass
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                with experiment_span("child"):
                     pass
-            outer = experiment_span("dies-inside")
-            outer.__enter__()
-            assert stats()["ring"]
-            os.kill(os.getpid(), signal.SIGKILL)
-        """)
-        proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ,
-                              PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=60)
-        assert proc.returncode == -signal.SIGKILL, proc.stderr
-        assert wait_for(lambda: book.counts()["spans_started"] == 501
-                        and server.stats["open"] == 0)
-        recs = book.drain()
-        steps = sorted(int(r.attributes()["experiment.step"]) for r in recs
-                       if r.span_name == "step")
-        assert steps == list(range(500))
-        (dead,) = [r for r in recs if r.span_name == "dies-inside"]
-        assert dead.status_code.name == "ERROR"
-        assert server.stats["rings"] == 1 and server.stats["protocol_errors"] == 0
-
-
-def test_ring_survives_fork_child_uses_its_own(sock_dir):
-    book = SpanBook(grace_ns=0)
-    with SpanServer(os.path.join(sock_dir, "f.sock"), on_message=book.handle,
-                    on_disconnect=book.disconnected) as server:
-        client.configure(socket=server.address)
-        try:
-            with experiment_span("parent-1"):
-                pass
-            pid = os.fork()
-            if pid == 0:
-                code = 1
-                try:
-                    with experiment_span("child"):
-                        pass
-                    code = 0 if client.stats()["ring"] else 2
-                finally:
-                    os._exit(code)
-            assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
-            with experiment_span("parent-2"):
-                pass
-            assert wait_for(lambda: book.counts()["spans_ended"] == 3)
-            by_name = {r.span_name: r.process_id for r in book.drain()}
-            assert by_name == {"parent-1": os.getpid(), "child": pid,
-                               "parent-2": os.getpid()}
-            assert server.stats["rings"] == 2 and server.stats["protocol_errors"] == 0
-        finally:
-            client.configure(socket=os.path.join(sock_dir, "gone.sock"))
+                code = 0 if client.stats()["ring"] else 2
+            finally:
+                os._exit(code)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        with experiment_span("parent-2"):
+            pass
+        assert wait_for(lambda: book.counts()["spans_ended"] == 3)
+        by_name = {r.span_name: r.process_id for r in book.drain()}
+        assert by_name == {"parent-1": os.getpid(), "child": pid,
+                           "parent-2": os.getpid()}
+        assert server.stats["rings"] == 2 and server.stats["protocol_errors"] == 0
+    finally:
+        client.configure(socket="/nonexistent/gone.sock")
 
 
 # --- hostile rings -------------------------------------------------------------------------
@@ -235,12 +231,14 @@ def hand_over(path, fd, size=RING_MIN, extra=()):
 
 
 @pytest.fixture
-def server(sock_dir):
+def served(sock_dir):
+    """A real SpanServer feeding a SpanBook; the client is pointed away afterwards."""
     book = SpanBook(grace_ns=0)
     srv = SpanServer(os.path.join(sock_dir, "h.sock"), on_message=book.handle,
                      on_disconnect=book.disconnected)
     srv.start()
     yield srv, book
+    client.configure(socket="/nonexistent/gone.sock")
     srv.stop()
 
 
@@ -262,8 +260,8 @@ def good_client_still_served(srv, book):
 
 @pytest.mark.parametrize("case", ["unsealed", "pipe", "too small", "bad magic", "two fds",
                                   "fd on hello", "second ring"])
-def test_bad_ring_hand_over_closes_only_that_connection(server, case):
-    srv, book = server
+def test_bad_ring_hand_over_closes_only_that_connection(served, case):
+    srv, book = served
     if case == "pipe":
         r, w = os.pipe()
         os.close(w)
@@ -292,7 +290,6 @@ def test_bad_ring_hand_over_closes_only_that_connection(server, case):
     assert closed(sock)
     assert srv.stats["protocol_errors"] == 1
     assert good_client_still_served(srv, book)
-    client.configure(socket="/nonexistent/x.sock")
     sock.close()
 
 
@@ -307,8 +304,8 @@ def write_record(mm, words, head, seq, payload, length=None):
 
 
 @pytest.mark.parametrize("case", ["garbage payload", "length past the end", "head too far"])
-def test_hostile_ring_contents_close_only_that_connection(server, case):
-    srv, book = server
+def test_hostile_ring_contents_close_only_that_connection(served, case):
+    srv, book = served
     fd, mm, words = make_ring()
     sock = hand_over(srv.address, fd)
     os.close(fd)
@@ -321,12 +318,11 @@ def test_hostile_ring_contents_close_only_that_connection(server, case):
     assert closed(sock)
     assert srv.stats["protocol_errors"] == 1
     assert good_client_still_served(srv, book)
-    client.configure(socket="/nonexistent/x.sock")
     sock.close()
 
 
-def test_a_record_that_never_becomes_valid_closes_after_the_stall_limit(server, monkeypatch):
-    srv, book = server
+def test_a_record_that_never_becomes_valid_closes_after_the_stall_limit(served, monkeypatch):
+    srv, book = served
     monkeypatch.setattr(span_ring, "STALL_S", 0.2)
     fd, mm, words = make_ring()
     sock = hand_over(srv.address, fd)
@@ -433,26 +429,24 @@ def test_reader_refuses_before_mapping():
         RingReader(r, RING_MIN)
 
 
-def test_crc_records_end_to_end(sock_dir, small_ring, monkeypatch):
+def test_crc_records_end_to_end(served, small_ring, monkeypatch):
     # What a weakly ordered CPU (arm64) runs: the client adds a CRC to every record and the
     # daemon checks it; forced here on x86, across wraps of a small ring.
     monkeypatch.setattr(client, "_CRC", True)
-    book = SpanBook(grace_ns=0)
-    with SpanServer(os.path.join(sock_dir, "crc.sock"), on_message=book.handle,
-                    on_disconnect=book.disconnected) as server:
-        client.configure(socket=server.address)
-        try:
-            for i in range(600):
-                with experiment_span("step", step=i, metrics={"m": i / 7}):
-                    pass
-                if i % 100 == 99:
-                    assert wait_for(lambda n=i + 1: book.counts()["spans_ended"] == n)
-            recs = book.drain()
-            assert sorted(int(r.attributes()["experiment.step"]) for r in recs) == list(
-                range(600))
-            assert server.stats["rings"] == 1 and server.stats["protocol_errors"] == 0
-        finally:
-            client.configure(socket=os.path.join(sock_dir, "gone.sock"))
+    server, book = served
+    client.configure(socket=server.address)
+    try:
+        for i in range(600):
+            with experiment_span("step", step=i, metrics={"m": i / 7}):
+                pass
+            if i % 100 == 99:
+                assert wait_for(lambda n=i + 1: book.counts()["spans_ended"] == n)
+        recs = book.drain()
+        assert sorted(int(r.attributes()["experiment.step"]) for r in recs) == list(
+            range(600))
+        assert server.stats["rings"] == 1 and server.stats["protocol_errors"] == 0
+    finally:
+        client.configure(socket="/nonexistent/gone.sock")
 
 
 def test_close_is_seen_behind_an_unread_reply(listener):
@@ -473,8 +467,8 @@ def test_close_is_seen_behind_an_unread_reply(listener):
 
 
 @pytest.mark.parametrize("case", ["write sealed", "read-only descriptor"])
-def test_ring_the_daemon_cannot_map_writable_is_refused(server, case):
-    srv, book = server
+def test_ring_the_daemon_cannot_map_writable_is_refused(served, case):
+    srv, book = served
     if case == "write sealed":
         fd, mm, words = make_ring()
         del words
@@ -491,12 +485,11 @@ def test_ring_the_daemon_cannot_map_writable_is_refused(server, case):
     assert closed(sock)
     assert srv.stats["protocol_errors"] == 1
     assert good_client_still_served(srv, book)  # the server thread lives on
-    client.configure(socket="/nonexistent/x.sock")
     sock.close()
 
 
-def test_descriptors_on_an_empty_message_are_not_leaked(server):
-    srv, book = server
+def test_descriptors_on_an_empty_message_are_not_leaked(served):
+    srv, book = served
     before = len(os.listdir("/proc/self/fd"))
     for _ in range(20):
         fd, mm, words = make_ring()
@@ -525,25 +518,23 @@ def test_drain_at_close_stops_at_the_head_of_that_moment(sock_dir):
     reader.close()
 
 
-def test_an_oversized_frame_is_dropped_and_counted_not_sent(sock_dir):
-    book = SpanBook(grace_ns=0)
-    with SpanServer(os.path.join(sock_dir, "big.sock"), on_message=book.handle,
-                    on_disconnect=book.disconnected) as server:
-        client.configure(socket=server.address)
-        try:
-            with experiment_span("small"):
-                pass
-            dropped = client.stats()["dropped"]
-            # 256 names of 128 control characters: ~190 kB of JSON escapes
-            huge = {chr(1) * 126 + chr(i // 16 + 1) + chr(i % 16 + 1): 1.0 for i in range(256)}
-            assert len(huge) == 256
-            with experiment_span("huge", metrics=huge) as big:
-                pass
-            with experiment_span("after"):
-                pass
-            assert not big.connected
-            assert client.stats()["dropped"] == dropped + 1
-            assert wait_for(lambda: book.counts()["spans_ended"] == 2)
-            assert server.stats["protocol_errors"] == 0 and server.stats["open"] == 1
-        finally:
-            client.configure(socket=os.path.join(sock_dir, "gone.sock"))
+def test_an_oversized_frame_is_dropped_and_counted_not_sent(served):
+    server, book = served
+    client.configure(socket=server.address)
+    try:
+        with experiment_span("small"):
+            pass
+        dropped = client.stats()["dropped"]
+        # 256 names of 128 control characters: ~190 kB of JSON escapes
+        huge = {chr(1) * 126 + chr(i // 16 + 1) + chr(i % 16 + 1): 1.0 for i in range(256)}
+        assert len(huge) == 256
+        with experiment_span("huge", metrics=huge) as big:
+            pass
+        with experiment_span("after"):
+            pass
+        assert not big.connected
+        assert client.stats()["dropped"] == dropped + 1
+        assert wait_for(lambda: book.counts()["spans_ended"] == 2)
+        assert server.stats["protocol_errors"] == 0 and server.stats["open"] == 1
+    finally:
+        client.configure(socket="/nonexistent/gone.sock")
