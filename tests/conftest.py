@@ -107,6 +107,23 @@ def sock_dir():
     shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.fixture
+def span_daemon(sock_dir):
+    """A real SpanServer feeding a SpanBook (no grace for abandoned spans) on a fresh
+    socket; afterwards the in-process client is pointed away and the server stopped."""
+    from renacerd import client
+    from renacerd.daemon.span_server import SpanServer
+    from renacerd.daemon.spans import SpanBook
+
+    book = SpanBook(grace_ns=0)
+    server = SpanServer(os.path.join(sock_dir, "d.sock"), on_message=book.handle,
+                        on_disconnect=book.disconnected)
+    server.start()
+    yield server, book
+    client.configure(socket=os.path.join(sock_dir, "gone.sock"))
+    server.stop()
+
+
 class RawPeer:
     """The daemon's end of one client connection, by hand: the frames that came over the
     socket, then those in the shared-memory ring the client handed over (if it did)."""

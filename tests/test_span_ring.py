@@ -24,8 +24,6 @@ from renacerd import client, protocol
 from renacerd.client import experiment_span
 from renacerd.daemon import span_ring
 from renacerd.daemon.span_ring import RingReader
-from renacerd.daemon.span_server import SpanServer
-from renacerd.daemon.spans import SpanBook
 from renacerd.protocol import (
     RING_HEADER,
     RING_MAGIC,
@@ -150,9 +148,9 @@ def test_full_ring_backlog_then_drops_and_the_count_comes_through_the_ring(liste
         peer.close()
 
 
-def test_spans_written_before_a_sigkill_are_read(served):
+def test_spans_written_before_a_sigkill_are_read(span_daemon):
     # The ring outlives the process: the daemon reads it to the end when the socket closes.
-    server, book = served
+    server, book = span_daemon
     code = textwrap.dedent(f"""
         import os, signal
         from renacerd.client import configure, experiment_span, stats
@@ -179,8 +177,8 @@ def test_spans_written_before_a_sigkill_are_read(served):
     assert server.stats["rings"] == 1 and server.stats["protocol_errors"] == 0
 
 
-def test_ring_survives_fork_child_uses_its_own(served):
-    server, book = served
+def test_ring_survives_fork_child_uses_its_own(span_daemon):
+    server, book = span_daemon
     client.configure(socket=server.address)
     try:
         with experiment_span("parent-1"):
@@ -230,18 +228,6 @@ def hand_over(path, fd, size=RING_MIN, extra=()):
     return sock
 
 
-@pytest.fixture
-def served(sock_dir):
-    """A real SpanServer feeding a SpanBook; the client is pointed away afterwards."""
-    book = SpanBook(grace_ns=0)
-    srv = SpanServer(os.path.join(sock_dir, "h.sock"), on_message=book.handle,
-                     on_disconnect=book.disconnected)
-    srv.start()
-    yield srv, book
-    client.configure(socket="/nonexistent/gone.sock")
-    srv.stop()
-
-
 def closed(sock, timeout=5.0):
     sock.settimeout(timeout)
     try:
@@ -260,8 +246,8 @@ def good_client_still_served(srv, book):
 
 @pytest.mark.parametrize("case", ["unsealed", "pipe", "too small", "bad magic", "two fds",
                                   "fd on hello", "second ring"])
-def test_bad_ring_hand_over_closes_only_that_connection(served, case):
-    srv, book = served
+def test_bad_ring_hand_over_closes_only_that_connection(span_daemon, case):
+    srv, book = span_daemon
     if case == "pipe":
         r, w = os.pipe()
         os.close(w)
@@ -304,8 +290,8 @@ def write_record(mm, words, head, seq, payload, length=None):
 
 
 @pytest.mark.parametrize("case", ["garbage payload", "length past the end", "head too far"])
-def test_hostile_ring_contents_close_only_that_connection(served, case):
-    srv, book = served
+def test_hostile_ring_contents_close_only_that_connection(span_daemon, case):
+    srv, book = span_daemon
     fd, mm, words = make_ring()
     sock = hand_over(srv.address, fd)
     os.close(fd)
@@ -321,8 +307,8 @@ def test_hostile_ring_contents_close_only_that_connection(served, case):
     sock.close()
 
 
-def test_a_record_that_never_becomes_valid_closes_after_the_stall_limit(served, monkeypatch):
-    srv, book = served
+def test_a_record_that_never_becomes_valid_closes_after_the_stall_limit(span_daemon, monkeypatch):
+    srv, book = span_daemon
     monkeypatch.setattr(span_ring, "STALL_S", 0.2)
     fd, mm, words = make_ring()
     sock = hand_over(srv.address, fd)
@@ -429,11 +415,11 @@ def test_reader_refuses_before_mapping():
         RingReader(r, RING_MIN)
 
 
-def test_crc_records_end_to_end(served, small_ring, monkeypatch):
+def test_crc_records_end_to_end(span_daemon, small_ring, monkeypatch):
     # What a weakly ordered CPU (arm64) runs: the client adds a CRC to every record and the
     # daemon checks it; forced here on x86, across wraps of a small ring.
     monkeypatch.setattr(client, "_CRC", True)
-    server, book = served
+    server, book = span_daemon
     client.configure(socket=server.address)
     try:
         for i in range(600):
@@ -467,8 +453,8 @@ def test_close_is_seen_behind_an_unread_reply(listener):
 
 
 @pytest.mark.parametrize("case", ["write sealed", "read-only descriptor"])
-def test_ring_the_daemon_cannot_map_writable_is_refused(served, case):
-    srv, book = served
+def test_ring_the_daemon_cannot_map_writable_is_refused(span_daemon, case):
+    srv, book = span_daemon
     if case == "write sealed":
         fd, mm, words = make_ring()
         del words
@@ -488,8 +474,8 @@ def test_ring_the_daemon_cannot_map_writable_is_refused(served, case):
     sock.close()
 
 
-def test_descriptors_on_an_empty_message_are_not_leaked(served):
-    srv, book = served
+def test_descriptors_on_an_empty_message_are_not_leaked(span_daemon):
+    srv, book = span_daemon
     before = len(os.listdir("/proc/self/fd"))
     for _ in range(20):
         fd, mm, words = make_ring()
@@ -518,8 +504,8 @@ def test_drain_at_close_stops_at_the_head_of_that_moment(sock_dir):
     reader.close()
 
 
-def test_an_oversized_frame_is_dropped_and_counted_not_sent(served):
-    server, book = served
+def test_an_oversized_frame_is_dropped_and_counted_not_sent(span_daemon):
+    server, book = span_daemon
     client.configure(socket=server.address)
     try:
         with experiment_span("small"):

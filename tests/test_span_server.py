@@ -40,14 +40,9 @@ TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
 @pytest.fixture
-def daemon(sock_dir):
-    """A SpanServer feeding a SpanBook on a fresh socket path."""
-    book = SpanBook(grace_ns=0)
-    server = SpanServer(os.path.join(sock_dir, "d.sock"), on_message=book.handle,
-                        on_disconnect=book.disconnected)
-    server.start()
-    yield server, book
-    server.stop()
+def daemon(span_daemon):
+    """A SpanServer feeding a SpanBook on a fresh socket path (conftest's span_daemon)."""
+    return span_daemon
 
 
 def fd_count() -> int:
