@@ -13,6 +13,7 @@ import fcntl
 import mmap
 import os
 import stat
+import threading
 import time
 import zlib
 
@@ -41,6 +42,25 @@ _NO_WRITE = fcntl.F_SEAL_WRITE | getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)
 _U32 = 0xFFFFFFFF
 
 
+def close_untrusted(fd: int) -> None:
+    """Close a descriptor a client sent. A memfd closes at once; anything else may be a FUSE
+    file whose close waits on the FUSE server, so it is closed on a thread of its own."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        threading.Thread(target=_close_quietly, args=(fd,), name="renacerd-close-fd",
+                         daemon=True).start()
+        return
+    os.close(fd)
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
 class RingReader:
     """One client's ring, mapped read-write (the daemon's words are the tail and tail seq)."""
 
@@ -49,6 +69,7 @@ class RingReader:
 
     def __init__(self, fd: int, size: int, checked: bool = RING_CRC) -> None:
         """Take ownership of `fd` (closed here, mapped or not) and check it can be trusted."""
+        mapped = False
         try:
             if RING_CRC and not checked:
                 raise ProtocolError("value", "ring: this host's CPUs reorder stores; records "
@@ -72,10 +93,14 @@ class RingReader:
                 raise ProtocolError("value", "ring: the memfd is not plain shared memory")
             self._map = mmap.mmap(fd, RING_HEADER + size, mmap.MAP_SHARED,
                                   mmap.PROT_READ | mmap.PROT_WRITE)
+            mapped = True
         except OSError as exc:
             raise ProtocolError("value", f"ring: cannot map the memfd ({exc})") from None
         finally:
-            os.close(fd)
+            if mapped:
+                os.close(fd)
+            else:
+                close_untrusted(fd)
         self._words = memoryview(self._map).cast("Q")
         if self._words[W_MAGIC] != RING_MAGIC or self._words[W_SIZE] != size:
             self.close()

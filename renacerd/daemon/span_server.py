@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 from renacerd import protocol
-from renacerd.daemon.span_ring import RingReader
+from renacerd.daemon.span_ring import RingReader, close_untrusted
 from renacerd.protocol import MAX_FRAME, Dropped, Hello, Message, ProtocolError, Ring
 
 log = logging.getLogger("renacerd.span_server")
@@ -377,7 +377,7 @@ class SpanServer:
                     return
                 if size == 0:
                     for fd in fds:
-                        os.close(fd)
+                        close_untrusted(fd)
                     self._close(conn, "closed by peer", level=logging.DEBUG)
                     return
                 done += 1
@@ -391,7 +391,7 @@ class SpanServer:
                         raise ProtocolError("schema", "descriptors come only with a ring message")
                 finally:
                     for fd in fds:
-                        os.close(fd)
+                        close_untrusted(fd)
                 self._deliver(conn, msg)
         except ProtocolError as exc:
             self.stats["protocol_errors"] += 1
