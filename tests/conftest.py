@@ -124,6 +124,18 @@ def span_daemon(sock_dir):
     server.stop()
 
 
+def wait_for(cond, timeout: float = 10.0) -> bool:
+    """Poll `cond` every 5 ms until it holds or `timeout` s pass; its last value."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.005)
+    return cond()
+
+
 class RawPeer:
     """The daemon's end of one client connection, by hand: the frames that came over the
     socket, then those in the shared-memory ring the client handed over (if it did)."""
@@ -161,6 +173,19 @@ class RawPeer:
         if self.ring is not None:
             out += self.ring.read(1 << 30)
         return out
+
+    def read_until(self, done, timeout: float = 10.0) -> list[bytes]:
+        """read() every millisecond, gathering frames, until done(frames) or `timeout` s."""
+        import time
+
+        frames: list[bytes] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            frames += self.read()
+            if done(frames):
+                break
+            time.sleep(0.001)
+        return frames
 
     def messages(self) -> list:
         """read(), decoded."""

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import RawPeer
+from conftest import RawPeer, wait_for
 
 from renacerd import client
 from renacerd.client import experiment_span
@@ -48,15 +48,6 @@ def daemon(sock_dir):
     yield server, book
     client.configure(socket=os.path.join(sock_dir, "gone.sock"))
     server.stop()
-
-
-def wait_for(cond, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.005)
-    return cond()
 
 
 def records(book, n):

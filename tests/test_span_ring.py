@@ -18,7 +18,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import RawPeer
+from conftest import RawPeer, wait_for
 
 from renacerd import client, protocol
 from renacerd.client import experiment_span
@@ -41,15 +41,6 @@ from renacerd.protocol import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def wait_for(cond, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.005)
-    return cond()
 
 
 @pytest.fixture
@@ -123,13 +114,8 @@ def test_full_ring_backlog_then_drops_and_the_count_comes_through_the_ring(liste
     assert time.perf_counter() - t0 < 0.5  # never blocks on a full ring
     peer = RawPeer(sock)
     try:
-        frames = []
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            frames += peer.read()
-            if client.stats()["queued"] == 0:
-                break
-            time.sleep(0.001)  # the flusher thread moves the backlog in as room appears
+        # the flusher thread moves the backlog in as the reads make room
+        frames = peer.read_until(lambda _: client.stats()["queued"] == 0)
         with experiment_span("after") as after:
             pass
         frames += peer.read()
@@ -370,14 +356,8 @@ def test_flusher_moves_the_backlog_into_the_ring_as_it_drains(listener, small_ri
     assert 0 < client.stats()["queued"] < client.BACKLOG
     peer = RawPeer(sock)
     try:
-        frames = []
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            frames += peer.read()
-            if client.stats()["queued"] == 0 and len(frames) == (
-                    client.stats()["sent"] - base["sent"] - 1):
-                break
-            time.sleep(0.001)
+        frames = peer.read_until(lambda got: client.stats()["queued"] == 0 and len(got) == (
+            client.stats()["sent"] - base["sent"] - 1))
         msgs = [protocol.decode(f) for f in frames]
         starts = [m.span_id for m in msgs if isinstance(m, SpanStart)]
         ends = [m.span_id for m in msgs if isinstance(m, SpanEnd)]

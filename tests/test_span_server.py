@@ -14,6 +14,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from conftest import wait_for
 
 from renacerd.daemon.span_server import (
     PeerCred,
@@ -47,15 +48,6 @@ def daemon(span_daemon):
 
 def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-def wait_for(cond, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.005)
-    return cond()
 
 
 def raw_client(path: str, hello: bool = True) -> socket.socket:
