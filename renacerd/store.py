@@ -78,6 +78,9 @@ CREATE INDEX IF NOT EXISTS spans_run ON spans(run_id, process_id, start_mono_nan
 RUN_COUNTERS = ("events_lost", "details_lost", "failed_reads", "unmatched_exits")
 
 
+# Why a run whose daemon is gone is incomplete.
+STALE_ERROR = "daemon stopped before the run ended"
+
 class StoreError(RuntimeError):
     """The store cannot be opened or written (one clear line for the user)."""
 
@@ -241,9 +244,8 @@ class Store:
         if stale:
             self._tx()
             self.db.executemany(
-                "UPDATE runs SET status='incomplete', error=coalesce(error, "
-                "'daemon stopped before the run ended') WHERE id=?",
-                [(rid,) for rid, _ in stale],
+                "UPDATE runs SET status='incomplete', error=coalesce(error, ?) WHERE id=?",
+                [(STALE_ERROR, rid) for rid, _ in stale],
             )
             self.commit()
         return [n for _, n in stale]
@@ -453,7 +455,8 @@ class Store:
             source_counters=orjson.loads(d.get("source_counters") or "{}"),
             syscall_table={int(k): v for k, v in orjson.loads(d["syscall_table"] or "{}").items()},
             exit_code=d["exit_code"],
-            error=d["error"],
+            # A run read as stale before anyone marked it says what marking it would say.
+            error=d["error"] or (STALE_ERROR if stale else None),
         )
 
     @property
