@@ -76,10 +76,9 @@ CREATE INDEX IF NOT EXISTS spans_run ON spans(run_id, process_id, start_mono_nan
 """
 
 RUN_COUNTERS = ("events_lost", "details_lost", "failed_reads", "unmatched_exits")
-
-
 # Why a run whose daemon is gone is incomplete.
 STALE_ERROR = "daemon stopped before the run ended"
+
 
 class StoreError(RuntimeError):
     """The store cannot be opened or written (one clear line for the user)."""
