@@ -66,32 +66,39 @@ class RingReader:
             self._data, dtype=self._rec, count=n, offset=off
         )
         lens = view["hdr_len"]
-        busy = (lens & _BUSY) != 0
-        if busy.any():
-            n = int(np.argmax(busy))
-            view = view[:n]
-            lens = lens[:n]
-        if n == 0:
-            return np.empty(0, dtype=self.payload)
-        sizes = lens & ~np.uint32(_BUSY | _DISCARD)
-        if (sizes != self.payload.itemsize).any():
-            raise RingBufferError(
-                f"record of {int(sizes[sizes != self.payload.itemsize][0])} bytes in a ring "
-                f"of {self.payload.itemsize}-byte records"
-            )
-        keep = (lens & _DISCARD) == 0
-        if keep.all() and self.payload.itemsize % 8 == 0:
-            # the payloads as rows of 8-byte words: one 2-D copy, contiguous, ~3x faster
-            # than numpy's copy of a structured field
-            words = np.frombuffer(self._data, dtype=np.uint64, count=n * self.rec_size // 8,
-                                  offset=off).reshape(n, self.rec_size // 8)
-            out = np.ascontiguousarray(words[:, 1 : 1 + self.payload.itemsize // 8])
-            out = out.view(self.payload).reshape(n)
+        # the common case in one pass: every record committed, none discarded
+        if (lens != self.payload.itemsize).any():
+            busy = (lens & _BUSY) != 0
+            if busy.any():
+                n = int(np.argmax(busy))
+                view = view[:n]
+                lens = lens[:n]
+            if n == 0:
+                return np.empty(0, dtype=self.payload)
+            sizes = lens & ~np.uint32(_BUSY | _DISCARD)
+            if (sizes != self.payload.itemsize).any():
+                raise RingBufferError(
+                    f"record of {int(sizes[sizes != self.payload.itemsize][0])} bytes in a "
+                    f"ring of {self.payload.itemsize}-byte records"
+                )
+            keep = (lens & _DISCARD) == 0
+            out = view["p"][keep] if not keep.all() else self._payloads(off, n)
         else:
-            out = view["p"][keep]
+            out = self._payloads(off, n)
         self._cons[0] = cons + n * self.rec_size
         self.records_read += len(out)
         return out
+
+    def _payloads(self, off: int, n: int) -> np.ndarray:
+        """The payloads of n records from `off` as one contiguous array."""
+        if self.payload.itemsize % 8:
+            view = np.frombuffer(self._data, dtype=self._rec, count=n, offset=off)
+            return view["p"].copy()
+        # rows of 8-byte words: one 2-D copy, ~3x faster than copying a structured field
+        words = np.frombuffer(self._data, dtype=np.uint64, count=n * self.rec_size // 8,
+                              offset=off).reshape(n, self.rec_size // 8)
+        out = np.ascontiguousarray(words[:, 1 : 1 + self.payload.itemsize // 8])
+        return out.view(self.payload).reshape(n)
 
     def close(self) -> None:
         """Unmap both areas."""

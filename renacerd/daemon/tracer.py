@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from renacerd import __version__
+from renacerd.daemon.details import DetailQueue, detail_bytes
 from renacerd.daemon.writer import ChunkWriter
 from renacerd.procfs import descendants, snapshot
 from renacerd.records import (
@@ -32,6 +33,8 @@ from renacerd.records import (
     SLOT_COMM,
     SLOT_PATH0,
     SLOT_PATH1,
+    STR_LEN,
+    detail_dtype,
     take,
 )
 from renacerd.sockaddr import format_sockaddr
@@ -52,6 +55,8 @@ FATAL_BY_DEFAULT = frozenset({1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
                               26, 27, 29, 30, 31, *range(34, 65)})
 
 CHUNK_EVENTS = 1 << 16
+# Event fields kept as columns (pid is the process the chunk belongs to; aux is 0)
+EVENT_COLUMNS = ("ts", "dur", "ret", "a0", "tid", "nr", "flags")
 
 
 @dataclass(slots=True)
@@ -60,7 +65,7 @@ class ProcState:
 
     proc_id: int
     span: ProcessSpan
-    buf: list[np.ndarray] = field(default_factory=list)
+    buf: list[dict[str, np.ndarray]] = field(default_factory=list)  # column slices
     buffered: int = 0
     events: int = 0
     gated: bool = False
@@ -134,7 +139,8 @@ class Tracer:
         self.drain_interval = drain_interval
         self.procs: dict[int, ProcState] = {}
         self.strings = StringTable()
-        self.pending_details: dict[tuple[int, int], list[tuple[int, int, bytes]]] = {}
+        self.details = DetailQueue(detail_dtype(STR_LEN))
+        self._addr_ids: dict[tuple[int, bytes], int] = {}
         self.events = 0
         self.stop_requested = False
         self.root_pid: int | None = None
@@ -288,7 +294,7 @@ class Tracer:
         """Move everything in the rings into per-process buffers."""
         ev, de = self.probes.drain()
         if len(de):
-            self._take_details(de)
+            self.details.add(de)
         if not len(ev):
             for src in list(self.sources):
                 self._guard(src, src.drain, self)
@@ -304,7 +310,8 @@ class Tracer:
                     self._lifecycle(e)
                 else:
                     self._exit_call(e)
-            ev = take(ev, np.flatnonzero(~life))
+            if life.any():
+                ev = take(ev, np.flatnonzero(~life))
         if len(ev):
             s0 = self._assemble(ev)
             for src in list(self.sources):
@@ -332,27 +339,12 @@ class Tracer:
             except Exception:
                 pass
 
-    def _take_details(self, de: np.ndarray) -> None:
-        pend = self.pending_details
-        binary = (SLOT_ADDR, SLOT_ARGV_BLOB)
-        # Columns to Python lists in C, then plain tuples: indexing numpy records field by
-        # field costs ~3 us a detail. An `S` field comes back without its trailing NULs.
-        for tid, ts, nr, slot, n, raw in zip(
-            de["tid"].tolist(), de["ts"].tolist(), de["nr"].tolist(), de["slot"].tolist(),
-            de["len"].tolist(), de["data"].tolist(),
-        ):
-            if slot in binary:
-                data = raw[:n].ljust(n, b"\0") if n > 0 else b""
-            else:
-                data = raw[: n - 1] if n > 0 else b""
-            pend.setdefault((tid, ts), []).append((slot, nr, data))
-
     def strings_by_id(self, sid: int) -> bytes:
         """The interned string `sid`."""
         return self.strings.get(sid)
 
     def _details_for(self, tid: int, ts: int) -> list[tuple[int, int, bytes]]:
-        return self.pending_details.pop((tid, ts), [])
+        return self.details.pop(tid, ts)
 
     def _proc(self, pid: int, ts: int) -> ProcState | None:
         st = self.procs.get(pid)
@@ -458,28 +450,93 @@ class Tracer:
             s0[(flags & F_EMPTY_PATH0) != 0] = empty
             s1[(flags & F_EMPTY_PATH1) != 0] = empty
         has = np.flatnonzero(flags & F_DETAIL)
-        sub = take(ev, has)
-        for i, tid, ts, nr, ret, pid in zip(
-            has.tolist(), sub["tid"].tolist(), sub["ts"].tolist(), sub["nr"].tolist(),
-            sub["ret"].tolist(), sub["pid"].tolist(),
-        ):
-            dets = self._details_for(tid, ts)
-            if not dets:
-                # its detail record sits behind a busy one in the ring, or was dropped
-                self.paths_lost += 1
+        if len(has):
+            self._attach_details(ev, has, s0, s1)
+        # One sort by (pid, enter ts), then one gather per column: each process's events
+        # come out as sorted, contiguous column slices.
+        pid = ev["pid"]
+        order = np.lexsort((ev["ts"], pid))
+        spid = pid.take(order)
+        cols = {f: ev[f].take(order) for f in EVENT_COLUMNS}
+        cols["ts"] = cols["ts"].view(np.int64)
+        cols["s0"] = s0.take(order)
+        cols["s1"] = s1.take(order)
+        cuts = np.flatnonzero(spid[1:] != spid[:-1]) + 1
+        for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), n]):
+            piece = {k: v[a:b] for k, v in cols.items()}
+            st = self._proc(int(spid[a]), int(piece["ts"][0]))
+            if st is None:
+                self.foreign_events += b - a - 1
                 continue
-            argv: list[bytes] = []
-            for slot, _, data in dets:
-                if slot == SLOT_PATH0:
-                    s0[i] = self.strings.intern(data)
-                elif slot == SLOT_PATH1:
-                    s1[i] = self.strings.intern(data)
-                elif slot == SLOT_ADDR:
-                    s0[i] = self.strings.intern(format_sockaddr(data).encode())
-                elif slot >= SLOT_ARGV:
-                    argv.append(data)
-            if nr in (NR_EXECVE, NR_EXECVEAT) and ret == 0:
-                st = self._proc(pid, ts)
+            if st.gated:
+                nrs = piece["nr"]
+                hit = np.flatnonzero((nrs == NR_EXECVE) | (nrs == NR_EXECVEAT))
+                if not len(hit):
+                    continue
+                k = int(hit[0])
+                piece = {key: v[k:] for key, v in piece.items()}
+                st.gated = False
+            m = len(piece["ts"])
+            st.buf.append(piece)
+            st.buffered += m
+            st.events += m
+            self.events += m
+            if st.buffered >= CHUNK_EVENTS:
+                self._flush_proc(st)
+        return s0
+
+    def _attach_details(self, ev: np.ndarray, has: np.ndarray, s0: np.ndarray,
+                        s1: np.ndarray) -> None:
+        """String ids of the paths and addresses of events `has`, from their details."""
+        ei, dets = self.details.join(ev["tid"][has], ev["ts"][has])
+        pos = has[ei]
+        # an event flagged with details that has none: its detail sits behind a busy record
+        # in the ring, or was dropped
+        self.paths_lost += len(has) - len(np.unique(pos))
+        if not len(dets):
+            return
+        slot = dets["slot"]
+        intern, addr = self.strings.intern, self._addr_id
+        # one pass in C to Python objects, then a dict lookup per detail (~0.3 us): most
+        # details name a few files again and again
+        ids = np.array([
+            (intern(raw[: n - 1] if n > 0 else b"") if sl <= SLOT_PATH1
+             else addr(raw, n) if sl == SLOT_ADDR else -1)
+            for sl, n, raw in zip(slot.tolist(), dets["len"].tolist(), dets["data"].tolist())
+        ], dtype=np.int32)
+        at0 = (slot == SLOT_PATH0) | (slot == SLOT_ADDR)
+        s0[pos[at0]] = ids[at0]
+        at1 = slot == SLOT_PATH1
+        s1[pos[at1]] = ids[at1]
+        nr = ev["nr"][pos]
+        execs = np.flatnonzero((nr == NR_EXECVE) | (nr == NR_EXECVEAT))
+        if len(execs):
+            self._exec_details(ev, pos[execs], dets[execs], s0, s1)
+
+    def _addr_id(self, raw: bytes, n: int) -> int:
+        """String id of a socket address as text (formatted once per distinct address)."""
+        key = (n, raw[:n])  # the field drops trailing NULs: the length tells them apart
+        sid = self._addr_ids.get(key)
+        if sid is None:
+            sid = self._addr_ids[key] = self.strings.intern(
+                format_sockaddr(detail_bytes(SLOT_ADDR, n, raw)).encode())
+        return sid
+
+    def _exec_details(self, ev: np.ndarray, pos: np.ndarray, dets: np.ndarray,
+                      s0: np.ndarray, s1: np.ndarray) -> None:
+        """argv of execve calls; a successful one also names its process."""
+        byev: dict[int, list[tuple[int, bytes]]] = {}
+        for i, sl, n, raw in zip(pos.tolist(), dets["slot"].tolist(), dets["len"].tolist(),
+                                 dets["data"].tolist()):
+            if sl >= SLOT_ARGV:
+                byev.setdefault(i, []).append((sl, detail_bytes(sl, n, raw)))
+            else:
+                byev.setdefault(i, [])
+        for i, parts in byev.items():
+            argv = [d for _, d in sorted(parts)]
+            e = ev[i]
+            if int(e["ret"]) == 0:
+                st = self._proc(int(e["pid"]), int(e["ts"]))
                 if st is None:
                     continue
                 if st.exec_argv is not None:  # the kernel's copy beats a failed user read
@@ -492,38 +549,6 @@ class Tracer:
                     s0[i] = self.strings.intern(st.exec_path)
             if argv:
                 s1[i] = self.strings.intern(b"\0".join(argv))
-        pid = ev["pid"]
-        if pid[0] == pid[-1] and (pid == pid[0]).all():
-            groups = [(int(pid[0]), None)]  # the common case: one busy process
-        else:
-            order = np.argsort(pid, kind="stable")
-            spid = pid[order]
-            cuts = np.flatnonzero(np.diff(spid)) + 1
-            groups = [
-                (int(spid[a]), order[a:b])
-                for a, b in zip(np.concatenate(([0], cuts)), np.concatenate((cuts, [n])))
-            ]
-        for p, idx in groups:
-            sub, s0s, s1s = (ev, s0, s1) if idx is None else (take(ev, idx), s0[idx], s1[idx])
-            st = self._proc(p, int(sub["ts"][0]))
-            if st is None:
-                self.foreign_events += len(sub) - 1
-                continue
-            if st.gated:
-                nrs = sub["nr"]
-                hit = np.flatnonzero((nrs == NR_EXECVE) | (nrs == NR_EXECVEAT))
-                if not len(hit):
-                    continue
-                k = int(hit[0])
-                sub, s0s, s1s = sub[k:], s0s[k:], s1s[k:]
-                st.gated = False
-            st.buf.append((sub, s0s, s1s))
-            st.buffered += len(sub)
-            st.events += len(sub)
-            self.events += len(sub)
-            if st.buffered >= CHUNK_EVENTS:
-                self._flush_proc(st)
-        return s0
 
     # -- persistence -------------------------------------------------------------------
     def _flush_proc(self, st: ProcState) -> None:
@@ -532,12 +557,10 @@ class Tracer:
         parts = st.buf
         st.buf, st.buffered = [], 0
         if len(parts) == 1:
-            ev, s0, s1 = parts[0]
+            cols = parts[0]
         else:
-            ev = np.concatenate([x[0] for x in parts])
-            s0 = np.concatenate([x[1] for x in parts])
-            s1 = np.concatenate([x[2] for x in parts])
-        self.writer.submit(st.proc_id, ev, s0, s1)
+            cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        self.writer.submit(st.proc_id, cols)
 
     def counters(self) -> dict[str, int]:
         """Kernel-side loss counters of the syscall probes and of every other source."""
@@ -583,8 +606,8 @@ class Tracer:
             self.store.commit()
         self._last_flush = time.monotonic()
         # Details whose event never came (its record was lost) must not pile up.
-        if len(self.pending_details) > 100_000:
-            self.pending_details.clear()
+        if len(self.details) > 100_000:
+            self.details.clear()
 
     def finish(self, status: str = "complete", error: str | None = None) -> Summary:
         """Final flush; mark the run ended."""

@@ -26,30 +26,26 @@ class ChunkWriter:
         self._t = threading.Thread(target=self._loop, name="renacerd-writer", daemon=True)
         self._t.start()
 
-    def submit(self, proc_id: int, ev: np.ndarray, s0: np.ndarray, s1: np.ndarray) -> None:
-        """Queue one chunk; writes it inline when the queue is full."""
+    def submit(self, proc_id: int, cols: dict[str, np.ndarray]) -> None:
+        """Queue one chunk (equal-length columns); writes it inline when the queue is full."""
         try:
-            self._q.put_nowait((proc_id, ev, s0, s1))
+            self._q.put_nowait((proc_id, cols))
         except queue.Full:
-            self._write(proc_id, ev, s0, s1)
+            self._write(proc_id, cols)
 
-    def _write(self, proc_id: int, ev: np.ndarray, s0: np.ndarray, s1: np.ndarray) -> None:
-        # columns first, then one gather per plain column: permuting the structured
-        # records themselves costs ~4x more
-        cols = {f: np.ascontiguousarray(ev[f]) for f in ("ts", "dur", "ret", "a0", "tid", "nr",
-                                                         "flags")}
-        cols["ts"] = ts = cols["ts"].view(np.int64)
-        cols["s0"] = s0
-        cols["s1"] = s1
+    def _write(self, proc_id: int, cols: dict[str, np.ndarray]) -> None:
+        ts = cols["ts"]
         if len(ts) > 1 and (np.diff(ts) < 0).any():
-            # records arrive in exit order; the store keeps enter order
+            # sorted per drain; a call that spans a drain (entered before the previous
+            # drain's last event, exited after) lands behind it. The store keeps enter order.
             order = np.argsort(ts, kind="stable")
             cols = {k: v.take(order) for k, v in cols.items()}
+            ts = cols["ts"]
         blob = encode(cols)
         with self.lock:
-            # sorted above: the ends are the extremes
+            # sorted: the ends are the extremes
             self.store.add_encoded_chunk(self.run_id, proc_id, blob, len(ts),
-                                         int(cols["ts"][0]), int(cols["ts"][-1]))
+                                         int(ts[0]), int(ts[-1]))
             self.bytes_written += len(blob)
 
     def _loop(self) -> None:

@@ -231,9 +231,11 @@ class CudaProbes:
 
     # -- reading -----------------------------------------------------------------------
     def drain(self) -> tuple[np.ndarray, np.ndarray]:
-        """Names first (a launch's name is then known when its event is decoded), events."""
-        names = self.names.drain()
+        """Events, then names: a name record is written before any launch that uses it, so
+        every drained launch finds its name in the same drain (names first would miss one
+        written between the two reads)."""
         ev = self.events.drain()
+        names = self.names.drain()
         return ev, names
 
     def counters_per_cpu(self) -> dict[str, list[int]]:
