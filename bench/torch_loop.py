@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARD_BYTES = 64 * 1024
 READ_BYTES = 256
@@ -69,6 +71,7 @@ def workload(shard_dir: str, steps: int, warmup: int) -> None:
         steps = 10**9
     deadline = time.monotonic() + seconds
     starts: list[int] = []
+    sched: list[list[str]] = []
     for step in range(steps + warmup):
         if step == warmup:
             win[0] = time.monotonic_ns()
@@ -78,6 +81,9 @@ def workload(shard_dir: str, steps: int, warmup: int) -> None:
             if time.monotonic() > deadline:
                 break
             starts.append(time.monotonic_ns())
+            # the main thread's CPU time and run-queue wait (ns), cumulative: where a
+            # window's extra step time went
+            sched.append(open("/proc/thread-self/schedstat").read().split()[:2])
         t0 = time.perf_counter()
         x, y = next(it)
         loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -88,7 +94,8 @@ def workload(shard_dir: str, steps: int, warmup: int) -> None:
             times.append(time.perf_counter() - t0)
     win[1] = time.monotonic_ns()
     if seconds:
-        print(json.dumps({"starts": starts[warmup:], "times": times}), flush=True)
+        print(json.dumps({"starts": starts[warmup:], "times": times,
+                          "sched": [[int(x) for x in v] for v in sched[warmup:]]}), flush=True)
         return
     if os.environ.get("BENCH_TIMES"):  # per-step times, to look at a run's shape
         Path(os.environ["BENCH_TIMES"]).write_text(" ".join(f"{t * 1e3:.2f}" for t in times))
@@ -121,7 +128,8 @@ def _run_paused(cmd: list[str], ready: Path) -> dict:
     return json.loads((line + rest).strip().splitlines()[0])
 
 
-def windows(me: list[str], db: Path, n: int, width: float, extra: list[str]) -> int:
+def windows(me: list[str], db: Path, n: int, width: float, extra: list[str],
+            nice: int = 0) -> int:
     """One long run of the loop; renacerd attaches (--pid, all of the tree) for every other
     window of `width` seconds. Steps inside traced windows against steps inside the untraced
     windows between them: same processes, same placement on the CPUs, so the ratio is not
@@ -136,33 +144,47 @@ def windows(me: list[str], db: Path, n: int, width: float, extra: list[str]) -> 
         time.sleep(0.05)
     pid = int(ready.read_text())
     time.sleep(1)
+    tree = psutil.Process(pid)
+    workers = tree.children()
+
+    def job_cpu() -> float:
+        """CPU seconds of the training process and its loader workers so far."""
+        return sum(sum(p.cpu_times()[:2]) for p in (tree, *workers))
+
     plain, traced = [], []
+    cpu_plain, cpu_traced = [], []  # (seconds, CPU seconds) of the job per window
     for i in range(n):
-        a = time.monotonic_ns()
+        a, c = time.monotonic_ns(), job_cpu()
         time.sleep(width)
         plain.append((a, time.monotonic_ns()))
+        cpu_plain.append(((plain[-1][1] - a) / 1e9, job_cpu() - c))
         rfd, wfd = os.pipe()
-        d = subprocess.Popen([sys.executable, "-m", "renacerd.cli.renacerd_main", "-q", "--db",
+        d = subprocess.Popen([*(["nice", "-n", str(nice)] if nice else []),
+                              sys.executable, "-m", "renacerd.cli.renacerd_main", "-q", "--db",
                               str(db), "--run", f"w{i}", "--pid", str(pid), "--duration",
                               str(width), "--ready-fd", str(wfd), *extra],
                              pass_fds=(wfd,), env=dict(os.environ, PYTHONPATH=str(ROOT)))
         os.close(wfd)
         with os.fdopen(rfd) as f:
             f.readline()
-        t1 = time.monotonic_ns()
+        t1, c = time.monotonic_ns(), job_cpu()
         d.wait()
+        cpu_traced.append(((time.monotonic_ns() - t1) / 1e9, job_cpu() - c))
         traced.append((t1 + 50_000_000, t1 + int(width * 1e9)))  # the drain loop is up
     out = json.loads(w.communicate()[0].strip().splitlines()[-1])
-    starts, times = out["starts"], out["times"]
+    starts, times, sched = out["starts"], out["times"], out["sched"]
 
     def inside(wins):
-        per = []
+        per, cpu, wait = [], [], []
         for a, b in wins:
-            sel = [t for s, t in zip(starts, times) if a <= s and s + t * 1e9 <= b]
-            per.append(sum(sel) / len(sel))
-        return per
+            idx = [i for i, (s, t) in enumerate(zip(starts, times))
+                   if a <= s and s + t * 1e9 <= b and i + 1 < len(sched)]
+            per.append(sum(times[i] for i in idx) / len(idx))
+            cpu.append(sum(sched[i + 1][0] - sched[i][0] for i in idx) / len(idx) / 1e9)
+            wait.append(sum(sched[i + 1][1] - sched[i][1] for i in idx) / len(idx) / 1e9)
+        return per, cpu, wait
 
-    p, t = inside(plain), inside(traced)
+    (p, pc, pw), (t, tc, tw) = inside(plain), inside(traced)
     con = sqlite3.connect(db)
     lost = con.execute("SELECT sum(events_lost) FROM runs").fetchone()[0]
     evs = con.execute("SELECT sum(events) FROM runs").fetchone()[0]
@@ -175,6 +197,13 @@ def windows(me: list[str], db: Path, n: int, width: float, extra: list[str]) -> 
     print(f"traced / untraced: {statistics.mean(t) / statistics.mean(p):.3f}x over all windows; "
           f"median of the {n} window pairs {statistics.median(ratios):.3f}x "
           f"(range {min(ratios):.3f}-{max(ratios):.3f})")
+    print(f"per step, main thread (untraced -> traced): on CPU "
+          f"{statistics.mean(pc) * 1e3:.2f} -> {statistics.mean(tc) * 1e3:.2f} ms, waiting for "
+          f"a CPU {statistics.mean(pw) * 1e3:.3f} -> {statistics.mean(tw) * 1e3:.3f} ms")
+    busy_p = sum(c for _, c in cpu_plain) / sum(w for w, _ in cpu_plain)
+    busy_t = sum(c for _, c in cpu_traced) / sum(w for w, _ in cpu_traced)
+    print(f"the job's processes kept {busy_p:.2f} CPUs busy untraced, {busy_t:.2f} traced "
+          f"(BPF runs in their syscalls), of the {os.cpu_count()} this machine has")
     print(f"renacerd: {evs:,} events in the traced windows, lost {lost}")
     return 0
 
@@ -205,6 +234,8 @@ def main() -> int:
     ap.add_argument("--window-s", type=float, default=3.0)
     ap.add_argument("--daemon-arg", action="append", default=[],
                     help="passed to renacerd in --windows mode (e.g. --daemon-arg=--cuda=off)")
+    ap.add_argument("--daemon-nice", type=int, default=0,
+                    help="--windows mode: run renacerd under nice -n N")
     ap.add_argument("--workload", nargs=1, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.workload:
@@ -222,7 +253,7 @@ def main() -> int:
               "--workload", str(shard_dir)]
         db = Path(d) / "t.db"
         if a.windows:
-            return windows(me, db, a.windows, a.window_s, a.daemon_arg)
+            return windows(me, db, a.windows, a.window_s, a.daemon_arg, a.daemon_nice)
         untraced, traced, paused, events, per_step = [], [], [], [], []
         for r in range(a.rounds):
             untraced.append(_run(me)[STAT])
