@@ -49,13 +49,10 @@ def main() -> int:
         print("bench/daemon_cpu.py: --long must exceed --short", file=sys.stderr)
         return 2
     sys.path.insert(0, str(ROOT))
-    from bench.torch_loop import SHARD_BYTES
+    from bench.torch_loop import make_shards
 
     with tempfile.TemporaryDirectory() as d:
-        shards = Path(d) / "shards"
-        shards.mkdir()
-        for i in range(32):
-            (shards / f"{i:03d}.bin").write_bytes(os.urandom(SHARD_BYTES))
+        shards = make_shards(Path(d))
         db = Path(d) / "t.db"
         for r in range(a.repeat):
             e1, c1 = traced(db, shards, a.short, f"s{r}")

@@ -35,6 +35,15 @@ READS_PER_ITEM = 120  # 16 items a batch: ~2,000 syscalls per step across the wo
 STAT = "mean_step_s"
 
 
+def make_shards(parent: Path) -> Path:
+    """32 shard files of random bytes under parent/shards."""
+    shard_dir = parent / "shards"
+    shard_dir.mkdir()
+    for i in range(32):
+        (shard_dir / f"{i:03d}.bin").write_bytes(os.urandom(SHARD_BYTES))
+    return shard_dir
+
+
 def workload(shard_dir: str, steps: int, warmup: int) -> None:
     """The training loop (runs in the traced process); prints its own median step time."""
     import torch
@@ -245,10 +254,7 @@ def main() -> int:
         print("bench/torch_loop.py: must run as root", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as d:
-        shard_dir = Path(d) / "shards"
-        shard_dir.mkdir()
-        for i in range(32):
-            (shard_dir / f"{i:03d}.bin").write_bytes(os.urandom(SHARD_BYTES))
+        shard_dir = make_shards(Path(d))
         me = [sys.executable, __file__, "--steps", str(a.steps), "--warmup", str(a.warmup),
               "--workload", str(shard_dir)]
         db = Path(d) / "t.db"
