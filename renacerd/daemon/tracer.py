@@ -515,7 +515,9 @@ class Tracer:
 
     def _addr_id(self, raw: bytes, n: int) -> int:
         """String id of a socket address as text (formatted once per distinct address)."""
-        key = (n, raw[:n])  # the field drops trailing NULs: the length tells them apart
+        # the field drops trailing NULs: the length tells them apart (a failed read, n < 0,
+        # left no bytes worth keying on)
+        key = (n, raw[:n] if n > 0 else b"")
         sid = self._addr_ids.get(key)
         if sid is None:
             sid = self._addr_ids[key] = self.strings.intern(
