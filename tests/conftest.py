@@ -124,6 +124,39 @@ def span_daemon(sock_dir):
     server.stop()
 
 
+@pytest.fixture
+def listener(sock_dir):
+    """A bare SEQPACKET listener in place of a daemon: (path, socket). The client is pointed
+    away from it afterwards."""
+    import socket
+
+    from renacerd import client
+
+    path = os.path.join(sock_dir, "raw.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.bind(path)
+    sock.listen(8)
+    yield path, sock
+    client.configure(socket=os.path.join(sock_dir, "gone.sock"))
+    sock.close()
+
+
+def burst_into_backlog(limit: int) -> int:
+    """Open "burst" spans until the client queues one (its socket is full; at most `limit`),
+    then 10 "tail" spans; returns the number of bursts."""
+    from renacerd import client
+
+    n = 0
+    while client.stats()["queued"] == 0 and n < limit:
+        with client.experiment_span("burst", step=n):
+            pass
+        n += 1
+    for _ in range(10):
+        with client.experiment_span("tail"):
+            pass
+    return n
+
+
 def wait_for(cond, timeout: float = 10.0) -> bool:
     """Poll `cond` every 5 ms until it holds or `timeout` s pass; its last value."""
     import time

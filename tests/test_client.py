@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import RawPeer, wait_for
+from conftest import RawPeer, burst_into_backlog, wait_for
 
 from renacerd import client
 from renacerd.client import experiment_span
@@ -333,62 +333,55 @@ def test_fork_inside_span_child_does_not_end_parent_span(daemon):
     assert book.counts()["orphan_ends"] == 0
 
 
-def test_full_socket_backlog_then_drops_and_reports_count(sock_dir):
-    path = os.path.join(sock_dir, "full.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    listener.bind(path)
-    listener.listen(8)
+def test_full_socket_backlog_then_drops_and_reports_count(listener):
+    path, sock = listener
     client.configure(socket=path, ring=False)
     base = client.stats()
-    try:
-        n = 0
-        while client.stats()["dropped"] == base["dropped"] and n < 200_000:
-            with experiment_span("flood", metrics={"x": 1.0}):
-                pass
-            n += 1
-        assert client.stats()["queued"] >= client.BACKLOG
-        t0 = time.perf_counter()
-        for _ in range(100):
-            with experiment_span("more"):
-                pass
-        assert time.perf_counter() - t0 < 0.5  # never blocks on a full socket
-        stats = client.stats()
-        assert stats["dropped"] > base["dropped"] and stats["connected"]
-        conn, _ = listener.accept()
-        conn.setblocking(False)
-        frames = []
-
-        def read_all():
-            while True:
-                try:
-                    frames.append(decode(conn.recv(MAX_FRAME)))
-                except BlockingIOError:
-                    return
-
-        for _ in range(1000):
-            read_all()
-            if client.stats()["queued"] == 0:
-                break
-            with experiment_span("nudge"):  # each send first pushes the backlog out
-                pass
-        with experiment_span("after") as after:  # the backlog is gone: sent at once
+    n = 0
+    while client.stats()["dropped"] == base["dropped"] and n < 200_000:
+        with experiment_span("flood", metrics={"x": 1.0}):
             pass
+        n += 1
+    assert client.stats()["queued"] >= client.BACKLOG
+    t0 = time.perf_counter()
+    for _ in range(100):
+        with experiment_span("more"):
+            pass
+    assert time.perf_counter() - t0 < 0.5  # never blocks on a full socket
+    stats = client.stats()
+    assert stats["dropped"] > base["dropped"] and stats["connected"]
+    conn, _ = sock.accept()
+    conn.setblocking(False)
+    frames = []
+
+    def read_all():
+        while True:
+            try:
+                frames.append(decode(conn.recv(MAX_FRAME)))
+            except BlockingIOError:
+                return
+
+    for _ in range(1000):
         read_all()
-        starts = {f.span_id for f in frames if isinstance(f, SpanStart)}
-        ends = {f.span_id for f in frames if isinstance(f, SpanEnd)}
-        assert after.span_id in starts
-        final = client.stats()
-        assert isinstance(frames[0], Hello)
-        assert final["queued"] == 0
-        assert len(frames) == final["sent"] - base["sent"]
-        reports = [f for f in frames if isinstance(f, Dropped)]
-        assert reports == [Dropped(final["dropped"] - base["dropped"])]
-        # every span the daemon saw start was also ended: no span left open there
-        assert starts == ends
-        conn.close()
-    finally:
-        client.configure(socket=os.path.join(sock_dir, "gone.sock"))
-        listener.close()
+        if client.stats()["queued"] == 0:
+            break
+        with experiment_span("nudge"):  # each send first pushes the backlog out
+            pass
+    with experiment_span("after") as after:  # the backlog is gone: sent at once
+        pass
+    read_all()
+    starts = {f.span_id for f in frames if isinstance(f, SpanStart)}
+    ends = {f.span_id for f in frames if isinstance(f, SpanEnd)}
+    assert after.span_id in starts
+    final = client.stats()
+    assert isinstance(frames[0], Hello)
+    assert final["queued"] == 0
+    assert len(frames) == final["sent"] - base["sent"]
+    reports = [f for f in frames if isinstance(f, Dropped)]
+    assert reports == [Dropped(final["dropped"] - base["dropped"])]
+    # every span the daemon saw start was also ended: no span left open there
+    assert starts == ends
+    conn.close()
 
 
 def test_daemon_dies_mid_run_then_returns(sock_dir):
@@ -491,27 +484,20 @@ def test_request_tracing_ack_and_nack(sock_dir):
             client.configure(socket=os.path.join(sock_dir, "gone.sock"))
 
 
-def test_request_tracing_times_out_open(sock_dir):
-    path = os.path.join(sock_dir, "mute.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    listener.bind(path)
-    listener.listen(8)
-    try:
-        client.configure(socket=path)
-        t0 = time.monotonic()
-        assert client.request_tracing(timeout=0.3) is False
-        assert 0.25 < time.monotonic() - t0 < 2
-        conn, _ = listener.accept()
-        conn.settimeout(2)
-        assert isinstance(decode(conn.recv(MAX_FRAME)), Hello)
-        assert isinstance(decode(conn.recv(MAX_FRAME)), Ring)
-        # a request that wants an answer goes over the socket, not through the ring
-        assert isinstance(decode(conn.recv(MAX_FRAME)), TraceMe)
-        conn.send(encode(Ack(999, True)))  # an answer to another request is not ours
-        conn.close()
-    finally:
-        client.configure(socket=os.path.join(sock_dir, "gone.sock"))
-        listener.close()
+def test_request_tracing_times_out_open(listener):
+    path, sock = listener
+    client.configure(socket=path)
+    t0 = time.monotonic()
+    assert client.request_tracing(timeout=0.3) is False
+    assert 0.25 < time.monotonic() - t0 < 2
+    conn, _ = sock.accept()
+    conn.settimeout(2)
+    assert isinstance(decode(conn.recv(MAX_FRAME)), Hello)
+    assert isinstance(decode(conn.recv(MAX_FRAME)), Ring)
+    # a request that wants an answer goes over the socket, not through the ring
+    assert isinstance(decode(conn.recv(MAX_FRAME)), TraceMe)
+    conn.send(encode(Ack(999, True)))  # an answer to another request is not ours
+    conn.close()
 
 
 def test_request_tracing_without_daemon_is_immediate(sock_dir):
@@ -675,48 +661,34 @@ def test_odd_metadata_each_alone_is_coerced_never_fatal(daemon):
     assert server.stats["protocol_errors"] == 0
 
 
-def test_backlog_tail_is_sent_without_further_spans(sock_dir):
+def test_backlog_tail_is_sent_without_further_spans(listener):
     # The last frames of a burst that found the socket full reach the daemon once it reads,
     # with no later span to push them out.
-    path = os.path.join(sock_dir, "tail.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    listener.bind(path)
-    listener.listen(8)
+    path, sock = listener
     client.configure(socket=path, ring=False)
     base = client.stats()
-    try:
-        n = 0
-        while client.stats()["queued"] == 0 and n < 200_000:
-            with experiment_span("burst", step=n):
-                pass
-            n += 1
-        for _ in range(10):
-            with experiment_span("tail"):
-                pass
-        assert 0 < client.stats()["queued"] < client.BACKLOG
-        assert client.stats()["dropped"] == base["dropped"]
-        conn, _ = listener.accept()
-        conn.setblocking(False)
-        frames = []
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                frames.append(decode(conn.recv(MAX_FRAME)))
-            except BlockingIOError:
-                if client.stats()["queued"] == 0 and len(frames) == (
-                        client.stats()["sent"] - base["sent"]):
-                    break
-                time.sleep(0.001)
-        starts = [f.span_id for f in frames if isinstance(f, SpanStart)]
-        ends = [f.span_id for f in frames if isinstance(f, SpanEnd)]
-        assert len(starts) == n + 10 and sorted(starts) == sorted(ends)
-        assert client.stats()["queued"] == 0
-        assert wait_for(lambda: client._client.flusher is None)
-        assert not [t for t in threading.enumerate() if t.name == "renacerd-client-flush"]
-        conn.close()
-    finally:
-        client.configure(socket=os.path.join(sock_dir, "gone.sock"))
-        listener.close()
+    n = burst_into_backlog(200_000)
+    assert 0 < client.stats()["queued"] < client.BACKLOG
+    assert client.stats()["dropped"] == base["dropped"]
+    conn, _ = sock.accept()
+    conn.setblocking(False)
+    frames = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            frames.append(decode(conn.recv(MAX_FRAME)))
+        except BlockingIOError:
+            if client.stats()["queued"] == 0 and len(frames) == (
+                    client.stats()["sent"] - base["sent"]):
+                break
+            time.sleep(0.001)
+    starts = [f.span_id for f in frames if isinstance(f, SpanStart)]
+    ends = [f.span_id for f in frames if isinstance(f, SpanEnd)]
+    assert len(starts) == n + 10 and sorted(starts) == sorted(ends)
+    assert client.stats()["queued"] == 0
+    assert wait_for(lambda: client._client.flusher is None)
+    assert not [t for t in threading.enumerate() if t.name == "renacerd-client-flush"]
+    conn.close()
 
 
 def test_wall_times_follow_the_wall_clock(daemon):
@@ -738,28 +710,21 @@ def test_wall_times_follow_the_wall_clock(daemon):
         assert abs(rec.start_time_nanos - time.time_ns()) < 10**9
 
 
-def test_client_frames_are_the_protocol_encoding(sock_dir):
+def test_client_frames_are_the_protocol_encoding(listener):
     # The hot path builds its frames by hand (compact arrays, written into the ring by inlined
     # code): byte for byte they must be what renacerd.protocol encodes for the same messages.
-    path = os.path.join(sock_dir, "raw.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    listener.bind(path)
-    listener.listen(1)
+    path, sock = listener
     client.configure(socket=path)
-    try:
-        with experiment_span("outer", model_name="gpt-2", epoch=3, step=2**64 - 1,
-                             loss=0.125, metrics={"acc": 0.5, "é": 1e-7}) as outer, \
-                experiment_span("inner"):
-            pass
-        with pytest.raises(ValueError), experiment_span("bad"):
-            raise ValueError("no")
-        peer = RawPeer(listener)
-        frames = peer.read()
-        assert peer.ring is not None
-        peer.close()
-    finally:
-        client.configure(socket=os.path.join(sock_dir, "gone.sock"))
-        listener.close()
+    with experiment_span("outer", model_name="gpt-2", epoch=3, step=2**64 - 1,
+                         loss=0.125, metrics={"acc": 0.5, "é": 1e-7}) as outer, \
+            experiment_span("inner"):
+        pass
+    with pytest.raises(ValueError), experiment_span("bad"):
+        raise ValueError("no")
+    peer = RawPeer(sock)
+    frames = peer.read()
+    assert peer.ring is not None
+    peer.close()
     msgs = [decode(f) for f in frames]
     assert [type(m) for m in msgs] == [Hello, SpanStart, SpanStart, SpanEnd, SpanEnd,
                                        SpanStart, SpanEnd]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import RawPeer, wait_for
+from conftest import RawPeer, burst_into_backlog, wait_for
 
 from renacerd import client, protocol
 from renacerd.client import experiment_span
@@ -51,17 +51,6 @@ def small_ring():
     c.rsize = RING_MIN
     yield RING_MIN
     c.rsize = old
-
-
-@pytest.fixture
-def listener(sock_dir):
-    path = os.path.join(sock_dir, "raw.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    sock.bind(path)
-    sock.listen(8)
-    yield path, sock
-    client.configure(socket=os.path.join(sock_dir, "gone.sock"))
-    sock.close()
 
 
 def test_frames_cross_many_wraps_in_order(listener, small_ring):
@@ -345,14 +334,7 @@ def test_flusher_moves_the_backlog_into_the_ring_as_it_drains(listener, small_ri
     path, sock = listener
     client.configure(socket=path)
     base = client.stats()
-    n = 0
-    while client.stats()["queued"] == 0 and n < 100_000:
-        with experiment_span("burst", step=n):
-            pass
-        n += 1
-    for _ in range(10):
-        with experiment_span("tail"):
-            pass
+    n = burst_into_backlog(100_000)
     assert 0 < client.stats()["queued"] < client.BACKLOG
     peer = RawPeer(sock)
     try:
