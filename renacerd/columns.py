@@ -60,12 +60,13 @@ def _narrow(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def _shuffle(a: np.ndarray) -> bytes:
-    """Byte-transpose so the high (mostly zero) bytes of every value sit together."""
+def _shuffle(a: np.ndarray) -> np.ndarray:
+    """Byte-transpose so the high (mostly zero) bytes of every value sit together (a
+    contiguous array: zstd reads its buffer, no copy to bytes)."""
     w = a.dtype.itemsize
     if w == 1:
-        return a.tobytes()
-    return np.ascontiguousarray(a.view(np.uint8).reshape(-1, w).T).tobytes()
+        return a
+    return np.ascontiguousarray(a.view(np.uint8).reshape(-1, w).T)
 
 
 def encode(cols: dict[str, np.ndarray], layout=SYSCALL_COLUMNS) -> bytes:

@@ -21,7 +21,6 @@ from renacerd.syscall_table import NR_EXECVE, NR_EXECVEAT, NR_OPEN, NR_OPENAT, N
 
 log = logging.getLogger("renacerd")
 
-_OPENS = np.array([NR_OPEN, NR_OPENAT, NR_OPENAT2], dtype=np.uint16)
 
 # fn id -> is a driver launch (its handle is a CUfunction, not a host stub)
 _DRIVER_LAUNCH = np.array(
@@ -91,8 +90,9 @@ class CudaSource:
         self.buf: dict[int, list[dict[str, np.ndarray]]] = {}
         self.events = 0
         self.attach_latency_ns: list[int] = []  # library open -> probes attached
-        self._rev: dict[int, bytes] = {}
-        self._rev_upto = -1
+        self._strings_seen = 0  # tracer string ids already tested for ".so"
+        self._is_lib = np.zeros(1024, dtype=bool)
+        self._any_lib = False
 
     @classmethod
     def for_tracer(cls, tracer, options: CudaOptions) -> CudaSource | None:
@@ -160,52 +160,62 @@ class CudaSource:
         return probed
 
     # -- discovery -----------------------------------------------------------------------
-    def _path(self, tracer, sid: int) -> bytes | None:
-        if sid > self._rev_upto:
-            for i, s in tracer.strings.pending:
-                if i > self._rev_upto:
-                    self._rev[i] = s
-            self._rev_upto = max(self._rev) if self._rev else -1
-        s = self._rev.get(sid)
-        if s is None:
-            s = tracer.strings_by_id(sid)
-            self._rev[sid] = s
-        return s
+    def _library_mask(self, tracer) -> np.ndarray:
+        """mask[sid]: string `sid` may name a shared object. Each string is looked at once,
+        when it first appears; the mask stays longer than the table, so mask[-1] (no path)
+        is False."""
+        by_id = tracer.strings.by_id
+        n, seen = len(by_id), self._strings_seen
+        if n > seen:
+            if n >= len(self._is_lib):
+                grown = np.zeros(max(2 * len(self._is_lib), n + 1), dtype=bool)
+                grown[:seen] = self._is_lib[:seen]
+                self._is_lib = grown
+            for i in range(seen, n):
+                if b".so" in by_id[i]:
+                    self._is_lib[i] = self._any_lib = True
+            self._strings_seen = n
+        return self._is_lib
 
     def on_syscalls(self, tracer, ev: np.ndarray, s0: np.ndarray) -> None:
         """Library opens and execs of the traced tree: probe what they bring, now."""
         if self.options.mode != "auto":
             return
-        # Only events with a path can open a library: filter on that (rare) first, so a
-        # syscall storm costs one comparison per event here.
-        cand = np.flatnonzero(s0 >= 0)
-        sub = ev[cand]
-        opened = cand[np.isin(sub["nr"], _OPENS) & (sub["ret"] >= 0)]
-        for i in opened:
-            raw = self._path(tracer, int(s0[i]))
-            if not raw or b".so" not in raw:
-                continue
-            pid = int(ev["pid"][i])
-            path = raw.decode("utf-8", "surrogateescape")
-            if not path.startswith("/"):
-                try:
-                    path = os.path.join(os.readlink(f"/proc/{pid}/cwd"), path)
-                except OSError:
-                    continue
-            full = f"/proc/{pid}/root{path}"
-            if family_of(path) is None and not self.probes._may_hold_runtime(full):
-                continue
-            try:
-                obj = self.probes.probe_object(full)
-            except ProbeError:
-                continue  # the process is gone; its children re-open and re-trigger
-            if obj is not None:
-                self._attached(obj, int(ev["ts"][i]))
-                self.names.snapshot_maps(pid)
+        # A data loader opens thousands of files a second and almost none is a library:
+        # test the string ids against the (few) library paths, not each path.
+        is_lib = self._library_mask(tracer)
+        if self._any_lib:
+            cand = np.flatnonzero(is_lib[s0])
+            nr, ret = ev["nr"][cand], ev["ret"][cand]
+            opened = cand[((nr == NR_OPENAT) | (nr == NR_OPEN) | (nr == NR_OPENAT2))
+                          & (ret >= 0)]
+            for i in opened.tolist():
+                self._library_opened(tracer.strings_by_id(int(s0[i])), int(ev["pid"][i]),
+                                     int(ev["ts"][i]))
         nr = ev["nr"]
         execs = (nr == NR_EXECVE) | (nr == NR_EXECVEAT)  # two compares beat isin's sort
-        for i in np.flatnonzero(execs & (ev["ret"] == 0)):
-            self.scanned.discard(int(ev["pid"][i]))  # a new image: rescan its maps
+        if execs.any():
+            for i in np.flatnonzero(execs & (ev["ret"] == 0)):
+                self.scanned.discard(int(ev["pid"][i]))  # a new image: rescan its maps
+
+    def _library_opened(self, raw: bytes, pid: int, ts: int) -> None:
+        """Probe a library the process `pid` just opened, if it is one of ours."""
+        path = raw.decode("utf-8", "surrogateescape")
+        if not path.startswith("/"):
+            try:
+                path = os.path.join(os.readlink(f"/proc/{pid}/cwd"), path)
+            except OSError:
+                return
+        full = f"/proc/{pid}/root{path}"
+        if family_of(path) is None and not self.probes._may_hold_runtime(full):
+            return
+        try:
+            obj = self.probes.probe_object(full)
+        except ProbeError:
+            return  # the process is gone; its children re-open and re-trigger
+        if obj is not None:
+            self._attached(obj, ts)
+            self.names.snapshot_maps(pid)
 
     def _attached(self, obj: ProbedObject, opened_ts: int) -> None:
         lat = obj.attached_ns - opened_ts

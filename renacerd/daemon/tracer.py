@@ -55,6 +55,7 @@ FATAL_BY_DEFAULT = frozenset({1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
                               26, 27, 29, 30, 31, *range(34, 65)})
 
 CHUNK_EVENTS = 1 << 16
+MIN_DRAIN_INTERVAL = 0.005
 # Event fields kept as columns (pid is the process the chunk belongs to; aux is 0)
 EVENT_COLUMNS = ("ts", "dur", "ret", "a0", "tid", "nr", "flags")
 
@@ -129,19 +130,20 @@ class Tracer:
         cmdline: list[str],
         follow: bool = True,
         flush_interval: float = 0.5,
-        drain_interval: float = 0.02,
+        drain_interval: float = 0.04,
     ) -> None:
         self.probes = probes
         self.store = store
         self.run_name = run_name
         self.follow = follow
         self.flush_interval = flush_interval
-        self.drain_interval = drain_interval
+        self.drain_interval = drain_interval  # the longest sleep between drains
         self.procs: dict[int, ProcState] = {}
         self.strings = StringTable()
         self.details = DetailQueue(detail_dtype(STR_LEN))
         self._addr_ids: dict[tuple[int, bytes], int] = {}
         self.events = 0
+        self.last_details = 0
         self.stop_requested = False
         self.root_pid: int | None = None
         self.root_status: int | None = None
@@ -227,12 +229,13 @@ class Tracer:
     def run(self, duration: float | None = None, idle_hook: Callable[[], None] | None = None):
         """Drain until every target exits, stop() is called, or `duration` passes."""
         deadline = None if duration is None else time.monotonic() + duration
-        last_check = time.monotonic()
+        last_check = last_drain = time.monotonic()
+        capacity = getattr(self.probes, "capacity", lambda: (0, 0))()
         while not self.stop_requested:
             t0 = time.monotonic()
             if self.writer.error is not None:
                 raise self.writer.error  # the store refuses writes: stop, the job goes on
-            self.drain_once()
+            n_ev, n_de = self.drain_once(), self.last_details
             if self.root_pid is not None and self.root_status is None:
                 self._reap_root(block=False)
             if t0 - last_check > 0.2:
@@ -247,9 +250,17 @@ class Tracer:
                 break
             if idle_hook is not None:
                 idle_hook()
+            # A drain costs numpy call overheads whatever its size: drain big batches, but
+            # often enough that the rings are at most a quarter full at the current rate.
+            fill = max(n_ev / capacity[0] if capacity[0] else 0.0,
+                       n_de / capacity[1] if capacity[1] else 0.0)
+            wait = self.drain_interval
+            if fill > 0:
+                wait = min(wait, max(0.25 * (t0 - last_drain) / fill, MIN_DRAIN_INTERVAL))
+            last_drain = t0
             spent = time.monotonic() - t0
-            if spent < self.drain_interval:
-                time.sleep(self.drain_interval - spent)
+            if spent < wait:
+                time.sleep(wait - spent)
         self.drain_once()
 
     def stop(self) -> None:
@@ -291,8 +302,10 @@ class Tracer:
 
     # -- decoding ----------------------------------------------------------------------
     def drain_once(self) -> int:
-        """Move everything in the rings into per-process buffers."""
+        """Move everything in the rings into per-process buffers; returns the events drained
+        (and sets last_details)."""
         ev, de = self.probes.drain()
+        self.last_details = len(de)
         if len(de):
             self.details.add(de)
         if not len(ev):
@@ -452,15 +465,21 @@ class Tracer:
         has = np.flatnonzero(flags & F_DETAIL)
         if len(has):
             self._attach_details(ev, has, s0, s1)
-        # One sort by (pid, enter ts), then one gather per column: each process's events
-        # come out as sorted, contiguous column slices.
+        # One stable sort by pid, then one gather per column: each process's events come
+        # out as contiguous column slices, in exit order. The writer sorts each chunk by
+        # enter ts once (calls that cross a drain need that anyway).
         pid = ev["pid"]
-        order = np.lexsort((ev["ts"], pid))
-        spid = pid.take(order)
-        cols = {f: ev[f].take(order) for f in EVENT_COLUMNS}
+        if (pid[1:] == pid[:-1]).all():
+            spid = pid
+            cols = {f: np.ascontiguousarray(ev[f]) for f in EVENT_COLUMNS}
+            cols["s0"], cols["s1"] = s0, s1
+        else:
+            order = np.argsort(pid, kind="stable")
+            spid = pid.take(order)
+            cols = {f: ev[f].take(order) for f in EVENT_COLUMNS}
+            cols["s0"] = s0.take(order)
+            cols["s1"] = s1.take(order)
         cols["ts"] = cols["ts"].view(np.int64)
-        cols["s0"] = s0.take(order)
-        cols["s1"] = s1.take(order)
         cuts = np.flatnonzero(spid[1:] != spid[:-1]) + 1
         for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), n]):
             piece = {k: v[a:b] for k, v in cols.items()}

@@ -142,6 +142,11 @@ class SyscallProbes:
             out[name] = [int(v) for v in vals]
         return out
 
+    def capacity(self) -> tuple[int, int]:
+        """Records the event ring and the detail ring each hold."""
+        return (self.events.data_size // self.events.rec_size,
+                self.details.data_size // self.details.rec_size)
+
     def drain(self) -> tuple[np.ndarray, np.ndarray]:
         """Events first, then details: every drained event's details are then drained too."""
         ev = self.events.drain()
