@@ -250,13 +250,7 @@ class Tracer:
                 break
             if idle_hook is not None:
                 idle_hook()
-            # A drain costs numpy call overheads whatever its size: drain big batches, but
-            # often enough that the rings are at most a quarter full at the current rate.
-            fill = max(n_ev / capacity[0] if capacity[0] else 0.0,
-                       n_de / capacity[1] if capacity[1] else 0.0)
-            wait = self.drain_interval
-            if fill > 0:
-                wait = min(wait, max(0.25 * (t0 - last_drain) / fill, MIN_DRAIN_INTERVAL))
+            wait = drain_wait((n_ev, n_de), capacity, t0 - last_drain, self.drain_interval)
             last_drain = t0
             spent = time.monotonic() - t0
             if spent < wait:
@@ -696,6 +690,17 @@ class Source(Protocol):
 
     def close(self) -> None:
         """Detach everything."""
+
+
+def drain_wait(drained: tuple[int, int], capacity: tuple[int, int], elapsed: float,
+               longest: float) -> float:
+    """Seconds to sleep before the next drain. A drain costs numpy call overheads whatever
+    its size: drain big batches, but often enough that at the rate just seen (`drained`
+    records of each ring in `elapsed` s) no ring is more than a quarter full."""
+    fill = max((n / cap for n, cap in zip(drained, capacity) if cap), default=0.0)
+    if fill <= 0:
+        return longest
+    return min(longest, max(0.25 * elapsed / fill, MIN_DRAIN_INTERVAL))
 
 
 def _is_zombie(pid: int) -> bool:
