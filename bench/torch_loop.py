@@ -54,7 +54,7 @@ def workload(shard_dir: str, steps: int, warmup: int) -> None:
 
     class Shards(Dataset):
         def __len__(self) -> int:
-            return 10**6
+            return 10**9  # never runs out, however long --windows runs
 
         def __getitem__(self, i: int):
             p = shards[i % len(shards)]

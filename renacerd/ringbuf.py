@@ -47,18 +47,22 @@ class RingReader:
         self._prod = np.frombuffer(self._prod_map, dtype="<u8", count=1)
         self._data = np.frombuffer(self._prod_map, dtype=np.uint8, offset=page)
         self.records_read = 0
+        self._release_to: int | None = None  # consumer position after the last peek()
+        self._view_off: int | None = None  # where the last peek()'s view starts, if one
 
     def pending_bytes(self) -> int:
         """Bytes produced and not yet consumed."""
         return int(self._prod[0]) - int(self._cons[0])
 
-    def drain(self, max_records: int | None = None) -> np.ndarray:
-        """Copy out every committed record (up to the first busy one) and release the space."""
+    def peek(self, max_records: int | None = None) -> np.ndarray:
+        """Every committed record (up to the first busy one), left in the ring: the result
+        may be a view of the ring's memory, valid until release() hands the space back."""
         cons = int(self._cons[0])
         prod = int(self._prod[0])
         n = (prod - cons) // self.rec_size
         if max_records is not None:
             n = min(n, max_records)
+        self._release_to, self._view_off = cons, None
         if n <= 0:
             return np.empty(0, dtype=self.payload)
         off = cons & (self.data_size - 1)
@@ -82,11 +86,28 @@ class RingReader:
                     f"ring of {self.payload.itemsize}-byte records"
                 )
             keep = (lens & _DISCARD) == 0
-            out = view["p"][keep] if not keep.all() else self._payloads(off, n)
+            if keep.all():
+                out, self._view_off = view["p"], off
+            else:
+                out = view["p"][keep]  # a copy
         else:
-            out = self._payloads(off, n)
-        self._cons[0] = cons + n * self.rec_size
+            out, self._view_off = view["p"], off
+        self._release_to = cons + n * self.rec_size
         self.records_read += len(out)
+        return out
+
+    def release(self) -> None:
+        """Hand the records of the last peek() back to the producers."""
+        if self._release_to is not None:
+            self._cons[0] = self._release_to
+            self._release_to = self._view_off = None
+
+    def drain(self, max_records: int | None = None) -> np.ndarray:
+        """Copy out every committed record (up to the first busy one) and release the space."""
+        out = self.peek(max_records)
+        if self._view_off is not None:
+            out = self._payloads(self._view_off, len(out))
+        self.release()
         return out
 
     def _payloads(self, off: int, n: int) -> np.ndarray:

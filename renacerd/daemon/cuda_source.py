@@ -171,9 +171,12 @@ class CudaSource:
                 grown = np.zeros(max(2 * len(self._is_lib), n + 1), dtype=bool)
                 grown[:seen] = self._is_lib[:seen]
                 self._is_lib = grown
-            for i in range(seen, n):
-                if b".so" in by_id[i]:
-                    self._is_lib[i] = self._any_lib = True
+            # thousands of new names a second (a loader's shm files): one search over all
+            # of them, then one per name only when some name may be a library
+            if b".so" in b"\0".join(by_id[seen:n]):
+                for i in range(seen, n):
+                    if b".so" in by_id[i]:
+                        self._is_lib[i] = self._any_lib = True
             self._strings_seen = n
         return self._is_lib
 

@@ -299,6 +299,12 @@ class Tracer:
         """Move everything in the rings into per-process buffers; returns the events drained
         (and sets last_details)."""
         ev, de = self.probes.drain()
+        try:
+            return self._take_drained(ev, de)
+        finally:
+            self.probes.release()  # ev viewed the ring: nothing may keep it past here
+
+    def _take_drained(self, ev: np.ndarray, de: np.ndarray) -> int:
         self.last_details = len(de)
         if len(de):
             self.details.add(de)
@@ -505,7 +511,9 @@ class Tracer:
         pos = has[ei]
         # an event flagged with details that has none: its detail sits behind a busy record
         # in the ring, or was dropped
-        self.paths_lost += len(has) - len(np.unique(pos))
+        joined = np.zeros(len(has), dtype=bool)
+        joined[ei] = True
+        self.paths_lost += len(has) - int(np.count_nonzero(joined))
         if not len(dets):
             return
         slot = dets["slot"]

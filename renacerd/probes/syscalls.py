@@ -148,10 +148,16 @@ class SyscallProbes:
                 self.details.data_size // self.details.rec_size)
 
     def drain(self) -> tuple[np.ndarray, np.ndarray]:
-        """Events first, then details: every drained event's details are then drained too."""
-        ev = self.events.drain()
+        """Events first, then details: every drained event's details are then drained too.
+        The events are a view of the ring (no copy), valid until release(); the details
+        are a copy (they may wait for their events)."""
+        ev = self.events.peek()
         de = self.details.drain()
         return ev, de
+
+    def release(self) -> None:
+        """Hand the events of the last drain() back to the kernel."""
+        self.events.release()
 
     def close(self) -> None:
         """Unmap the rings and detach every probe (nothing stays in the kernel)."""
