@@ -143,9 +143,10 @@ def windows(me: list[str], db: Path, n: int, width: float, extra: list[str],
     window of `width` seconds. Steps inside traced windows against steps inside the untraced
     windows between them: same processes, same placement on the CPUs, so the ratio is not
     lost in the run-to-run noise of this VM. The daemon's start-up (BPF compile) and detach
-    fall between the windows and are left out."""
+    fall between the windows and are left out. An untraced window closes the run, so every
+    traced window is also compared with the untraced windows on both sides of it."""
     ready = db.parent / "ready"
-    total = 4 + n * (2 * width + 6)
+    total = 4 + n * (2 * width + 6) + width
     env = dict(os.environ, PYTHONPATH=str(ROOT), BENCH_SECONDS=str(total),
                BENCH_READY=str(ready))
     w = subprocess.Popen(me, stdout=subprocess.PIPE, text=True, env=env)
@@ -180,6 +181,11 @@ def windows(me: list[str], db: Path, n: int, width: float, extra: list[str],
         d.wait()
         cpu_traced.append(((time.monotonic_ns() - t1) / 1e9, job_cpu() - c))
         traced.append((t1 + 50_000_000, t1 + int(width * 1e9)))  # the drain loop is up
+    # one more untraced window, so that every traced window has one on each side
+    a, c = time.monotonic_ns(), job_cpu()
+    time.sleep(width)
+    plain.append((a, time.monotonic_ns()))
+    cpu_plain.append(((plain[-1][1] - a) / 1e9, job_cpu() - c))
     out = json.loads(w.communicate()[0].strip().splitlines()[-1])
     starts, times, sched = out["starts"], out["times"], out["sched"]
 
@@ -199,6 +205,10 @@ def windows(me: list[str], db: Path, n: int, width: float, extra: list[str],
     evs = con.execute("SELECT sum(events) FROM runs").fetchone()[0]
     con.close()
     ratios = [y / x for x, y in zip(p, t)]
+    # each traced window against the mean of the untraced windows either side: a drift of
+    # the VM's speed across the run cancels out to first order
+    bracketed = [y / ((p[i] + p[i + 1]) / 2) for i, y in enumerate(t)]
+    se = statistics.stdev(bracketed) / len(bracketed) ** 0.5 if len(bracketed) > 1 else 0.0
     print(f"PyTorch CPU loop, DataLoader(num_workers=2), one run; renacerd --pid attached for "
           f"{n} windows of {width:g} s, untraced windows of {width:g} s between them")
     print(f"untraced windows, mean step ms: {', '.join(f'{x * 1e3:.2f}' for x in p)}")
@@ -206,6 +216,9 @@ def windows(me: list[str], db: Path, n: int, width: float, extra: list[str],
     print(f"traced / untraced: {statistics.mean(t) / statistics.mean(p):.3f}x over all windows; "
           f"median of the {n} window pairs {statistics.median(ratios):.3f}x "
           f"(range {min(ratios):.3f}-{max(ratios):.3f})")
+    print(f"each traced window vs the untraced windows either side: mean "
+          f"{statistics.mean(bracketed):.3f}x (standard error {se:.3f}), median "
+          f"{statistics.median(bracketed):.3f}x")
     print(f"per step, main thread (untraced -> traced): on CPU "
           f"{statistics.mean(pc) * 1e3:.2f} -> {statistics.mean(tc) * 1e3:.2f} ms, waiting for "
           f"a CPU {statistics.mean(pw) * 1e3:.3f} -> {statistics.mean(tw) * 1e3:.3f} ms")
