@@ -138,7 +138,7 @@ def _run_paused(cmd: list[str], ready: Path) -> dict:
 
 
 def windows(me: list[str], db: Path, n: int, width: float, extra: list[str],
-            nice: int = 0) -> int:
+            nice: int = 0, pause: bool = False, prefix: list[str] | None = None) -> int:
     """One long run of the loop; renacerd attaches (--pid, all of the tree) for every other
     window of `width` seconds. Steps inside traced windows against steps inside the untraced
     windows between them: same processes, same placement on the CPUs, so the ratio is not
@@ -169,7 +169,7 @@ def windows(me: list[str], db: Path, n: int, width: float, extra: list[str],
         plain.append((a, time.monotonic_ns()))
         cpu_plain.append(((plain[-1][1] - a) / 1e9, job_cpu() - c))
         rfd, wfd = os.pipe()
-        d = subprocess.Popen([*(["nice", "-n", str(nice)] if nice else []),
+        d = subprocess.Popen([*(prefix or []), *(["nice", "-n", str(nice)] if nice else []),
                               sys.executable, "-m", "renacerd.cli.renacerd_main", "-q", "--db",
                               str(db), "--run", f"w{i}", "--pid", str(pid), "--duration",
                               str(width), "--ready-fd", str(wfd), *extra],
@@ -177,7 +177,12 @@ def windows(me: list[str], db: Path, n: int, width: float, extra: list[str],
         os.close(wfd)
         with os.fdopen(rfd) as f:
             f.readline()
+        if pause:  # the kernel side alone: the rings hold the window, drained after it
+            os.kill(d.pid, signal.SIGSTOP)
         t1, c = time.monotonic_ns(), job_cpu()
+        if pause:
+            time.sleep(width)
+            os.kill(d.pid, signal.SIGCONT)
         d.wait()
         cpu_traced.append(((time.monotonic_ns() - t1) / 1e9, job_cpu() - c))
         traced.append((t1 + 50_000_000, t1 + int(width * 1e9)))  # the drain loop is up
@@ -258,6 +263,12 @@ def main() -> int:
                     help="passed to renacerd in --windows mode (e.g. --daemon-arg=--cuda=off)")
     ap.add_argument("--daemon-nice", type=int, default=0,
                     help="--windows mode: run renacerd under nice -n N")
+    ap.add_argument("--daemon-prefix", default="",
+                    help="--windows mode: a command line renacerd runs under (e.g. 'chrt -i 0')")
+    ap.add_argument("--pause-daemon", action="store_true",
+                    help="--windows mode: stop the daemon (SIGSTOP) for each traced window, so "
+                         "only the BPF programs run in it; give it rings that hold a window "
+                         "(e.g. --daemon-arg=--ring-mb=128 --daemon-arg=--detail-ring-mb=32)")
     ap.add_argument("--workload", nargs=1, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.workload:
@@ -272,7 +283,8 @@ def main() -> int:
               "--workload", str(shard_dir)]
         db = Path(d) / "t.db"
         if a.windows:
-            return windows(me, db, a.windows, a.window_s, a.daemon_arg, a.daemon_nice)
+            return windows(me, db, a.windows, a.window_s, a.daemon_arg, a.daemon_nice,
+                           a.pause_daemon, a.daemon_prefix.split())
         untraced, traced, paused, events, per_step = [], [], [], [], []
         for r in range(a.rounds):
             untraced.append(_run(me)[STAT])

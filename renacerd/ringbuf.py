@@ -28,6 +28,7 @@ class RingReader:
         page = mmap.PAGESIZE
         if data_size <= 0 or data_size & (data_size - 1):
             raise ValueError(f"ring buffer size {data_size} is not a power of two")
+        self.map_fd = map_fd
         self.data_size = data_size
         self.payload = payload
         self.rec_size = _HDR + ((payload.itemsize + 7) & ~7)

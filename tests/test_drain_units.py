@@ -12,13 +12,13 @@ def test_drain_wait_idle_rings_sleep_the_longest():
     assert drain_wait((0, 0), (1000, 100), 0.04, 0.04) == 0.04
 
 
-def test_drain_wait_keeps_the_fuller_ring_under_a_quarter():
-    # 100 of 1000 events in 0.04 s: a quarter takes 0.1 s, capped at the longest wait
+def test_drain_wait_keeps_the_fuller_ring_under_an_eighth():
+    # 100 of 1000 events in 0.04 s: an eighth takes 0.05 s, capped at the longest wait
     assert drain_wait((100, 0), (1000, 100), 0.04, 0.04) == 0.04
-    # 500 of 1000 events in 0.04 s: a quarter fills in 0.02 s
-    assert drain_wait((500, 0), (1000, 100), 0.04, 0.04) == 0.02
+    # 500 of 1000 events in 0.04 s: an eighth fills in 0.01 s
+    assert drain_wait((500, 0), (1000, 100), 0.04, 0.04) == 0.01
     # the detail ring decides when it is the fuller one
-    assert drain_wait((10, 50), (1000, 100), 0.04, 0.04) == 0.02
+    assert drain_wait((10, 50), (1000, 100), 0.04, 0.04) == 0.01
 
 
 def test_drain_wait_has_a_floor_and_ignores_unknown_capacity():

@@ -7,6 +7,7 @@ import resource
 import sys
 
 from renacerd.daemon.cuda_source import CudaSource
+from renacerd.daemon.priority import PriorityGuard
 from renacerd.daemon.span_link import SpanLink, SpanLinkError
 from renacerd.daemon.tracer import Summary, Tracer, default_run_name, install_signal_handlers
 from renacerd.probes.loader import ProbeError
@@ -161,6 +162,7 @@ class Session:
             sinks.append(OtlpExporter(self.db_path, args.otlp_endpoint, self.run_name).start())
         status, error = "complete", None
         store_failed = False
+        guard: PriorityGuard | None = None
         try:
             if self.span_link is not None:
                 self.span_link.attach(tracer, [child.pid] if child is not None else args.pid)
@@ -180,6 +182,13 @@ class Session:
                 os.write(args.ready_fd, b"ready\n")
                 os.close(args.ready_fd)
             if error is None:
+                if getattr(args, "priority", "normal") == "idle":
+                    rings = probes.rings() + (cuda_src.probes.rings() if cuda_src else [])
+                    try:
+                        guard = PriorityGuard([(r.map_fd, r.data_size) for r in rings])
+                        tracer.sources.append(guard)
+                    except OSError as e:
+                        self._say(f"priority stays normal: cannot start the guard: {e}")
                 tracer.run(duration=args.duration)
         except StoreError as e:
             status, error = "incomplete", str(e)
@@ -190,6 +199,8 @@ class Session:
         finally:
             summary = None
             try:
+                if guard is not None:
+                    guard.stop()
                 if self.span_link is not None:
                     self.span_link.close()
                 summary = tracer.finish(status=status, error=error)
@@ -197,6 +208,8 @@ class Session:
             except StoreError as e:
                 error = str(e)
             finally:
+                if guard is not None:
+                    guard.close()
                 if cuda_src is not None:
                     cuda_src.close()
                 probes.close()
@@ -236,6 +249,9 @@ class Session:
                 f"{s.lost.get('gpu_events_lost', 0)} GPU events (ring buffer full; "
                 "raise --ring-mb)"
             )
+        if s.lost.get("priority_escalations"):
+            self._say(f"priority: lifted to normal {s.lost['priority_escalations']} times "
+                      "(a ring buffer over a quarter full, or a late commit)")
         if s.lost.get("gpu_events"):
             self._say(f"GPU: {s.lost['gpu_events']} CUDA calls recorded from "
                       f"{s.lost.get('gpu_objects_probed', 0)} libraries")

@@ -704,11 +704,12 @@ def drain_wait(drained: tuple[int, int], capacity: tuple[int, int], elapsed: flo
                longest: float) -> float:
     """Seconds to sleep before the next drain. A drain costs numpy call overheads whatever
     its size: drain big batches, but often enough that at the rate just seen (`drained`
-    records of each ring in `elapsed` s) no ring is more than a quarter full."""
+    records of each ring in `elapsed` s) no ring is more than an eighth full (the priority
+    guard lifts an idle daemon at a quarter)."""
     fill = max((n / cap for n, cap in zip(drained, capacity) if cap), default=0.0)
     if fill <= 0:
         return longest
-    return min(longest, max(0.25 * elapsed / fill, MIN_DRAIN_INTERVAL))
+    return min(longest, max(0.125 * elapsed / fill, MIN_DRAIN_INTERVAL))
 
 
 def _is_zombie(pid: int) -> bool:

@@ -46,6 +46,9 @@ class ChunkWriter:
             # sorted: the ends are the extremes
             self.store.add_encoded_chunk(self.run_id, proc_id, blob, len(ts),
                                          int(ts[0]), int(ts[-1]))
+            # committed at once: a write transaction left open until the next flush would
+            # keep other writers of the file (a sink's progress) waiting on the lock
+            self.store.commit()
             self.bytes_written += len(blob)
 
     def _loop(self) -> None:

@@ -230,6 +230,10 @@ class CudaProbes:
         return False
 
     # -- reading -----------------------------------------------------------------------
+    def rings(self) -> list[RingReader]:
+        """The call and name rings (for the priority guard's fill test)."""
+        return [r for r in (self.events, self.names) if r is not None]
+
     def drain(self) -> tuple[np.ndarray, np.ndarray]:
         """Events, then names: a name record is written before any launch that uses it, so
         every drained launch finds its name in the same drain (names first would miss one

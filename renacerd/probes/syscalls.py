@@ -142,6 +142,10 @@ class SyscallProbes:
             out[name] = [int(v) for v in vals]
         return out
 
+    def rings(self) -> list[RingReader]:
+        """The event and detail rings (for the priority guard's fill test)."""
+        return [self.events, self.details]
+
     def capacity(self) -> tuple[int, int]:
         """Records the event ring and the detail ring each hold."""
         return (self.events.data_size // self.events.rec_size,
