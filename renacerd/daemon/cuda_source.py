@@ -197,9 +197,8 @@ class CudaSource:
                                      int(ev["ts"][i]))
         nr = ev["nr"]
         execs = (nr == NR_EXECVE) | (nr == NR_EXECVEAT)  # two compares beat isin's sort
-        if execs.any():
-            for i in np.flatnonzero(execs & (ev["ret"] == 0)):
-                self.scanned.discard(int(ev["pid"][i]))  # a new image: rescan its maps
+        for i in np.flatnonzero(execs & (ev["ret"] == 0)):
+            self.scanned.discard(int(ev["pid"][i]))  # a new image: rescan its maps
 
     def _library_opened(self, raw: bytes, pid: int, ts: int) -> None:
         """Probe a library the process `pid` just opened, if it is one of ours."""

@@ -131,7 +131,8 @@ class PriorityGuard:
 
 
 class _RingFill:
-    """Producer and consumer positions of one BPF ring buffer, mapped read-only."""
+    """Producer and consumer positions of one BPF ring buffer, mapped read-only: what
+    RingReader.pending_bytes reads, without mapping the data area or knowing the records."""
 
     def __init__(self, fd: int, size: int) -> None:
         page = mmap.PAGESIZE

@@ -143,7 +143,6 @@ class Tracer:
         self.details = DetailQueue(detail_dtype(STR_LEN))
         self._addr_ids: dict[tuple[int, bytes], int] = {}
         self.events = 0
-        self.last_details = 0
         self.stop_requested = False
         self.root_pid: int | None = None
         self.root_status: int | None = None
@@ -230,12 +229,12 @@ class Tracer:
         """Drain until every target exits, stop() is called, or `duration` passes."""
         deadline = None if duration is None else time.monotonic() + duration
         last_check = last_drain = time.monotonic()
-        capacity = getattr(self.probes, "capacity", lambda: (0, 0))()
+        capacity = self.probes.capacity()
         while not self.stop_requested:
             t0 = time.monotonic()
             if self.writer.error is not None:
                 raise self.writer.error  # the store refuses writes: stop, the job goes on
-            n_ev, n_de = self.drain_once(), self.last_details
+            drained = self.drain_once()
             if self.root_pid is not None and self.root_status is None:
                 self._reap_root(block=False)
             if t0 - last_check > 0.2:
@@ -250,7 +249,7 @@ class Tracer:
                 break
             if idle_hook is not None:
                 idle_hook()
-            wait = drain_wait((n_ev, n_de), capacity, t0 - last_drain, self.drain_interval)
+            wait = drain_wait(drained, capacity, t0 - last_drain, self.drain_interval)
             last_drain = t0
             spent = time.monotonic() - t0
             if spent < wait:
@@ -295,23 +294,24 @@ class Tracer:
                 self._end_process(st, time.monotonic_ns())
 
     # -- decoding ----------------------------------------------------------------------
-    def drain_once(self) -> int:
-        """Move everything in the rings into per-process buffers; returns the events drained
-        (and sets last_details)."""
+    def drain_once(self) -> tuple[int, int]:
+        """Move everything in the rings into per-process buffers; returns the records
+        drained from the event ring and from the detail ring."""
         ev, de = self.probes.drain()
         try:
-            return self._take_drained(ev, de)
+            self._take_drained(ev, de)
+            return len(ev), len(de)
         finally:
             self.probes.release()  # ev viewed the ring: nothing may keep it past here
 
-    def _take_drained(self, ev: np.ndarray, de: np.ndarray) -> int:
-        self.last_details = len(de)
+    def _take_drained(self, ev: np.ndarray, de: np.ndarray) -> None:
+        """Lifecycle records, per-process assembly and every source's turn for one drain."""
         if len(de):
             self.details.add(de)
         if not len(ev):
             for src in list(self.sources):
                 self._guard(src, src.drain, self)
-            return 0
+            return
         nr = ev["nr"]
         life = nr >= LIFECYCLE_MIN
         special = life | (nr == NR_EXIT_GROUP) | (nr == NR_EXIT)
@@ -331,7 +331,6 @@ class Tracer:
                 self._guard(src, src.on_syscalls, self, ev, s0)
         for src in list(self.sources):
             self._guard(src, src.drain, self)
-        return len(ev)
 
     def _guard(self, src: Source, fn: Callable, *args) -> None:
         """A failing source is dropped with a logged, persisted reason: syscall capture and
