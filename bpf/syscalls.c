@@ -196,13 +196,15 @@ static __always_inline u16 emit_addr(u64 ts, u32 tid, u16 nr, const void *ptr, u
 }
 
 // One event record; returns 0 (and counts it) when the ring is full.
-static __always_inline int emit_event(u64 ts, u64 dur, s64 ret, u64 a0, u32 pid, u32 tid,
-                                      u16 nr, u16 flags, u32 aux) {
+static __always_inline struct event *reserve_event(void) {
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
-    if (!e) {
+    if (!e)
         count(C_EVENTS_LOST);
-        return 0;
-    }
+    return e;
+}
+
+static __always_inline void submit_event(struct event *e, u64 ts, u64 dur, s64 ret, u64 a0,
+                                         u32 pid, u32 tid, u16 nr, u16 flags, u32 aux) {
     e->ts = ts;  // lifecycle records: the same ts keys their detail records
     e->dur = dur;
     e->ret = ret;
@@ -213,6 +215,16 @@ static __always_inline int emit_event(u64 ts, u64 dur, s64 ret, u64 a0, u32 pid,
     e->flags = flags;
     e->aux = aux;
     events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+}
+
+// A record with details is reserved first and submitted after them: the daemon reads the
+// event ring, then the detail ring, so an event it sees has its details there too.
+static __always_inline int emit_event(u64 ts, u64 dur, s64 ret, u64 a0, u32 pid, u32 tid,
+                                      u16 nr, u16 flags, u32 aux) {
+    struct event *e = reserve_event();
+    if (!e)
+        return 0;
+    submit_event(e, ts, dur, ret, a0, pid, tid, nr, flags, aux);
     return 1;
 }
 
@@ -471,9 +483,12 @@ TRACEPOINT_PROBE(sched, sched_process_fork) {
 #endif
     }
 #endif
+    struct event *e = reserve_event();
+    if (!e)
+        return 0;  // no details for a record the daemon will never see
     u64 ts = bpf_ktime_get_ns();
-    emit_event(ts, 0, 0, child, tgid, tid, EV_FORK, flags, child);
     emit_str(ts, child, EV_FORK, SLOT_COMM, (char *)args + (args->data_loc_child_comm & 0xFFFF), 0);
+    submit_event(e, ts, 0, 0, child, tgid, tid, EV_FORK, flags, child);
     return 0;
 }
 
@@ -483,9 +498,10 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
     if (!is_target(tgid))
         return 0;
     u32 tid = (u32)id;
-    u64 ts = bpf_ktime_get_ns();
-    if (!emit_event(ts, 0, 0, args->old_pid, tgid, tid, EV_EXEC, F_DETAIL, 0))
+    struct event *e = reserve_event();
+    if (!e)
         return 0;  // no details for a record the daemon will never see
+    u64 ts = bpf_ktime_get_ns();
     emit_str(ts, tid, EV_EXEC, SLOT_PATH0, (char *)args + (args->data_loc_filename & 0xFFFF), 0);
     char comm[16];
     bpf_get_current_comm(&comm, sizeof(comm));
@@ -501,19 +517,20 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
         bpf_probe_read_kernel(&ae, sizeof(ae), (char *)mm + MM_ARG_END_OFF);
     }
     struct detail *d = reserve_detail(ts, tid, EV_EXEC, SLOT_ARGV_BLOB);
-    if (!d)
-        return 0;
-    u64 n = ae > as ? ae - as : 0;
-    u16 fl = F_DETAIL;
-    if (n > STR_LEN) {
-        n = STR_LEN;
-        fl |= F_TRUNCATED;
+    if (d) {
+        u64 n = ae > as ? ae - as : 0;
+        u16 fl = F_DETAIL;
+        if (n > STR_LEN) {
+            n = STR_LEN;
+            fl |= F_TRUNCATED;
+        }
+        asm volatile("%0 &= 0x1ff" : "+r"(n));
+        if (n > STR_LEN)
+            n = STR_LEN;
+        submit_bytes(d, (void *)as, n, fl);
     }
-    asm volatile("%0 &= 0x1ff" : "+r"(n));
-    if (n > STR_LEN)
-        n = STR_LEN;
-    submit_bytes(d, (void *)as, n, fl);
 #endif
+    submit_event(e, ts, 0, 0, args->old_pid, tgid, tid, EV_EXEC, F_DETAIL, 0);
     return 0;
 }
 

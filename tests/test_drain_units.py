@@ -5,7 +5,14 @@ from types import SimpleNamespace
 import numpy as np
 
 from renacerd.daemon.cuda_source import CudaOptions, CudaSource
-from renacerd.daemon.tracer import MIN_DRAIN_INTERVAL, StringTable, drain_wait
+from renacerd.daemon.tracer import (
+    MIN_DRAIN_INTERVAL,
+    ProcState,
+    StringTable,
+    _take_exec,
+    drain_wait,
+)
+from renacerd.unified_trace import ProcessSpan
 
 
 def test_drain_wait_idle_rings_sleep_the_longest():
@@ -51,3 +58,16 @@ def test_library_mask_grows_with_the_string_table():
     assert len(mask) > last + 1
     assert np.flatnonzero(mask).tolist() == [last]
     assert not mask[ids].any() and not mask[-1]
+
+
+def test_each_execve_takes_the_kernel_copy_of_its_own_exec():
+    # One drain held two execs of a process (lifecycle records are handled first): each
+    # execve record, entry ts to ts + dur, takes the copy made inside it.
+    st = ProcState(proc_id=1, span=ProcessSpan(pid=7))
+    st.execs = [(150, b"/a", b"a"), (250, b"/bin/sh", b"sh\0-c\0exit 5")]
+    assert _take_exec(st, 100, 160) == (150, b"/a", b"a")
+    assert _take_exec(st, 200, 260) == (250, b"/bin/sh", b"sh\0-c\0exit 5")
+    assert _take_exec(st, 300, 310) == (0, None, None)
+    # a copy whose execve record never came (lost) is dropped by the next execve
+    st.execs = [(50, b"/lost", None), (350, b"/c", b"c")]
+    assert _take_exec(st, 300, 360) == (350, b"/c", b"c") and st.execs == []

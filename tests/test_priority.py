@@ -4,6 +4,7 @@ flushes stop, lowered again when the ring drains; and the daemon's own policy in
 import json
 import mmap
 import os
+import signal
 import sqlite3
 import struct
 import subprocess
@@ -126,3 +127,80 @@ def _readable(pid: str) -> bool:
         return True
     except OSError:
         return False
+
+
+def _policies(pid: int) -> set[int]:
+    try:
+        return {os.sched_getscheduler(int(t)) for t in os.listdir(f"/proc/{pid}/task")}
+    except OSError:
+        return set()
+
+
+def _wait_for_marker(tmp_path) -> tuple[str, str]:
+    """A command that runs until the test creates its marker file."""
+    marker = tmp_path / "go"
+    prog = tmp_path / "wait.py"
+    prog.write_text(f"import os, time\nwhile not os.path.exists({str(marker)!r}):\n"
+                    "    time.sleep(0.05)\n")
+    return str(prog), str(marker)
+
+
+@needs_root
+def test_a_stopped_daemon_is_lifted_then_lowered_again(tmp_path):
+    """SIGSTOP the daemon: its flushes stop, the guard lifts every thread to SCHED_OTHER;
+    once it flushes on time again the guard lowers it; the run counts one lift."""
+    prog, marker = _wait_for_marker(tmp_path)
+    db = tmp_path / "t.db"
+    d = subprocess.Popen(
+        [sys.executable, "-m", "renacerd.cli.renacerd_main", "--db", str(db), "--run", "s",
+         "--cuda", "off", "--priority", "idle", "--", sys.executable, prog],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    try:
+        assert wait_for(lambda: _policies(d.pid) == {os.SCHED_IDLE}, 60), d.pid
+        os.kill(d.pid, signal.SIGSTOP)
+        try:
+            assert wait_for(lambda: _policies(d.pid) == {os.SCHED_OTHER}, 5)
+        finally:
+            os.kill(d.pid, signal.SIGCONT)
+        assert wait_for(lambda: _policies(d.pid) == {os.SCHED_IDLE}, 10)
+    finally:
+        open(marker, "w").close()
+    out, err = d.communicate(timeout=60)
+    assert d.returncode == 0, err
+    assert "priority: lifted to normal 1 times" in err, err
+    con = sqlite3.connect(db)
+    counters = json.loads(
+        con.execute("SELECT source_counters FROM runs WHERE name='s'").fetchone()[0])
+    con.close()
+    assert (counters["priority_escalations"], counters["priority_guard_died"]) == (1, 0)
+
+
+@needs_root
+def test_a_daemon_that_could_not_be_lifted_stays_normal(tmp_path):
+    """Without CAP_SYS_NICE and with RLIMIT_NICE 0 the kernel refuses SCHED_IDLE ->
+    SCHED_OTHER: the daemon says so in one line and never lowers itself."""
+    prog, marker = _wait_for_marker(tmp_path)
+    db = tmp_path / "t.db"
+    d = subprocess.Popen(
+        ["prlimit", "--nice=0:0", "setpriv",
+         "--bounding-set=-all,+bpf,+perfmon,+sys_ptrace,+chown", "--inh-caps=-all", "--",
+         sys.executable, "-m", "renacerd.cli.renacerd_main", "--db", str(db), "--run", "n",
+         "--cuda", "off", "--priority", "idle", "--", sys.executable, prog],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    said = []
+    try:
+        while not said or said[-1].startswith("renacerd: tracing run"):
+            said.append(d.stderr.readline())
+        assert _policies(d.pid) == {os.SCHED_OTHER}  # where it would have lowered itself
+    finally:
+        open(marker, "w").close()
+    out, err = d.communicate(timeout=60)
+    assert d.returncode == 0, err
+    assert said[-1] == ("renacerd: priority stays normal: an idle daemon could not be lifted "
+                        "back to normal priority (needs CAP_SYS_NICE, or CAP_SYS_RESOURCE to "
+                        "raise RLIMIT_NICE to 20)\n"), said
+    assert "priority: lifted" not in err

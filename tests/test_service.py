@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import resource
 import shutil
 import signal
 import socket
@@ -96,6 +98,16 @@ def renacer_gid() -> int:
     return grp.getgrnam("renacer").gr_gid
 
 
+def _unit_limits() -> None:
+    """The unit's LimitNICE, as systemd sets it before exec. A host that refuses it (no
+    CAP_SYS_RESOURCE) gets per-run tracers that stay at normal priority, as they should."""
+    m = re.search(r"^LimitNICE=(\d+)$", (ROOT / "systemd/renacerd.service").read_text(), re.M)
+    try:
+        resource.setrlimit(resource.RLIMIT_NICE, (int(m[1]), int(m[1])))
+    except (OSError, ValueError):
+        pass
+
+
 class Service:
     """`renacerd serve` as a process of the test; the socket optionally from systemd."""
 
@@ -121,7 +133,8 @@ class Service:
         else:
             cmd += ["--socket", self.sock]
         self.log = open(tmp / "service.log", "w+")
-        self.proc = subprocess.Popen(cmd, env=e, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, env=e, stdout=self.log, stderr=subprocess.STDOUT,
+                                     preexec_fn=_unit_limits)
         self.early: socket.socket | None = None
         if activate:
             # systemd-socket-activate starts the daemon on the first connection, as systemd
@@ -349,7 +362,7 @@ def test_sigkill_mid_span_ends_run_with_signal_and_error_span(service, tmp_path)
         spans = st.span_records(info.id)
     assert proc.pid == c.pid and proc.exit_signal == signal.SIGKILL
     assert [(s.span_name, StatusCode(s.status_code).name, s.status_message) for s in spans] == [
-        ("held", "ERROR", "process exited mid-span")]
+        ("held", "ERROR", "process exited mid-span")], (proc, spans, service.text())
     assert spans[0].end_mono_nanos <= proc.end_mono_ns + 1_000_000
 
 

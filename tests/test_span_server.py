@@ -225,6 +225,49 @@ def test_disconnect_mid_span_then_exit_time(sock_dir):
     assert all(r.end_time_nanos == 1900 for r in recs)
 
 
+def test_grace_counts_in_the_time_the_tracer_has_read_through(sock_dir):
+    # A starved tracer reads a process's exit late: the grace must not run out on the
+    # clock while the exit record waits unread in the ring.
+    book = SpanBook(grace_ns=10**9)
+    with SpanServer(os.path.join(sock_dir, "w.sock"), on_message=book.handle,
+                    on_disconnect=book.disconnected) as server:
+        s = raw_client(server.address)
+        before = time.monotonic_ns()
+        s.send(span_start("0000000000000009", mono=before))
+        assert wait_for(lambda: book.counts()["spans_started"] == 1)
+        s.close()
+        assert wait_for(lambda: server.stats["open"] == 0 and book.counts()["open"] == 1)
+        # the tracer has read only up to before the disconnect, then not a full grace past it
+        assert book.drain(before) == []
+        assert book.drain(before + 10**9 - 1) == []
+        assert book.process_exited(os.getpid(), before + 7, 1007 + before) == 1
+        (rec,) = book.drain(before)
+    assert (rec.status_message, rec.end_mono_nanos, rec.end_time_nanos) == (
+        EXITED, before + 7, 1007 + before)
+    assert book.counts()["ended_by_exit"] == 1
+
+
+def test_a_start_read_after_its_process_exit_still_ends_at_the_exit(sock_dir):
+    # The tracer may read a process's exit before the socket thread reads that process's
+    # span_start; a start stamped after the exit is a new process that reused the pid.
+    book = SpanBook(grace_ns=10**9)
+    exit_mono = time.monotonic_ns()
+    assert book.process_exited(os.getpid(), exit_mono, 1000 + exit_mono) == 0
+    with SpanServer(os.path.join(sock_dir, "x.sock"), on_message=book.handle,
+                    on_disconnect=book.disconnected) as server:
+        s = raw_client(server.address)
+        s.send(span_start("000000000000000a", mono=exit_mono - 5))
+        s.send(span_start("000000000000000b", mono=exit_mono + 5))
+        assert wait_for(lambda: book.counts()["spans_started"] == 2)
+        s.close()
+        assert wait_for(lambda: server.stats["open"] == 0)
+        (rec,) = book.drain(exit_mono)
+        assert (rec.span_id.hex(), rec.status_message, rec.end_mono_nanos) == (
+            "000000000000000a", EXITED, exit_mono)
+        (rec,) = book.drain(time.monotonic_ns() + 10**9)
+    assert (rec.span_id.hex(), rec.status_message) == ("000000000000000b", DISCONNECTED)
+
+
 def test_disconnect_without_exit_ends_after_grace(daemon):
     server, book = daemon  # grace 0
     s = raw_client(server.address)

@@ -43,10 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stream the run to clickhouse://HOST:8123/DATABASE (repeatable)")
     p.add_argument("--otlp-endpoint", metavar="URL",
                    help="export spans over OTLP/HTTP (env OTEL_EXPORTER_OTLP_ENDPOINT)")
-    p.add_argument("--priority", choices=("idle", "normal"), default="normal",
-                   help="the daemon's CPU priority: normal (default) competes with the job; "
-                   "idle takes only CPU time the job leaves idle, lifted to normal while a "
-                   "ring buffer fills or a commit is late")
+    p.add_argument("--priority", choices=("idle", "normal"), default="idle",
+                   help="the daemon's CPU priority: idle (default) takes only CPU time the "
+                   "job leaves idle, lifted to normal while a ring buffer fills or a commit "
+                   "is late; normal competes with the job for CPU")
     p.add_argument("--print-bpf", action="store_true", help=argparse.SUPPRESS)
     # `renacerd serve` learns on this inherited pipe that the probes are attached.
     p.add_argument("--ready-fd", type=int, metavar="FD", help=argparse.SUPPRESS)

@@ -14,9 +14,11 @@ idle thread may be holding.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import mmap
 import os
+import resource
 import struct
 import subprocess
 import sys
@@ -37,7 +39,8 @@ _NORMAL = (os.SCHED_OTHER, os.sched_param(0))
 
 def set_process_policy(pid: int, idle: bool) -> None:
     """Every thread of `pid` to SCHED_IDLE or SCHED_OTHER (threads started later inherit
-    it; start the traced command before lowering the daemon)."""
+    it; start the traced command before lowering the daemon). PermissionError when the
+    kernel refuses (see ensure_liftable)."""
     policy, param = _IDLE if idle else _NORMAL
     try:
         tids = os.listdir(f"/proc/{pid}/task")
@@ -46,8 +49,41 @@ def set_process_policy(pid: int, idle: bool) -> None:
     for tid in tids:
         try:
             os.sched_setscheduler(int(tid), policy, param)
-        except (OSError, ValueError):
+        except ProcessLookupError:
             pass  # a thread that just ended
+
+
+CAP_SYS_NICE = 23
+
+
+def _can_lift() -> bool:
+    """The kernel's rule for leaving SCHED_IDLE (sched_setscheduler(2)): CAP_SYS_NICE, or
+    an RLIMIT_NICE that allows nice 0 (20)."""
+    soft = resource.getrlimit(resource.RLIMIT_NICE)[0]
+    if soft == resource.RLIM_INFINITY or soft >= 20:
+        return True
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_SYS_NICE & 1)
+    return False
+
+
+def ensure_liftable() -> None:
+    """Make sure the daemon can be lifted from SCHED_IDLE before it is lowered: the kernel
+    allows that with CAP_SYS_NICE or with RLIMIT_NICE >= 20 (nice 0). The systemd unit sets
+    LimitNICE=20; elsewhere this raises the limit where CAP_SYS_RESOURCE allows."""
+    if _can_lift():
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NICE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NICE, (max(soft, 20), max(hard, 20)))
+    except (OSError, ValueError):
+        pass
+    if not _can_lift():
+        raise PermissionError(errno.EPERM, "an idle daemon could not be lifted back to "
+                              "normal priority (needs CAP_SYS_NICE, or CAP_SYS_RESOURCE "
+                              "to raise RLIMIT_NICE to 20)")
 
 
 class PriorityGuard:
@@ -55,7 +91,9 @@ class PriorityGuard:
 
     def __init__(self, rings: list[tuple[int, int]]) -> None:
         """`rings`: (map fd, data size) of each BPF ring buffer to watch. Start the traced
-        command first: a process forked from here later would inherit SCHED_IDLE."""
+        command first: a process forked from here later would inherit SCHED_IDLE.
+        PermissionError where the daemon could not be lifted again: it then stays normal."""
+        ensure_liftable()
         self._counter_fd = os.memfd_create("renacerd-escalations")
         os.ftruncate(self._counter_fd, mmap.PAGESIZE)
         self._counter_map = mmap.mmap(self._counter_fd, mmap.PAGESIZE)
@@ -81,6 +119,12 @@ class PriorityGuard:
         """Tell the guard the daemon is flushing (CLOCK_MONOTONIC ns, as the guard reads)."""
         struct.pack_into("<Q", self._counter_map, 8, time.monotonic_ns())
 
+    def _normal(self) -> None:
+        try:
+            set_process_policy(os.getpid(), idle=False)
+        except PermissionError as e:  # ensure_liftable found it could: a limit changed since
+            log.warning("renacerd: cannot return to normal priority: %s", e.strerror)
+
     def escalations(self) -> int:
         """How many times the guard lifted the daemon to normal priority."""
         if self._counter_map.closed:
@@ -100,7 +144,7 @@ class PriorityGuard:
         self.heartbeat()
         if not (self.guard_died or self._stopped) and self._proc.poll() is not None:
             self.guard_died = True
-            set_process_policy(os.getpid(), idle=False)
+            self._normal()
             log.warning("renacerd: the priority guard exited (status %s); the daemon runs "
                         "at normal priority from now on", self._proc.returncode)
 
@@ -113,7 +157,7 @@ class PriorityGuard:
         """Back to normal priority (the final flush and detach must not starve) and stop
         the guard; the count stays readable."""
         self._stopped = True
-        set_process_policy(os.getpid(), idle=False)
+        self._normal()
         if self._proc.poll() is None:
             self._proc.terminate()
             try:
@@ -186,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         guard(a.pid, rings, counter, alive=lambda: os.getppid() == a.pid)
     except KeyboardInterrupt:
         pass
+    except PermissionError as e:  # the daemon sees the guard gone and returns to normal
+        print(f"renacerd priority guard: cannot lift pid {a.pid}: {e.strerror}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

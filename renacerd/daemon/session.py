@@ -188,7 +188,7 @@ class Session:
                         guard = PriorityGuard([(r.map_fd, r.data_size) for r in rings])
                         tracer.sources.append(guard)
                     except OSError as e:
-                        self._say(f"priority stays normal: cannot start the guard: {e}")
+                        self._say(f"priority stays normal: {e.strerror or e}")
                 tracer.run(duration=args.duration)
         except StoreError as e:
             status, error = "incomplete", str(e)

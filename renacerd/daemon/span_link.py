@@ -103,7 +103,9 @@ class SpanLink:
             t.store.update_run(t.run_id, client_dropped=self.book.counts().get("client_dropped", 0))
 
     def _flush(self) -> None:
-        self._store(self.book.drain())
+        # Grace counts in the tracer's time: a starved daemon must not call a span
+        # "disconnected" before it has read the exit record that ends it exactly.
+        self._store(self.book.drain(self.tracer.read_through_mono))
 
     def close(self) -> None:
         """Stop serving; spans still open end as 'daemon stopped'."""

@@ -83,6 +83,9 @@ class SpanBook:
         self._conns: dict[int, _ConnState] = {}
         self._gone: dict[tuple[int, str], _Open] = {}
         self._finished: list[SpanRecord] = []
+        # pid -> its exit (mono, wall): a span_start read after the exit (the socket
+        # thread may lag the tracer) still ends at the exit, not a grace period later
+        self._exited: dict[int, tuple[int, int]] = {}
         self.spans_started = 0
         self.spans_ended = 0
         self.orphan_ends = 0
@@ -155,7 +158,10 @@ class SpanBook:
                 log.warning("pid %d has %d spans open; ignoring further starts", peer.pid,
                             len(state.keys))
             return
-        self._open[key] = _Open(peer, msg, msg.metadata, state.resource_json)
+        span = self._open[key] = _Open(peer, msg, msg.metadata, state.resource_json)
+        exit_ = self._exited.get(peer.pid)
+        if exit_ is not None and msg.mono_ns <= exit_[0]:  # later: a new process, same pid
+            span.exit_mono, span.exit_wall = exit_
         state.keys.add(key)
         self.spans_started += 1
 
@@ -251,6 +257,7 @@ class SpanBook:
     def process_exited(self, pid: int, exit_mono_ns: int, exit_wall_ns: int) -> int:
         """End pid's open spans at its exit time with status Error; returns how many."""
         with self._lock:
+            self._exited[pid] = (exit_mono_ns, exit_wall_ns)
             for key, span in self._open.items():
                 if key[0] == pid:
                     # Its connection may still hold an unread span_end: decide at disconnect.

@@ -76,8 +76,18 @@ class ProcState:
     ended: bool = False
     dirty: bool = False
     missing_since: float | None = None
-    exec_argv: bytes | None = None
-    exec_path: bytes | None = None
+    # the kernel's copy of each exec not yet matched to its execve record: (ts, path, argv)
+    execs: list[tuple[int, bytes | None, bytes | None]] = field(default_factory=list)
+
+
+def _take_exec(st: ProcState, start: int, end: int) -> tuple[int, bytes | None, bytes | None]:
+    """The kernel's copy of the exec made inside the execve call running start..end (one
+    drain may hold several execs of a process); older unmatched copies are dropped."""
+    while st.execs and st.execs[0][0] < start:
+        st.execs.pop(0)
+    if st.execs and st.execs[0][0] <= end:
+        return st.execs.pop(0)
+    return (0, None, None)
 
 
 class StringTable:
@@ -148,6 +158,9 @@ class Tracer:
         self.root_status: int | None = None
         self.start_mono = time.monotonic_ns()
         self.start_wall = time.time_ns()
+        # Every kernel record stamped before this has been read (set as a drain begins):
+        # the tracer's own "now", which lags the clock when the daemon is starved.
+        self.read_through_mono = self.start_mono
         self.table = syscall_table()
         self.run_id = store.begin_run(
             run_name,
@@ -297,7 +310,9 @@ class Tracer:
     def drain_once(self) -> tuple[int, int]:
         """Move everything in the rings into per-process buffers; returns the records
         drained from the event ring and from the detail ring."""
+        read_through = time.monotonic_ns()
         ev, de = self.probes.drain()
+        self.read_through_mono = read_through
         try:
             self._take_drained(ev, de)
             return len(ev), len(de)
@@ -401,17 +416,19 @@ class Tracer:
                 return
             # exec kills the other threads with SIGKILL: that is not how the process ends
             st.fatal_signal = st.exit_group = st.thread_exit_code = None
+            path = argv = None
             for slot, _, data in self._details_for(tid, ts):
                 if slot == SLOT_PATH0:
                     st.span.exe = data.decode(errors="backslashreplace")
-                    st.exec_path = data
+                    path = data
                 elif slot == SLOT_COMM:
                     st.span.name = data.decode(errors="backslashreplace")
                 elif slot == SLOT_ARGV_BLOB and data:
-                    st.exec_argv = data.rstrip(b"\0")
+                    argv = data.rstrip(b"\0")
                     st.span.argv = [
-                        a.decode(errors="backslashreplace") for a in st.exec_argv.split(b"\0")
+                        a.decode(errors="backslashreplace") for a in argv.split(b"\0")
                     ]
+            st.execs.append((ts, path, argv))
             st.dirty = True
         elif kind == EV_EXIT:
             st = self.procs.get(pid)
@@ -558,17 +575,18 @@ class Tracer:
             argv = [d for _, d in sorted(parts)]
             e = ev[i]
             if int(e["ret"]) == 0:
-                st = self._proc(int(e["pid"]), int(e["ts"]))
+                t = int(e["ts"])
+                st = self._proc(int(e["pid"]), t)
                 if st is None:
                     continue
-                if st.exec_argv is not None:  # the kernel's copy beats a failed user read
-                    argv = [st.exec_argv]
-                    st.exec_argv = None
+                _, path, kargv = _take_exec(st, t, t + int(e["dur"]))
+                if kargv is not None:  # the kernel's copy beats a failed user read
+                    argv = [kargv]
                 else:
                     st.span.argv = [a.decode(errors="backslashreplace") for a in argv]
                     st.dirty = True
-                if st.exec_path and (s0[i] < 0 or not self.strings_by_id(int(s0[i]))):
-                    s0[i] = self.strings.intern(st.exec_path)
+                if path and (s0[i] < 0 or not self.strings_by_id(int(s0[i]))):
+                    s0[i] = self.strings.intern(path)
             if argv:
                 s1[i] = self.strings.intern(b"\0".join(argv))
 
