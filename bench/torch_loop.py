@@ -208,6 +208,8 @@ def windows(me: list[str], db: Path, n: int, width: float, extra: list[str],
     con = sqlite3.connect(db)
     lost = con.execute("SELECT sum(events_lost) FROM runs").fetchone()[0]
     evs = con.execute("SELECT sum(events) FROM runs").fetchone()[0]
+    lifts = sum(json.loads(c or "{}").get("priority_escalations", 0)
+                for (c,) in con.execute("SELECT source_counters FROM runs"))
     con.close()
     ratios = [y / x for x, y in zip(p, t)]
     # each traced window against the mean of the untraced windows either side: a drift of
@@ -231,7 +233,8 @@ def windows(me: list[str], db: Path, n: int, width: float, extra: list[str],
     busy_t = sum(c for _, c in cpu_traced) / sum(w for w, _ in cpu_traced)
     print(f"the job's processes kept {busy_p:.2f} CPUs busy untraced, {busy_t:.2f} traced "
           f"(BPF runs in their syscalls), of the {os.cpu_count()} this machine has")
-    print(f"renacerd: {evs:,} events in the traced windows, lost {lost}")
+    print(f"renacerd: {evs:,} events in the traced windows, lost {lost}; lifted from idle "
+          f"to normal priority {lifts} times in {n} runs")
     return 0
 
 

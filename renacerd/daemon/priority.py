@@ -32,7 +32,8 @@ LATE_NS = 750_000_000  # no flush for this long (it flushes every 0.5 s): lift i
 # rings never past HIGH and flushes on time for CALM_S: lower it again (a drained ring
 # refills to a few % between drains, so a lower bar would keep the daemon lifted for good)
 CALM_S = 2.0
-POLL_S = 0.02  # a ring a quarter full takes ~0.3 s at 480k events/s (32 MB)
+POLL_S = 0.1  # a ring a quarter full takes ~0.3 s at 480k events/s (32 MB), full 1.2 s;
+# each poll wakes the guard at normal priority on the job's CPUs: few, not 50 a second
 _IDLE = (os.SCHED_IDLE, os.sched_param(0))
 _NORMAL = (os.SCHED_OTHER, os.sched_param(0))
 

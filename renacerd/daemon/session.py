@@ -177,18 +177,19 @@ class Session:
                     tracer.attach(pid)
             self._say(f"tracing run {self.run_name} (store {self.db_path})")
             install_signal_handlers(tracer)
+            if error is None and getattr(args, "priority", "normal") == "idle":
+                rings = probes.rings() + (cuda_src.probes.rings() if cuda_src else [])
+                try:
+                    guard = PriorityGuard([(r.map_fd, r.data_size) for r in rings])
+                    tracer.sources.append(guard)
+                except OSError as e:
+                    self._say(f"priority stays normal: {e.strerror or e}")
             if getattr(args, "ready_fd", None) is not None:
-                # Probes attached and the first commit done: `renacerd serve` may ack now.
+                # Probes attached, the first commit done, the daemon at its priority:
+                # `renacerd serve` may ack now.
                 os.write(args.ready_fd, b"ready\n")
                 os.close(args.ready_fd)
             if error is None:
-                if getattr(args, "priority", "normal") == "idle":
-                    rings = probes.rings() + (cuda_src.probes.rings() if cuda_src else [])
-                    try:
-                        guard = PriorityGuard([(r.map_fd, r.data_size) for r in rings])
-                        tracer.sources.append(guard)
-                    except OSError as e:
-                        self._say(f"priority stays normal: {e.strerror or e}")
                 tracer.run(duration=args.duration)
         except StoreError as e:
             status, error = "incomplete", str(e)
