@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 
+import psutil
 import pytest
 
 from renacerd.daemon.priority import _RingFill, guard, set_process_policy
@@ -99,15 +100,11 @@ def test_daemon_runs_idle_and_the_command_does_not(tmp_path):
     seen = {}
 
     def sample():
-        try:
-            tids = os.listdir(f"/proc/{d.pid}/task")
-        except OSError:
-            return False
         if not any(f"renacerd.daemon.priority --pid {d.pid} " in
-                   open(f"/proc/{p}/cmdline").read().replace("\0", " ")
-                   for p in os.listdir("/proc") if p.isdigit() and _readable(p)):
+                   " ".join(p.info["cmdline"] or []) + " "
+                   for p in psutil.process_iter(["cmdline"])):
             return False
-        seen["policies"] = {os.sched_getscheduler(int(t)) for t in tids}
+        seen["policies"] = _policies(d.pid)
         return seen["policies"] == {os.SCHED_IDLE}  # lowered just after the guard starts
 
     assert wait_for(sample), seen
@@ -119,14 +116,6 @@ def test_daemon_runs_idle_and_the_command_does_not(tmp_path):
         con.execute("SELECT source_counters FROM runs WHERE name='p'").fetchone()[0])
     con.close()
     assert counters["priority_escalations"] == 0
-
-
-def _readable(pid: str) -> bool:
-    try:
-        open(f"/proc/{pid}/cmdline").read()
-        return True
-    except OSError:
-        return False
 
 
 def _policies(pid: int) -> set[int]:

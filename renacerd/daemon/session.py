@@ -177,7 +177,7 @@ class Session:
                     tracer.attach(pid)
             self._say(f"tracing run {self.run_name} (store {self.db_path})")
             install_signal_handlers(tracer)
-            if error is None and getattr(args, "priority", "normal") == "idle":
+            if error is None and args.priority == "idle":
                 rings = probes.rings() + (cuda_src.probes.rings() if cuda_src else [])
                 try:
                     guard = PriorityGuard([(r.map_fd, r.data_size) for r in rings])
