@@ -73,6 +73,7 @@ class ProcState:
     exit_group: tuple[int, int] | None = None  # (ts, code)
     fatal_signal: tuple[int, int] | None = None  # (ts, sig)
     thread_exit_code: int | None = None
+    wait_status: int | None = None  # the kernel's, from the last thread's exit
     ended: bool = False
     dirty: bool = False
     missing_since: float | None = None
@@ -435,6 +436,8 @@ class Tracer:
             if st is None:
                 return
             if int(e["a0"]) and not st.ended:
+                if int(e["ret"]) >= 0:
+                    st.wait_status = int(e["ret"])
                 self._end_process(st, ts)
         elif kind == EV_SIGNAL:
             st = self.procs.get(pid)
@@ -458,7 +461,11 @@ class Tracer:
         st.span.end_mono_ns = ts
         if st.span.pid != self.root_pid or self.root_status is None:
             sig, grp = st.fatal_signal, st.exit_group
-            if sig is not None and (grp is None or sig[0] < grp[0]):
+            if st.wait_status is not None:
+                w = st.wait_status
+                st.span.exit_signal, st.span.exit_code = (
+                    (w & 0x7F, None) if w & 0x7F else (None, w >> 8 & 0xFF))
+            elif sig is not None and (grp is None or sig[0] < grp[0]):
                 st.span.exit_signal, st.span.exit_code = sig[1], None
             elif grp is not None:
                 st.span.exit_code = grp[1]
