@@ -10,7 +10,10 @@ through one of the functions here.
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+import orjson
 
 _NAMED = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
 
@@ -18,6 +21,24 @@ _NAMED = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
 def decode(b: bytes) -> str:
     """Captured bytes as a lossless str (undecodable bytes as surrogate escapes)."""
     return b.decode("utf-8", "surrogateescape")
+
+
+def lossless_dumps(v: Any) -> bytes:
+    """JSON for the store and the golden file, where nothing may be lost: strings holding
+    bytes that are not UTF-8 as \\udcXX escapes (orjson refuses them both ways; the json
+    module writes them and reads them back as the same str)."""
+    try:
+        return orjson.dumps(v)
+    except TypeError:
+        return json.dumps(v).encode()
+
+
+def lossless_loads(text: str | bytes) -> Any:
+    """What lossless_dumps wrote."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
 
 
 def _char(ch: str) -> str:

@@ -151,7 +151,8 @@ class Session:
         self.store.mark_stale_runs_incomplete()
         self.run_name = args.run or default_run_name(cmd or None)
         if self.store.run_exists(self.run_name):
-            raise SessionError(f"run {self.run_name!r} already exists in {self.db_path}")
+            raise SessionError(f"run '{escape(self.run_name)}' already exists in "
+                               f"{self.db_path}")
         self.quiet = args.quiet
         self.span_link = None
 
@@ -238,7 +239,7 @@ class Session:
             else:
                 for pid in args.pid:
                     tracer.attach(pid)
-            self._say(f"tracing run {self.run_name} (store {self.db_path})")
+            self._say(f"tracing run {escape(self.run_name)} (store {escape(self.db_path)})")
             install_signal_handlers(tracer)
             if error is None and args.priority == "idle":
                 rings = probes.rings() + (cuda_src.probes.rings() if cuda_src else [])
@@ -302,7 +303,7 @@ class Session:
                 + s.lost.get("gpu_events_lost", 0) + s.lost.get("gpu_names_lost", 0))
         failed = s.lost.get("failed_reads", 0)
         self._say(
-            f"run {s.run}: {s.processes} process{'es' if s.processes != 1 else ''}, "
+            f"run {escape(s.run)}: {s.processes} process{'es' if s.processes != 1 else ''}, "
             f"{s.events} events, {lost} lost, {failed} failed reads, "
             f"{s.wall_s:.2f} s wall, status {s.status}"
         )
@@ -321,6 +322,6 @@ class Session:
                       f"{s.lost.get('gpu_objects_probed', 0)} libraries")
         ru = resource.getrusage(resource.RUSAGE_SELF)
         self._say(
-            f"store {s.db}; daemon peak RSS {ru.ru_maxrss / 1024:.0f} MB, CPU "
-            f"{ru.ru_utime + ru.ru_stime:.2f} s; see `renacer show {s.run}`"
+            f"store {escape(s.db)}; daemon peak RSS {ru.ru_maxrss / 1024:.0f} MB, CPU "
+            f"{ru.ru_utime + ru.ru_stime:.2f} s; see `renacer show {escape(s.run)}`"
         )

@@ -16,6 +16,7 @@ import numpy as np
 from renacerd import __version__
 from renacerd.daemon.details import DetailQueue, detail_bytes
 from renacerd.daemon.writer import ChunkWriter
+from renacerd.escaping import decode
 from renacerd.procfs import descendants, snapshot
 from renacerd.records import (
     EV_EXEC,
@@ -400,7 +401,7 @@ class Tracer:
             parent = self._proc(pid, ts)
             if parent is None:
                 return
-            comm = next((d for s, _, d in det if s == SLOT_COMM), b"").decode(errors="replace")
+            comm = decode(next((d for s, _, d in det if s == SLOT_COMM), b""))
             span = ProcessSpan(
                 pid=child,
                 ppid=pid,
@@ -420,14 +421,14 @@ class Tracer:
             path = argv = None
             for slot, _, data in self._details_for(tid, ts):
                 if slot == SLOT_PATH0:
-                    st.span.exe = data.decode(errors="backslashreplace")
+                    st.span.exe = decode(data)
                     path = data
                 elif slot == SLOT_COMM:
-                    st.span.name = data.decode(errors="backslashreplace")
+                    st.span.name = decode(data)
                 elif slot == SLOT_ARGV_BLOB and data:
                     argv = data.rstrip(b"\0")
                     st.span.argv = [
-                        a.decode(errors="backslashreplace") for a in argv.split(b"\0")
+                        decode(a) for a in argv.split(b"\0")
                     ]
             st.execs.append((ts, path, argv))
             st.dirty = True
@@ -590,7 +591,7 @@ class Tracer:
                 if kargv is not None:  # the kernel's copy beats a failed user read
                     argv = [kargv]
                 else:
-                    st.span.argv = [a.decode(errors="backslashreplace") for a in argv]
+                    st.span.argv = [decode(a) for a in argv]
                     st.dirty = True
                 if path and (s0[i] < 0 or not self.strings_by_id(int(s0[i]))):
                     s0[i] = self.strings.intern(path)
