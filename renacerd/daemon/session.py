@@ -90,6 +90,8 @@ class Session:
         if self.store.run_exists(self.run_name):
             raise SessionError(f"run {self.run_name!r} already exists in {self.db_path}")
         self.quiet = args.quiet
+        owner = getattr(args, "owner_uid", None)
+        self.owner_uid = os.getuid() if owner is None else owner
         self.span_link = None
 
     def _say(self, msg: str) -> None:
@@ -111,7 +113,8 @@ class Session:
         if self.cmd:
             child = HeldChild(self.cmd, env)
         probes = SyscallProbes(
-            follow=not args.no_follow, event_mb=args.ring_mb, detail_mb=args.detail_ring_mb
+            follow=not args.no_follow, event_mb=args.ring_mb, detail_mb=args.detail_ring_mb,
+            owner_uid=self.owner_uid,
         )
         try:
             probes.load()
@@ -129,6 +132,7 @@ class Session:
                 self.run_name,
                 cmdline=self.cmd or [f"--pid={p}" for p in args.pid],
                 follow=not args.no_follow,
+                owner_uid=self.owner_uid,
             )
         except StoreError as e:  # e.g. another daemon took the run name meanwhile
             if child is not None:

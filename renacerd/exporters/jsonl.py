@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from renacerd.unified_trace import UnifiedTrace
+from renacerd.records import F_TRUNCATED
+from renacerd.unified_trace import INCOMPLETE, OPEN_FAMILY, UnifiedTrace
 
 
 def _span(s: Any) -> dict[str, Any]:
@@ -49,6 +50,12 @@ def lines(traces: list[UnifiedTrace]) -> Iterator[bytes]:
             rec["path"] = t.string(int(c["s0"][i]))
         if c["s1"][i] >= 0:
             rec["path2"] = t.string(int(c["s1"][i]))
+        if rec["name"] in OPEN_FAMILY:
+            rec["flags"] = int(c["aux"][i])
+            rec["mode"] = int(c["mode"][i]) & 0xFFFF
+        fl = int(c["flags"][i])
+        rec["partial"] = bool(fl & INCOMPLETE)
+        rec["truncated"] = bool(fl & F_TRUNCATED)
         yield orjson.dumps(rec)
 
 
