@@ -79,7 +79,10 @@ def encode(cols: dict[str, np.ndarray], layout=SYSCALL_COLUMNS) -> bytes:
     comp = _zstd()[0]
     parts = [MAGIC, struct.pack("<IH", n, len(layout))]
     for name, dt in layout:
-        a = np.ascontiguousarray(cols[name], dtype=dt)
+        if name not in cols and name in OPTIONAL_COLUMNS:
+            a = np.zeros(n, dtype=dt)  # columns built by code older than them
+        else:
+            a = np.ascontiguousarray(cols[name], dtype=dt)
         if len(a) != n:
             raise ValueError(f"column {name} has {len(a)} values, expected {n}")
         if name in _DELTA and n:
