@@ -245,6 +245,7 @@ class Session:
         self._say(
             f"run {s.run}: {s.processes} process{'es' if s.processes != 1 else ''}, "
             f"{s.events} events, {lost} lost, {failed} failed reads, "
+            f"{s.lost.get('truncated', 0)} truncated, "
             f"{s.wall_s:.2f} s wall, status {s.status}"
         )
         if lost:
