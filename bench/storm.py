@@ -105,8 +105,8 @@ def main() -> int:
         traced = float(r.stdout)
         rss = re.search(r"peak RSS (\d+) MB", r.stderr)
         con = sqlite3.connect(db)
-        events, lost, dlost = con.execute(
-            "SELECT events, events_lost, details_lost FROM runs WHERE name='storm'"
+        events, lost, dlost, cut = con.execute(
+            "SELECT events, events_lost, details_lost, truncated FROM runs WHERE name='storm'"
         ).fetchone()
         paths = con.execute("SELECT max(length(s)) FROM strings").fetchone()[0] or 0
         size = con.execute("SELECT sum(length(data)) FROM chunks").fetchone()[0]
@@ -123,7 +123,8 @@ def main() -> int:
     print(f"{'strace -f (' + format(ns, ',') + ')':<28} {strace:11.0f} {strace / untraced:11.2f}x")
     expected = n + 0  # the loop's syscalls; startup calls come on top
     print(f"renacerd events captured: {events:,} (loop issues {expected:,}; the rest is "
-          f"process start-up), lost: {lost} events, {dlost} argument records")
+          f"process start-up), lost: {lost} events, {dlost} argument records, {cut} "
+          "truncated")
     if a.paths:
         print(f"longest path stored: {paths} bytes")
     print(f"store: {size / events:.2f} bytes per syscall event on disk; daemon peak RSS "

@@ -16,7 +16,7 @@ from renacerd.ringbuf import RingReader
 
 DEFAULT_EVENT_MB = 32
 DEFAULT_DETAIL_MB = 8
-LONG_DETAIL_SHARE = 4  # the long ring gets a quarter of the detail ring's size
+LONG_DETAIL_SHARE = 1  # the long ring is as large as the detail ring (its records are 15x)
 MAX_TID_SLOTS = 1 << 18
 
 
