@@ -4,18 +4,26 @@
 //   TID_SLOTS      power of two; slots of the per-thread start array (>= pid_max when it fits)
 //   EVENT_PAGES    pages of the event ring buffer (power of two)
 //   DETAIL_PAGES   pages of the detail ring buffer (power of two)
-//   STR_LEN        bytes of one path / sockaddr / argv string captured
-//   ARGV_MAX       argv elements captured at execve
+//   STR_LEN        bytes of a string in the short detail ring (most paths fit)
+//   LONG_LEN       bytes of a string in the long detail ring (PATH_MAX; the argv blob)
+//   LONG_PAGES     pages of the long detail ring (power of two)
+//   ARGV_ARGS      argv elements captured at execve (into one blob of LONG_LEN bytes)
 //   FOLLOW         defined: processes forked by a target become targets
 //   TGID_INDEX     defined when pid_max <= TID_SLOTS: targets are also kept in a tgid-indexed
 //                  array, the cheap test on every syscall of the system
 //   RAW_TP         defined (x86-64): raw tracepoints on sys_enter/sys_exit, args from pt_regs
 //   TASK_MM_OFF, MM_ARG_START_OFF, MM_ARG_END_OFF  struct offsets from the running
 //                  kernel's BTF (renacerd.probes.btf); without them argv comes from execve
+//   OWNER_UID      defined (the uid) when the run belongs to a user other than root: a
+//                  process whose exec gains privilege stops being followed
+//   TASK_CRED_OFF, CRED_UID_OFF, CRED_GID_OFF, CRED_EUID_OFF, CRED_EGID_OFF, CRED_CAPP_OFF
+//                  struct offsets from BTF for that check (required with OWNER_UID)
 //   The __NR_* numbers come from the kernel headers BCC compiles against.
 //
 // Records are fixed size so the daemon decodes a whole drained range as one numpy array:
-// struct event (48 B) in `events`, struct detail (24 B + STR_LEN) in `details`.
+// struct event (48 B) in `events`, struct detail (24 B + STR_LEN) in `details`. A string
+// that fills STR_LEN is read again into a struct detail_long (24 B + LONG_LEN) in
+// `details_long` and the short record discarded: a long path costs only itself.
 // Producers never wake the consumer (BPF_RB_NO_WAKEUP): the daemon drains on a timer.
 
 #include <uapi/linux/ptrace.h>
@@ -36,6 +44,7 @@
 #define F_THREAD        0x20  // EV_FORK: the child is a thread of the parent
 #define F_EMPTY_PATH0   0x40  // the first path is "" (no detail record)
 #define F_EMPTY_PATH1   0x80  // the second path is "" (no detail record)
+#define F_UNFOLLOWED    0x100 // execve / EV_EXEC: privilege gained at exec, no longer traced
 
 // detail.slot
 #define SLOT_PATH0 0
@@ -50,7 +59,8 @@
 #define C_DETAILS_LOST  1
 #define C_READ_FAILED   2
 #define C_NO_ENTER      3
-#define C_MAX           4
+#define C_TRUNCATED     4
+#define C_MAX           5
 
 struct start_t {
     u64 ts;
@@ -82,9 +92,32 @@ struct detail {
     u8 slot;
     u8 flags;
     s32 len;     // bytes read incl. NUL, or the negative error
-    u32 pad;
+    u32 pad;     // open family, path 0: mode | openat2's resolve << 16
     char data[STR_LEN];
 };
+
+struct detail_long {
+    u64 ts;
+    u32 tid;
+    u16 nr;
+    u8 slot;
+    u8 flags;
+    s32 len;
+    u32 pad;
+    char data[LONG_LEN];
+};
+
+// Where execve's argv blob is built: strings are appended at a bounded offset, so the
+// buffer has LONG_LEN of spill room behind the record's data.
+struct argv_scratch {
+    struct detail_long d;
+    char spill[LONG_LEN];
+};
+
+// creat(path, mode) is open(path, O_CREAT | O_WRONLY | O_TRUNC, mode)
+#define CREAT_FLAGS (0100 | 01 | 01000)
+// the open flags that make the kernel use the mode: O_CREAT, __O_TMPFILE
+#define MODE_FLAGS (0100 | 020000000)
 
 // kinds of argument capture at exit
 #define K_NONE      0
@@ -103,6 +136,8 @@ BPF_ARRAY(starts, struct start_t, TID_SLOTS);
 BPF_PERCPU_ARRAY(counters, u64, C_MAX);
 BPF_RINGBUF_OUTPUT(events, EVENT_PAGES);
 BPF_RINGBUF_OUTPUT(details, DETAIL_PAGES);
+BPF_RINGBUF_OUTPUT(details_long, LONG_PAGES);
+BPF_PERCPU_ARRAY(argv_buf, struct argv_scratch, 1);
 
 static __always_inline int is_target(u32 tgid) {
 #ifdef TGID_INDEX
@@ -136,25 +171,126 @@ static __always_inline struct detail *reserve_detail(u64 ts, u32 tid, u16 nr, u8
     return d;
 }
 
-static __always_inline u16 emit_str(u64 ts, u32 tid, u16 nr, u8 slot, const void *ptr, int user) {
+static __always_inline int read_str(char *dst, u32 size, const void *ptr, int user) {
+    if (user)
+        return bpf_probe_read_user_str(dst, size, ptr);
+    return bpf_probe_read_kernel_str(dst, size, ptr);
+}
+
+// A string that filled the short record, read again whole (up to LONG_LEN) into the long
+// ring; the short record is discarded. With the long ring full the short one stays, cut.
+static __always_inline u16 emit_long_str(struct detail *d, const void *ptr, int user,
+                                         int quiet) {
+    struct detail_long *l = details_long.ringbuf_reserve(sizeof(struct detail_long));
+    u16 fl = F_DETAIL;
+    if (!l) {
+        fl |= F_TRUNCATED;
+        count(C_TRUNCATED);
+        d->flags = fl;
+        details.ringbuf_submit(d, BPF_RB_NO_WAKEUP);
+        return fl;
+    }
+    l->ts = d->ts;
+    l->tid = d->tid;
+    l->nr = d->nr;
+    l->slot = d->slot;
+    l->pad = d->pad;
+    details.ringbuf_discard(d, BPF_RB_NO_WAKEUP);
+    int n = read_str(l->data, LONG_LEN, ptr, user);
+    l->len = n;
+    if (n < 0) {
+        fl |= F_READ_FAILED;
+        if (!quiet)
+            count(C_READ_FAILED);
+    } else if (n == LONG_LEN) {
+        fl |= F_TRUNCATED;
+        count(C_TRUNCATED);
+    }
+    l->flags = fl;
+    details_long.ringbuf_submit(l, BPF_RB_NO_WAKEUP);
+    return fl;
+}
+
+// quiet: a failed read is flagged, not counted (execve: the daemon counts it unless the
+// kernel's copy made at exec replaces it)
+static __always_inline u16 emit_str_pad(u64 ts, u32 tid, u16 nr, u8 slot, const void *ptr,
+                                        int user, u32 pad, int quiet) {
     struct detail *d = reserve_detail(ts, tid, nr, slot);
     if (!d)
         return F_DETAIL_LOST;
-    int n;
-    if (user)
-        n = bpf_probe_read_user_str(d->data, STR_LEN, ptr);
-    else
-        n = bpf_probe_read_kernel_str(d->data, STR_LEN, ptr);
+    d->pad = pad;
+    int n = read_str(d->data, STR_LEN, ptr, user);
     d->len = n;
+    if (n == STR_LEN)
+        return emit_long_str(d, ptr, user, quiet);
     u16 fl = F_DETAIL;
     if (n < 0) {
         fl |= F_READ_FAILED;
-        count(C_READ_FAILED);
-    } else if (n == STR_LEN) {
-        fl |= F_TRUNCATED;
+        if (!quiet)
+            count(C_READ_FAILED);
     }
     d->flags = fl;
     details.ringbuf_submit(d, BPF_RB_NO_WAKEUP);
+    return fl;
+}
+
+static __always_inline u16 emit_str(u64 ts, u32 tid, u16 nr, u8 slot, const void *ptr, int user) {
+    return emit_str_pad(ts, tid, nr, slot, ptr, user, 0, 0);
+}
+
+// execve's argv as one NUL-separated blob (slot SLOT_ARGV_BLOB) in the long ring: up to
+// ARGV_ARGS strings and LONG_LEN bytes, flagged truncated beyond. A NULL argv is empty.
+// Neither a cut nor a failed read is counted here (the strings of a forked caller may sit in
+// pages not yet faulted in): the daemon counts those its kept records show.
+static __always_inline u16 emit_argv(u64 ts, u32 tid, u16 nr, const char *const *argv) {
+    u32 zero = 0;
+    struct argv_scratch *b = argv_buf.lookup(&zero);
+    if (!b)
+        return 0;
+    u32 off = 0;
+    u16 fl = F_DETAIL;
+    int i;
+    for (i = 0; i < ARGV_ARGS && argv; i++) {
+        const char *arg = 0;
+        if (bpf_probe_read_user(&arg, sizeof(arg), &argv[i]) < 0) {
+            fl |= F_READ_FAILED;
+            break;
+        }
+        if (!arg)
+            break;
+        if (off >= LONG_LEN) {
+            fl |= F_TRUNCATED;
+            break;
+        }
+        int n = bpf_probe_read_user_str(&b->d.data[off & (LONG_LEN - 1)], LONG_LEN, arg);
+        if (n < 0) {
+            fl |= F_READ_FAILED;
+            break;
+        }
+        off += n;
+        if (n == LONG_LEN)
+            fl |= F_TRUNCATED;  // one argument of LONG_LEN bytes or more
+    }
+    if (i == ARGV_ARGS && argv) {
+        const char *more = 0;
+        if (bpf_probe_read_user(&more, sizeof(more), &argv[ARGV_ARGS]) == 0 && more)
+            fl |= F_TRUNCATED;
+    }
+    if (off > LONG_LEN) {
+        off = LONG_LEN;
+        fl |= F_TRUNCATED;
+    }
+    b->d.ts = ts;
+    b->d.tid = tid;
+    b->d.nr = nr;
+    b->d.slot = SLOT_ARGV_BLOB;
+    b->d.flags = fl;
+    b->d.len = off;
+    b->d.pad = 0;
+    if (details_long.ringbuf_output(&b->d, sizeof(struct detail_long), BPF_RB_NO_WAKEUP)) {
+        count(C_DETAILS_LOST);
+        return F_DETAIL_LOST;
+    }
     return fl;
 }
 
@@ -177,14 +313,21 @@ static __always_inline u16 submit_bytes(struct detail *d, const void *ptr, u32 l
 // A path argument at exit. An empty one (glibc's fstat is newfstatat(fd, "", AT_EMPTY_PATH):
 // a third of the paths of a PyTorch data loader) is a flag on the event, not a record the
 // daemon has to decode.
-static __always_inline u16 emit_path(u64 ts, u32 tid, u16 nr, u8 slot, const void *ptr) {
+// A NULL path is no path (utimensat(fd, NULL, ...) is futimens; *at calls with
+// AT_EMPTY_PATH may pass NULL): nothing to read, and not a failed read.
+static __always_inline u16 emit_path(u64 ts, u32 tid, u16 nr, u8 slot, const void *ptr,
+                                     u32 pad) {
+    if (!ptr)
+        return 0;
     char c = 1;
     if (bpf_probe_read_user(&c, 1, ptr) == 0 && c == 0)
         return slot == SLOT_PATH0 ? F_EMPTY_PATH0 : F_EMPTY_PATH1;
-    return emit_str(ts, tid, nr, slot, ptr, 1);
+    return emit_str_pad(ts, tid, nr, slot, ptr, 1, pad, 0);
 }
 
 static __always_inline u16 emit_addr(u64 ts, u32 tid, u16 nr, const void *ptr, u32 len) {
+    if (!ptr)
+        return 0;  // no address given (sendto on a connected socket, accept's NULL)
     struct detail *d = reserve_detail(ts, tid, nr, SLOT_ADDR);
     if (!d)
         return F_DETAIL_LOST;
@@ -258,7 +401,28 @@ static __always_inline u32 kind_of(u32 nr) {
 // Which argument(s) hold the user memory of `kind`; returns the kind actually to capture.
 static __always_inline u32 capture_ptrs(u32 nr, u32 kind, u64 *a, u64 *p0, u64 *p1) {
     switch (nr) {
-    case __NR_openat: case __NR_openat2: case __NR_newfstatat: case __NR_statx:
+    // the open family: p1 = open flags | (mode | resolve << 16) << 32
+    case __NR_open:
+        *p0 = a[0];
+        *p1 = (u32)a[1] | ((a[2] & 0xFFFF) << 32);
+        return kind;
+    case __NR_creat:
+        *p0 = a[0];
+        *p1 = CREAT_FLAGS | ((a[1] & 0xFFFF) << 32);
+        return kind;
+    case __NR_openat:
+        *p0 = a[1];
+        *p1 = (u32)a[2] | ((a[3] & 0xFFFF) << 32);
+        return kind;
+    case __NR_openat2: {
+        u64 how[3] = {};  // struct open_how: flags, mode, resolve
+        if (a[2])
+            bpf_probe_read_user(how, sizeof(how), (void *)a[2]);
+        *p0 = a[1];
+        *p1 = (u32)how[0] | ((how[1] & 0xFFFF) << 32) | ((how[2] & 0xFFFF) << 48);
+        return kind;
+    }
+    case __NR_newfstatat: case __NR_statx:
     case __NR_faccessat: case __NR_faccessat2: case __NR_unlinkat: case __NR_mkdirat:
     case __NR_readlinkat: case __NR_fchmodat: case __NR_fchownat: case __NR_mknodat:
     case __NR_utimensat:
@@ -385,14 +549,9 @@ ENTER_PROBE {
         u16 fl = 0;
         const char *fname = (const char *)(nr == __NR_execve ? a[0] : a[1]);
         const char *const *argv = (const char *const *)(nr == __NR_execve ? a[1] : a[2]);
-        fl |= emit_str(ts, tid, nr, SLOT_PATH0, fname, 1);
-        #pragma unroll
-        for (int i = 0; i < ARGV_MAX; i++) {
-            const char *arg = 0;
-            if (bpf_probe_read_user(&arg, sizeof(arg), &argv[i]) < 0 || !arg)
-                break;
-            fl |= emit_str(ts, tid, nr, SLOT_ARGV + i, arg, 1);
-        }
+        if (fname)  // NULL: EFAULT, nothing to read
+            fl |= emit_str_pad(ts, tid, nr, SLOT_PATH0, fname, 1, 0, 1);
+        fl |= emit_argv(ts, tid, nr, argv);
         s->pad = fl;  // carried to the exit record's flags
     }
     return 0;
@@ -435,12 +594,22 @@ EXIT_PROBE {
     }
 
     u32 kind = s->kind;
-    if (kind != K_NONE) {
+    u32 aux = 0, pad = 0;
+    if (kind == K_PATH0 && (nr == __NR_open || nr == __NR_creat || nr == __NR_openat ||
+                            nr == __NR_openat2)) {
+        aux = (u32)s->p1;  // the open flags, kept with the event
+        pad = s->p1 >> 32;  // mode (and resolve), kept with the path
+        if (!(aux & MODE_FLAGS))
+            pad &= 0xFFFF0000;  // the kernel ignores mode then: it is register garbage
+    }
+    // EFAULT: the kernel could not read the caller's memory either; nothing to capture
+    if (kind != K_NONE && ret != -14) {
         u64 p0 = s->p0, p1 = s->p1;
-        if (kind == K_PATH0 || kind == K_PATH01) {
-            flags |= emit_path(ts, tid, nr, SLOT_PATH0, (void *)p0);
-            if (kind == K_PATH01)
-                flags |= emit_path(ts, tid, nr, SLOT_PATH1, (void *)p1);
+        if (kind == K_PATH0) {
+            flags |= emit_path(ts, tid, nr, SLOT_PATH0, (void *)p0, pad);
+        } else if (kind == K_PATH01) {
+            flags |= emit_path(ts, tid, nr, SLOT_PATH0, (void *)p0, 0);
+            flags |= emit_path(ts, tid, nr, SLOT_PATH1, (void *)p1, 0);
         } else if (kind == K_ADDR) {
             flags |= emit_addr(ts, tid, nr, (void *)p0, (u32)p1);
         } else if (kind == K_ADDR_OUT && ret >= 0) {
@@ -450,7 +619,7 @@ EXIT_PROBE {
         }
     }
 
-    emit_event(ts, now - ts, ret, a0, tgid, tid, nr, flags, 0);
+    emit_event(ts, now - ts, ret, a0, tgid, tid, nr, flags, aux);
     return 0;
 }
 
@@ -492,12 +661,57 @@ TRACEPOINT_PROBE(sched, sched_process_fork) {
     return 0;
 }
 
+#ifdef OWNER_UID
+// The new credentials of an exec (committed before sched_process_exec): setuid/setgid bits
+// make euid != uid or egid != gid; file capabilities give a non-root uid permitted caps.
+static __always_inline int exec_gained_privilege(void) {
+    char *task = (char *)bpf_get_current_task();
+    char *cred = 0;
+    bpf_probe_read_kernel(&cred, sizeof(cred), task + TASK_CRED_OFF);
+    if (!cred)
+        return 1;  // unreadable: do not follow what cannot be checked
+    u32 uid = 0, gid = 0, euid = 0, egid = 0;
+    u64 capp = 0;
+    bpf_probe_read_kernel(&uid, sizeof(uid), cred + CRED_UID_OFF);
+    bpf_probe_read_kernel(&gid, sizeof(gid), cred + CRED_GID_OFF);
+    bpf_probe_read_kernel(&euid, sizeof(euid), cred + CRED_EUID_OFF);
+    bpf_probe_read_kernel(&egid, sizeof(egid), cred + CRED_EGID_OFF);
+    bpf_probe_read_kernel(&capp, sizeof(capp), cred + CRED_CAPP_OFF);
+    return euid != uid || egid != gid || (uid != 0 && capp != 0);
+}
+
+// Forget a process in the kernel: none of its later syscalls, forks or CUDA calls is seen.
+static __always_inline void unfollow(u32 tgid) {
+    targets.delete(&tgid);
+#ifdef TGID_INDEX
+    u32 i = tgid & (TID_SLOTS - 1);
+    u32 zero = 0;
+    u32 *v = target_idx.lookup(&i);
+    if (v && *v == tgid)
+        target_idx.update(&i, &zero);
+#endif
+}
+#endif
+
 TRACEPOINT_PROBE(sched, sched_process_exec) {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
     if (!is_target(tgid))
         return 0;
     u32 tid = (u32)id;
+    u16 flags = F_DETAIL;
+#ifdef OWNER_UID
+    // A run of an unprivileged user never follows a process into privilege: the exec's
+    // own execve record (flagged) is the last one of the process.
+    if (exec_gained_privilege()) {
+        unfollow(tgid);
+        flags |= F_UNFOLLOWED;
+        u32 idx = tid & (TID_SLOTS - 1);
+        struct start_t *s = starts.lookup(&idx);
+        if (s && s->tid == tid && s->ts)
+            s->pad |= F_UNFOLLOWED;  // carried to the execve record's flags
+    }
+#endif
     struct event *e = reserve_event();
     if (!e)
         return 0;  // no details for a record the daemon will never see
@@ -509,28 +723,50 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
 #ifdef TASK_MM_OFF
     // argv as the kernel copied it onto the new stack (resident, unlike the caller's
     // strings, which may sit in not-yet-faulted pages after fork). Offsets come from BTF.
-    char *task = (char *)bpf_get_current_task();
-    u64 mm = 0, as = 0, ae = 0;
-    bpf_probe_read_kernel(&mm, sizeof(mm), task + TASK_MM_OFF);
-    if (mm) {
-        bpf_probe_read_kernel(&as, sizeof(as), (char *)mm + MM_ARG_START_OFF);
-        bpf_probe_read_kernel(&ae, sizeof(ae), (char *)mm + MM_ARG_END_OFF);
-    }
-    struct detail *d = reserve_detail(ts, tid, EV_EXEC, SLOT_ARGV_BLOB);
-    if (d) {
-        u64 n = ae > as ? ae - as : 0;
-        u16 fl = F_DETAIL;
-        if (n > STR_LEN) {
-            n = STR_LEN;
-            fl |= F_TRUNCATED;
+    // Not read from a process that gained privilege: its memory is no longer the caller's.
+    if (!(flags & F_UNFOLLOWED)) {
+        char *task = (char *)bpf_get_current_task();
+        u64 mm = 0, as = 0, ae = 0;
+        bpf_probe_read_kernel(&mm, sizeof(mm), task + TASK_MM_OFF);
+        if (mm) {
+            bpf_probe_read_kernel(&as, sizeof(as), (char *)mm + MM_ARG_START_OFF);
+            bpf_probe_read_kernel(&ae, sizeof(ae), (char *)mm + MM_ARG_END_OFF);
         }
-        asm volatile("%0 &= 0x1ff" : "+r"(n));
-        if (n > STR_LEN)
-            n = STR_LEN;
-        submit_bytes(d, (void *)as, n, fl);
+        struct detail_long *d = details_long.ringbuf_reserve(sizeof(struct detail_long));
+        if (d) {
+            d->ts = ts;
+            d->tid = tid;
+            d->nr = EV_EXEC;
+            d->slot = SLOT_ARGV_BLOB;
+            d->pad = 0;
+            u64 n = ae > as ? ae - as : 0;
+            u8 fl = F_DETAIL;
+            if (n > LONG_LEN) {
+                n = LONG_LEN;
+                fl |= F_TRUNCATED;
+                count(C_TRUNCATED);
+            }
+            asm volatile("%0 &= 0x1fff" : "+r"(n));
+            if (n > LONG_LEN)
+                n = LONG_LEN;
+            int err = bpf_probe_read_user(d->data, n, (void *)as);
+            if (err < 0) {
+                fl |= F_READ_FAILED;
+                count(C_READ_FAILED);
+                d->len = err;
+            } else {
+                d->len = n;
+            }
+            d->flags = fl;
+            flags |= fl;
+            details_long.ringbuf_submit(d, BPF_RB_NO_WAKEUP);
+        } else {
+            count(C_DETAILS_LOST);
+            flags |= F_DETAIL_LOST;
+        }
     }
 #endif
-    submit_event(e, ts, 0, 0, args->old_pid, tgid, tid, EV_EXEC, F_DETAIL, 0);
+    submit_event(e, ts, 0, 0, args->old_pid, tgid, tid, EV_EXEC, flags, 0);
     return 0;
 }
 

@@ -28,7 +28,11 @@ SYSCALL_COLUMNS: tuple[tuple[str, str], ...] = (
     ("flags", "<u2"),
     ("s0", "<i4"),
     ("s1", "<i4"),
+    ("aux", "<u4"),  # open/openat/openat2/creat: the open flags (creat: O_CREAT|O_WRONLY|O_TRUNC)
+    ("mode", "<u4"),  # the same calls: mode, and openat2's RESOLVE_* flags << 16
 )
+# Columns added after the first stores: a chunk written before them reads them as 0.
+OPTIONAL_COLUMNS = frozenset({"aux", "mode"})
 _DELTA = frozenset({"ts"})
 _SIGNED = tuple(np.dtype(t) for t in ("<i1", "<i2", "<i4", "<i8"))
 _UNSIGNED = tuple(np.dtype(t) for t in ("<u1", "<u2", "<u4", "<u8"))
@@ -75,7 +79,10 @@ def encode(cols: dict[str, np.ndarray], layout=SYSCALL_COLUMNS) -> bytes:
     comp = _zstd()[0]
     parts = [MAGIC, struct.pack("<IH", n, len(layout))]
     for name, dt in layout:
-        a = np.ascontiguousarray(cols[name], dtype=dt)
+        if name not in cols and name in OPTIONAL_COLUMNS:
+            a = np.zeros(n, dtype=dt)  # columns built by code older than them
+        else:
+            a = np.ascontiguousarray(cols[name], dtype=dt)
         if len(a) != n:
             raise ValueError(f"column {name} has {len(a)} values, expected {n}")
         if name in _DELTA and n:
@@ -160,6 +167,9 @@ def decode_into(blob: bytes, out: dict[str, np.ndarray], start: int,
             UnicodeDecodeError) as e:
         raise ChunkError(f"corrupt column chunk: {e}") from e
     missing = set(dtypes) - seen
+    for name in missing & OPTIONAL_COLUMNS:
+        out[name][start : start + n] = 0
+    missing -= OPTIONAL_COLUMNS
     if missing:
         raise ChunkError(f"chunk lacks columns {sorted(missing)}")
     return n

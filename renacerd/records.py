@@ -20,6 +20,7 @@ F_TRUNCATED = 0x10
 F_THREAD = 0x20
 F_EMPTY_PATH0 = 0x40  # the first path argument is "" (no detail record carries it)
 F_EMPTY_PATH1 = 0x80
+F_UNFOLLOWED = 0x100  # execve: privilege gained at exec, the process no longer traced
 
 # detail.slot
 SLOT_PATH0 = 0
@@ -30,7 +31,7 @@ SLOT_ARGV_BLOB = 4
 SLOT_ARGV = 8
 
 # counters (per CPU), in bpf/syscalls.c order
-COUNTER_NAMES = ("events_lost", "details_lost", "failed_reads", "unmatched_exits")
+COUNTER_NAMES = ("events_lost", "details_lost", "failed_reads", "unmatched_exits", "truncated")
 
 EVENT = np.dtype(
     [
@@ -47,7 +48,9 @@ EVENT = np.dtype(
 )
 assert EVENT.itemsize == 48
 
-STR_LEN = 256
+STR_LEN = 256  # the short detail ring's strings: most paths fit
+LONG_LEN = 4096  # PATH_MAX: longer strings go to the long ring, whole up to this
+ARGV_ARGS = 128  # execve arguments read from the caller (the argv blob holds LONG_LEN bytes)
 
 
 def detail_dtype(str_len: int = STR_LEN) -> np.dtype:

@@ -19,7 +19,10 @@ from renacerd.columns import SYSCALL_COLUMNS, ChunkError, chunk_len, decode_into
 from renacerd.escaping import escape, lossless_dumps, lossless_loads
 from renacerd.unified_trace import ProcessSpan, UnifiedTrace
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Versions this code reads; a writer upgrades an older store in place. 2: chunks carry the
+# aux and mode columns, runs the truncated counter.
+READABLE_SCHEMAS = (1, 2)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -36,6 +39,7 @@ CREATE TABLE IF NOT EXISTS runs (
     details_lost INTEGER NOT NULL DEFAULT 0,
     failed_reads INTEGER NOT NULL DEFAULT 0,
     unmatched_exits INTEGER NOT NULL DEFAULT 0,
+    truncated INTEGER NOT NULL DEFAULT 0,
     client_dropped INTEGER NOT NULL DEFAULT 0,
     lost_per_cpu TEXT, syscall_table TEXT, exit_code INTEGER, error TEXT,
     source_counters TEXT
@@ -76,7 +80,7 @@ CREATE TABLE IF NOT EXISTS spans (
 CREATE INDEX IF NOT EXISTS spans_run ON spans(run_id, process_id, start_mono_nanos);
 """
 
-RUN_COUNTERS = ("events_lost", "details_lost", "failed_reads", "unmatched_exits")
+RUN_COUNTERS = ("events_lost", "details_lost", "failed_reads", "unmatched_exits", "truncated")
 # Why a run whose daemon is gone is incomplete.
 STALE_ERROR = "daemon stopped before the run ended"
 
@@ -144,14 +148,16 @@ class RunInfo:
     syscall_table: dict[int, str]
     exit_code: int | None
     error: str | None
+    truncated: int = 0  # records whose path or argv was cut at the capture bounds
 
     @property
     def lost(self) -> int:
-        """Everything that did not reach the store: events, details, failed reads, and
-        what other sources (CUDA) dropped."""
+        """Everything that did not reach the store whole: events, details, failed reads,
+        truncated records, and what other sources (CUDA) dropped."""
         other = sum(v for k, v in self.source_counters.items()
                     if k.endswith("_lost") or k.endswith("_failed_reads"))
-        return self.events_lost + self.details_lost + self.failed_reads + other
+        return (self.events_lost + self.details_lost + self.failed_reads + self.truncated
+                + other)
 
 
 def default_db_path() -> str:
@@ -232,16 +238,25 @@ class Store:
                 cols = {r[1] for r in self.db.execute("PRAGMA table_info(runs)")}
                 if "source_counters" not in cols:  # stores made before the CUDA layer
                     self.db.execute("ALTER TABLE runs ADD COLUMN source_counters TEXT")
+                if "truncated" not in cols:  # schema 1
+                    self.db.execute(
+                        "ALTER TABLE runs ADD COLUMN truncated INTEGER NOT NULL DEFAULT 0")
                 self.db.execute(
                     "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                     (str(SCHEMA_VERSION),),
                 )
+                old = self.db.execute(
+                    "SELECT value FROM meta WHERE key='schema_version'").fetchone()
+                if old is not None and old[0].isdigit() and int(old[0]) in READABLE_SCHEMAS:
+                    # chunks of schema 1 read as they are (aux and mode 0)
+                    self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'",
+                                    (str(SCHEMA_VERSION),))
             ver = self.db.execute(
                 "SELECT value FROM meta WHERE key='schema_version'"
             ).fetchone()
         except sqlite3.DatabaseError as e:
             raise StoreError(f"{self.path} is not a renacer store ({e})") from e
-        if ver is None or int(ver[0]) != SCHEMA_VERSION:
+        if ver is None or not ver[0].isdigit() or int(ver[0]) not in READABLE_SCHEMAS:
             raise StoreError(f"{self.path}: unsupported store schema {ver and ver[0]}")
         self._in_tx = False
 
@@ -483,6 +498,7 @@ class Store:
             source_counters=orjson.loads(d.get("source_counters") or "{}"),
             syscall_table={int(k): v for k, v in orjson.loads(d["syscall_table"] or "{}").items()},
             exit_code=d["exit_code"],
+            truncated=d.get("truncated") or 0,
             # A run read as stale before anyone marked it says what marking it would say.
             error=d["error"] or (STALE_ERROR if stale else None),
         )

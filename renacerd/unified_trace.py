@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from renacerd.columns import SYSCALL_COLUMNS
-from renacerd.records import F_NO_ENTER
+from renacerd.records import F_DETAIL_LOST, F_NO_ENTER, F_READ_FAILED, F_TRUNCATED
 from renacerd.syscall_table import name_of, syscall_table
 
 # syscalls whose a0 is a file descriptor (for -y style decoding and fd -> path attribution)
@@ -26,6 +26,10 @@ READ_FAMILY = frozenset("read pread64 readv preadv preadv2 recvfrom recvmsg".spl
 WRITE_FAMILY = frozenset("write pwrite64 writev pwritev pwritev2 sendto sendmsg".split())
 # where the path captured for s0/s1 lives in the argument list (for display)
 PATH_ARG = {"execve": "filename", "execveat": "filename"}
+# calls whose aux column holds the open flags and mode column the mode (openat2: resolve too)
+OPEN_FAMILY = frozenset({"open", "openat", "openat2", "creat"})
+# event flags saying an argument of the record is missing or cut
+INCOMPLETE = F_NO_ENTER | F_TRUNCATED | F_READ_FAILED | F_DETAIL_LOST
 
 
 @dataclass(slots=True)
@@ -57,7 +61,8 @@ class SyscallRecord:
     duration_nanos: int
     errno: int | None
     tid: int
-    partial: bool = False
+    partial: bool = False  # something of the call is not in the record (see INCOMPLETE)
+    truncated: bool = False  # a path or argv was cut at the capture bounds
 
 
 def _empty_columns() -> dict[str, np.ndarray]:
@@ -160,6 +165,13 @@ class UnifiedTrace:
                     ]
                 else:
                     args["path2"] = self.string(s1)
+            if name in OPEN_FAMILY:
+                args["flags"] = int(c["aux"][i])
+                m = int(c["mode"][i])
+                args["mode"] = m & 0xFFFF
+                if name == "openat2":
+                    args["resolve"] = m >> 16
+            fl = int(c["flags"][i])
             err = -ret if -4095 <= ret < 0 else None
             yield SyscallRecord(
                 name=name,
@@ -169,7 +181,8 @@ class UnifiedTrace:
                 duration_nanos=int(c["dur"][i]),
                 errno=err,
                 tid=int(c["tid"][i]),
-                partial=bool(c["flags"][i] & F_NO_ENTER),
+                partial=bool(fl & INCOMPLETE),
+                truncated=bool(fl & F_TRUNCATED),
             )
 
     __iter__ = syscalls

@@ -513,3 +513,241 @@ def test_attach_to_itself_or_its_ancestor(db):
     info = store.run("anc")
     pids = [p.pid for _, p in store.processes(info.id)]
     assert info.daemon_pid not in pids and len(pids) == 1
+
+
+LONG = r"""
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+static void run(char **argv) {
+    pid_t p = fork();
+    if (p == 0) { execv(argv[0], argv); _exit(127); }
+    int st;
+    waitpid(p, &st, 0);
+}
+int main(int argc, char **argv) {
+    /* argv[1]: an existing directory whose path is 3000 bytes */
+    char path[8192];
+    snprintf(path, sizeof path, "%s/f", argv[1]);
+    int fd = open(path, O_CREAT | O_WRONLY | O_EXCL, 0640);
+    write(fd, "abc", 3);
+    close(fd);
+    memset(path, 'z', 5000);   /* over PATH_MAX: ENAMETOOLONG, captured cut */
+    path[0] = '/';
+    path[5000] = 0;
+    struct stat sb;
+    stat(path, &sb);
+    static char *many[200], *big[8];
+    static char bigarg[6][1501];
+    many[0] = "/bin/true";
+    for (int i = 1; i < 150; i++) many[i] = "a";   /* 150 short arguments: whole */
+    run(many);
+    big[0] = "/bin/true";
+    for (int i = 0; i < 5; i++) { memset(bigarg[i], 'b', 1500); big[i + 1] = bigarg[i]; }
+    run(big);                                       /* 7.5 KB of argv: cut */
+    many[0] = "/nonexistent/cmd";                   /* fails: the caller's copy, 129+ cut */
+    execv(many[0], many);
+    return 0;
+}
+"""
+
+
+def test_long_paths_whole_and_truncation_counted(cc, renacerd, renacer, db, tmp_path):
+    exe = cc("longpaths", LONG)
+    d = str(tmp_path)
+    while len(d) < 3000:
+        d += "/" + "d" * min(200, 3000 - len(d) - 1)
+    os.makedirs(d)
+    assert len(d) == 3000
+    r = renacerd("-q", "--run", "long", "--", str(exe), d)
+    assert r.returncode == 0, r.stderr
+    store = Store(db)
+    info = store.run("long")
+    # the 5000-byte path, the 7.5 KB argv (kernel copy), the failed execve's 150 arguments
+    assert info.truncated == 3
+    assert info.failed_reads == 0 and info.details_lost == 0
+    traces = store.load_run("long")
+    parent = traces[0]
+    opens = [x for x in parent if x.name == "openat" and x.args.get("path", "").endswith("/f")]
+    assert len(opens) == 1 and opens[0].args["path"] == d + "/f"
+    assert not opens[0].truncated and not opens[0].partial
+    (st,) = [x for x in parent if x.name in ("stat", "newfstatat") and x.errno == 36]
+    assert st.truncated and st.partial
+    assert st.args["path"] == "/" + "z" * 4094  # PATH_MAX bytes with the NUL
+    (failed,) = [x for x in parent if x.name == "execve" and x.errno == 2]
+    assert failed.truncated
+    assert failed.args["argv"] == ["/nonexistent/cmd"] + ["a"] * 127
+    many, big = traces[1], traces[2]
+    assert many.process.argv == ["/bin/true"] + ["a"] * 149
+    (ex,) = [x for x in many if x.name == "execve"]
+    assert not ex.truncated and ex.args["argv"] == many.process.argv
+    (ex,) = [x for x in big if x.name == "execve"]
+    assert ex.truncated
+    assert "\0".join(big.process.argv).encode() == (
+        b"/bin/true\0" + b"\0".join([b"b" * 1500] * 5))[:4096]
+    shown = json.loads(renacer("show", "long", "--json").stdout)
+    assert shown["lost"]["truncated"] == 3
+    assert "3 records truncated" in renacer("show", "long").stdout
+    runs = renacer("runs").stdout.splitlines()[1]
+    assert runs.split()[6] == "3!" and runs.split()[7] == "3"
+    from renacerd.exporters.jsonl import lines
+
+    recs = [json.loads(x) for x in lines(traces) if b'"syscall"' in x]
+    cut = [x for x in recs if x["truncated"]]
+    assert len(cut) == 3 and all(x["partial"] for x in cut)
+
+
+FUTIMENS = r"""
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <stdio.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    int fd = open(argv[1], O_CREAT | O_WRONLY, 0644);
+    futimens(fd, 0);                                      /* utimensat(fd, NULL, NULL, 0) */
+    syscall(SYS_utimensat, fd, (char *)0, (void *)0, 0);
+    int sv[2];
+    socketpair(AF_UNIX, SOCK_STREAM, 0, sv);
+    sendto(sv[0], "x", 1, 0, (void *)0, 0);               /* connected: no address */
+    struct stat st;
+    syscall(SYS_newfstatat, fd, (char *)0, &st, AT_EMPTY_PATH);   /* NULL with AT_EMPTY_PATH */
+    return 0;
+}
+"""
+
+
+def test_allowed_null_pointers_are_not_failed_reads(cc, renacerd, renacer, db, tmp_path):
+    exe = cc("futimens", FUTIMENS)
+    r = renacerd("-q", "--run", "futimens", "--", str(exe), str(tmp_path / "f"))
+    assert r.returncode == 0, r.stderr
+    info = Store(db).run("futimens")
+    assert info.failed_reads == 0 and info.lost == 0
+    (t,) = Store(db).load_run("futimens")
+    ut = [x for x in t if x.name == "utimensat"]
+    assert len(ut) == 2 and all("path" not in x.args and not x.partial for x in ut)
+    assert all(x.return_value == 0 for x in ut)
+    (snd,) = [x for x in t if x.name == "sendto"]
+    assert snd.return_value == 1 and "addr" not in snd.args
+    assert renacer("runs").stdout.splitlines()[1].split()[6:8] == ["0", "0"]
+    assert "losses: none" in renacer("show", "futimens").stdout
+
+
+OPENS = r"""
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <linux/openat2.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    chdir(argv[1]);
+    close(open("a", O_CREAT | O_EXCL | O_WRONLY, 0640));
+    close(openat(AT_FDCWD, "a", O_WRONLY | O_APPEND));
+    close(syscall(SYS_creat, "c", 0600));
+    struct open_how how = {.flags = O_CREAT | O_RDWR | O_TRUNC, .mode = 0604,
+                           .resolve = RESOLVE_NO_SYMLINKS};
+    close(syscall(SYS_openat2, AT_FDCWD, "d", &how, sizeof how));
+    close(syscall(SYS_open, "a", O_RDONLY));
+    return 0;
+}
+"""
+
+
+def test_open_flags_and_mode_are_captured(cc, renacerd, db, tmp_path):
+    exe = cc("opens", OPENS)
+    r = renacerd("-q", "--run", "opens", "--", str(exe), str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    (t,) = Store(db).load_run("opens")
+    got = [(x.name, x.args["path"], x.args["flags"], x.args["mode"], x.args.get("resolve"))
+           for x in t if x.name in ("open", "openat", "creat", "openat2")
+           and x.args.get("path") in ("a", "c", "d")]
+    assert got == [
+        ("openat", "a", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o640, None),
+        ("openat", "a", os.O_WRONLY | os.O_APPEND, 0, None),
+        ("creat", "c", os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600, None),
+        ("openat2", "d", os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o604, 0x04),
+        ("open", "a", os.O_RDONLY, 0, None),
+    ]
+    # the aux column itself, for analysis in bulk
+    sel = t.names() == "creat"
+    assert t.columns["aux"][sel].tolist() == [os.O_CREAT | os.O_WRONLY | os.O_TRUNC]
+    assert oct(os.stat(tmp_path / "d").st_mode & 0o777) == oct(0o604 & ~os.umask(os.umask(0)))
+
+
+SUID_USER = "renacer-t1"
+
+
+@pytest.fixture(scope="module")
+def suid_id():
+    """(uid, gid, path of a setuid-root copy of id in a directory the user can enter)."""
+    import pwd
+    import shutil
+    import tempfile
+
+    try:
+        pw = pwd.getpwnam(SUID_USER)
+    except KeyError:
+        subprocess.run(["useradd", "-r", "-M", "-s", "/usr/sbin/nologin", SUID_USER],
+                       check=True)
+        pw = pwd.getpwnam(SUID_USER)
+    d = tempfile.mkdtemp(prefix="rsuid", dir="/tmp")
+    os.chmod(d, 0o755)
+    exe = os.path.join(d, "id-suid")
+    shutil.copy("/usr/bin/id", exe)
+    os.chown(exe, 0, 0)
+    os.chmod(exe, 0o4755)
+    yield pw.pw_uid, pw.pw_gid, exe
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _suid_run(renacerd, db, run, uid, gid, exe, *owner):
+    r = renacerd("-q", "--run", run, *owner, "--", "setpriv", f"--reuid={uid}",
+                 f"--regid={gid}", "--clear-groups", "/bin/sh", "-c",
+                 f"{exe} -u; {exe} -u; echo done")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "0\n0\ndone\n"  # the traced job sees its setuid bit work either way
+    return Store(db).load_run(run)
+
+
+def test_privilege_gained_at_exec_stops_following(suid_id, renacerd, renacer, db):
+    uid, gid, exe = suid_id
+    traces = _suid_run(renacerd, db, "unpriv", uid, gid, exe, "--owner-uid", str(uid))
+    assert Store(db).run("unpriv").owner_uid == uid
+    ids = [t for t in traces if t.process.exe == exe]
+    assert len(ids) == 2
+    for t in ids:
+        # the execve that gained privilege is the process's last record
+        assert t.names().tolist()[-1] == "execve"
+        last = list(t)[-1]
+        assert last.args["path"] == exe and last.return_value == 0
+        assert int(t.columns["flags"][-1]) & 0x100
+        assert t.process.end_mono_ns is not None
+    (sh,) = [t for t in traces if t.process.name == "sh"]
+    assert [x.args["fd"] for x in sh if x.name == "write"] == [1]  # still followed: "done"
+    info = Store(db).run("unpriv")
+    assert info.source_counters["unfollowed_privileged"] == 2
+    shown = json.loads(renacer("show", "unpriv", "--json").stdout)
+    stopped = [p for p in shown["processes"] if p.get("stopped_following")]
+    assert [p["pid"] for p in stopped] == [t.pid for t in ids]
+    text = renacer("show", "unpriv").stdout
+    assert text.count("stopped following: privilege gained at exec") == 2
+
+
+def test_root_run_follows_into_privilege(suid_id, renacerd, db):
+    uid, gid, exe = suid_id
+    traces = _suid_run(renacerd, db, "rootrun", uid, gid, exe)
+    ids = [t for t in traces if t.process.exe == exe]
+    assert len(ids) == 2
+    for t in ids:
+        assert not (t.columns["flags"] & 0x100).any()
+        writes = [x for x in t if x.name == "write"]
+        assert len(writes) == 1 and writes[0].return_value == 2  # "0\n"
+        assert t.process.exit_code == 0
+    assert Store(db).run("rootrun").source_counters["unfollowed_privileged"] == 0

@@ -23,6 +23,8 @@ def _cols(n: int) -> dict[str, np.ndarray]:
         "flags": (i % 3).astype(np.uint16),
         "s0": np.where(i % 4 == 0, -1, i).astype(np.int32),
         "s1": np.full(n, -1, np.int32),
+        "aux": np.where(i % 6 == 0, 0o1101, 0).astype(np.uint32),
+        "mode": np.where(i % 6 == 0, 0o644, 0).astype(np.uint32),
     }
 
 

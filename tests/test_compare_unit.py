@@ -59,7 +59,7 @@ class Proc:
         r = self.run
         self.rows.append((r.ts, dur, ret, a0, self.t.pid if tid is None else tid, NR[name], 0,
                           r.intern(s0) if s0 is not None else -1,
-                          r.intern(s1) if s1 is not None else -1))
+                          r.intern(s1) if s1 is not None else -1, 0, 0))
         r.ts += dur + 10
         cols = list(zip(*self.rows))
         self.t.columns = {n: np.array(cols[k], dtype=dt)

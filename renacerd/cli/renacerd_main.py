@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-bpf", action="store_true", help=argparse.SUPPRESS)
     # `renacerd serve` learns on this inherited pipe that the probes are attached.
     p.add_argument("--ready-fd", type=int, metavar="FD", help=argparse.SUPPRESS)
+    p.add_argument("--owner-uid", type=int, metavar="UID",
+                   help="the user the run belongs to (default: the caller, root); for any "
+                        "other, a process whose exec gains privilege stops being followed")
     return p
 
 
@@ -79,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if bool(cmd) == bool(args.pid):
         return fail(PROG, "give either --pid PID or -- CMD (exactly one of them)")
+    if args.owner_uid is not None and not 0 <= args.owner_uid < 2**32 - 1:
+        return fail(PROG, f"--owner-uid must be a uid, not {args.owner_uid}")
     if args.duration is not None and not (math.isfinite(args.duration) and args.duration > 0):
         return fail(PROG, f"--duration must be a positive number of seconds, not {args.duration}")
     for name, mb in (("--ring-mb", args.ring_mb), ("--detail-ring-mb", args.detail_ring_mb)):

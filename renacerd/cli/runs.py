@@ -27,7 +27,8 @@ def main(argv: list[str]) -> int:
     if a.json:
         rows = [
             {"run": r.name, "status": r.status, "host": r.host, "events": r.events,
-             "lost": r.lost, "start_wall_ns": r.start_wall_ns, "end_wall_ns": r.end_wall_ns,
+             "lost": r.lost, "truncated": r.truncated, "start_wall_ns": r.start_wall_ns,
+             "end_wall_ns": r.end_wall_ns,
              "cmdline": r.cmdline}
             for r in runs
         ]
@@ -35,12 +36,12 @@ def main(argv: list[str]) -> int:
         return 0
     w = sys.stdout.write
     w(f"{'RUN':<44} {'STATUS':<11} {'STARTED':<19} {'SECONDS':>8} {'EVENTS':>10} {'LOST':>6}"
-      "  COMMAND\n")
+      f" {'TRUNC':>6}  COMMAND\n")
     for r in runs:
         started = time.strftime("%Y-%m-%d %H:%M:%S",
                                 time.localtime((r.start_wall_ns or 0) / 1e9))
         secs = ((r.end_wall_ns or time.time_ns()) - (r.start_wall_ns or 0)) / 1e9
         flag = "!" if r.lost else ""
         w(f"{escape(r.name):<44} {r.status:<11} {started:<19} {secs:8.2f} {r.events:>10} "
-          f"{r.lost:>5}{flag or ' '} {' '.join(escape(a) for a in r.cmdline)[:60]}\n")
+          f"{r.lost:>5}{flag or ' '} {r.truncated:>6}  {' '.join(escape(a) for a in r.cmdline)[:60]}\n")
     return 0

@@ -30,6 +30,8 @@ def _tree(procs: list[dict[str, Any]]) -> list[str]:
         )
         argv = " ".join(escape(a) for a in p["argv"][:6])
         lines.append(f"{'  ' * depth}{p['pid']} {escape(p['comm'])} [{end}] {argv}")
+        if p.get("stopped_following"):
+            lines.append(f"{'  ' * depth}  stopped following: {p['stopped_following']}")
         for c in by_parent.get(p["pid"], []):
             walk(c, depth + 1)
 
@@ -46,11 +48,13 @@ def render_text(d: dict[str, Any], out) -> None:
       f"started {started}\n")
     w(f"command: {' '.join(escape(a) for a in d['cmdline'])}\n")
     lost = d["lost"]
-    if d["lost_events"] or lost["failed_reads"]:
+    if d["lost_events"] or lost["failed_reads"] or lost.get("truncated"):
         w(f"!! LOSSES: {lost['events']} events and {lost['details']} argument records dropped "
-          f"(ring buffer full), {lost['failed_reads']} failed argument reads\n")
+          f"(ring buffer full), {lost['failed_reads']} failed argument reads, "
+          f"{lost.get('truncated', 0)} records truncated (path over 4096 bytes, argv over "
+          "4096 bytes or 128 arguments)\n")
     else:
-        w("losses: none (0 events dropped, 0 failed reads)\n")
+        w("losses: none (0 events dropped, 0 failed reads, 0 truncated)\n")
     if d["status"] != "complete":
         w(f"!! run is {d['status']}: {escape(d.get('error') or 'trace may be partial')}\n")
     w("\nprocess tree:\n")

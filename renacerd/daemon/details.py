@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from renacerd.records import SLOT_ADDR, SLOT_ARGV_BLOB
@@ -81,3 +83,74 @@ class DetailQueue:
         self.recs = r[~taken]
         return head[hit], out
 
+
+
+@dataclass(slots=True)
+class Joined:
+    """Details matched to events (from both rings): parallel per-detail columns."""
+
+    event: np.ndarray  # index of the owning event
+    slot: np.ndarray
+    length: np.ndarray
+    flags: np.ndarray
+    pad: np.ndarray
+    data: list[bytes]  # the raw S field (trailing NULs dropped by numpy)
+
+    def __len__(self) -> int:
+        return len(self.event)
+
+
+class DetailRings:
+    """The short and the long detail queues (strings that fill the short record are read
+    again into the long ring), joined to events as one."""
+
+    __slots__ = ("short", "long")
+
+    def __init__(self, short: np.dtype, long: np.dtype) -> None:
+        self.short = DetailQueue(short)
+        self.long = DetailQueue(long)
+
+    def __len__(self) -> int:
+        return len(self.short) + len(self.long)
+
+    def add(self, short: np.ndarray, long: np.ndarray) -> None:
+        """Queue a drained batch of each ring."""
+        if len(short):
+            self.short.add(short)
+        if len(long):
+            self.long.add(long)
+
+    def clear(self) -> None:
+        """Forget everything queued."""
+        self.short.clear()
+        self.long.clear()
+
+    def pop(self, tid: int, ts: int) -> list[tuple[int, int, bytes]]:
+        """(slot, nr, data) of one event's details from both rings, removed."""
+        out = self.short.pop(tid, ts)
+        if len(self.long):
+            out += self.long.pop(tid, ts)
+        return out
+
+    def join(self, tid: np.ndarray, ts: np.ndarray) -> Joined:
+        """Every queued detail of events (tid, ts), removed from the queues."""
+        ei, d = self.short.join(tid, ts)
+        parts = [(ei, d)]
+        if len(self.long):
+            parts.append(self.long.join(tid, ts))
+        if len(parts) == 1:
+            return Joined(ei, d["slot"], d["len"], d["flags"], d["pad"], d["data"].tolist())
+        return Joined(
+            np.concatenate([p[0] for p in parts]),
+            *(np.concatenate([p[1][f] for p in parts]) for f in ("slot", "len", "flags", "pad")),
+            [x for p in parts for x in p[1]["data"].tolist()],
+        )
+
+
+def split_argv(blob: bytes) -> list[bytes]:
+    """argv from its NUL-separated blob (a cut blob's last string has no NUL)."""
+    if not blob:
+        return []
+    if blob.endswith(b"\0"):
+        blob = blob[:-1]
+    return blob.split(b"\0")

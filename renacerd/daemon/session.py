@@ -154,6 +154,8 @@ class Session:
             raise SessionError(f"run '{escape(self.run_name)}' already exists in "
                                f"{self.db_path}")
         self.quiet = args.quiet
+        owner = getattr(args, "owner_uid", None)
+        self.owner_uid = os.getuid() if owner is None else owner
         self.span_link = None
 
     def _say(self, msg: str) -> None:
@@ -175,7 +177,8 @@ class Session:
         if self.cmd:
             child = HeldChild(self.exe, self.cmd, env, self.caller)
         probes = SyscallProbes(
-            follow=not args.no_follow, event_mb=args.ring_mb, detail_mb=args.detail_ring_mb
+            follow=not args.no_follow, event_mb=args.ring_mb, detail_mb=args.detail_ring_mb,
+            owner_uid=self.owner_uid,
         )
         try:
             probes.load()
@@ -193,6 +196,7 @@ class Session:
                 self.run_name,
                 cmdline=self.cmd or [f"--pid={p}" for p in args.pid],
                 follow=not args.no_follow,
+                owner_uid=self.owner_uid,
             )
         except StoreError as e:  # e.g. another daemon took the run name meanwhile
             if child is not None:
@@ -305,6 +309,7 @@ class Session:
         self._say(
             f"run {escape(s.run)}: {s.processes} process{'es' if s.processes != 1 else ''}, "
             f"{s.events} events, {lost} lost, {failed} failed reads, "
+            f"{s.lost.get('truncated', 0)} truncated, "
             f"{s.wall_s:.2f} s wall, status {s.status}"
         )
         if lost:

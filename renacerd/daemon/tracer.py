@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from renacerd import __version__
-from renacerd.daemon.details import DetailQueue, detail_bytes
+from renacerd.daemon.details import DetailRings, Joined, detail_bytes, split_argv
 from renacerd.daemon.writer import ChunkWriter
 from renacerd.escaping import decode
 from renacerd.procfs import descendants, snapshot
@@ -26,10 +26,13 @@ from renacerd.records import (
     F_DETAIL,
     F_EMPTY_PATH0,
     F_EMPTY_PATH1,
+    F_READ_FAILED,
     F_THREAD,
+    F_TRUNCATED,
+    F_UNFOLLOWED,
     LIFECYCLE_MIN,
+    LONG_LEN,
     SLOT_ADDR,
-    SLOT_ARGV,
     SLOT_ARGV_BLOB,
     SLOT_COMM,
     SLOT_PATH0,
@@ -57,8 +60,10 @@ FATAL_BY_DEFAULT = frozenset({1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
 
 CHUNK_EVENTS = 1 << 16
 MIN_DRAIN_INTERVAL = 0.005
-# Event fields kept as columns (pid is the process the chunk belongs to; aux is 0)
-EVENT_COLUMNS = ("ts", "dur", "ret", "a0", "tid", "nr", "flags")
+# Event fields kept as columns (pid is the process the chunk belongs to; aux: open flags)
+EVENT_COLUMNS = ("ts", "dur", "ret", "a0", "tid", "nr", "flags", "aux")
+# Why a process stopped being followed before it ended (renacer show prints it).
+STOPPED_PRIVILEGE = "privilege gained at exec"
 
 
 @dataclass(slots=True)
@@ -78,18 +83,20 @@ class ProcState:
     ended: bool = False
     dirty: bool = False
     missing_since: float | None = None
-    # the kernel's copy of each exec not yet matched to its execve record: (ts, path, argv)
-    execs: list[tuple[int, bytes | None, bytes | None]] = field(default_factory=list)
+    # the kernel's copy of each exec not yet matched to its execve record:
+    # (ts, path, argv, argv truncated)
+    execs: list[tuple[int, bytes | None, bytes | None, bool]] = field(default_factory=list)
 
 
-def _take_exec(st: ProcState, start: int, end: int) -> tuple[int, bytes | None, bytes | None]:
+def _take_exec(st: ProcState, start: int,
+               end: int) -> tuple[int, bytes | None, bytes | None, bool]:
     """The kernel's copy of the exec made inside the execve call running start..end (one
     drain may hold several execs of a process); older unmatched copies are dropped."""
     while st.execs and st.execs[0][0] < start:
         st.execs.pop(0)
     if st.execs and st.execs[0][0] <= end:
         return st.execs.pop(0)
-    return (0, None, None)
+    return (0, None, None, False)
 
 
 class StringTable:
@@ -143,6 +150,7 @@ class Tracer:
         follow: bool = True,
         flush_interval: float = 0.5,
         drain_interval: float = 0.04,
+        owner_uid: int | None = None,
     ) -> None:
         self.probes = probes
         self.store = store
@@ -152,7 +160,7 @@ class Tracer:
         self.drain_interval = drain_interval  # the longest sleep between drains
         self.procs: dict[int, ProcState] = {}
         self.strings = StringTable()
-        self.details = DetailQueue(detail_dtype(STR_LEN))
+        self.details = DetailRings(detail_dtype(STR_LEN), detail_dtype(LONG_LEN))
         self._addr_ids: dict[tuple[int, bytes], int] = {}
         self.events = 0
         self.stop_requested = False
@@ -171,7 +179,7 @@ class Tracer:
             syscall_table=self.table,
             start_wall_ns=self.start_wall,
             start_mono_ns=self.start_mono,
-            owner_uid=os.getuid(),
+            owner_uid=os.getuid() if owner_uid is None else owner_uid,
         )
         self._last_flush = time.monotonic()
         self.writer = ChunkWriter(store, self.run_id)
@@ -184,6 +192,10 @@ class Tracer:
         self.foreign_events = 0
         self.final_error: str | None = None
         self.paths_lost = 0
+        # execve arguments cut or unreadable in the caller's copy, kept for want of the
+        # kernel's copy (the probe leaves these to the daemon): added to the kernel counters
+        self.exec_counts = {"truncated": 0, "failed_reads": 0}
+        self.unfollowed = 0  # processes no longer followed: privilege gained at exec
         self._dead_counters: dict[str, int] = {}
 
     # -- targets -----------------------------------------------------------------------
@@ -309,22 +321,21 @@ class Tracer:
                 self._end_process(st, time.monotonic_ns())
 
     # -- decoding ----------------------------------------------------------------------
-    def drain_once(self) -> tuple[int, int]:
+    def drain_once(self) -> tuple[int, int, int]:
         """Move everything in the rings into per-process buffers; returns the records
-        drained from the event ring and from the detail ring."""
+        drained from the event ring and from the two detail rings."""
         read_through = time.monotonic_ns()
-        ev, de = self.probes.drain()
+        ev, de, dl = self.probes.drain()
         self.read_through_mono = read_through
         try:
-            self._take_drained(ev, de)
-            return len(ev), len(de)
+            self._take_drained(ev, de, dl)
+            return len(ev), len(de), len(dl)
         finally:
             self.probes.release()  # ev viewed the ring: nothing may keep it past here
 
-    def _take_drained(self, ev: np.ndarray, de: np.ndarray) -> None:
+    def _take_drained(self, ev: np.ndarray, de: np.ndarray, dl: np.ndarray) -> None:
         """Lifecycle records, per-process assembly and every source's turn for one drain."""
-        if len(de):
-            self.details.add(de)
+        self.details.add(de, dl)
         if not len(ev):
             for src in list(self.sources):
                 self._guard(src, src.drain, self)
@@ -426,12 +437,17 @@ class Tracer:
                 elif slot == SLOT_COMM:
                     st.span.name = decode(data)
                 elif slot == SLOT_ARGV_BLOB and data:
-                    argv = data.rstrip(b"\0")
-                    st.span.argv = [
-                        decode(a) for a in argv.split(b"\0")
-                    ]
-            st.execs.append((ts, path, argv))
+                    args = split_argv(data)
+                    argv = b"\0".join(args)
+                    st.span.argv = [decode(a) for a in args]
+            flags = int(e["flags"])
+            st.execs.append((ts, path, argv, bool(flags & F_TRUNCATED)))
             st.dirty = True
+            if flags & F_UNFOLLOWED:
+                # The kernel stopped following it at this exec: it ends here for the run.
+                log.warning("process %d: stopped following: %s", pid, STOPPED_PRIVILEGE)
+                self.unfollowed += 1
+                self._end_process(st, ts)
         elif kind == EV_EXIT:
             st = self.procs.get(pid)
             if st is None:
@@ -481,14 +497,16 @@ class Tracer:
         n = len(ev)
         s0 = np.full(n, -1, dtype=np.int32)
         s1 = np.full(n, -1, dtype=np.int32)
+        mode = np.zeros(n, dtype=np.uint32)
         flags = ev["flags"]
         if (flags & (F_EMPTY_PATH0 | F_EMPTY_PATH1)).any():
             empty = self.strings.intern(b"")
             s0[(flags & F_EMPTY_PATH0) != 0] = empty
             s1[(flags & F_EMPTY_PATH1) != 0] = empty
         has = np.flatnonzero(flags & F_DETAIL)
+        fixed = None
         if len(has):
-            self._attach_details(ev, has, s0, s1)
+            fixed = self._attach_details(ev, has, s0, s1, mode)
         # One stable sort by pid, then one gather per column: each process's events come
         # out as contiguous column slices, in exit order. The writer sorts each chunk by
         # enter ts once (calls that cross a drain need that anyway).
@@ -496,13 +514,18 @@ class Tracer:
         if (pid[1:] == pid[:-1]).all():
             spid = pid
             cols = {f: np.ascontiguousarray(ev[f]) for f in EVENT_COLUMNS}
-            cols["s0"], cols["s1"] = s0, s1
+            cols["s0"], cols["s1"], cols["mode"] = s0, s1, mode
+            if fixed is not None:
+                cols["flags"] = fixed
         else:
             order = np.argsort(pid, kind="stable")
             spid = pid.take(order)
             cols = {f: ev[f].take(order) for f in EVENT_COLUMNS}
             cols["s0"] = s0.take(order)
             cols["s1"] = s1.take(order)
+            cols["mode"] = mode.take(order)
+            if fixed is not None:
+                cols["flags"] = fixed.take(order)
         cols["ts"] = cols["ts"].view(np.int64)
         cuts = np.flatnonzero(spid[1:] != spid[:-1]) + 1
         for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), n]):
@@ -529,34 +552,38 @@ class Tracer:
         return s0
 
     def _attach_details(self, ev: np.ndarray, has: np.ndarray, s0: np.ndarray,
-                        s1: np.ndarray) -> None:
-        """String ids of the paths and addresses of events `has`, from their details."""
-        ei, dets = self.details.join(ev["tid"][has], ev["ts"][has])
-        pos = has[ei]
+                        s1: np.ndarray, mode: np.ndarray) -> np.ndarray | None:
+        """String ids of the paths and addresses of events `has`, from their details, and
+        the mode of open calls; returns the events' flags where execs changed them."""
+        j = self.details.join(ev["tid"][has], ev["ts"][has])
+        pos = has[j.event]
         # an event flagged with details that has none: its detail sits behind a busy record
         # in the ring, or was dropped
         joined = np.zeros(len(has), dtype=bool)
-        joined[ei] = True
+        joined[j.event] = True
         self.paths_lost += len(has) - int(np.count_nonzero(joined))
-        if not len(dets):
-            return
-        slot = dets["slot"]
+        if not len(j):
+            return None
+        slot = j.slot
         intern, addr = self.strings.intern, self._addr_id
         # one pass in C to Python objects, then a dict lookup per detail (~0.3 us): most
         # details name a few files again and again
         ids = np.array([
             (intern(raw[: n - 1] if n > 0 else b"") if sl <= SLOT_PATH1
              else addr(raw, n) if sl == SLOT_ADDR else -1)
-            for sl, n, raw in zip(slot.tolist(), dets["len"].tolist(), dets["data"].tolist())
+            for sl, n, raw in zip(slot.tolist(), j.length.tolist(), j.data)
         ], dtype=np.int32)
         at0 = (slot == SLOT_PATH0) | (slot == SLOT_ADDR)
         s0[pos[at0]] = ids[at0]
         at1 = slot == SLOT_PATH1
         s1[pos[at1]] = ids[at1]
+        # the probe sets pad only on the first path of the open family
+        mode[pos[slot == SLOT_PATH0]] = j.pad[slot == SLOT_PATH0]
         nr = ev["nr"][pos]
         execs = np.flatnonzero((nr == NR_EXECVE) | (nr == NR_EXECVEAT))
         if len(execs):
-            self._exec_details(ev, pos[execs], dets[execs], s0, s1)
+            return self._exec_details(ev, pos[execs], j, execs, s0, s1)
+        return None
 
     def _addr_id(self, raw: bytes, n: int) -> int:
         """String id of a socket address as text (formatted once per distinct address)."""
@@ -569,34 +596,49 @@ class Tracer:
                 format_sockaddr(detail_bytes(SLOT_ADDR, n, raw)).encode())
         return sid
 
-    def _exec_details(self, ev: np.ndarray, pos: np.ndarray, dets: np.ndarray,
-                      s0: np.ndarray, s1: np.ndarray) -> None:
-        """argv of execve calls; a successful one also names its process."""
-        byev: dict[int, list[tuple[int, bytes]]] = {}
-        for i, sl, n, raw in zip(pos.tolist(), dets["slot"].tolist(), dets["len"].tolist(),
-                                 dets["data"].tolist()):
-            if sl >= SLOT_ARGV:
-                byev.setdefault(i, []).append((sl, detail_bytes(sl, n, raw)))
-            else:
-                byev.setdefault(i, [])
-        for i, parts in byev.items():
-            argv = [d for _, d in sorted(parts)]
+    def _exec_details(self, ev: np.ndarray, pos: np.ndarray, j: Joined, which: np.ndarray,
+                      s0: np.ndarray, s1: np.ndarray) -> np.ndarray | None:
+        """argv of execve calls (details `which` of `j`, events `pos`); a successful one
+        also names its process. Returns the events' flags where an exec changed them."""
+        blobs: dict[int, bytes] = {}
+        bits: dict[int, int] = {}  # the detail flags of each execve, or-ed
+        for i, k in zip(pos.tolist(), which.tolist()):
+            bits[i] = bits.get(i, 0) | int(j.flags[k])
+            if int(j.slot[k]) == SLOT_ARGV_BLOB:
+                blobs[i] = detail_bytes(SLOT_ARGV_BLOB, int(j.length[k]), j.data[k])
+        flags = None
+        for i, fl in bits.items():
+            argv = split_argv(blobs.get(i, b""))
             e = ev[i]
             if int(e["ret"]) == 0:
                 t = int(e["ts"])
                 st = self._proc(int(e["pid"]), t)
                 if st is None:
                     continue
-                _, path, kargv = _take_exec(st, t, t + int(e["dur"]))
-                if kargv is not None:  # the kernel's copy beats a failed user read
+                _, path, kargv, kcut = _take_exec(st, t, t + int(e["dur"]))
+                if kargv is not None:
+                    # the kernel's copy beats a failed or cut user read; the record says
+                    # what that copy is (its own cut was counted by the probe)
                     argv = [kargv]
+                    want = (int(e["flags"]) & ~(F_TRUNCATED | F_READ_FAILED)
+                            | (F_TRUNCATED if kcut else 0))
+                    if want != int(e["flags"]):
+                        if flags is None:
+                            flags = ev["flags"].copy()
+                        flags[i] = want
+                    fl = 0
                 else:
                     st.span.argv = [decode(a) for a in argv]
                     st.dirty = True
                 if path and (s0[i] < 0 or not self.strings_by_id(int(s0[i]))):
                     s0[i] = self.strings.intern(path)
+            if fl & F_TRUNCATED:
+                self.exec_counts["truncated"] += 1
+            if fl & F_READ_FAILED:
+                self.exec_counts["failed_reads"] += 1
             if argv:
                 s1[i] = self.strings.intern(b"\0".join(argv))
+        return flags
 
     # -- persistence -------------------------------------------------------------------
     def _flush_proc(self, st: ProcState) -> None:
@@ -612,8 +654,16 @@ class Tracer:
 
     def counters(self) -> dict[str, int]:
         """Kernel-side loss counters of the syscall probes and of every other source."""
-        c = self.probes.counters()
+        c = self._probe_counters()
         c.update(self._source_counters())
+        return c
+
+    def _probe_counters(self) -> dict[str, int]:
+        """The syscall probes' counters, with the truncations only the daemon can tell
+        (an execve's argv cut in the caller's copy, with no whole kernel copy)."""
+        c = self.probes.counters()
+        for k, v in self.exec_counts.items():
+            c[k] = c.get(k, 0) + v
         return c
 
     def _source_counters(self) -> dict[str, int]:
@@ -622,6 +672,7 @@ class Tracer:
             "source_errors": len(self.source_errors),
             "paths_lost": self.paths_lost,
             "foreign_events": self.foreign_events,
+            "unfollowed_privileged": self.unfollowed,
         }
         for src in self.sources:
             out.update(src.counters())
@@ -649,7 +700,7 @@ class Tracer:
                 events=self.events,
                 lost_per_cpu=per_cpu,
                 source_counters=self._source_counters(),
-                **{k: sum(v) for k, v in per_cpu.items()},
+                **{k: sum(v) + self.exec_counts.get(k, 0) for k, v in per_cpu.items()},
             )
             self.store.commit()
         self._last_flush = time.monotonic()
@@ -686,7 +737,7 @@ class Tracer:
                     status=status, end_wall_ns=end_wall, end_mono_ns=end_mono,
                     exit_code=exit_code,
                     error=error or ("; ".join(self.source_errors) or None),
-                    **self.probes.counters(),
+                    **self._probe_counters(),
                 )
                 self.store.commit()
         except StoreError as e:

@@ -11,7 +11,8 @@ import numpy as np
 import orjson
 
 from renacerd.escaping import json_safe
-from renacerd.unified_trace import UnifiedTrace
+from renacerd.records import F_TRUNCATED
+from renacerd.unified_trace import INCOMPLETE, OPEN_FAMILY, UnifiedTrace
 
 
 def _span(s: Any) -> dict[str, Any]:
@@ -51,6 +52,12 @@ def lines(traces: list[UnifiedTrace]) -> Iterator[bytes]:
             rec["path"] = texts[who[j]][int(c["s0"][i])]
         if c["s1"][i] >= 0:
             rec["path2"] = texts[who[j]][int(c["s1"][i])]
+        if rec["name"] in OPEN_FAMILY:
+            rec["flags"] = int(c["aux"][i])
+            rec["mode"] = int(c["mode"][i]) & 0xFFFF
+        fl = int(c["flags"][i])
+        rec["partial"] = bool(fl & INCOMPLETE)
+        rec["truncated"] = bool(fl & F_TRUNCATED)
         yield orjson.dumps(rec)
 
 

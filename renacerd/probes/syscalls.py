@@ -11,12 +11,12 @@ import numpy as np
 
 from renacerd.probes.btf import BTFError, member_offset
 from renacerd.probes.loader import ProbeError, bpf_source, compile_bpf
-from renacerd.records import COUNTER_NAMES, EVENT, STR_LEN, detail_dtype
+from renacerd.records import ARGV_ARGS, COUNTER_NAMES, EVENT, LONG_LEN, STR_LEN, detail_dtype
 from renacerd.ringbuf import RingReader
 
 DEFAULT_EVENT_MB = 32
 DEFAULT_DETAIL_MB = 8
-ARGV_MAX = 16
+LONG_DETAIL_SHARE = 1  # the long ring is as large as the detail ring (its records are 15x)
 MAX_TID_SLOTS = 1 << 18
 
 
@@ -47,9 +47,13 @@ class SyscallProbes:
         follow: bool = True,
         event_mb: float = DEFAULT_EVENT_MB,
         detail_mb: float = DEFAULT_DETAIL_MB,
+        owner_uid: int = 0,
     ) -> None:
+        self.owner_uid = owner_uid
         self.event_pages = _pages(event_mb)
         self.detail_pages = _pages(detail_mb)
+        # at least two records of LONG_LEN: a tiny --detail-ring-mb still holds one exec
+        self.long_pages = max(_pages(detail_mb / LONG_DETAIL_SHARE), _pages(2 * LONG_LEN / 2**20))
         slots = tid_slots()
         self.defines: dict[str, object] = {
             "TID_SLOTS": slots,
@@ -58,8 +62,10 @@ class SyscallProbes:
             "TGID_INDEX": pid_max() <= slots,
             "EVENT_PAGES": self.event_pages,
             "DETAIL_PAGES": self.detail_pages,
+            "LONG_PAGES": self.long_pages,
             "STR_LEN": STR_LEN,
-            "ARGV_MAX": ARGV_MAX,
+            "LONG_LEN": LONG_LEN,
+            "ARGV_ARGS": ARGV_ARGS,
             "FOLLOW": follow,
             # raw tracepoints read arguments from pt_regs, whose layout is per arch
             "RAW_TP": platform.machine() == "x86_64",
@@ -76,9 +82,16 @@ class SyscallProbes:
             self.defines["TASK_EXIT_CODE_OFF"] = member_offset("task_struct", "exit_code")
         except BTFError:
             pass  # exit statuses then come from exit_group and signal_deliver alone
+        self._setup_error: ProbeError | None = None
+        if owner_uid != 0:
+            try:
+                self.defines.update(OWNER_UID=owner_uid, **_cred_offsets())
+            except ProbeError as e:
+                self._setup_error = e  # raised by load(), where probe errors are handled
         self.bpf = None
         self.events: RingReader | None = None
         self.details: RingReader | None = None
+        self.details_long: RingReader | None = None
 
     def source(self) -> str:
         """The generated C (what --print-bpf shows)."""
@@ -86,6 +99,8 @@ class SyscallProbes:
 
     def load(self) -> None:
         """Compile, load and attach every tracepoint (BCC attaches TRACEPOINT_PROBEs itself)."""
+        if self._setup_error is not None:
+            raise self._setup_error
         self.bpf = compile_bpf(self.source())
         try:
             self.events = RingReader(
@@ -95,6 +110,11 @@ class SyscallProbes:
                 self.bpf["details"].map_fd,
                 self.detail_pages * mmap.PAGESIZE,
                 detail_dtype(STR_LEN),
+            )
+            self.details_long = RingReader(
+                self.bpf["details_long"].map_fd,
+                self.long_pages * mmap.PAGESIZE,
+                detail_dtype(LONG_LEN),
             )
         except (OSError, ValueError) as e:
             self.close()
@@ -148,20 +168,20 @@ class SyscallProbes:
 
     def rings(self) -> list[RingReader]:
         """The event and detail rings (for the priority guard's fill test)."""
-        return [self.events, self.details]
+        return [self.events, self.details, self.details_long]
 
-    def capacity(self) -> tuple[int, int]:
-        """Records the event ring and the detail ring each hold."""
-        return (self.events.data_size // self.events.rec_size,
-                self.details.data_size // self.details.rec_size)
+    def capacity(self) -> tuple[int, int, int]:
+        """Records the event ring and the two detail rings each hold."""
+        return tuple(r.data_size // r.rec_size for r in self.rings())
 
-    def drain(self) -> tuple[np.ndarray, np.ndarray]:
-        """Events first, then details: every drained event's details are then drained too.
-        The events are a view of the ring (no copy), valid until release(); the details
-        are a copy (they may wait for their events)."""
+    def drain(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Events first, then details (short, long): every drained event's details are then
+        drained too. The events are a view of the ring (no copy), valid until release(); the
+        details are copies (they may wait for their events)."""
         ev = self.events.peek()
         de = self.details.drain()
-        return ev, de
+        dl = self.details_long.drain()
+        return ev, de, dl
 
     def release(self) -> None:
         """Hand the events of the last drain() back to the kernel."""
@@ -169,13 +189,29 @@ class SyscallProbes:
 
     def close(self) -> None:
         """Unmap the rings and detach every probe (nothing stays in the kernel)."""
-        for r in (self.events, self.details):
+        for r in (self.events, self.details, self.details_long):
             if r is not None:
                 r.close()
-        self.events = self.details = None
+        self.events = self.details = self.details_long = None
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
+
+
+def _cred_offsets() -> dict[str, int]:
+    """Offsets of the credentials the privilege-at-exec check reads (from the kernel's BTF);
+    without them a non-root run cannot be traced safely, so that is an error."""
+    try:
+        return {
+            "TASK_CRED_OFF": member_offset("task_struct", "cred"),
+            "CRED_UID_OFF": member_offset("cred", "uid"),
+            "CRED_GID_OFF": member_offset("cred", "gid"),
+            "CRED_EUID_OFF": member_offset("cred", "euid"),
+            "CRED_EGID_OFF": member_offset("cred", "egid"),
+            "CRED_CAPP_OFF": member_offset("cred", "cap_permitted"),
+        }
+    except BTFError as e:
+        raise ProbeError(f"a run of a non-root user needs the kernel's BTF: {e}") from e
 
 
 def own_pid_guard(pid: int) -> None:

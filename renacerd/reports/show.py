@@ -8,6 +8,7 @@ import numpy as np
 
 from renacerd.fdtrack import file_io, run_fd_path_ids
 from renacerd.gpu_trace import gpu_summary
+from renacerd.records import F_UNFOLLOWED
 from renacerd.store import RunInfo
 from renacerd.unified_trace import UnifiedTrace
 
@@ -54,6 +55,8 @@ def show_data(run: RunInfo, traces: list[UnifiedTrace]) -> dict[str, Any]:
                 for path, rw in sorted(files.items(), key=lambda kv: -(kv[1][0] + kv[1][1]))
             },
         }
+        if len(t) and (t.columns["flags"] & F_UNFOLLOWED).any():
+            entry["stopped_following"] = "privilege gained at exec"
         entry["gpu"] = gpu_summary(t)
         procs.append(entry)
     return {
@@ -72,6 +75,7 @@ def show_data(run: RunInfo, traces: list[UnifiedTrace]) -> dict[str, Any]:
             "details": run.details_lost,
             "failed_reads": run.failed_reads,
             "unmatched_exits": run.unmatched_exits,
+            "truncated": run.truncated,
             "gpu_events": run.source_counters.get("gpu_events_lost", 0),
             "sources": run.source_counters,
             "client_dropped": run.client_dropped,

@@ -305,8 +305,9 @@ SCHEMA = (
     """CREATE TABLE IF NOT EXISTS events (
     day Date, run String, host String, pid UInt32, proc UInt32, chunk UInt64, dup UInt32,
     ts Int64, dur UInt64, ret Int64, a0 UInt64, tid UInt32, nr UInt16, syscall String,
-    flags UInt16, s0 Int32, s1 Int32
+    flags UInt16, s0 Int32, s1 Int32, aux UInt32, mode UInt32
 ) ENGINE = MergeTree PARTITION BY toYYYYMM(day) ORDER BY (run, host, pid, ts)""",
+
     """CREATE TABLE IF NOT EXISTS strings (
     run String, host String, day Date, id UInt32, s String, pushed_ns UInt64
 ) ENGINE = ReplacingMergeTree(pushed_ns) PARTITION BY toYYYYMM(day) ORDER BY (run, host, id)""",
@@ -334,6 +335,14 @@ def ensure_schema(client: ClickHouseClient) -> None:
     client.query(f"CREATE DATABASE IF NOT EXISTS `{client.target.database}`", database=False)
     for ddl in SCHEMA:
         client.query(ddl)
+    # events tables made before the open flags were captured (no ADD COLUMN IF NOT EXISTS
+    # in older servers)
+    have = {r["name"] for r in client.rows(
+        "SELECT name FROM system.columns WHERE database = currentDatabase() "
+        "AND table = 'events'")}
+    for name in ("aux", "mode"):
+        if name not in have:
+            client.query(f"ALTER TABLE events ADD COLUMN {name} UInt32")
 
 
 # -- the sink -----------------------------------------------------------------------------
@@ -644,7 +653,8 @@ class ClickHouseSink(StoreTailer):
             ("tid", "UInt32", cat("tid")), ("nr", "UInt16", nr),
             ("syscall", "String", b"".join(lut[nr].tolist())),
             ("flags", "UInt16", cat("flags")), ("s0", "Int32", cat("s0")),
-            ("s1", "Int32", cat("s1")),
+            ("s1", "Int32", cat("s1")), ("aux", "UInt32", cat("aux")),
+            ("mode", "UInt32", cat("mode")),
         ]
         self.client.insert("events", cols, n)
 

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import orjson
 
-from renacerd.columns import SYSCALL_COLUMNS
+from renacerd.columns import OPTIONAL_COLUMNS, SYSCALL_COLUMNS
 from renacerd.sinks import SinkError
 from renacerd.sinks.clickhouse import ClickHouseClient, Target, parse_url, quote
 from renacerd.store import RunInfo
@@ -124,7 +124,9 @@ def load_run_info_from_url(url: str, timeout_s: float = 60.0) -> tuple[RunInfo, 
         )
         tr.run = info.name
         tr.columns = {
-            name: (ev[name][lo:hi] if name in ev else np.empty(0)).astype(dt, copy=True)
+            name: (ev[name][lo:hi].astype(dt, copy=True) if name in ev
+                   else np.zeros(hi - lo, dtype=dt) if name in OPTIONAL_COLUMNS
+                   else np.empty(0, dtype=dt))
             for name, dt in SYSCALL_COLUMNS
         }
         tr.strings = strings
