@@ -42,6 +42,7 @@ def main(argv: list[str]) -> int:
                                 time.localtime((r.start_wall_ns or 0) / 1e9))
         secs = ((r.end_wall_ns or time.time_ns()) - (r.start_wall_ns or 0)) / 1e9
         flag = "!" if r.lost else ""
+        cmd = " ".join(escape(a) for a in r.cmdline)[:60]
         w(f"{escape(r.name):<44} {r.status:<11} {started:<19} {secs:8.2f} {r.events:>10} "
-          f"{r.lost:>5}{flag or ' '} {r.truncated:>6}  {' '.join(escape(a) for a in r.cmdline)[:60]}\n")
+          f"{r.lost:>5}{flag or ' '} {r.truncated:>6}  {cmd}\n")
     return 0
