@@ -416,13 +416,29 @@ def run_files(traces: list[UnifiedTrace]) -> dict[int, ProcessFiles]:
         return {}
     by_pid = {t.pid: t for t in traces}
     paths = _Paths(_Interner(traces[0]))  # the strings list is shared by a run's traces
+    initial: dict[int, FdState | None] = {}
+
+    def inherit(t: UnifiedTrace) -> None:
+        # a parent's own start is inherited from its parent: walk up first
+        chain = []
+        while t.pid not in initial:
+            chain.append(t)
+            parent = by_pid.get(t.process.ppid)
+            if parent is None or t.process.attached or parent is t or parent in chain:
+                initial[t.pid] = None
+                chain.pop()
+                break
+            t = parent
+        for child in reversed(chain):
+            parent = by_pid[child.process.ppid]
+            initial[child.pid] = process_files(parent, initial[parent.pid],
+                                               until=child.process.start_mono_ns,
+                                               paths=paths).final
+
     out: dict[int, ProcessFiles] = {}
     for t in traces:
-        initial = None
-        parent = by_pid.get(t.process.ppid)
-        if parent is not None and not t.process.attached and parent is not t:
-            initial = process_files(parent, until=t.process.start_mono_ns, paths=paths).final
-        out[t.pid] = t.files = process_files(t, initial, paths=paths)
+        inherit(t)
+        out[t.pid] = t.files = process_files(t, initial[t.pid], paths=paths)
     return out
 
 

@@ -123,6 +123,17 @@ def test_fchdir_and_fork_inherit_the_cwd():
     assert stats(r)[11] == {"/srv/data/in.bin": (4, 0)}
 
 
+def test_grandchildren_inherit_through_their_parents():
+    """make -C dir: make chdirs, gcc inherits, cc1 (gcc's child) inherits from gcc."""
+    r = Run()
+    r.proc(10).call("chdir", 0, 0, "proj")
+    gcc = r.proc(11, ppid=10, cwd=None)
+    gcc.call("openat", 3, CWD, "Makefile")
+    cc1 = r.proc(12, ppid=11, cwd=None)
+    cc1.call("openat", 4, CWD, "hello.c").call("read", 29, 4).call("read", 1, 3)
+    assert stats(r)[12] == {"/work/proj/hello.c": (29, 0), "/work/proj/Makefile": (1, 0)}
+
+
 def test_unknown_cwd_keeps_the_raw_relative_path():
     r = Run()
     r.proc(10, cwd=None).call("openat", 3, CWD, "rel.txt").call("read", 3, 3)
