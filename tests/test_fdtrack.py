@@ -268,3 +268,24 @@ def test_restart_errnos_are_interrupted_not_errors():
     assert [errno_name(e) for e in (512, 513, 514, 515, 516, 524, 4)] == [
         "ERESTARTSYS", "ERESTARTNOINTR", "ERESTARTNOHAND", "ENOIOCTLCMD",
         "ERESTART_RESTARTBLOCK", "ENOTSUPP", "EINTR"]
+
+
+def test_compare_effects_use_created_files_and_absolute_paths():
+    """Two runs writing the same relative name from different directories differ; a file
+    created only in one run is an effect of that run."""
+    from renacerd.compare.effects import run_effects
+
+    def one(cwd: str) -> dict[str, int]:
+        r = Run()
+        p = r.proc(10, cwd=cwd)
+        p.call("openat", 3, CWD, "out.bin", aux=O_WRONLY | O_CREAT)
+        p.call("write", 5, 3).call("socketpair", 0, 4 | 5 << 32, aux=0).call("write", 2, 4)
+        p.call("read", 2, 5).call("mkdirat", 0, CWD, "d").call("renameat", 0, CWD, "out.bin",
+                                                               "d/final.bin", aux=CWD)
+        return run_effects(r.traces).items()
+
+    a = one("/data/a")
+    assert a == {"written:/data/a/d/final.bin": 5, "created:/data/a/d/final.bin": 1,
+                 "created:/data/a/d": 1, "net_sent:socketpair": 2, "net_recv:socketpair": 2}
+    b = one("/data/b")
+    assert "written:/data/b/d/final.bin" in b and "written:/data/a/d/final.bin" not in b
