@@ -10,6 +10,7 @@ import pytest
 from conftest import needs_root
 
 from renacerd.columns import SYSCALL_COLUMNS
+from renacerd.store import Store
 
 pytestmark = needs_root
 # fcntl's command and copy_file_range's second fd come in the kernel's `aux` column
@@ -109,3 +110,34 @@ def test_cp_copy_file_range_counts_both_files(renacerd, renacer, tmp_path):
     assert cp["files"][str(src)]["bytes_read"] == 300_000
     assert cp["files"][str(dst)]["bytes_written"] == 300_000
     assert cp["files"][str(dst)]["created"] is True
+
+
+SIGSUSPEND = r"""
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+static void on_usr1(int s) { (void)s; }
+int main(void) {
+    sigset_t block, none;
+    sigemptyset(&block); sigaddset(&block, SIGUSR1); sigemptyset(&none);
+    signal(SIGUSR1, on_usr1);
+    sigprocmask(SIG_BLOCK, &block, 0);
+    pid_t c = fork();
+    if (c == 0) { kill(getppid(), SIGUSR1); _exit(0); }
+    waitpid(c, 0, 0);          /* the signal is pending now */
+    sigsuspend(&none);         /* returns at once: -ERESTARTNOHAND at the exit, EINTR to us */
+    return 0;
+}
+"""
+
+
+def test_interrupted_call_is_not_an_error(cc, renacerd, renacer, db):
+    """sigsuspend woken by a handled signal: ERESTARTNOHAND is an interruption."""
+    exe = cc("sigsuspend", SIGSUSPEND)
+    d = _show(renacerd, renacer, "intr", str(exe))
+    s = d["processes"][0]["syscalls"]["rt_sigsuspend"]
+    assert (s["calls"], s["errors"], s["interrupted"]) == (1, 0, 1)
+    (rec,) = [r for r in Store(db).load_run("intr")[0]
+              if r.name == "rt_sigsuspend"]
+    assert rec.errno == 514
+    assert Store(db).load_run("intr")[0].errno_name(rec.errno) == "ERESTARTNOHAND"
