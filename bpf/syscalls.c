@@ -546,7 +546,16 @@ TRACEPOINT_PROBE(sched, sched_process_exit) {
     struct start_t *s = starts.lookup(&idx);
     if (s && s->tid == tid)
         s->ts = 0;
-    emit_event(bpf_ktime_get_ns(), 0, 0, args->group_dead, tgid, tid, EV_EXIT, 0, 0);
+    // ret: the task's wait status (code << 8, or the signal that ended it), -1 unknown. A
+    // fatal signal is delivered as SIGKILL to every thread, so signal_deliver cannot say.
+    s64 status = -1;
+#ifdef TASK_EXIT_CODE_OFF
+    int code = 0;
+    if (bpf_probe_read_kernel(&code, sizeof(code),
+                              (char *)bpf_get_current_task() + TASK_EXIT_CODE_OFF) == 0)
+        status = code;
+#endif
+    emit_event(bpf_ktime_get_ns(), 0, status, args->group_dead, tgid, tid, EV_EXIT, 0, 0);
     return 0;
 }
 

@@ -105,7 +105,7 @@ class _Interner:
         self.ids = {s: i for i, s in enumerate(trace.strings)}
 
     def __call__(self, s: str | bytes) -> int:
-        b = s.encode() if isinstance(s, str) else s
+        b = s.encode("utf-8", "surrogateescape") if isinstance(s, str) else s
         i = self.ids.get(b)
         if i is None:
             i = self.ids[b] = len(self.trace.strings)

@@ -13,6 +13,7 @@ import numpy as np
 import orjson
 
 from renacerd.columns import ChunkError, decode, encode
+from renacerd.escaping import lossless_dumps, lossless_loads
 from renacerd.unified_trace import ProcessSpan, UnifiedTrace
 
 MAGIC = b"RENACERG"
@@ -74,7 +75,8 @@ def write_golden(path: str | os.PathLike[str], run: Any, traces: list[UnifiedTra
         "strings": len(strings),
     }
     lens = np.array([len(s) for s in strings], dtype="<u4")
-    sections = [orjson.dumps(header), zlib.compress(lens.tobytes() + b"".join(strings), 6)]
+    # names keep their bytes that are not UTF-8 (renacerd.escaping)
+    sections = [lossless_dumps(header), zlib.compress(lens.tobytes() + b"".join(strings), 6)]
     sections += [encode(t.columns) for t in traces]
     body = b"".join(_SECTION.pack(len(s)) + s for s in sections)
     head = _HEAD.pack(MAGIC, VERSION, 0, len(body), zlib.crc32(body))
@@ -137,7 +139,7 @@ def _parse(body: memoryview) -> tuple[dict[str, Any], list[UnifiedTrace]]:
         off += _SECTION.size
         sections.append(body[off: off + n])
         off += n
-    header = orjson.loads(bytes(sections[0]))
+    header = lossless_loads(bytes(sections[0]))
     raw = zlib.decompress(sections[1])
     count = int(header["strings"])
     lens = np.frombuffer(raw[: 4 * count], dtype="<u4").astype(np.int64)

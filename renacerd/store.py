@@ -16,6 +16,7 @@ import numpy as np
 import orjson
 
 from renacerd.columns import SYSCALL_COLUMNS, ChunkError, chunk_len, decode_into, encode
+from renacerd.escaping import escape, lossless_dumps, lossless_loads
 from renacerd.unified_trace import ProcessSpan, UnifiedTrace
 
 SCHEMA_VERSION = 1
@@ -78,6 +79,33 @@ CREATE INDEX IF NOT EXISTS spans_run ON spans(run_id, process_id, start_mono_nan
 RUN_COUNTERS = ("events_lost", "details_lost", "failed_reads", "unmatched_exits")
 # Why a run whose daemon is gone is incomplete.
 STALE_ERROR = "daemon stopped before the run ended"
+
+
+def _text(s: str | None) -> str | bytes | None:
+    """A name for a TEXT column: as it is, or, holding bytes that are not UTF-8 (surrogate
+    escapes), as a BLOB of those bytes, so nothing is lost."""
+    if s is None or s.isascii():
+        return s
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "surrogateescape")
+
+
+def _untext(v: str | bytes | None) -> str | None:
+    """What _text stored, back as the same str."""
+    return v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else v
+
+
+def _dumps(v: Any) -> str:
+    """JSON text of a column, lossless (renacerd.escaping.lossless_dumps)."""
+    return lossless_dumps(v).decode()
+
+
+def _loads(text: str | None, empty: str) -> Any:
+    """The value _dumps wrote (`empty` for NULL)."""
+    return lossless_loads(text or empty)
 
 
 class StoreError(RuntimeError):
@@ -247,11 +275,12 @@ class Store:
                 [(STALE_ERROR, rid) for rid, _ in stale],
             )
             self.commit()
-        return [n for _, n in stale]
+        return [_untext(n) for _, n in stale]
 
     def run_exists(self, name: str) -> bool:
         """A run of that name is already stored."""
-        return self.db.execute("SELECT 1 FROM runs WHERE name=?", (name,)).fetchone() is not None
+        return self.db.execute(
+            "SELECT 1 FROM runs WHERE name=?", (_text(name),)).fetchone() is not None
 
     @_writes
     def begin_run(
@@ -267,17 +296,17 @@ class Store:
     ) -> int:
         """Create a run in state 'running' and return its id."""
         if self.run_exists(name):
-            raise StoreError(f"run {name!r} already exists in {self.path}")
+            raise StoreError(f"run '{escape(name)}' already exists in {self.path}")
         self._tx()
         cur = self.db.execute(
             "INSERT INTO runs (name, host, kernel, cmdline, version, boot_id, start_wall_ns, "
             "start_mono_ns, status, daemon_pid, owner_uid, syscall_table) "
             "VALUES (?,?,?,?,?,?,?,?,'running',?,?,?)",
             (
-                name,
+                _text(name),
                 socket.gethostname(),
                 os.uname().release,
-                orjson.dumps(cmdline).decode(),
+                _dumps(cmdline),
                 version,
                 boot_id(),
                 start_wall_ns,
@@ -303,15 +332,15 @@ class Store:
                 p.pid,
                 p.ppid,
                 p.nspid,
-                p.name,
-                p.exe,
-                orjson.dumps(p.argv).decode(),
+                _text(p.name),
+                _text(p.exe),
+                _dumps(p.argv),
                 p.start_mono_ns,
                 p.end_mono_ns,
                 p.exit_code,
                 p.exit_signal,
                 int(p.attached),
-                orjson.dumps({str(k): v for k, v in p.initial_fds.items()}).decode(),
+                _dumps({str(k): v for k, v in p.initial_fds.items()}),
             ),
         )
         return int(cur.lastrowid)
@@ -324,9 +353,9 @@ class Store:
             "UPDATE processes SET comm=?, exe=?, argv=?, end_mono_ns=?, exit_code=?, "
             "exit_signal=? WHERE id=?",
             (
-                p.name,
-                p.exe,
-                orjson.dumps(p.argv).decode(),
+                _text(p.name),
+                _text(p.exe),
+                _dumps(p.argv),
                 p.end_mono_ns,
                 p.exit_code,
                 p.exit_signal,
@@ -432,10 +461,10 @@ class Store:
         )
         return RunInfo(
             id=d["id"],
-            name=d["name"],
+            name=_untext(d["name"]),
             host=d["host"],
             kernel=d["kernel"],
-            cmdline=orjson.loads(d["cmdline"] or "[]"),
+            cmdline=_loads(d["cmdline"], "[]"),
             version=d["version"],
             start_wall_ns=d["start_wall_ns"],
             end_wall_ns=d["end_wall_ns"],
@@ -468,9 +497,9 @@ class Store:
 
     def run(self, name: str) -> RunInfo:
         """The run called `name`."""
-        row = self.db.execute("SELECT * FROM runs WHERE name=?", (name,)).fetchone()
+        row = self.db.execute("SELECT * FROM runs WHERE name=?", (_text(name),)).fetchone()
         if row is None:
-            raise UnknownRunError(f"no run named {name!r} in {self.path}")
+            raise UnknownRunError(f"no run named '{escape(name)}' in {self.path}")
         return self._run_from_row(row)
 
     def processes(self, run_id: int) -> list[tuple[int, ProcessSpan]]:
@@ -482,7 +511,7 @@ class Store:
             "ORDER BY id",
             (run_id,),
         ):
-            fds = orjson.loads(row[12] or "{}")
+            fds = _loads(row[12], "{}")
             out.append(
                 (
                     row[0],
@@ -490,9 +519,9 @@ class Store:
                         pid=row[1],
                         ppid=row[2] or 0,
                         nspid=row[3],
-                        name=row[4] or "",
-                        exe=row[5] or "",
-                        argv=orjson.loads(row[6] or "[]"),
+                        name=_untext(row[4]) or "",
+                        exe=_untext(row[5]) or "",
+                        argv=_loads(row[6], "[]"),
                         start_mono_ns=row[7] or 0,
                         end_mono_ns=row[8],
                         exit_code=row[9],

@@ -117,10 +117,18 @@ class UnifiedTrace:
         return None
 
     def string(self, sid: int) -> str | None:
-        """The string with id `sid` as text (undecodable bytes escaped), or None."""
+        """The string with id `sid` as text (bytes that are not UTF-8 as surrogate escapes,
+        renacerd.escaping), or None."""
         if sid < 0 or sid >= len(self.strings):
             return None
-        return self.strings[sid].decode("utf-8", "backslashreplace")
+        return self.strings[sid].decode("utf-8", "surrogateescape")
+
+    def texts(self) -> list[str]:
+        """The whole string table as text for UTF-8 formats (renacerd.escaping.json_text:
+        bytes that are not UTF-8 as \\xNN), indexed by id."""
+        from renacerd.escaping import json_text
+
+        return [json_text(s.decode("utf-8", "surrogateescape")) for s in self.strings]
 
     def errors(self) -> np.ndarray:
         """Boolean mask: the call failed (-4095 <= ret < 0), interrupted calls excepted."""
@@ -155,7 +163,7 @@ class UnifiedTrace:
             if s1 >= 0:
                 if name in ("execve", "execveat"):
                     args["argv"] = [
-                        a.decode("utf-8", "backslashreplace")
+                        a.decode("utf-8", "surrogateescape")
                         for a in self.strings[s1].split(b"\0")
                     ]
                 else:

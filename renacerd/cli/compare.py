@@ -108,7 +108,10 @@ def main(argv: list[str]) -> int:
         except OSError as e:
             return fail(PROG, f"cannot write {a.html}: {e.strerror}")
     if a.json:
-        sys.stdout.buffer.write(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
+        from renacerd.escaping import json_safe
+
+        sys.stdout.buffer.write(orjson.dumps(json_safe(data), option=orjson.OPT_INDENT_2)
+                                + b"\n")
     else:
         from renacerd.reports.compare_text import render_text
 

@@ -47,7 +47,9 @@ def main(argv: list[str]) -> int:
     except OSError as e:
         return fail(PROG, f"cannot write {a.output}: {e.strerror or e}")
     events = sum(len(t) for t in traces)
-    sys.stderr.write(f"{PROG}: {a.run}: {len(traces)} processes, {events} syscalls -> "
+    from renacerd.escaping import escape
+
+    sys.stderr.write(f"{PROG}: {escape(a.run)}: {len(traces)} processes, {events} syscalls -> "
                      f"{a.output} ({a.format}, {what})\n")
     return 0
 

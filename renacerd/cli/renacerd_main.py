@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shutil
 import sys
 
 from renacerd.cli.common import Parser, fail
+from renacerd.procfs import CallerSignals
+
+# Before any handler is installed: the launched command gets what renacerd's caller gave it.
+CALLER = CallerSignals.capture()
 
 PROG = "renacerd"
 
@@ -99,13 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         return fail(PROG, str(e))
     if os.geteuid() != 0:
         return fail(PROG, "must run as root (BPF needs CAP_BPF and CAP_PERFMON); try sudo")
-    if cmd and shutil.which(cmd[0]) is None:
-        what = "not executable" if os.path.exists(cmd[0]) else "not found"
-        return fail(PROG, f"cannot execute {cmd[0]!r}: {what}")
     from renacerd.daemon.session import Session, SessionError
 
     try:
-        session = Session(args, cmd)
+        session = Session(args, cmd, CALLER)
     except SessionError as e:
         return fail(PROG, str(e))
     return session.run()

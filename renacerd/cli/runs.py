@@ -8,6 +8,7 @@ import time
 import orjson
 
 from renacerd.cli.common import Parser, add_db, fail, open_store
+from renacerd.escaping import escape, json_safe
 from renacerd.store import StoreError
 
 PROG = "renacer runs"
@@ -30,7 +31,7 @@ def main(argv: list[str]) -> int:
              "cmdline": r.cmdline}
             for r in runs
         ]
-        sys.stdout.buffer.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2) + b"\n")
+        sys.stdout.buffer.write(orjson.dumps(json_safe(rows), option=orjson.OPT_INDENT_2) + b"\n")
         return 0
     w = sys.stdout.write
     w(f"{'RUN':<44} {'STATUS':<11} {'STARTED':<19} {'SECONDS':>8} {'EVENTS':>10} {'LOST':>6}"
@@ -40,6 +41,6 @@ def main(argv: list[str]) -> int:
                                 time.localtime((r.start_wall_ns or 0) / 1e9))
         secs = ((r.end_wall_ns or time.time_ns()) - (r.start_wall_ns or 0)) / 1e9
         flag = "!" if r.lost else ""
-        w(f"{r.name:<44} {r.status:<11} {started:<19} {secs:8.2f} {r.events:>10} "
-          f"{r.lost:>5}{flag or ' '} {' '.join(r.cmdline)[:60]}\n")
+        w(f"{escape(r.name):<44} {r.status:<11} {started:<19} {secs:8.2f} {r.events:>10} "
+          f"{r.lost:>5}{flag or ' '} {' '.join(escape(a) for a in r.cmdline)[:60]}\n")
     return 0

@@ -9,14 +9,10 @@ from typing import Any
 import orjson
 
 from renacerd.cli.common import Parser, add_db, fail, open_store
+from renacerd.escaping import escape, json_safe
 from renacerd.store import StoreError
 
 PROG = "renacer show"
-
-
-def _escape(s: str) -> str:
-    """Captured strings are data: control characters never reach the terminal raw."""
-    return s.encode("unicode_escape").decode("ascii") if not s.isprintable() else s
 
 
 def _tree(procs: list[dict[str, Any]]) -> list[str]:
@@ -32,8 +28,8 @@ def _tree(procs: list[dict[str, Any]]) -> list[str]:
             else f"killed by signal {p['exit_signal']}" if p["exit_signal"] is not None
             else "running/unknown"
         )
-        argv = " ".join(_escape(a) for a in p["argv"][:6])
-        lines.append(f"{'  ' * depth}{p['pid']} {_escape(p['comm'])} [{end}] {argv}")
+        argv = " ".join(escape(a) for a in p["argv"][:6])
+        lines.append(f"{'  ' * depth}{p['pid']} {escape(p['comm'])} [{end}] {argv}")
         for c in by_parent.get(p["pid"], []):
             walk(c, depth + 1)
 
@@ -46,8 +42,9 @@ def render_text(d: dict[str, Any], out) -> None:
     """Human report: header, losses, tree, then per process a strace -c table and files."""
     w = out.write
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime((d["start_wall_ns"] or 0) / 1e9))
-    w(f"run {d['run']}  status {d['status']}  host {d['host']}  started {started}\n")
-    w(f"command: {' '.join(_escape(a) for a in d['cmdline'])}\n")
+    w(f"run {escape(d['run'])}  status {d['status']}  host {escape(d['host'])}  "
+      f"started {started}\n")
+    w(f"command: {' '.join(escape(a) for a in d['cmdline'])}\n")
     lost = d["lost"]
     if d["lost_events"] or lost["failed_reads"]:
         w(f"!! LOSSES: {lost['events']} events and {lost['details']} argument records dropped "
@@ -55,12 +52,12 @@ def render_text(d: dict[str, Any], out) -> None:
     else:
         w("losses: none (0 events dropped, 0 failed reads)\n")
     if d["status"] != "complete":
-        w(f"!! run is {d['status']}: {d.get('error') or 'trace may be partial'}\n")
+        w(f"!! run is {d['status']}: {escape(d.get('error') or 'trace may be partial')}\n")
     w("\nprocess tree:\n")
     for line in _tree(d["processes"]):
         w(f"  {line}\n")
     for p in d["processes"]:
-        w(f"\n== pid {p['pid']} {_escape(p['comm'])}: {p['events']} syscalls, "
+        w(f"\n== pid {p['pid']} {escape(p['comm'])}: {p['events']} syscalls, "
           f"{p['threads']} thread(s)\n")
         total = sum(s["total_ns"] for s in p["syscalls"].values()) or 1
         w(f"{'% time':>6} {'seconds':>11} {'usecs/call':>11} {'calls':>9} {'errors':>9} syscall\n")
@@ -80,7 +77,7 @@ def render_text(d: dict[str, Any], out) -> None:
             w("top files:                                  read      written\n")
             for path, f in list(p["files"].items())[:10]:
                 how = ",".join(k for k in ("created", "truncated", "appended") if f.get(k))
-                w(f"  {_escape(path)[:38]:<38} {f['bytes_read']:>10} {f['bytes_written']:>12}"
+                w(f"  {escape(path)[:38]:<38} {f['bytes_read']:>10} {f['bytes_written']:>12}"
                   f"{'  ' + how if how else ''}\n")
         _render_gpu(p.get("gpu") or {}, w)
 
@@ -99,7 +96,7 @@ def _render_gpu(g: dict[str, Any], w) -> None:
     if g.get("unresolved_kernels"):
         w(f"  {g['unresolved_kernels']} launches with unresolved kernel names (shown as hex)\n")
     for name, n in sorted(g.get("kernels", {}).items(), key=lambda kv: -kv[1])[:10]:
-        w(f"  {n:>8} launches  {_escape(name)[:70]}\n")
+        w(f"  {n:>8} launches  {escape(name)[:70]}\n")
     for op, n in g.get("nccl", {}).items():
         w(f"  {n:>8} x {op}\n")
 
@@ -130,7 +127,7 @@ def main(argv: list[str]) -> int:
 
         sd = steps_data(run, traces)
         if a.json:
-            sys.stdout.buffer.write(orjson.dumps(sd, option=orjson.OPT_INDENT_2) + b"\n")
+            sys.stdout.buffer.write(orjson.dumps(json_safe(sd), option=orjson.OPT_INDENT_2) + b"\n")
         else:
             render_steps(sd, sys.stdout)
         return 0
@@ -138,7 +135,7 @@ def main(argv: list[str]) -> int:
 
     data = show_data(run, traces)
     if a.json:
-        sys.stdout.buffer.write(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
+        sys.stdout.buffer.write(orjson.dumps(json_safe(data), option=orjson.OPT_INDENT_2) + b"\n")
     else:
         render_text(data, sys.stdout)
     return 0

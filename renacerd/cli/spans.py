@@ -7,13 +7,10 @@ import sys
 import orjson
 
 from renacerd.cli.common import Parser, add_db, fail, open_store
+from renacerd.escaping import escape, json_safe
 from renacerd.store import StoreError
 
 PROG = "renacer spans"
-
-
-def _escape(s: str) -> str:
-    return s.encode("unicode_escape").decode("ascii") if not s.isprintable() else s
 
 
 def main(argv: list[str]) -> int:
@@ -31,17 +28,17 @@ def main(argv: list[str]) -> int:
 
     data = spans_data(traces)
     if a.json:
-        sys.stdout.buffer.write(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
+        sys.stdout.buffer.write(orjson.dumps(json_safe(data), option=orjson.OPT_INDENT_2) + b"\n")
         return 0
     w = sys.stdout.write
     w(f"{'span':<16} {'parent':<16} {'name':<20} {'status':<6} {'ms':>9} {'calls':>7} "
       f"{'sys ms':>8} {'read':>9} {'written':>9}  attributes / top syscalls\n")
     for s in data:
         ms = (s["end_time_nanos"] - s["start_time_nanos"]) / 1e6
-        attrs = " ".join(f"{k.removeprefix('experiment.')}={_escape(str(v))}"
+        attrs = " ".join(f"{escape(k.removeprefix('experiment.'))}={escape(v)}"
                          for k, v in s["attributes"].items() if k.startswith("experiment."))
         top = " ".join(f"{k}:{v}" for k, v in list(s["syscalls"].items())[:4])
-        w(f"{s['span_id']:<16} {s['parent_span_id'] or '-':<16} {_escape(s['name'])[:20]:<20} "
+        w(f"{s['span_id']:<16} {s['parent_span_id'] or '-':<16} {escape(s['name'])[:20]:<20} "
           f"{s['status']:<6} {ms:>9.3f} {s['syscall_count']:>7} {s['syscall_ns'] / 1e6:>8.3f} "
           f"{s['bytes_read']:>9} {s['bytes_written']:>9}  {attrs}  [{top}]\n")
     return 0

@@ -150,9 +150,10 @@ def has_cuda_code(path: str) -> bool:
     except OSError:
         return False
     try:
-        eh = np.frombuffer(os.pread(fd, _EHDR.itemsize, 0), _EHDR)
-        if len(eh) != 1:
+        head = os.pread(fd, _EHDR.itemsize, 0)
+        if len(head) != _EHDR.itemsize:  # shorter than an ELF header (a script)
             return False
+        eh = np.frombuffer(head, _EHDR)
         eh = eh[0]
         ident = bytes(eh["ident"])
         if ident[:4] != b"\x7fELF" or ident[4] != 2 or not eh["shnum"]:

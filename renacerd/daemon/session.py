@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
+import stat
 import sys
+from collections.abc import Mapping
 
 from renacerd.daemon.cuda_source import CudaSource
 from renacerd.daemon.priority import PriorityGuard
 from renacerd.daemon.span_link import SpanLink, SpanLinkError
 from renacerd.daemon.tracer import Summary, Tracer, default_run_name, install_signal_handlers
+from renacerd.escaping import escape
 from renacerd.probes.loader import ProbeError
 from renacerd.probes.syscalls import SyscallProbes
-from renacerd.procfs import TargetError, check_target
+from renacerd.procfs import CallerSignals, TargetError, check_target
 from renacerd.sinks.clickhouse import ClickHouseSink
 from renacerd.sinks.otlp import OtlpExporter
 from renacerd.store import Store, StoreError, default_db_path
@@ -22,26 +26,73 @@ class SessionError(RuntimeError):
     """Bad input found before anything was attached (exit status 2)."""
 
 
-class HeldChild:
-    """A forked child that waits on a pipe before exec, so it is traced from its first call."""
+class CommandError(ValueError):
+    """The command cannot be executed (one clear line, exit status 2)."""
 
-    def __init__(self, cmd: list[str], env: dict[str, str]) -> None:
-        go_r, self._go_w = os.pipe()
+
+def resolve_command(name: str, env: Mapping[str, str]) -> str:
+    """The file execvp(3) would run for `name` under `env`'s PATH (its default without
+    one; no search for a name with a '/'), found before the traced exec so the search's
+    failed execve calls are not in the trace (as strace does)."""
+    if not name:
+        raise CommandError("cannot execute '': empty command name")
+    if "/" in name:
+        candidates = [name]
+    else:  # an empty PATH entry is the cwd: execvp then runs the bare name
+        candidates = [os.path.join(d, name) for d in os.get_exec_path(dict(env))]
+    denied = False
+    for path in candidates:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue  # execvp goes on past ENOENT, ENOTDIR, ELOOP and the like
+        if stat.S_ISREG(st.st_mode) and os.access(path, os.X_OK):
+            return path
+        denied = True  # EACCES: execvp tries the rest and reports this one
+    shown = escape(name)
+    if denied:
+        raise CommandError(f"cannot execute '{shown}': permission denied")
+    if "/" in name:
+        raise CommandError(f"cannot execute '{shown}': no such file")
+    raise CommandError(f"cannot execute '{shown}': not found on PATH")
+
+
+class HeldChild:
+    """A forked child that waits on a pipe before exec, so it is traced from its first call.
+
+    It gets what its caller would give it untraced: the caller's signal dispositions and
+    mask (restored from `caller`), no descriptor of renacerd's (all close-on-exec), and the
+    limits, nice value, policy, cgroup and cwd renacerd had at the fork (it lowers its own
+    priority only later)."""
+
+    def __init__(self, exe: str, cmd: list[str], env: dict[str, str],
+                 caller: CallerSignals) -> None:
+        go_r, self._go_w = os.pipe()  # os.pipe: O_CLOEXEC, gone at the exec
         self._err_r, err_w = os.pipe()
         pid = os.fork()
         if pid == 0:  # child: nothing here may raise past os._exit
+            code = 0
             try:
                 os.close(self._go_w)
                 os.close(self._err_r)
                 if os.read(go_r, 1) != b"x":
                     os._exit(127)
-                os.execvpe(cmd[0], cmd, env)
-            except OSError as e:
+                caller.restore()
                 try:
-                    os.write(err_w, str(e.errno).encode())
-                finally:
-                    os._exit(127)
-            os._exit(127)
+                    os.execve(exe, cmd, env)
+                except OSError as e:
+                    if e.errno != errno.ENOEXEC:
+                        raise
+                    # what execvp does with a file that is neither ELF nor #!
+                    os.execve(_BSHELL, [_BSHELL, exe, *cmd[1:]], env)
+            except OSError as e:
+                code = e.errno or 0
+            except BaseException:
+                code = 0
+            try:
+                os.write(err_w, str(code).encode())
+            finally:
+                os._exit(127)
         os.close(go_r)
         os.close(err_w)
         self.pid = pid
@@ -53,7 +104,8 @@ class HeldChild:
         err = os.read(self._err_r, 32)
         os.close(self._err_r)
         if err:
-            return os.strerror(int(err))
+            code = int(err)
+            return os.strerror(code) if code else "failed before exec"
         return None
 
     def abort(self) -> None:
@@ -69,12 +121,23 @@ class HeldChild:
             pass
 
 
+_BSHELL = "/bin/sh"
+
+
 class Session:
     """Everything one `renacerd` invocation owns."""
 
-    def __init__(self, args, cmd: list[str]) -> None:
+    def __init__(self, args, cmd: list[str], caller: CallerSignals | None = None) -> None:
+        """`caller`: what renacerd's caller gave it, captured at start (launch mode)."""
         self.args = args
         self.cmd = cmd
+        self.caller = caller or CallerSignals.capture()
+        self.exe = ""
+        if cmd:
+            try:
+                self.exe = resolve_command(cmd[0], os.environ)
+            except CommandError as e:
+                raise SessionError(str(e)) from e
         for pid in args.pid:
             try:
                 check_target(pid)
@@ -88,7 +151,8 @@ class Session:
         self.store.mark_stale_runs_incomplete()
         self.run_name = args.run or default_run_name(cmd or None)
         if self.store.run_exists(self.run_name):
-            raise SessionError(f"run {self.run_name!r} already exists in {self.db_path}")
+            raise SessionError(f"run '{escape(self.run_name)}' already exists in "
+                               f"{self.db_path}")
         self.quiet = args.quiet
         self.span_link = None
 
@@ -109,7 +173,7 @@ class Session:
         if self.span_link is not None:
             env["RENACER_SOCKET"] = self.span_link.path
         if self.cmd:
-            child = HeldChild(self.cmd, env)
+            child = HeldChild(self.exe, self.cmd, env, self.caller)
         probes = SyscallProbes(
             follow=not args.no_follow, event_mb=args.ring_mb, detail_mb=args.detail_ring_mb
         )
@@ -155,7 +219,7 @@ class Session:
         if cuda_src is not None:
             tracer.sources.append(cuda_src)
             if self.cmd:
-                cuda_src.preload_for_command(self.cmd, env)
+                cuda_src.preload_for_command([self.exe, *self.cmd[1:]], env)
         # Sinks tail the committed store on their own threads: the network never slows capture.
         sinks = [ClickHouseSink(self.db_path, u, self.run_name).start() for u in args.sink]
         if args.otlp_endpoint:
@@ -170,12 +234,12 @@ class Session:
                 tracer.adopt_launched(child.pid)
                 err = child.release()
                 if err is not None:
-                    error = f"cannot execute {self.cmd[0]!r}: {err}"
+                    error = f"cannot execute '{escape(self.cmd[0])}': {err}"
                     tracer._reap_root(block=True)  # it exits 127 at once
             else:
                 for pid in args.pid:
                     tracer.attach(pid)
-            self._say(f"tracing run {self.run_name} (store {self.db_path})")
+            self._say(f"tracing run {escape(self.run_name)} (store {escape(self.db_path)})")
             install_signal_handlers(tracer)
             if error is None and args.priority == "idle":
                 rings = probes.rings() + (cuda_src.probes.rings() if cuda_src else [])
@@ -239,7 +303,7 @@ class Session:
                 + s.lost.get("gpu_events_lost", 0) + s.lost.get("gpu_names_lost", 0))
         failed = s.lost.get("failed_reads", 0)
         self._say(
-            f"run {s.run}: {s.processes} process{'es' if s.processes != 1 else ''}, "
+            f"run {escape(s.run)}: {s.processes} process{'es' if s.processes != 1 else ''}, "
             f"{s.events} events, {lost} lost, {failed} failed reads, "
             f"{s.wall_s:.2f} s wall, status {s.status}"
         )
@@ -258,6 +322,6 @@ class Session:
                       f"{s.lost.get('gpu_objects_probed', 0)} libraries")
         ru = resource.getrusage(resource.RUSAGE_SELF)
         self._say(
-            f"store {s.db}; daemon peak RSS {ru.ru_maxrss / 1024:.0f} MB, CPU "
-            f"{ru.ru_utime + ru.ru_stime:.2f} s; see `renacer show {s.run}`"
+            f"store {escape(s.db)}; daemon peak RSS {ru.ru_maxrss / 1024:.0f} MB, CPU "
+            f"{ru.ru_utime + ru.ru_stime:.2f} s; see `renacer show {escape(s.run)}`"
         )

@@ -16,6 +16,7 @@ import numpy as np
 from renacerd import __version__
 from renacerd.daemon.details import DetailQueue, detail_bytes
 from renacerd.daemon.writer import ChunkWriter
+from renacerd.escaping import decode
 from renacerd.procfs import descendants, snapshot
 from renacerd.records import (
     EV_EXEC,
@@ -73,6 +74,7 @@ class ProcState:
     exit_group: tuple[int, int] | None = None  # (ts, code)
     fatal_signal: tuple[int, int] | None = None  # (ts, sig)
     thread_exit_code: int | None = None
+    wait_status: int | None = None  # the kernel's, from the last thread's exit
     ended: bool = False
     dirty: bool = False
     missing_since: float | None = None
@@ -400,7 +402,7 @@ class Tracer:
             parent = self._proc(pid, ts)
             if parent is None:
                 return
-            comm = next((d for s, _, d in det if s == SLOT_COMM), b"").decode(errors="replace")
+            comm = decode(next((d for s, _, d in det if s == SLOT_COMM), b""))
             span = ProcessSpan(
                 pid=child,
                 ppid=pid,
@@ -420,14 +422,14 @@ class Tracer:
             path = argv = None
             for slot, _, data in self._details_for(tid, ts):
                 if slot == SLOT_PATH0:
-                    st.span.exe = data.decode(errors="backslashreplace")
+                    st.span.exe = decode(data)
                     path = data
                 elif slot == SLOT_COMM:
-                    st.span.name = data.decode(errors="backslashreplace")
+                    st.span.name = decode(data)
                 elif slot == SLOT_ARGV_BLOB and data:
                     argv = data.rstrip(b"\0")
                     st.span.argv = [
-                        a.decode(errors="backslashreplace") for a in argv.split(b"\0")
+                        decode(a) for a in argv.split(b"\0")
                     ]
             st.execs.append((ts, path, argv))
             st.dirty = True
@@ -436,6 +438,8 @@ class Tracer:
             if st is None:
                 return
             if int(e["a0"]) and not st.ended:
+                if int(e["ret"]) >= 0:
+                    st.wait_status = int(e["ret"])
                 self._end_process(st, ts)
         elif kind == EV_SIGNAL:
             st = self.procs.get(pid)
@@ -459,7 +463,11 @@ class Tracer:
         st.span.end_mono_ns = ts
         if st.span.pid != self.root_pid or self.root_status is None:
             sig, grp = st.fatal_signal, st.exit_group
-            if sig is not None and (grp is None or sig[0] < grp[0]):
+            if st.wait_status is not None:
+                w = st.wait_status
+                st.span.exit_signal, st.span.exit_code = (
+                    (w & 0x7F, None) if w & 0x7F else (None, w >> 8 & 0xFF))
+            elif sig is not None and (grp is None or sig[0] < grp[0]):
                 st.span.exit_signal, st.span.exit_code = sig[1], None
             elif grp is not None:
                 st.span.exit_code = grp[1]
@@ -584,7 +592,7 @@ class Tracer:
                 if kargv is not None:  # the kernel's copy beats a failed user read
                     argv = [kargv]
                 else:
-                    st.span.argv = [a.decode(errors="backslashreplace") for a in argv]
+                    st.span.argv = [decode(a) for a in argv]
                     st.dirty = True
                 if path and (s0[i] < 0 or not self.strings_by_id(int(s0[i]))):
                     s0[i] = self.strings.intern(path)

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from renacerd.escaping import json_safe
 from renacerd.unified_trace import UnifiedTrace
 
 
@@ -26,7 +27,7 @@ def lines(traces: list[UnifiedTrace]) -> Iterator[bytes]:
     for t in traces:
         p = dataclasses.asdict(t.process)
         p["initial_fds"] = {str(k): v for k, v in p["initial_fds"].items()}
-        yield orjson.dumps({"type": "process", **p, "events": len(t)})
+        yield orjson.dumps(json_safe({"type": "process", **p, "events": len(t)}))
     for s in traces[0].spans if traces else []:
         yield orjson.dumps(_span(s))
     if not traces:
@@ -35,6 +36,7 @@ def lines(traces: list[UnifiedTrace]) -> Iterator[bytes]:
     who = np.concatenate([np.full(len(t), k, dtype=np.int32) for k, t in enumerate(traces)])
     at = np.concatenate([np.arange(len(t)) for t in traces])
     names = [t.names() for t in traces]
+    texts = [t.texts() for t in traces]
     for j in np.argsort(ts, kind="stable"):
         t = traces[who[j]]
         i = int(at[j])
@@ -46,9 +48,9 @@ def lines(traces: list[UnifiedTrace]) -> Iterator[bytes]:
                                "errno": -ret if -4095 <= ret < 0 else None,
                                "a0": int(c["a0"][i])}
         if c["s0"][i] >= 0:
-            rec["path"] = t.string(int(c["s0"][i]))
+            rec["path"] = texts[who[j]][int(c["s0"][i])]
         if c["s1"][i] >= 0:
-            rec["path2"] = t.string(int(c["s1"][i]))
+            rec["path2"] = texts[who[j]][int(c["s1"][i])]
         yield orjson.dumps(rec)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from renacerd.escaping import json_safe, json_text
 from renacerd.unified_trace import UnifiedTrace
 
 SPAN_TID_BASE = 1_000_000_000  # span tracks get tids no kernel hands out
@@ -33,12 +34,13 @@ def syscall_events(t: UnifiedTrace) -> list[dict[str, Any]]:
         # clock skew between enter and exit records must not make slices overlap
         end[sel] = np.minimum(end[sel], nxt)
     names = t.names()
+    texts = t.texts()
     for i in range(len(t)):
         args: dict[str, Any] = {"ret": int(c["ret"][i])}
         if c["s0"][i] >= 0:
-            args["path"] = t.string(int(c["s0"][i]))
+            args["path"] = texts[int(c["s0"][i])]
         if c["s1"][i] >= 0:
-            args["path2"] = t.string(int(c["s1"][i]))
+            args["path2"] = texts[int(c["s1"][i])]
         out.append({"ph": "X", "name": names[i], "cat": "syscall", "pid": t.pid,
                     "tid": int(tid[i]), "ts": _us(ts[i]), "dur": _us(max(end[i] - ts[i], 0)),
                     "args": args})
@@ -76,7 +78,8 @@ def gpu_events(t: UnifiedTrace) -> list[dict[str, Any]]:
     if cols is None or not len(cols["ts"]):
         return []
     out: list[dict[str, Any]] = []
-    names = {int(th): f"{t.process.name} thread {th} CUDA" for th in np.unique(cols["tid"])}
+    comm = json_text(t.process.name)
+    names = {int(th): f"{comm} thread {th} CUDA" for th in np.unique(cols["tid"])}
     for th, name in names.items():
         out.append({"ph": "M", "name": "thread_name", "pid": t.pid, "tid": GPU_TRACK + th,
                     "args": {"name": name}})
@@ -84,7 +87,7 @@ def gpu_events(t: UnifiedTrace) -> list[dict[str, Any]]:
     for i in range(len(cols["ts"])):
         args: dict[str, Any] = {"ret": int(cols["ret"][i])}
         if "name" in cols and cols["name"][i] >= 0:
-            args["kernel"] = t.string(int(cols["name"][i]))
+            args["kernel"] = json_text(t.string(int(cols["name"][i])) or "")
         out.append({"ph": "X", "name": str(sym[i]), "cat": "cuda", "pid": t.pid,
                     "tid": GPU_TRACK + int(cols["tid"][i]), "ts": _us(cols["ts"][i]),
                     "dur": _us(cols["dur"][i]), "args": args})
@@ -97,11 +100,12 @@ def chrome_trace(traces: list[UnifiedTrace], run: str | None = None) -> dict[str
     pids = {t.pid for t in traces}
     nspid = {t.process.nspid: t.pid for t in traces if t.process.nspid}
     for t in traces:
+        comm = json_text(t.process.name)
         ev.append({"ph": "M", "name": "process_name", "pid": t.pid, "tid": 0,
-                   "args": {"name": f"{t.process.name} ({t.pid})"}})
+                   "args": {"name": f"{comm} ({t.pid})"}})
         for k, th in enumerate(dict.fromkeys(t.columns["tid"].tolist())):
             ev.append({"ph": "M", "name": "thread_name", "pid": t.pid, "tid": int(th),
-                       "args": {"name": f"{t.process.name} thread {k} ({th})"}})
+                       "args": {"name": f"{comm} thread {k} ({th})"}})
         ev += syscall_events(t)
         ev += gpu_events(t)
     spans = [s for s in (traces[0].spans if traces else [])
@@ -125,7 +129,8 @@ def chrome_trace(traces: list[UnifiedTrace], run: str | None = None) -> dict[str
                        "ts": _us(s.start_mono_nanos), "dur": _us(end - s.start_mono_nanos),
                        "args": {"attributes": s.attributes_json, "span_id": s.span_id.hex(),
                                 "thread_id": s.thread_id}})
-    return {"traceEvents": ev, "displayTimeUnit": "ns", "otherData": {"run": run} if run else {}}
+    return {"traceEvents": ev, "displayTimeUnit": "ns",
+            "otherData": json_safe({"run": run}) if run else {}}
 
 
 def write_perfetto(path: str | os.PathLike[str], traces: list[UnifiedTrace],

@@ -73,6 +73,10 @@ class SyscallProbes:
             )
         except BTFError:
             pass  # argv then comes from execve's arguments alone
+        try:
+            self.defines["TASK_EXIT_CODE_OFF"] = member_offset("task_struct", "exit_code")
+        except BTFError:
+            pass  # exit statuses then come from exit_group and signal_deliver alone
         self.bpf = None
         self.events: RingReader | None = None
         self.details: RingReader | None = None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from html import escape
+import html
 from typing import Any
+
+from renacerd.escaping import escape
 
 BASE_COLOR = "#4e79a7"
 CAND_COLOR = "#f28e2b"
@@ -12,7 +14,9 @@ MAX_BARS = 60
 
 
 def _e(s: Any) -> str:
-    return escape(str(s), quote=True)
+    """Captured text in the page: control characters and stray bytes escaped as in the
+    text report, then HTML-escaped."""
+    return html.escape(escape(s), quote=True)
 
 
 def _paired_bars(title: str, labels: list[str], a: list[float], b: list[float],

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 from typing import Any, TextIO
 
+from renacerd.escaping import escape as _esc
+
 MAX_STEPS = 20
 MAX_EFFECTS = 20
-
-
-def _esc(s: Any) -> str:
-    """Captured strings are data: control characters never reach the terminal raw."""
-    s = str(s)
-    return s if s.isprintable() else s.encode("unicode_escape").decode("ascii")
 
 
 def _calls(d: dict[str, int]) -> str:

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from renacerd.escaping import escape
 from renacerd.store import RunInfo, span_summaries
 from renacerd.unified_trace import UnifiedTrace
 
@@ -85,7 +86,7 @@ def steps_data(run: RunInfo, traces: list[UnifiedTrace]) -> dict[str, Any]:
 def render_steps(d: dict[str, Any], out) -> None:
     """Per-step table; '!' marks robust outliers."""
     w = out.write
-    w(f"run {d['run']}  status {d['status']}: {len(d['steps'])} steps\n")
+    w(f"run {escape(d['run'])}  status {d['status']}: {len(d['steps'])} steps\n")
     if not d["steps"]:
         w("no spans carry experiment.step (use experiment_span(..., step=N))\n")
         return
@@ -97,7 +98,7 @@ def render_steps(d: dict[str, Any], out) -> None:
              for k in ("syscalls", "syscall_ns", "bytes", "gpu_launches", "gpu_bytes")}
         flags = ("error " if r["errors"] else "") + (
             "outlier: " + ", ".join(r["outliers"]) if o else "")
-        w(f"{r['step']!s:>8} {r['spans']:>6} {r['syscalls']:>9}{m['syscalls']} "
+        w(f"{escape(r['step']):>8} {r['spans']:>6} {r['syscalls']:>9}{m['syscalls']} "
           f"{r['syscall_ns'] / 1e6:>10.3f}{m['syscall_ns']} {r['bytes']:>11}{m['bytes']}"
           f"{r['gpu_launches']:>9}{m['gpu_launches']}{r['gpu_bytes']:>11}{m['gpu_bytes']}"
           f"  {flags}\n")

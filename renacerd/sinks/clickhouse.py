@@ -24,6 +24,7 @@ import numpy as np
 import orjson
 
 from renacerd.columns import decode
+from renacerd.escaping import json_text
 from renacerd.sinks import (
     Backoff,
     Position,
@@ -90,8 +91,8 @@ def parse_url(url: str, *, with_run: bool = False) -> Target:
 
 
 def quote(s: str) -> str:
-    """A ClickHouse string literal."""
-    return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    """A ClickHouse string literal (of the name as _b sends it)."""
+    return "'" + json_text(s).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 # -- Native format ------------------------------------------------------------------------
@@ -115,7 +116,9 @@ def _varint(n: int) -> bytes:
 
 
 def _b(v: Any) -> bytes:
-    return v if isinstance(v, bytes) else str(v).encode()
+    """A String value: bytes (the string table's paths) as they are, text as UTF-8, a byte
+    of a name that is not UTF-8 as \\xNN (renacerd.escaping), so every reader gets text."""
+    return v if isinstance(v, bytes) else json_text(str(v)).encode()
 
 
 def encode_column(ctype: str, values: Any) -> bytes:

@@ -26,6 +26,7 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
 from renacerd import __version__
+from renacerd.escaping import json_text
 from renacerd.sinks import (
     Backoff,
     Progress,
@@ -92,15 +93,15 @@ def any_value(v: Any) -> AnyValue:
         return AnyValue(int_value=v)
     if isinstance(v, float):
         return AnyValue(double_value=v)
-    if isinstance(v, str):
-        return AnyValue(string_value=v)
+    if isinstance(v, str):  # protobuf strings are UTF-8: stray bytes of a name as \xNN
+        return AnyValue(string_value=json_text(v))
     if isinstance(v, (list, tuple)):
         a = AnyValue()
         a.array_value.values.extend(any_value(x) for x in v)
         return a
     if isinstance(v, dict):
         a = AnyValue()
-        a.kvlist_value.values.extend(KeyValue(key=str(k), value=any_value(x))
+        a.kvlist_value.values.extend(KeyValue(key=json_text(str(k)), value=any_value(x))
                                      for k, x in v.items())
         return a
     return AnyValue(string_value=orjson.dumps(v).decode() if v is not None else "")
@@ -108,7 +109,7 @@ def any_value(v: Any) -> AnyValue:
 
 def key_values(d: Mapping[str, Any]) -> list[KeyValue]:
     """Attributes as OTLP KeyValues."""
-    return [KeyValue(key=k, value=any_value(v)) for k, v in d.items()]
+    return [KeyValue(key=json_text(k), value=any_value(v)) for k, v in d.items()]
 
 
 def _json(js: str | None) -> dict[str, Any]:
