@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import psutil
 
+from renacerd.fdtrack import AT_FDCWD
 from renacerd.unified_trace import ProcessSpan
 
 PF_KTHREAD = 0x00200000
@@ -131,6 +132,12 @@ def snapshot(pid: int, start_mono_ns: int, attached: bool) -> ProcessSpan:
             argv = p.cmdline()
         except (psutil.AccessDenied, psutil.ZombieProcess):
             argv = []
+        fds = fd_table(pid, after_exec=not attached)
+        try:
+            # where relative paths start: fdtrack follows chdir/fchdir from here
+            fds[AT_FDCWD] = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            pass
         return ProcessSpan(
             pid=pid,
             ppid=p.ppid(),
@@ -140,7 +147,7 @@ def snapshot(pid: int, start_mono_ns: int, attached: bool) -> ProcessSpan:
             start_mono_ns=start_mono_ns,
             nspid=nspid(pid),
             attached=attached,
-            initial_fds=fd_table(pid, after_exec=not attached),
+            initial_fds=fds,
         )
 
 

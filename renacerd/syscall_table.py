@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno as _errno
 import functools
 import platform
 import re
@@ -55,6 +56,41 @@ TRACEFS_ALIASES = {
     "sendfile64": "sendfile",
     "umount": "umount2",
 }
+
+
+# Error codes internal to the kernel (include/linux/errno.h), named as strace names them.
+# A syscall's exit tracepoint sees them before the kernel turns them into what the program
+# gets: ERESTART* mean a signal interrupted the call, which is then restarted (on
+# ERESTART_RESTARTBLOCK through restart_syscall) or fails with EINTR.
+KERNEL_ERRNOS = {
+    512: "ERESTARTSYS",
+    513: "ERESTARTNOINTR",
+    514: "ERESTARTNOHAND",
+    515: "ENOIOCTLCMD",
+    516: "ERESTART_RESTARTBLOCK",
+    517: "EPROBE_DEFER",
+    518: "EOPENSTALE",
+    519: "ENOPARAM",
+    521: "EBADHANDLE",
+    522: "ENOTSYNC",
+    523: "EBADCOOKIE",
+    524: "ENOTSUPP",
+    525: "ETOOSMALL",
+    526: "ESERVERFAULT",
+    527: "EBADTYPE",
+    528: "EJUKEBOX",
+    529: "EIOCBQUEUED",
+    530: "ERECALLCONFLICT",
+    531: "ENOGRACE",
+}
+# Interrupted, not failed: the program never sees these.
+RESTART_ERRNOS = frozenset({512, 513, 514, 516})
+
+
+def errno_name(err: int | None) -> str:
+    """E-name of an errno value (the kernel's internal ones too); the number when unknown."""
+    e = err or 0
+    return _errno.errorcode.get(e) or KERNEL_ERRNOS.get(e) or str(err)
 
 
 def tracefs_root() -> Path | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno as _errno
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,7 +10,7 @@ import numpy as np
 
 from renacerd.columns import SYSCALL_COLUMNS
 from renacerd.records import F_DETAIL_LOST, F_NO_ENTER, F_READ_FAILED, F_TRUNCATED
-from renacerd.syscall_table import name_of, syscall_table
+from renacerd.syscall_table import RESTART_ERRNOS, errno_name, name_of, syscall_table
 
 # syscalls whose a0 is a file descriptor (for -y style decoding and fd -> path attribution)
 FD_SYSCALLS = frozenset(
@@ -87,6 +86,7 @@ class UnifiedTrace:
         "span_index",
         "gpu",
         "run",
+        "files",
     )
 
     def __init__(self, pid: int, name: str) -> None:
@@ -100,6 +100,8 @@ class UnifiedTrace:
         self.span_index = np.empty(0, dtype=np.int64)
         self.gpu: dict[str, Any] = {}
         self.run: str | None = None
+        # fdtrack.ProcessFiles once fdtrack.run_files has resolved the run's files
+        self.files: Any = None
 
     def __len__(self) -> int:
         return len(self.columns["ts"])
@@ -134,15 +136,21 @@ class UnifiedTrace:
         return [json_text(s.decode("utf-8", "surrogateescape")) for s in self.strings]
 
     def errors(self) -> np.ndarray:
-        """Boolean mask: the call failed (-4095 <= ret < 0)."""
+        """Boolean mask: the call failed (-4095 <= ret < 0), interrupted calls excepted."""
         r = self.columns["ret"]
-        return (r < 0) & (r >= -4095)
+        return (r < 0) & (r >= -4095) & ~self.interrupted()
+
+    def interrupted(self) -> np.ndarray:
+        """Boolean mask: a signal interrupted the call (ERESTART*): the kernel restarts it
+        or turns it into EINTR, and the program never sees this value."""
+        return np.isin(self.columns["ret"], -np.array(sorted(RESTART_ERRNOS), dtype=np.int64))
 
     # -- records ---------------------------------------------------------------------
     def syscalls(self) -> Iterator[SyscallRecord]:
         """Iterate over syscall records (convenient, not fast: use the columns for bulk work)."""
         c = self.columns
         names = self.names()
+        files = self.files
         for i in range(len(self)):
             ret = int(c["ret"][i])
             name = names[i]
@@ -165,6 +173,13 @@ class UnifiedTrace:
                     ]
                 else:
                     args["path2"] = self.string(s1)
+            if files is not None:
+                # the raw arguments stay in path/path2; these are the files they named
+                for key, col in (("abs_path", files.path0), ("abs_path2", files.path1),
+                                 ("file", files.fd)):
+                    sid = int(col[i])
+                    if sid >= 0 and not (key == "file" and "fd" not in args):
+                        args[key] = self.string(sid)
             if name in OPEN_FAMILY:
                 args["flags"] = int(c["aux"][i])
                 m = int(c["mode"][i])
@@ -188,5 +203,5 @@ class UnifiedTrace:
     __iter__ = syscalls
 
     def errno_name(self, err: int | None) -> str:
-        """E-name of an errno value."""
-        return _errno.errorcode.get(err or 0, str(err))
+        """E-name of an errno value, the kernel's internal ones (ERESTARTSYS...) included."""
+        return errno_name(err)

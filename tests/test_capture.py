@@ -468,7 +468,12 @@ def test_unknown_run_and_show_json_contract(cc, renacerd, renacer, db, tmp_path)
     assert {"pid", "ppid", "comm", "exit_code", "syscalls", "files"} <= set(p)
     assert p["syscalls"]["getppid"]["calls"] == 7
     assert p["syscalls"]["getppid"]["errors"] == 0
-    assert p["files"][str(out)] == {"bytes_read": 0, "bytes_written": 1280}
+    f = p["files"][str(out)]
+    assert set(f) == {"bytes_read", "bytes_written", "created", "truncated", "appended"}
+    assert (f["bytes_read"], f["bytes_written"]) == (0, 1280)
+    # the launcher's own pre-exec read is not the program's unmatched exit
+    assert d["lost"]["unmatched_exits"] == 0
+    assert p["gpu"] is None  # no GPU calls: null, not a block of zeros
     assert [q["exit_code"] for q in d["processes"]] == [3, 7, 0]
     r = renacer("show", "nope")
     assert r.returncode == 2 and "no run named 'nope'" in r.stderr

@@ -73,10 +73,16 @@ def render_text(d: dict[str, Any], out) -> None:
         calls = sum(s["calls"] for s in p["syscalls"].values())
         errs = sum(s["errors"] for s in p["syscalls"].values())
         w(f"{100:6.2f} {total / 1e9:11.6f} {'':>11} {calls:9d} {errs or '':>9} total\n")
+        intr = sum(s.get("interrupted", 0) for s in p["syscalls"].values())
+        if intr:
+            w(f"{intr} call(s) interrupted by a signal (ERESTART*: restarted or EINTR), "
+              "not counted as errors\n")
         if p["files"]:
             w("top files:                                  read      written\n")
             for path, f in list(p["files"].items())[:10]:
-                w(f"  {escape(path)[:38]:<38} {f['bytes_read']:>10} {f['bytes_written']:>12}\n")
+                how = ",".join(k for k in ("created", "truncated", "appended") if f.get(k))
+                w(f"  {escape(path)[:38]:<38} {f['bytes_read']:>10} {f['bytes_written']:>12}"
+                  f"{'  ' + how if how else ''}\n")
         _render_gpu(p.get("gpu") or {}, w)
 
 

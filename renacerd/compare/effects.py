@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from renacerd.compare.pairing import ProcessPair
-from renacerd.fdtrack import file_io, run_fd_path_ids
+from renacerd.fdtrack import ProcessFiles, created_opens, file_stats, run_files
 from renacerd.unified_trace import UnifiedTrace
 
 _PROC = re.compile(r"^/proc/\d+(?=/|$)")
@@ -107,8 +107,8 @@ def run_effects(traces: list[UnifiedTrace], ids: dict[int, np.ndarray] | None = 
     e = Effects()
     if not traces:
         return e
-    if ids is None:
-        ids = run_fd_path_ids(traces)
+    files = _files(traces, ids)
+    made = created_opens(traces, files)
     pids = {t.pid for t in traces}
     std: dict[str, str] = {}
     for t in traces:
@@ -118,15 +118,17 @@ def run_effects(traces: list[UnifiedTrace], ids: dict[int, np.ndarray] | None = 
                     std[t.process.initial_fds[fd]] = name
     renames: list[tuple[int, str, str]] = []
     for t in traces:
-        io = file_io(t, ids[t.pid])
-        for path, (got, wrote) in io.items():
+        pf = files[t.pid]
+        for path, fs in file_stats(t, pf, made.get(t.pid, set())).items():
+            got, wrote = fs.bytes_read, fs.bytes_written
+            if fs.created:
+                e.created[canonical_path(path)] += 1
             if path.startswith("socket:") and got:
-                e.net_recv[canonical_endpoint(path[7:]) or "?"] += got
+                e.net_recv[_endpoint(path)] += got
             if path in std:
                 e.stdio[std[path]] += wrote
             elif path.startswith("socket:"):
-                ep = canonical_endpoint(path[7:]) or "?"
-                e.net_sent[ep] += wrote
+                e.net_sent[_endpoint(path)] += wrote
             elif wrote:
                 e.written[canonical_path(path)] += wrote
         c = t.columns
@@ -134,15 +136,18 @@ def run_effects(traces: list[UnifiedTrace], ids: dict[int, np.ndarray] | None = 
             continue
         ok = c["ret"] >= 0
         nr = c["nr"]
+
+        def path(col: np.ndarray, i: int, t: UnifiedTrace = t) -> str:
+            return t.string(int(col[i])) or ""
+
         for i in np.flatnonzero(ok & np.isin(nr, _nrs(t, CREATES))):
-            e.created[canonical_path(t.string(int(c["s1" if _two(t, i) else "s0"][i])) or "")] += 1
+            e.created[canonical_path(path(pf.path1 if _two(t, i) else pf.path0, i))] += 1
         for i in np.flatnonzero(ok & np.isin(nr, _nrs(t, REMOVES))):
-            e.removed[canonical_path(t.string(int(c["s0"][i])) or "")] += 1
+            e.removed[canonical_path(path(pf.path0, i))] += 1
         for i in np.flatnonzero(ok & np.isin(nr, _nrs(t, RENAMES))):
-            renames.append((int(c["ts"][i]), t.string(int(c["s0"][i])) or "",
-                            t.string(int(c["s1"][i])) or ""))
+            renames.append((int(c["ts"][i]), path(pf.path0, i), path(pf.path1, i)))
         for i in np.flatnonzero(ok & np.isin(nr, _nrs(t, EXECS))):
-            e.execs[canonical_path(t.string(int(c["s0"][i])) or "?")] += 1
+            e.execs[canonical_path(path(pf.path0, i) or "?")] += 1
         # connect may legitimately return -EINPROGRESS on a non-blocking socket
         cok = ok | (c["ret"] == -115)
         for i in np.flatnonzero(cok & np.isin(nr, _nrs(t, frozenset({"connect", "bind"})))):
@@ -161,6 +166,23 @@ def run_effects(traces: list[UnifiedTrace], ids: dict[int, np.ndarray] | None = 
         if o in e.created:
             e.created[n] += e.created.pop(o)
     return e
+
+
+def _files(traces: list[UnifiedTrace],
+           ids: dict[int, np.ndarray] | None) -> dict[int, ProcessFiles]:
+    """The run's resolved files: those run_fd_path_ids left on the traces, else replayed."""
+    have = {t.pid: t.files for t in traces if isinstance(t.files, ProcessFiles)}
+    if len(have) == len(traces) and (ids is None or all(ids[p] is f.fd
+                                                         for p, f in have.items())):
+        return have
+    return run_files(traces)
+
+
+def _endpoint(path: str) -> str:
+    """The peer of a socket file; both ends of a socketpair are one local endpoint."""
+    if _INODE.match(path):
+        return "socketpair"
+    return canonical_endpoint(path[7:]) or "?"
 
 
 def _two(t: UnifiedTrace, i: int) -> bool:

@@ -235,6 +235,7 @@ class Tracer:
     def adopt_launched(self, pid: int) -> None:
         """Trace a child we forked and hold before exec: its events start at execve."""
         self.probes.add_target(pid)
+        self.probes.expect_exit(pid)
         st = self._new_proc(snapshot(pid, time.monotonic_ns(), attached=False))
         st.gated = True
         self.root_pid = pid

@@ -6,6 +6,7 @@ import ctypes
 import mmap
 import os
 import platform
+import time
 
 import numpy as np
 
@@ -127,6 +128,17 @@ class SyscallProbes:
         if self.defines["TGID_INDEX"]:
             self.bpf["target_idx"][ctypes.c_uint32(pid & (self.defines["TID_SLOTS"] - 1))] = \
                 ctypes.c_uint32(pid)
+
+    def expect_exit(self, tid: int) -> None:
+        """Give `tid`'s start slot an enter, so the exit of the call it is blocked in (a
+        held child waiting to exec, made a target while inside read) is matched and not
+        counted as an unmatched exit of the traced program; its record is dropped with the
+        rest of what comes before the exec."""
+        slots = self.bpf["starts"]
+        s = slots.Leaf()
+        s.ts = time.monotonic_ns()  # bpf_ktime_get_ns's clock
+        s.tid = tid
+        slots[ctypes.c_uint32(tid & (self.defines["TID_SLOTS"] - 1))] = s
 
     def remove_target(self, pid: int) -> None:
         """Stop tracing `pid` (after it exited, so a reused pid is not traced)."""

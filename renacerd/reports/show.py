@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from renacerd.fdtrack import file_io, run_fd_path_ids
+from renacerd.fdtrack import run_file_stats
 from renacerd.gpu_trace import gpu_summary
 from renacerd.records import F_UNFOLLOWED
 from renacerd.store import RunInfo
@@ -14,28 +14,31 @@ from renacerd.unified_trace import UnifiedTrace
 
 
 def syscall_table(trace: UnifiedTrace) -> dict[str, dict[str, int]]:
-    """{name: {calls, errors, total_ns}} over the trace, like strace -c (partial calls included)."""
+    """{name: {calls, errors, interrupted, total_ns}} over the trace, like strace -c (partial
+    calls included; a call a signal interrupted is not an error)."""
     c = trace.columns
     if not len(trace):
         return {}
     nr = c["nr"].astype(np.int64)
     calls = np.bincount(nr)
     errs = np.bincount(nr, weights=trace.errors().astype(np.float64))
+    intr = np.bincount(nr, weights=trace.interrupted().astype(np.float64))
     tot = np.bincount(nr, weights=c["dur"].astype(np.float64))
     out = {}
     for n in np.flatnonzero(calls):
         name = trace.table.get(int(n), f"syscall_{int(n)}")
-        out[name] = {"calls": int(calls[n]), "errors": int(errs[n]), "total_ns": int(tot[n])}
+        out[name] = {"calls": int(calls[n]), "errors": int(errs[n]),
+                     "interrupted": int(intr[n]), "total_ns": int(tot[n])}
     return dict(sorted(out.items(), key=lambda kv: -kv[1]["total_ns"]))
 
 
 def show_data(run: RunInfo, traces: list[UnifiedTrace]) -> dict[str, Any]:
     """The `renacer show --json` contract (more keys than the contract are fine)."""
-    ids = run_fd_path_ids(traces)
+    stats = run_file_stats(traces)
     procs = []
     for t in traces:
         p = t.process
-        files = file_io(t, ids[t.pid])
+        files = stats[t.pid]
         entry: dict[str, Any] = {
             "pid": p.pid,
             "ppid": p.ppid,
@@ -50,14 +53,22 @@ def show_data(run: RunInfo, traces: list[UnifiedTrace]) -> dict[str, Any]:
             "events": len(t),
             "threads": int(len(np.unique(t.columns["tid"]))) if len(t) else 0,
             "syscalls": syscall_table(t),
+            # keyed by absolute path; see docs/counters.md for what cannot be resolved
             "files": {
-                path: {"bytes_read": rw[0], "bytes_written": rw[1]}
-                for path, rw in sorted(files.items(), key=lambda kv: -(kv[1][0] + kv[1][1]))
+                path: {"bytes_read": f.bytes_read, "bytes_written": f.bytes_written,
+                       "created": f.created, "truncated": f.truncated,
+                       "appended": f.appended}
+                for path, f in sorted(files.items(),
+                                      key=lambda kv: (-(kv[1].bytes_read
+                                                        + kv[1].bytes_written), kv[0]))
             },
         }
         if len(t) and (t.columns["flags"] & F_UNFOLLOWED).any():
             entry["stopped_following"] = "privilege gained at exec"
-        entry["gpu"] = gpu_summary(t)
+        # null for a process with no GPU layer or no GPU calls, not a block of zeros
+        gcols = (t.gpu or {}).get("columns")
+        has_gpu = gcols is not None and len(gcols["ts"]) > 0
+        entry["gpu"] = gpu_summary(t) if has_gpu else None
         procs.append(entry)
     return {
         "run": run.name,
