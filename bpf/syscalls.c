@@ -71,6 +71,8 @@ struct start_t {
     u32 nr;
     u32 kind;    // how to read p0/p1 at exit
     u32 pad;
+    u32 aux;     // the event's aux: a flags argument or a second fd (aux_of)
+    u32 pad2;
 };
 
 struct event {
@@ -372,10 +374,19 @@ static __always_inline int emit_event(u64 ts, u64 dur, s64 ret, u64 a0, u32 pid,
 }
 
 // How a syscall's user memory is read at exit; K_ARGS: no capture, but enter needs all six
-// arguments (clone flags, execve). Only these calls pay for reading more than arg 0.
+// arguments (clone flags, execve); K_AUX: enter keeps one more argument in the event's aux
+// (aux_of), and pipe/pipe2/socketpair read their fd pair at exit. Only these calls pay for
+// reading more than arg 0.
 #define K_ARGS 5
+#define K_AUX  6
 static __always_inline u32 kind_of(u32 nr) {
     switch (nr) {
+    case __NR_memfd_create:  // its name is read as a path
+        return K_PATH0;
+    case __NR_dup3: case __NR_pipe: case __NR_pipe2: case __NR_socket: case __NR_socketpair:
+    case __NR_eventfd2: case __NR_timerfd_create: case __NR_signalfd4: case __NR_fcntl:
+    case __NR_sendfile: case __NR_copy_file_range: case __NR_splice: case __NR_tee:
+        return K_AUX;
     case __NR_open: case __NR_creat: case __NR_stat: case __NR_lstat:
     case __NR_access: case __NR_unlink: case __NR_mkdir: case __NR_rmdir:
     case __NR_chdir: case __NR_truncate: case __NR_readlink: case __NR_chmod:
@@ -396,6 +407,25 @@ static __always_inline u32 kind_of(u32 nr) {
         return K_ARGS;
     }
     return K_NONE;
+}
+
+// The event's aux for calls other than the open family (whose flags come with p1): the
+// argument renacerd.fdtrack.AUX names, so fd tables can be replayed at analysis time.
+static __always_inline u32 aux_of(u32 nr, u64 *a) {
+    switch (nr) {
+    case __NR_pipe2: case __NR_socket: case __NR_socketpair: case __NR_eventfd2:
+    case __NR_timerfd_create: case __NR_memfd_create: case __NR_sendfile: case __NR_tee:
+    case __NR_symlinkat:
+        return (u32)a[1];
+    case __NR_dup3: case __NR_copy_file_range: case __NR_splice:
+    case __NR_renameat: case __NR_renameat2: case __NR_linkat:
+        return (u32)a[2];
+    case __NR_accept4: case __NR_signalfd4:
+        return (u32)a[3];
+    case __NR_fcntl:
+        return (u32)(a[1] & 0xFFFF) | (u32)((a[2] & 0xFFFF) << 16);
+    }
+    return 0;
 }
 
 // Which argument(s) hold the user memory of `kind`; returns the kind actually to capture.
@@ -454,6 +484,9 @@ static __always_inline u32 capture_ptrs(u32 nr, u32 kind, u64 *a, u64 *p0, u64 *
         return kind;
     case __NR_clone: case __NR_clone3: case __NR_execve: case __NR_execveat:
         return K_NONE;
+    case __NR_socketpair:
+        *p0 = a[3];  // int sv[2], read at exit
+        return kind;
     }
     // open, creat, stat ... and rename, link, symlink: the path(s) lead
     *p0 = a[0];
@@ -534,9 +567,11 @@ ENTER_PROBE {
     s->p0 = 0;
     s->p1 = 0;
     s->pad = 0;
+    s->aux = 0;
     s->kind = K_NONE;
     if (kind == K_NONE)
         return 0;
+    s->aux = aux_of(nr, a);
     s->kind = capture_ptrs(nr, kind, a, &s->p0, &s->p1);
     if (nr == __NR_clone) {
         s->p0 = a[0];  // clone flags, read by sched_process_fork
@@ -594,7 +629,7 @@ EXIT_PROBE {
     }
 
     u32 kind = s->kind;
-    u32 aux = 0, pad = 0;
+    u32 aux = s->aux, pad = 0;
     if (kind == K_PATH0 && (nr == __NR_open || nr == __NR_creat || nr == __NR_openat ||
                             nr == __NR_openat2)) {
         aux = (u32)s->p1;  // the open flags, kept with the event
@@ -616,6 +651,16 @@ EXIT_PROBE {
             u32 len = 0;
             bpf_probe_read_user(&len, sizeof(len), (void *)p1);
             flags |= emit_addr(ts, tid, nr, (void *)p0, len);
+        } else if (kind == K_AUX && ret == 0 &&
+                   (nr == __NR_pipe || nr == __NR_pipe2 || nr == __NR_socketpair)) {
+            // the two fds the kernel wrote: a0 becomes fds[0] | fds[1] << 32
+            u64 fds = 0;
+            if (bpf_probe_read_user(&fds, sizeof(fds), (void *)p0) < 0) {
+                flags |= F_READ_FAILED;
+                count(C_READ_FAILED);
+            } else {
+                a0 = fds;
+            }
         }
     }
 
