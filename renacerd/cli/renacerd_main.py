@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-bpf", action="store_true", help=argparse.SUPPRESS)
     # `renacerd serve` learns on this inherited pipe that the probes are attached.
     p.add_argument("--ready-fd", type=int, metavar="FD", help=argparse.SUPPRESS)
+    # `renacerd serve`: the uid that asked for the run (its owner; 0 for root's own runs).
+    p.add_argument("--owner-uid", type=int, metavar="UID", help=argparse.SUPPRESS)
     return p
 
 

@@ -141,6 +141,7 @@ class Tracer:
         follow: bool = True,
         flush_interval: float = 0.5,
         drain_interval: float = 0.04,
+        owner_uid: int | None = None,
     ) -> None:
         self.probes = probes
         self.store = store
@@ -169,7 +170,7 @@ class Tracer:
             syscall_table=self.table,
             start_wall_ns=self.start_wall,
             start_mono_ns=self.start_mono,
-            owner_uid=os.getuid(),
+            owner_uid=os.getuid() if owner_uid is None else owner_uid,
         )
         self._last_flush = time.monotonic()
         self.writer = ChunkWriter(store, self.run_id)
@@ -182,6 +183,8 @@ class Tracer:
         self.foreign_events = 0
         self.final_error: str | None = None
         self.paths_lost = 0
+        # /proc could not be read (EMFILE, ...): liveness unknown, so nothing was ended.
+        self.liveness_errors = 0
         self._dead_counters: dict[str, int] = {}
 
     # -- targets -----------------------------------------------------------------------
@@ -297,7 +300,11 @@ class Tracer:
         for pid, st in self.procs.items():
             if st.ended:
                 continue
-            alive = os.path.exists(f"/proc/{pid}") and not _is_zombie(pid)
+            alive = _proc_alive(pid)
+            if alive is None:
+                self.liveness_errors += 1
+                st.missing_since = None
+                continue
             if alive:
                 st.missing_since = None
             elif st.missing_since is None:
@@ -614,6 +621,7 @@ class Tracer:
             "source_errors": len(self.source_errors),
             "paths_lost": self.paths_lost,
             "foreign_events": self.foreign_events,
+            "liveness_errors": self.liveness_errors,
         }
         for src in self.sources:
             out.update(src.counters())
@@ -729,21 +737,23 @@ def drain_wait(drained: tuple[int, int], capacity: tuple[int, int], elapsed: flo
     return min(longest, max(0.125 * elapsed / fill, MIN_DRAIN_INTERVAL))
 
 
-def _is_zombie(pid: int) -> bool:
-    """Dead but not reaped; a zombie leader whose other threads still run is alive."""
+def _proc_alive(pid: int) -> bool | None:
+    """True while `pid` runs; False once it is gone or a zombie (a zombie leader whose other
+    threads still run is alive); None when /proc cannot tell (EMFILE, ...): never death."""
     try:
-        stat = open(f"/proc/{pid}/stat").read()
-    except OSError:
-        return True
-    if stat[stat.rindex(")") + 2] not in "ZX":
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        if stat[stat.rindex(")") + 2] not in "ZX":
+            return True
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Threads:"):
+                    return int(line.split()[1]) > 1
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    try:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("Threads:"):
-                return int(line.split()[1]) <= 1
     except (OSError, ValueError):
-        pass
-    return True
+        return None
+    return False
 
 
 def default_run_name(cmd: list[str] | None) -> str:
