@@ -6,7 +6,7 @@ So the service pins the process itself at accept (a pidfd from SO_PEERPIDFD, and
 time from /proc/PID/stat either way) and, before a tracer is started for it and again before
 the ack, checks that the pid is still that process, that its real, effective, saved and
 filesystem uids all equal the uid that connected, and that it is dumpable (a process made
-non-dumpable by a privilege change has its /proc entries owned by root).
+non-dumpable by a privilege change has the files of its /proc directory owned by root).
 """
 
 from __future__ import annotations
@@ -117,8 +117,9 @@ def check_traceable(pid: int, uid: int, pinned: Optional[Peer] = None) -> None:
                 raise PeerChanged(f"process {pid} runs with uids {uids} (real, effective, "
                                   f"saved, fs), not uid {uid} alone")
             # A process whose credentials changed (setuid exec, setresuid) is not dumpable:
-            # the kernel then hands its /proc entries to root.
-            if os.stat(f"/proc/{pid}").st_uid != uid:
+            # the kernel then hands the files in its /proc directory (not the directory
+            # itself) to root.
+            if os.stat(f"/proc/{pid}/stat").st_uid != uid:
                 raise PeerChanged(f"process {pid} is not dumpable (it gained or dropped "
                                   "privileges)")
         # Checked last: what was read above was read while the pid was still this process.

@@ -585,7 +585,7 @@ class Service:
         self.notifier.stopping("stopping: ending every run")
         with self.lock:
             runs = list(self.runs.values())
-            conns = list(self.conns.values())
+            conns = [conn for conn, _ in self.conns.values()]
         for conn in conns:
             try:
                 conn.shutdown(socket.SHUT_RDWR)

@@ -472,7 +472,11 @@ class SpanServer:
         if len(fds) != 1:
             raise ProtocolError("schema", f"a ring message carries one descriptor, not {len(fds)}")
         fd = fds.pop()
-        conn.ring = RingReader(fd, msg.size, msg.checked)
+        try:
+            conn.ring = RingReader(fd, msg.size, msg.checked)  # closes fd if it refuses it
+        except ProtocolError:
+            self.stats["descriptors_refused"] += 1
+            raise
         self._rings[conn.peer.conn_id] = conn
         self.stats["rings"] += 1
 

@@ -752,7 +752,8 @@ def _proc_alive(pid: int) -> bool | None:
     except (FileNotFoundError, ProcessLookupError):
         return False
     except (OSError, ValueError):
-        return None
+        # stat needs no descriptor: a gone process is known gone even at EMFILE.
+        return False if not os.path.exists(f"/proc/{pid}") else None
     return False
 
 
