@@ -666,8 +666,8 @@ def test_orphaned_tracers_are_stopped_at_service_start(tmp_path):
     # A process with a per-run tracer's command line whose service is gone (its parent is
     # this test, not `renacerd serve`); it must get SIGTERM.
     orphan = subprocess.Popen([PY, "-c", "import signal, sys, time\n"
-                               "signal.signal(signal.SIGTERM, lambda *a: (print('term', flush=True),"
-                               " sys.exit(7)))\n"
+                               "signal.signal(signal.SIGTERM,"
+                               " lambda *a: (print('term', flush=True), sys.exit(7)))\n"
                                "print('up', flush=True)\ntime.sleep(120)",
                                svcmod.TRACER_MODULE, "--socket", str(runs / "1.sock"),
                                "--ready-fd", "5"], stdout=subprocess.PIPE, text=True)
