@@ -295,6 +295,10 @@ class _Client:
             sock.connect(self.path)
             sock.send(self.hello, _FLAGS)
         except OSError as exc:
+            if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+                reason = _refusal(sock)
+                if reason is not None:
+                    self.refused(reason)
             sock.close()
             # Only a failure delays the next try: a thread that finds the first connect under
             # way waits for it on the lock instead of taking the daemon for absent.
@@ -458,11 +462,22 @@ class _Client:
         self.unreported += len(self.backlog) + failed
         self.backlog.clear()
         if self.sock is not None:
+            if not self.warned and isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+                reason = _refusal(self.sock)
+                if reason is not None:
+                    self.refused(reason)
             self.sock.close()
             self.sock = None
             self.gen += 1
         self.next_attempt_ns = _monotonic_ns() + RETRY_NS
         self.warn("connection lost", exc)
+
+    def refused(self, reason: str) -> None:
+        """The service refused this connection (a per-user limit): say why, once, instead of
+        the fail-open warning."""
+        if not self.warned:
+            self.warned = True
+            log.warning("renacerd refused this connection: %s; going on untraced", reason)
 
     def flush(self, sock: socket.socket, limit: int = -1) -> None:
         """Send the drop report, then up to `limit` backlog frames oldest first (-1: all)."""
@@ -756,12 +771,44 @@ def request_tracing(timeout: float = DEFAULT_TRACE_TIMEOUT) -> bool:
                 msg = protocol.decode(frame)
             except protocol.ProtocolError:
                 continue
+            if isinstance(msg, protocol.Ack) and msg.request_id == 0 and not msg.ok:
+                # Refused at accept (a per-user limit): the service closes the connection.
+                with c.lock:
+                    c.refused(msg.reason)
+                    c.lose(ConnectionResetError(msg.reason))
+                return False
             if isinstance(msg, protocol.Ack) and msg.request_id == request_id:
                 if not msg.ok:
                     log.warning("renacerd refused to trace this process: %s", msg.reason)
                 elif msg.socket:
                     c.move_to(msg.socket)
                 return msg.ok
+
+
+def _refusal(sock: socket.socket) -> Optional[str]:
+    """Why the service closed the connection, if it said so before (an Ack with request id
+    0, sent when it refuses a connection)."""
+    resets = 0
+    try:
+        while True:
+            try:
+                frame = sock.recv(protocol.MAX_FRAME, socket.MSG_DONTWAIT)
+            except ConnectionResetError:
+                # The reset is reported once, before the messages still queued.
+                resets += 1
+                if resets > 1:
+                    return None
+                continue
+            if not frame:
+                return None
+            try:
+                msg = protocol.decode(frame)
+            except protocol.ProtocolError:
+                continue
+            if isinstance(msg, protocol.Ack) and msg.request_id == 0 and not msg.ok:
+                return msg.reason
+    except OSError:
+        return None
 
 
 Parent = Union["Span", str, None]

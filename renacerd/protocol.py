@@ -35,6 +35,9 @@ MAX_MESSAGE = 4096
 MAX_CLIENT = 64
 MAX_RUN = 128
 MAX_PATH = 108  # sun_path
+# Clocks and counters the store keeps as SQLite integers (signed 64-bit): larger values would
+# fail the insert, so they are refused here (ns since 1970 reach it in 2262).
+I64_MAX = (1 << 63) - 1
 DEFAULT_SOCKET = "/run/renacer/renacerd.sock"
 
 # The span ring (docs/protocol.md, "The ring"): a memfd the client maps and fills, the daemon
@@ -331,12 +334,18 @@ def _hello(obj: dict[str, Any]) -> Hello:
     if version != PROTOCOL_VERSION:
         raise ProtocolError("version", f"protocol version {version} unsupported "
                                        f"(this daemon speaks {PROTOCOL_VERSION})")
-    return Hello(version, _uint(obj, "pid", U32_MAX), _run(obj),
+    # pid is informational (SO_PEERCRED is what counts) and optional.
+    pid = _uint(obj, "pid", U32_MAX) if obj.get("pid") is not None else 0
+    return Hello(version, pid, _run(obj),
                  _text(obj, "client", MAX_CLIENT, nullable=True) or "")
 
 
 def _u64(value: Any) -> bool:
     return type(value) is int and 0 <= value <= U64_MAX
+
+
+def _i64(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= I64_MAX
 
 
 def _fast_metadata(md: Any) -> Optional[ExperimentMetadata]:
@@ -375,7 +384,7 @@ def _span_start(obj: dict[str, Any]) -> SpanStart:
             and (parent is None or type(parent) is str and _SPAN_ID.fullmatch(parent)
                  and parent != _ZERO_SPAN)
             and type(name) is str and len(name) <= MAX_NAME and kind is not None
-            and _u64(mono) and _u64(wall) and _u64(lc)
+            and _i64(mono) and _i64(wall) and _i64(lc)
             and type(tid) is int and 0 <= tid <= U32_MAX):
         metadata = _fast_metadata(obj.get("md"))
         if metadata is not None:
@@ -393,8 +402,8 @@ def _span_start_checked(obj: dict[str, Any]) -> SpanStart:
         raise ProtocolError("value", f"kind must be one of {sorted(_SPAN_TYPES)}")
     return SpanStart(
         _span_id(obj, "span"), trace, _span_id(obj, "parent", nullable=True),
-        _text(obj, "name", MAX_NAME), kind, _metadata(obj), _uint(obj, "mono"),
-        _uint(obj, "wall"), _uint(obj, "tid", U32_MAX), _uint(obj, "lc"),
+        _text(obj, "name", MAX_NAME), kind, _metadata(obj), _uint(obj, "mono", I64_MAX),
+        _uint(obj, "wall", I64_MAX), _uint(obj, "tid", U32_MAX), _uint(obj, "lc", I64_MAX),
     )
 
 
@@ -411,7 +420,7 @@ def _span_end(obj: dict[str, Any]) -> SpanEnd:
     exc = obj.get("exc")
     mono, wall, lc = obj.get("mono"), obj.get("wall"), obj.get("lc")
     if (type(span) is str and _SPAN_ID.fullmatch(span) and span != _ZERO_SPAN
-            and status is not None and _u64(mono) and _u64(wall) and _u64(lc)
+            and status is not None and _i64(mono) and _i64(wall) and _i64(lc)
             and (message is None or type(message) is str and len(message) <= MAX_MESSAGE)
             and (exc is None or type(exc) is str and len(exc) <= MAX_NAME)):
         return SpanEnd(span, status, message or "", exc, mono, wall, lc)
@@ -425,13 +434,13 @@ def _span_end_checked(obj: dict[str, Any]) -> SpanEnd:
         raise ProtocolError("value", f"status must be one of {sorted(STATUS_NAMES)}")
     return SpanEnd(
         _span_id(obj, "span"), status, _text(obj, "msg", MAX_MESSAGE, nullable=True) or "",
-        _text(obj, "exc", MAX_NAME, nullable=True), _uint(obj, "mono"), _uint(obj, "wall"),
-        _uint(obj, "lc"),
+        _text(obj, "exc", MAX_NAME, nullable=True), _uint(obj, "mono", I64_MAX),
+        _uint(obj, "wall", I64_MAX), _uint(obj, "lc", I64_MAX),
     )
 
 
 def _dropped(obj: dict[str, Any]) -> Dropped:
-    return Dropped(_uint(obj, "n"))
+    return Dropped(_uint(obj, "n", U32_MAX))
 
 
 def _trace_me(obj: dict[str, Any]) -> TraceMe:
@@ -486,7 +495,7 @@ def _compact(obj: list[Any]) -> Message:
                 and (parent is None or type(parent) is str and _SPAN_ID.fullmatch(parent)
                      and parent != _ZERO_SPAN)
                 and type(name) is str and len(name) <= MAX_NAME
-                and _u64(mono) and _u64(wall) and _u64(lc)
+                and _i64(mono) and _i64(wall) and _i64(lc)
                 and type(tid) is int and 0 <= tid <= U32_MAX):
             metadata = _fast_metadata({"model_name": model_name, "epoch": epoch, "step": step,
                                        "loss": loss, "metrics": metrics})
@@ -503,7 +512,7 @@ def _compact(obj: list[Any]) -> Message:
     if tag == "e" and len(obj) == 5:
         _, span, mono, wall, lc = obj
         if (type(span) is str and _SPAN_ID.fullmatch(span) and span != _ZERO_SPAN
-                and _u64(mono) and _u64(wall) and _u64(lc)):
+                and _i64(mono) and _i64(wall) and _i64(lc)):
             return SpanEnd(span, StatusCode.OK, "", None, mono, wall, lc)
         return _span_end_checked({"t": "span_end", "span": span, "status": "ok", "msg": "",
                                   "exc": None, "mono": mono, "wall": wall, "lc": lc})

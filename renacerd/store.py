@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import grp
+import logging
 import os
 import socket
 import sqlite3
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +26,7 @@ SCHEMA_VERSION = 2
 # Versions this code reads; a writer upgrades an older store in place. 2: chunks carry the
 # aux and mode columns, runs the truncated counter.
 READABLE_SCHEMAS = (1, 2)
+log = logging.getLogger("renacerd.store")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -160,13 +164,20 @@ class RunInfo:
                 + other)
 
 
+ROOT_STORE_DIR = "/var/lib/renacer"
+STORE_GROUP = "renacer"
+# Whatever the umask (root's is often 022): the group may read, nobody else anything.
+DIR_MODE = 0o750
+FILE_MODE = 0o640
+
+
 def default_db_path() -> str:
     """$RENACER_DB, else /var/lib/renacer/traces.db as root, else $XDG_DATA_HOME/renacer."""
     env = os.environ.get("RENACER_DB")
     if env:
         return env
     if os.geteuid() == 0:
-        return "/var/lib/renacer/traces.db"
+        return os.path.join(ROOT_STORE_DIR, "traces.db")
     base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
     return os.path.join(base, "renacer", "traces.db")
 
@@ -177,6 +188,70 @@ def boot_id() -> str:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return ""
+
+
+def _store_gid(group: str) -> int | None:
+    """The group's gid when we may give files to it (root), else None."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        return None
+
+
+def _secure(path: str, mode: int, gid: int | None, fd: int | None = None) -> None:
+    """Set `mode` (and group `gid`) on a store path we created or repair."""
+    if fd is not None:
+        os.fchmod(fd, mode)
+        if gid is not None:
+            os.fchown(fd, -1, gid)
+        return
+    os.chmod(path, mode, follow_symlinks=False)
+    if gid is not None:
+        os.chown(path, -1, gid, follow_symlinks=False)
+
+
+def _make_store_dir(directory: Path, gid: int | None) -> None:
+    """Create the store's directory DIR_MODE, or repair the default one if an earlier
+    version left it open to every user (one line says so)."""
+    try:
+        os.mkdir(directory, DIR_MODE)
+    except FileExistsError:
+        st = os.stat(directory)
+        if (str(directory) == ROOT_STORE_DIR and st.st_mode & 0o007
+                and st.st_uid == os.geteuid()):
+            _secure(str(directory), DIR_MODE, gid)
+            log.warning("store directory %s was mode %04o (readable by every user); now %04o",
+                        directory, stat.S_IMODE(st.st_mode), DIR_MODE)
+        return
+    except FileNotFoundError:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(directory, DIR_MODE)
+    _secure(str(directory), DIR_MODE, gid)
+
+
+def _make_store_file(path: str, gid: int | None) -> None:
+    """Create the store file FILE_MODE (SQLite gives its -wal and -shm the same mode and
+    owner), or repair store files open to every user."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     FILE_MODE)
+    except FileExistsError:
+        for name in (path, path + "-wal", path + "-shm"):
+            try:
+                st = os.lstat(name)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o007 and st.st_uid == os.geteuid():
+                _secure(name, FILE_MODE, gid)
+                log.warning("store file %s was mode %04o (readable by every user); now %04o",
+                            name, stat.S_IMODE(st.st_mode), FILE_MODE)
+        return
+    try:
+        _secure(path, FILE_MODE, gid, fd)
+    finally:
+        os.close(fd)
 
 
 def _pid_alive(pid: int | None) -> bool:
@@ -207,7 +282,10 @@ def _writes(fn):
 class Store:
     """SQLite store; one writer (the daemon) and any number of readers."""
 
-    def __init__(self, path: str | os.PathLike[str], *, create: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, create: bool = False,
+                 group: str = STORE_GROUP) -> None:
+        """Open the store; `create`: make it (directory DIR_MODE, files FILE_MODE, `group`)
+        if missing."""
         self.path = str(path)
         p = Path(self.path)
         try:
@@ -217,14 +295,19 @@ class Store:
         if not create and not exists:
             raise StoreError(f"no store at {self.path}")
         if create:
+            gid = _store_gid(group)
             try:
-                p.parent.mkdir(parents=True, exist_ok=True)
+                _make_store_dir(p.parent, gid)
             except OSError as e:
                 raise StoreError(f"cannot create {p.parent}: {e.strerror}") from e
             if p.exists() and not os.access(self.path, os.W_OK):
                 raise StoreError(f"store {self.path} is not writable")
             if not p.exists() and not os.access(p.parent, os.W_OK):
                 raise StoreError(f"cannot write in {p.parent}")
+            try:
+                _make_store_file(self.path, gid)
+            except OSError as e:
+                raise StoreError(f"cannot create {self.path}: {e.strerror}") from e
         try:
             self.db = sqlite3.connect(self.path, timeout=10.0, check_same_thread=False,
                                       isolation_level=None)
@@ -460,6 +543,16 @@ class Store:
         cols = ", ".join(f"{k}=?" for k in fields)
         self._tx()
         self.db.execute(f"UPDATE runs SET {cols} WHERE id=?", (*fields.values(), run_id))
+
+    @_writes
+    def forget_run(self, run_id: int, error: str) -> None:
+        """Remove what a run recorded, keeping its row as 'incomplete' with `error`: the data
+        of a run that must not have been traced."""
+        self._tx()
+        for table in ("chunks", "strings", "spans", "processes"):
+            self.db.execute(f"DELETE FROM {table} WHERE run_id=?", (run_id,))
+        self.db.execute("UPDATE runs SET status='incomplete', error=?, events=0, cmdline=NULL "
+                        "WHERE id=?", (error, run_id))
 
     def close(self) -> None:
         """Commit and close."""

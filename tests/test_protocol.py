@@ -271,3 +271,52 @@ def test_fuzz_mutated_fields_only_protocol_error(msg, data):
         decode(orjson.dumps(obj))
     except ProtocolError:
         pass
+
+
+I64_MAX = 2**63 - 1
+
+
+@pytest.mark.parametrize("frame", [
+    start(wall=2**64 - 1),
+    start(mono=2**63),
+    start(lc=2**64 - 1),
+    orjson.dumps(["s", SPAN, TRACE, None, "n", "", None, None, None, {}, 1, 2**64 - 1, 1, 1]),
+    orjson.dumps({"t": "span_end", "span": SPAN, "status": "ok", "mono": 1,
+                  "wall": 2**64 - 1, "lc": 1}),
+    orjson.dumps(["e", SPAN, 1, 2**64 - 1, 1]),
+    orjson.dumps({"t": "dropped", "n": 2**32}),
+], ids=["start wall", "start mono", "start lc", "compact start wall", "end wall",
+        "compact end wall", "dropped"])
+def test_integers_beyond_the_store_are_refused(frame):
+    # SQLite keeps signed 64-bit integers: 2^64-1 once killed a run's tracer at the insert.
+    with pytest.raises(ProtocolError) as e:
+        decode(frame)
+    assert e.value.kind == "value"
+
+
+def test_largest_clocks_reach_the_store(tmp_path):
+    from renacerd.daemon.span_server import PeerCred
+    from renacerd.daemon.spans import SpanBook
+    from renacerd.store import Store
+
+    peer = PeerCred(1, 0, 0, 1)
+    book = SpanBook()
+    book.handle(peer, decode(start(mono=I64_MAX, wall=I64_MAX, lc=I64_MAX)))
+    book.handle(peer, decode(orjson.dumps({"t": "span_end", "span": SPAN, "status": "ok",
+                                           "mono": I64_MAX, "wall": I64_MAX, "lc": I64_MAX})))
+    book.handle(peer, Dropped(2**32 - 1))
+    st = Store(tmp_path / "t.db", create=True)
+    run = st.begin_run("r", cmdline=[], version="0", syscall_table={}, start_wall_ns=1,
+                       start_mono_ns=1, owner_uid=0)
+    records = book.drain()
+    st.add_spans(run, records, {})
+    st.update_run(run, client_dropped=book.counts()["client_dropped"])
+    st.commit()
+    (span,) = st.span_records(run)
+    assert (span.end_time_nanos, span.end_mono_nanos, span.logical_clock) == (I64_MAX,) * 3
+    assert st.run("r").client_dropped == 2**32 - 1
+
+
+def test_hello_pid_is_optional():
+    assert decode(b'{"t":"hello","v":2}') == Hello(PROTOCOL_VERSION, 0, None, "")
+    assert decode(b'{"t":"hello","v":2,"pid":null}') == Hello(PROTOCOL_VERSION, 0, None, "")

@@ -143,7 +143,15 @@ class Service:
             while not os.path.exists(self.sock) and time.monotonic() < deadline:
                 time.sleep(0.01)
             self.early = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            self.early.connect(self.sock)
+            while True:
+                try:
+                    self.early.connect(self.sock)
+                    break
+                except ConnectionRefusedError:
+                    # Bound (the file exists) but not listening yet.
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.01)
             self.early.send(protocol.encode(protocol.Hello(pid=os.getpid())))
             self.early.send(protocol.encode(protocol.StatusQuery()))
 

@@ -13,7 +13,6 @@ from renacerd.cli.common import Parser, fail
 from renacerd.daemon.span_link import DEFAULT_SOCKET
 
 PROG = "renacerd serve"
-STATE_DIR = "/var/lib/renacer"
 
 
 def main(argv: list[str]) -> int:
@@ -55,7 +54,6 @@ def main(argv: list[str]) -> int:
         check_handed_socket,
         listen,
         renacer_gid,
-        secure_store,
     )
     from renacerd.daemon.span_server import sockets_from_systemd
     from renacerd.store import StoreError, default_db_path
@@ -63,12 +61,10 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="renacerd: %(message)s")
     notifier = Notifier.from_environment()
     gid = renacer_gid(a.group)
-    # Store files, WAL and SHM come out 0640 whoever creates them.
+    # Sockets and anything else made here: never open to every user. (The store sets its
+    # own modes whatever the umask: renacerd.store.)
     os.umask(0o027)
     db = a.db or default_db_path()
-    # The store's directory is ours to chmod only if it is the default or we create it.
-    db_dir = os.path.dirname(os.path.abspath(db))
-    own_dir = db_dir == STATE_DIR or not os.path.isdir(db_dir)
     handed = sockets_from_systemd()
     try:
         if len(handed) > 1:
@@ -87,8 +83,7 @@ def main(argv: list[str]) -> int:
                 logging.warning("group %r does not exist: only root can connect", a.group)
             sock, unlink = listen(path, gid), path
         runs_dir = a.runs_dir or os.path.join(os.path.dirname(path) or ".", "runs")
-        service = Service(sock, db, runs_dir, notifier, unlink_path=unlink)
-        secure_store(db, gid, directory=own_dir)
+        service = Service(sock, db, runs_dir, notifier, unlink_path=unlink, group=a.group)
     except (ServiceError, StoreError) as e:
         notifier.status(f"failed: {e}")
         return fail(PROG, str(e))

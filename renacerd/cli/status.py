@@ -15,13 +15,21 @@ PROG = "renacer status"
 TIMEOUT = 3.0
 
 
+class Refused(Exception):
+    """The service refused the connection (a per-user limit); the message says why."""
+
+
 def query(path: str, timeout: float = TIMEOUT) -> protocol.ServiceStatus:
-    """Ask the service on `path`; OSError or ProtocolError when it cannot answer."""
+    """Ask the service on `path`; OSError or ProtocolError when it cannot answer, Refused
+    when it will not."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
         s.settimeout(timeout)
         s.connect(path)
-        s.send(protocol.encode(protocol.Hello(pid=os.getpid(), client="renacer status")))
-        s.send(protocol.encode(protocol.StatusQuery()))
+        try:
+            s.send(protocol.encode(protocol.Hello(pid=os.getpid(), client="renacer status")))
+            s.send(protocol.encode(protocol.StatusQuery()))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused at accept: the reason waits to be read
         while True:
             frame = s.recv(protocol.MAX_FRAME)
             if not frame:
@@ -29,6 +37,8 @@ def query(path: str, timeout: float = TIMEOUT) -> protocol.ServiceStatus:
             msg = protocol.decode(frame)
             if isinstance(msg, protocol.ServiceStatus):
                 return msg
+            if isinstance(msg, protocol.Ack) and msg.request_id == 0 and not msg.ok:
+                raise Refused(msg.reason)
 
 
 def _duration(seconds: float) -> str:
@@ -48,6 +58,8 @@ def main(argv: list[str]) -> int:
     path = a.socket or os.environ.get("RENACER_SOCKET") or protocol.DEFAULT_SOCKET
     try:
         st = query(path)
+    except Refused as e:
+        return fail(PROG, f"the service on {path} refused: {e}")
     except (OSError, protocol.ProtocolError) as e:
         reason = getattr(e, "strerror", None) or str(e)
         return fail(PROG, f"no renacerd service answers on {path}: {reason}")

@@ -4,7 +4,9 @@ The front socket (bound here or handed over by systemd) takes only Hello, TraceM
 StatusQuery. A TraceMe starts `renacerd --pid <peer> --run <name> --socket <per-run>` as a
 child, waits until it reports its probes attached (--ready-fd), and acks with the per-run
 socket, to which the client reconnects for its spans. Each run is therefore the tested
-one-shot session, isolated in its own process; the peer's pid and uid come from SO_PEERCRED.
+one-shot session, isolated in its own process. The peer's pid and uid come from SO_PEERCRED,
+pinned at accept (renacerd.daemon.peer) and checked again before a tracer starts and before
+the ack; per-uid limits keep one user from taking what others need (docs/security.md).
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ import errno
 import grp
 import logging
 import os
+import secrets
 import select
 import signal
 import socket
 import stat
-import struct
 import subprocess
 import sys
 import threading
@@ -28,8 +30,11 @@ from typing import Optional
 import psutil
 
 from renacerd import protocol
+from renacerd.daemon.loglimit import LimitedLog
 from renacerd.daemon.notify import Notifier
-from renacerd.daemon.span_server import bind_socket
+from renacerd.daemon.peer import Peer, PeerChanged, check_traceable, pin
+from renacerd.daemon.span_ring import close_untrusted
+from renacerd.daemon.span_server import ANCILLARY, _close_unread, _descriptors, bind_socket
 from renacerd.protocol import (
     MAX_FRAME,
     Ack,
@@ -51,10 +56,18 @@ READY_TIMEOUT = 60.0
 RATE = 20.0
 BURST = 40.0
 IDLE_TIMEOUT = 30.0
+# Per-uid limits (docs/security.md, "Limits"). Root is held to none of them, and the last
+# ROOT_RESERVED front connections are root's alone: `renacer status` as root always answers.
 MAX_CONNECTIONS = 256
+ROOT_RESERVED = 16
+MAX_CONNECTIONS_PER_UID = 32
+MAX_RUNS_PER_UID = 4
 STOP_GRACE = 1.8
 POLL_INTERVAL = 0.5
-_PEERCRED = struct.Struct("3i")
+# Out of descriptors at accept: wait this long before the next accept, doubling to the max.
+ACCEPT_BACKOFF = 0.05
+ACCEPT_BACKOFF_MAX = 1.0
+TRACER_MODULE = "renacerd.cli.renacerd_main"
 
 BPF_CHECK = """
 from renacerd.probes.loader import compile_bpf
@@ -67,15 +80,6 @@ b.cleanup()
 
 class ServiceError(RuntimeError):
     """The service cannot start (one line, exit 2)."""
-
-
-@dataclass(slots=True)
-class Peer:
-    """A front connection's SO_PEERCRED."""
-
-    pid: int
-    uid: int
-    gid: int
 
 
 @dataclass(slots=True)
@@ -120,18 +124,67 @@ def renacer_gid(name: str = GROUP) -> Optional[int]:
         return None
 
 
-def secure_store(db_path: str, gid: Optional[int], directory: bool) -> None:
-    """Store files 0640 and (when it is ours) their directory 0750, group renacer."""
-    paths = [(p, 0o640) for p in (db_path, db_path + "-wal", db_path + "-shm")]
-    if directory:
-        paths.insert(0, (os.path.dirname(os.path.abspath(db_path)), 0o750))
-    for path, mode in paths:
-        try:
-            os.chmod(path, mode)
-            if gid is not None:
-                os.chown(path, -1, gid)
-        except FileNotFoundError:
+def open_runs_dir(path: str) -> None:
+    """Create the per-run socket directory 0711, or check the one there: a real directory
+    (O_NOFOLLOW: a symlink planted by whoever can write its parent is refused) owned by us."""
+    try:
+        os.mkdir(path, 0o711)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise ServiceError(f"cannot create {path}: {e.strerror or e}") from e
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise ServiceError(f"{path} is not a directory (a symlink?); not using it") from e
+        raise ServiceError(f"cannot open {path}: {e.strerror or e}") from e
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            raise ServiceError(f"{path} belongs to uid {st.st_uid}, not to us; not using it")
+        os.fchmod(fd, 0o711)
+    finally:
+        os.close(fd)
+
+
+def _is_service(cmdline: list[str]) -> bool:
+    return "serve" in cmdline and any("renacerd" in a for a in cmdline)
+
+
+def stop_orphans(runs_dir: str, grace: float = STOP_GRACE) -> list[int]:
+    """SIGTERM tracers left by a service that died (SIGKILL outside systemd): they end their
+    runs and free their sockets. Returns their pids."""
+    prefix = os.path.join(os.path.abspath(runs_dir), "")
+    orphans = []
+    for p in psutil.process_iter(["cmdline", "ppid"]):
+        cmd = p.info["cmdline"] or []
+        if TRACER_MODULE not in cmd or "--ready-fd" not in cmd or "--socket" not in cmd:
             continue
+        i = cmd.index("--socket")
+        if i + 1 >= len(cmd) or not os.path.abspath(cmd[i + 1]).startswith(prefix):
+            continue
+        try:
+            parent = psutil.Process(p.info["ppid"]).cmdline() if p.info["ppid"] > 1 else []
+        except psutil.Error:
+            parent = []
+        if _is_service(parent):
+            continue
+        log.warning("stopping orphaned tracer pid %d (%s) left by an earlier service",
+                    p.pid, cmd[i + 1])
+        try:
+            p.terminate()
+            orphans.append(p)
+        except psutil.Error:
+            continue
+    _, alive = psutil.wait_procs(orphans, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=grace)
+    return [p.pid for p in orphans]
 
 
 class Service:
@@ -139,7 +192,7 @@ class Service:
 
     def __init__(self, sock: socket.socket, db_path: str, runs_dir: str,
                  notifier: Notifier, python: str = sys.executable,
-                 unlink_path: Optional[str] = None) -> None:
+                 unlink_path: Optional[str] = None, group: str = GROUP) -> None:
         self.sock = sock
         self.db_path = db_path
         self.runs_dir = runs_dir
@@ -152,14 +205,15 @@ class Service:
         self.lock = threading.Lock()
         self.store_lock = threading.Lock()
         self.stopping = threading.Event()
-        self.store = Store(db_path, create=True)
+        self.store = Store(db_path, create=True, group=group)
         self.store.mark_stale_runs_incomplete()
-        self.conns: dict[int, socket.socket] = {}
-        self.next_socket = 0
+        self.conns: dict[int, tuple[socket.socket, Peer]] = {}
         self.stats = {"connections": 0, "rejected": 0, "protocol_errors": 0, "messages": 0,
-                      "runs_started": 0, "runs_refused": 0}
-        os.makedirs(runs_dir, mode=0o711, exist_ok=True)
-        os.chmod(runs_dir, 0o711)
+                      "runs_started": 0, "runs_refused": 0, "accept_errors": 0,
+                      "descriptors_refused": 0, "limited": 0}
+        self.warnings = LimitedLog(log)
+        open_runs_dir(runs_dir)
+        stop_orphans(runs_dir)
 
     # -- the front socket ------------------------------------------------------------------
     def serve_forever(self) -> None:
@@ -168,6 +222,7 @@ class Service:
         self.sock.settimeout(POLL_INTERVAL)
         reaper = threading.Thread(target=self._reap_loop, name="renacerd-reaper", daemon=True)
         reaper.start()
+        backoff = ACCEPT_BACKOFF
         while not self.stopping.is_set():
             try:
                 conn, _ = self.sock.accept()
@@ -176,43 +231,91 @@ class Service:
             except OSError as e:
                 if self.stopping.is_set():
                     break
-                # EMFILE and friends: keep serving what is open, retry shortly.
-                log.warning("accept failed: %s", e)
-                time.sleep(0.1)
+                # EMFILE and friends: keep serving what is open; wait before trying again
+                # (the pending connection is still there) and say so once in a while.
+                with self.lock:
+                    self.stats["accept_errors"] += 1
+                    n = self.stats["accept_errors"]
+                self.warnings.warning("accept", "accept failed: %s; %d times so far", e, n)
+                self.stopping.wait(backoff)
+                backoff = min(2 * backoff, ACCEPT_BACKOFF_MAX)
                 continue
-            pid, uid, gid = _PEERCRED.unpack(
-                conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+            backoff = ACCEPT_BACKOFF
+            try:
+                peer = pin(conn)
+            except OSError as e:
+                self.warnings.warning("accept", "accepted connection unusable: %s", e)
+                _close_unread(conn)
+                continue
             with self.lock:
-                if len(self.conns) >= MAX_CONNECTIONS:
+                refusal = self._over_limit(peer)
+                if refusal is None:
+                    self.conns[conn.fileno()] = (conn, peer)
+                    self.stats["connections"] += 1
+                else:
                     self.stats["rejected"] += 1
-                    log.warning("refusing pid %d uid %d: %d connections open", pid, uid,
-                                len(self.conns))
-                    conn.close()
-                    continue
-                self.conns[conn.fileno()] = conn
-                self.stats["connections"] += 1
-            threading.Thread(target=self._serve_conn, args=(conn, Peer(pid, uid, gid)),
-                             name=f"renacerd-front-{pid}", daemon=True).start()
+            if refusal is not None:
+                self.warnings.warning("limit", "refusing pid %d uid %d: %s", peer.pid,
+                                      peer.uid, refusal)
+                try:
+                    # Request id 0: the client reports the reason and goes on untraced.
+                    conn.send(protocol.encode(Ack(0, False, refusal)),
+                              socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+                except OSError:
+                    pass
+                peer.close()
+                _close_unread(conn)
+                continue
+            threading.Thread(target=self._serve_conn, args=(conn, peer),
+                             name=f"renacerd-front-{peer.pid}", daemon=True).start()
         reaper.join(2 * POLL_INTERVAL)
+
+    def _over_limit(self, peer: Peer) -> Optional[str]:
+        """Why `peer` may not have another front connection, None if it may (lock held)."""
+        if peer.uid == 0:
+            return None if len(self.conns) < MAX_CONNECTIONS else (
+                f"{MAX_CONNECTIONS} connections open")
+        if len(self.conns) >= MAX_CONNECTIONS - ROOT_RESERVED:
+            return f"{len(self.conns)} connections open (the last {ROOT_RESERVED} are root's)"
+        mine = sum(1 for _, p in self.conns.values() if p.uid == peer.uid)
+        if mine >= MAX_CONNECTIONS_PER_UID:
+            return (f"limit: uid {peer.uid} has {mine} connections open (at most "
+                    f"{MAX_CONNECTIONS_PER_UID} per user)")
+        return None
 
     def _serve_conn(self, conn: socket.socket, peer: Peer) -> None:
         fd = conn.fileno()
         reason = "closed by peer"
         level = logging.DEBUG
+        clean = False  # read to its end (EOF): nothing can be queued on it
         tokens, refilled = BURST, time.monotonic()
         greeted = False
         conn.settimeout(IDLE_TIMEOUT)
         try:
             while not self.stopping.is_set():
                 try:
-                    frame = conn.recv(MAX_FRAME + 1)
+                    # Room for every descriptor a message may carry (span_server.ANCILLARY):
+                    # none that a client adds is closed by the kernel on this thread.
+                    frame, ancillary, flags, _ = conn.recvmsg(MAX_FRAME + 1, ANCILLARY,
+                                                              socket.MSG_CMSG_CLOEXEC)
                 except TimeoutError:
                     reason = f"idle for {IDLE_TIMEOUT:.0f} s"
                     break
                 except OSError as e:
                     reason = f"receive failed: {e}"
                     break
+                fds = _descriptors(ancillary) if ancillary else []
+                if fds or flags & socket.MSG_CTRUNC:
+                    for d in fds:
+                        close_untrusted(d)
+                    with self.lock:
+                        self.stats["descriptors_refused"] += len(fds)
+                        self.stats["protocol_errors"] += 1
+                    reason = "protocol error (descriptors on the front socket)"
+                    level = logging.WARNING
+                    break
                 if not frame:
+                    clean = True
                     break
                 now = time.monotonic()
                 tokens = min(BURST, tokens + (now - refilled) * RATE) - 1
@@ -240,11 +343,19 @@ class Service:
                         reason = f"reply failed: {e}"
                         break
         finally:
-            log.log(level, "front client pid %d uid %d disconnected: %s", peer.pid, peer.uid,
-                    reason)
+            if level >= logging.WARNING:
+                self.warnings.warning("client", "front client pid %d uid %d disconnected: %s",
+                                      peer.pid, peer.uid, reason)
+            else:
+                log.log(level, "front client pid %d uid %d disconnected: %s", peer.pid,
+                        peer.uid, reason)
             with self.lock:
                 self.conns.pop(fd, None)
-            conn.close()
+            peer.close()
+            if clean:
+                conn.close()
+            else:
+                _close_unread(conn)  # unread messages may hold descriptors
 
     def _handle(self, peer: Peer, msg: Message) -> Optional[Message]:
         if isinstance(msg, TraceMe):
@@ -262,9 +373,24 @@ class Service:
             return False, "no run name (configure(run=...) or RENACER_RUN)", None
         if self.stopping.is_set():
             return False, "renacerd is stopping", None
+        try:
+            # Still the process that connected, with no uid but the peer's, dumpable.
+            check_traceable(peer.pid, peer.uid, peer)
+        except PeerChanged as e:
+            with self.lock:
+                self.stats["runs_refused"] += 1
+            self.warnings.warning("peer", "refusing to trace pid %d for uid %d: %s", peer.pid,
+                                  peer.uid, e)
+            return False, f"not traced: {e}", None
         with self.lock:
             run = self.runs.get(name)
             if run is None:
+                mine = sum(1 for r in self.runs.values() if r.uid == peer.uid)
+                if peer.uid != 0 and mine >= MAX_RUNS_PER_UID:
+                    self.stats["runs_refused"] += 1
+                    self.stats["limited"] += 1
+                    return False, (f"limit: uid {peer.uid} has {mine} runs traced (at most "
+                                   f"{MAX_RUNS_PER_UID} per user)"), None
                 clash = self._traced_by(peer.pid)
                 if clash is not None:
                     self.stats["runs_refused"] += 1
@@ -274,8 +400,8 @@ class Service:
                 if exists:
                     self.stats["runs_refused"] += 1
                     return False, f"run {name!r} already exists in the store", None
-                self.next_socket += 1
-                path = os.path.join(self.runs_dir, f"{self.next_socket}.sock")
+                # Unique, so a tracer left by an earlier service never holds the name.
+                path = os.path.join(self.runs_dir, f"{secrets.token_hex(8)}.sock")
                 run = RunChild(name, peer.uid, peer.pid, path)
                 self.runs[name] = run
                 starter = True
@@ -288,7 +414,7 @@ class Service:
                     self.stats["runs_refused"] += 1
                     return False, f"run {name!r} is tracing another process tree", None
         if starter:
-            self._start(run)
+            self._start(run, peer)
         else:
             run.ready.wait(READY_TIMEOUT)
         if not run.ready.is_set() or run.failed:
@@ -310,11 +436,11 @@ class Service:
         except psutil.Error:
             return False
 
-    def _start(self, run: RunChild) -> None:
+    def _start(self, run: RunChild, peer: Peer) -> None:
         ready_r, ready_w = os.pipe()
-        cmd = [self.python, "-m", "renacerd.cli.renacerd_main", "-q", "--pid",
+        cmd = [self.python, "-m", TRACER_MODULE, "-q", "--pid",
                str(run.root_pid), "--run", run.name, "--socket", run.socket, "--db",
-               self.db_path, "--ready-fd", str(ready_w)]
+               self.db_path, "--owner-uid", str(run.uid), "--ready-fd", str(ready_w)]
         try:
             run.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, pass_fds=(ready_w,),
                                         env=self._child_env())
@@ -340,6 +466,21 @@ class Service:
             else:
                 self._fail(run, f"tracer for run {run.name!r} failed (exit status {code}; "
                                 "see the service log)")
+            return
+        try:
+            # The tracer attached by pid: it must have found the process that asked.
+            check_traceable(run.root_pid, run.uid, peer)
+        except PeerChanged as e:
+            run.proc.kill()  # no further write: what it recorded may be another's
+            run.proc.wait()
+            with self.store_lock:
+                try:
+                    self.store.forget_run(self.store.run(run.name).id,
+                                          f"not traced: {e} (recorded data removed)")
+                    self.store.commit()
+                except StoreError as err:
+                    log.warning("run %s: %s", run.name, err)
+            self._fail(run, f"not traced: {e}")
             return
         try:
             # Only the asking user (and root) may connect to the run's span socket.
@@ -444,7 +585,7 @@ class Service:
         self.notifier.stopping("stopping: ending every run")
         with self.lock:
             runs = list(self.runs.values())
-            conns = list(self.conns.values())
+            conns = [conn for conn, _ in self.conns.values()]
         for conn in conns:
             try:
                 conn.shutdown(socket.SHUT_RDWR)

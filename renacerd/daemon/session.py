@@ -9,6 +9,8 @@ import stat
 import sys
 from collections.abc import Mapping
 
+import psutil
+
 from renacerd.daemon.cuda_source import CudaSource
 from renacerd.daemon.priority import PriorityGuard
 from renacerd.daemon.span_link import SpanLink, SpanLinkError
@@ -230,6 +232,7 @@ class Session:
             sinks.append(OtlpExporter(self.db_path, args.otlp_endpoint, self.run_name).start())
         status, error = "complete", None
         store_failed = False
+        gone = False  # a --pid target exited before the attach
         guard: PriorityGuard | None = None
         try:
             if self.span_link is not None:
@@ -242,8 +245,16 @@ class Session:
                     tracer._reap_root(block=True)  # it exits 127 at once
             else:
                 for pid in args.pid:
-                    tracer.attach(pid)
-            self._say(f"tracing run {escape(self.run_name)} (store {escape(self.db_path)})")
+                    try:
+                        tracer.attach(pid)
+                    except psutil.NoSuchProcess:
+                        # It exited between the checks and the attach (probes load first).
+                        status = "incomplete"
+                        error = f"process {pid} exited before it could be traced"
+                        gone = True
+                        break
+            if not gone:
+                self._say(f"tracing run {escape(self.run_name)} (store {escape(self.db_path)})")
             install_signal_handlers(tracer)
             if error is None and args.priority == "idle":
                 rings = probes.rings() + (cuda_src.probes.rings() if cuda_src else [])
@@ -252,7 +263,7 @@ class Session:
                     tracer.sources.append(guard)
                 except OSError as e:
                     self._say(f"priority stays normal: {e.strerror or e}")
-            if getattr(args, "ready_fd", None) is not None:
+            if getattr(args, "ready_fd", None) is not None and not gone:
                 # Probes attached, the first commit done, the daemon at its priority:
                 # `renacerd serve` may ack now.
                 os.write(args.ready_fd, b"ready\n")
@@ -290,7 +301,7 @@ class Session:
                 sink.stop(drain_s=10)
         if error is not None:
             sys.stderr.write(f"renacerd: error: {error}\n")
-            if summary is None or child is not None and summary.exit_status == 127:
+            if summary is None or gone or child is not None and summary.exit_status == 127:
                 return 2
         if summary is not None:
             self._print_summary(summary)

@@ -21,6 +21,29 @@ class SpanLinkError(RuntimeError):
     """The span socket cannot be set up (one line, exit 2)."""
 
 
+class _LimitCounters:
+    """The span book's limit counters as a tracer Source: persisted with the run's counters."""
+
+    def __init__(self, book: SpanBook) -> None:
+        self.book = book
+
+    def on_syscalls(self, tracer, ev, s0) -> None:
+        """Nothing to do per batch."""
+
+    def drain(self, tracer) -> None:
+        """Nothing to drain."""
+
+    def flush(self, tracer) -> None:
+        """Nothing to write but the counters."""
+
+    def counters(self) -> dict[str, int]:
+        """Span starts and updates the per-uid and per-run limits refused."""
+        return self.book.limit_counters()
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
 class SpanLink:
     """Owns the SpanServer and SpanBook of one session and feeds the tracer's run."""
 
@@ -87,6 +110,7 @@ class SpanLink:
         self._roots.update(roots)
         tracer.on_process_exit.append(self._process_exited)
         tracer.on_flush.append(self._flush)
+        tracer.sources.append(_LimitCounters(self.book))
 
     def _process_exited(self, st: ProcState) -> None:
         t = self.tracer

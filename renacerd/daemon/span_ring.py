@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import queue
 import stat
 import threading
 import time
@@ -42,23 +43,66 @@ _NO_WRITE = fcntl.F_SEAL_WRITE | getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)
 _U32 = 0xFFFFFFFF
 
 
-def close_untrusted(fd: int) -> None:
-    """Close a descriptor a client sent. A memfd closes at once; anything else may be a FUSE
-    file whose close waits on the FUSE server, so it is closed on a thread of its own."""
-    try:
-        fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-    except OSError:
-        threading.Thread(target=_close_quietly, args=(fd,), name="renacerd-close-fd",
-                         daemon=True).start()
-        return
-    os.close(fd)
+class FdReaper:
+    """Closes descriptors clients sent, on a fixed pool of threads.
 
+    A memfd closes at once; anything else may be a FUSE file whose close waits on its FUSE
+    server, or a TCP socket with SO_LINGER whose close waits out the linger time. Those are
+    queued for POOL threads, so however many a client sends, at most POOL threads are
+    stuck in close() and no request thread ever is. Sockets a hostile client may have
+    queued descriptors on are closed here too (their queue is released by that close)."""
 
-def _close_quietly(fd: int) -> None:
-    try:
+    POOL = 4
+
+    def __init__(self, pool: int = POOL) -> None:
+        self._pool = pool
+        self._queue: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self.queued = 0
+        self.closed = 0
+
+    def close(self, fd: int) -> None:
+        """Close `fd` without blocking the caller (memfds inline, the rest on the pool)."""
+        try:
+            fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        except OSError:
+            self.defer(fd)
+            return
         os.close(fd)
-    except OSError:
-        pass
+
+    def defer(self, fd: int) -> None:
+        """Queue `fd` for the pool, starting a thread while fewer than POOL run."""
+        with self._lock:
+            self.queued += 1
+            if len(self._threads) < self._pool:
+                t = threading.Thread(target=self._work, name="renacerd-close-fd", daemon=True)
+                self._threads.append(t)
+                t.start()
+        self._queue.put(fd)
+
+    def pending(self) -> int:
+        """Descriptors queued and not closed yet."""
+        with self._lock:
+            return self.queued - self.closed
+
+    def _work(self) -> None:
+        while True:
+            fd = self._queue.get()
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+            with self._lock:
+                self.closed += 1
+
+
+REAPER = FdReaper()
+
+
+def close_untrusted(fd: int) -> None:
+    """Close a descriptor a client sent, never blocking the caller (REAPER)."""
+    REAPER.close(fd)
 
 
 class RingReader:

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 from renacerd import protocol
-from renacerd.daemon.span_ring import RingReader, close_untrusted
+from renacerd.daemon.loglimit import LimitedLog
+from renacerd.daemon.span_ring import REAPER, RingReader, close_untrusted
 from renacerd.protocol import MAX_FRAME, Dropped, Hello, Message, ProtocolError, Ring
 
 log = logging.getLogger("renacerd.span_server")
@@ -43,8 +44,17 @@ BACKLOG = 256
 # nothing but memory; a 2 MiB ring holds ~60 ms of a client flooding at full speed.
 RING_POLL = 0.01
 _PEERCRED = struct.Struct("3i")
-# Room for the descriptors of one message: the ring's, and a few a hostile client adds.
-_ANCILLARY = socket.CMSG_SPACE(4 * array.array("i").itemsize)
+# Room for every descriptor one message can carry (the kernel's SCM_MAX_FD): descriptors
+# that find no room are closed by the kernel in the receiving thread, and the close of a
+# TCP socket with SO_LINGER (or a FUSE file) can block it. So every one is received, and
+# closed by the reaper's fixed pool of threads (span_ring.FdReaper).
+SCM_MAX_FD = 253
+ANCILLARY = socket.CMSG_SPACE(SCM_MAX_FD * array.array("i").itemsize)
+# Out of descriptors (or kernel memory) at accept: stop accepting this long, doubling up to
+# ACCEPT_BACKOFF_MAX, or until a connection closes and frees one.
+ACCEPT_BACKOFF = 0.05
+ACCEPT_BACKOFF_MAX = 1.0
+_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 class SocketInUseError(OSError):
@@ -73,7 +83,6 @@ class _Conn:
     greeted: bool = False
     throttled_until: float = 0.0
     ring: Optional[RingReader] = None
-    received: int = 0
 
 
 def sockets_from_systemd(unset_environment: bool = True) -> list[socket.socket]:
@@ -195,9 +204,13 @@ class SpanServer:
         self._buf = bytearray(MAX_FRAME + 1)
         self._view = memoryview(self._buf)
         self._address = path or ""
+        self._accept_paused_until = 0.0
+        self._accept_backoff = ACCEPT_BACKOFF
+        self.warnings = LimitedLog(log)
         self.stats = {
             "connections": 0, "open": 0, "rejected": 0, "protocol_errors": 0,
             "messages": 0, "replies": 0, "throttled": 0, "callback_errors": 0, "rings": 0,
+            "accept_errors": 0, "descriptors_refused": 0,
         }
 
     @property
@@ -283,6 +296,8 @@ class SpanServer:
                     except BlockingIOError:
                         pass
             self._wake_throttled()
+            if self._accept_paused_until and time.monotonic() >= self._accept_paused_until:
+                self._resume_accept()
             if self._rings and time.monotonic() >= self._next_ring_poll:
                 self._next_ring_poll = time.monotonic() + RING_POLL
                 for conn in list(self._rings.values()):
@@ -299,6 +314,8 @@ class SpanServer:
         waits = [c.throttled_until for c in self._conns.values() if c.throttled_until]
         if self._rings:
             waits.append(self._next_ring_poll)
+        if self._accept_paused_until:
+            waits.append(self._accept_paused_until)
         if not waits:
             return None
         return max(min(waits) - time.monotonic(), 0.0)
@@ -319,30 +336,50 @@ class SpanServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                # EMFILE and friends: keep serving the connections we have.
-                log.warning("accept failed: %s", exc)
+                # EMFILE and friends: keep serving the connections we have, and stop
+                # accepting for a while (the pending connection would wake us at once).
+                self.stats["accept_errors"] += 1
+                self.warnings.warning("accept", "accept failed: %s; %d times so far",
+                                      exc, self.stats["accept_errors"])
+                if exc.errno in _OUT_OF_FDS:
+                    self._pause_accept()
                 return
+            self._accept_backoff = ACCEPT_BACKOFF
             sock.setblocking(False)
             pid, uid, gid = _PEERCRED.unpack(
                 sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
             self._next_conn_id += 1
             peer = PeerCred(pid, uid, gid, self._next_conn_id)
             if len(self._conns) >= self._max_connections:
-                log.warning("refusing pid %d uid %d: %d connections open", pid, uid,
-                            len(self._conns))
+                self.warnings.warning("full", "refusing pid %d uid %d: %d connections open",
+                                      pid, uid, len(self._conns))
                 self.stats["rejected"] += 1
-                sock.close()
+                _close_unread(sock)
                 continue
             if self._authorize is not None and not self._authorize(peer):
-                log.warning("refusing pid %d uid %d: not authorized", pid, uid)
+                self.warnings.warning("unauthorized", "refusing pid %d uid %d: not authorized",
+                                      pid, uid)
                 self.stats["rejected"] += 1
-                sock.close()
+                _close_unread(sock)
                 continue
             conn = _Conn(sock, peer, self._burst, time.monotonic())
             self._conns[peer.conn_id] = conn
             self._selector.register(sock, selectors.EVENT_READ, conn)
             self.stats["connections"] += 1
             self.stats["open"] = len(self._conns)
+
+    def _pause_accept(self) -> None:
+        assert self._selector is not None and self._sock is not None
+        if not self._accept_paused_until:
+            self._selector.unregister(self._sock)
+        self._accept_paused_until = time.monotonic() + self._accept_backoff
+        self._accept_backoff = min(2 * self._accept_backoff, ACCEPT_BACKOFF_MAX)
+
+    def _resume_accept(self) -> None:
+        assert self._selector is not None and self._sock is not None
+        if self._accept_paused_until:
+            self._accept_paused_until = 0.0
+            self._selector.register(self._sock, selectors.EVENT_READ, None)
 
     def _refill(self, conn: _Conn) -> float:
         now = time.monotonic()
@@ -353,35 +390,29 @@ class SpanServer:
     def _read(self, conn: _Conn) -> None:
         now = self._refill(conn)
         budget = min(int(conn.tokens), PER_WAKE)
-        buf = self._buf
+        buf = [self._buf]
         view = self._view
-        recv_into = conn.sock.recv_into
+        recvmsg_into = conn.sock.recvmsg_into
         done = 0
         try:
             while done < budget:
-                fds: list[int] = []
                 try:
-                    if conn.received < 2:
-                        # The ring message, the one that carries a descriptor, follows the
-                        # hello; later descriptors are closed by the kernel unseen.
-                        size, ancillary, _, _ = conn.sock.recvmsg_into(
-                            [buf], _ANCILLARY, socket.MSG_CMSG_CLOEXEC)
-                        fds = _descriptors(ancillary)
-                        conn.received += 1
-                    else:
-                        size = recv_into(buf, MAX_FRAME + 1)
+                    # Every message with room for all it may carry: see ANCILLARY.
+                    size, ancillary, flags, _ = recvmsg_into(buf, ANCILLARY,
+                                                             socket.MSG_CMSG_CLOEXEC)
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError as exc:
                     self._close(conn, f"receive failed: {exc}", level=logging.DEBUG)
                     return
-                if size == 0:
-                    for fd in fds:
-                        close_untrusted(fd)
+                fds = _descriptors(ancillary) if ancillary else []
+                if size == 0 and not fds:
                     self._close(conn, "closed by peer", level=logging.DEBUG)
                     return
                 done += 1
                 try:
+                    if flags & socket.MSG_CTRUNC:
+                        raise ProtocolError("schema", "ancillary data truncated")
                     msg = protocol.decode(view[:size])
                     if isinstance(msg, Ring):
                         self._take_ring(conn, msg, fds)
@@ -390,13 +421,17 @@ class SpanServer:
                     if fds:
                         raise ProtocolError("schema", "descriptors come only with a ring message")
                 finally:
-                    for fd in fds:
-                        close_untrusted(fd)
+                    if fds:
+                        self.stats["descriptors_refused"] += len(fds)
+                        for fd in fds:
+                            close_untrusted(fd)
                 self._deliver(conn, msg)
         except ProtocolError as exc:
             self.stats["protocol_errors"] += 1
             self.stats["messages"] += done
-            self._close(conn, f"protocol error ({exc})", level=logging.WARNING)
+            self.warnings.warning("protocol", "span client pid %d uid %d disconnected: "
+                                  "protocol error (%s)", conn.peer.pid, conn.peer.uid, exc)
+            self._close(conn, f"protocol error ({exc})", level=logging.DEBUG)
             return
         self.stats["messages"] += done
         self._spend(conn, done, now)
@@ -437,7 +472,11 @@ class SpanServer:
         if len(fds) != 1:
             raise ProtocolError("schema", f"a ring message carries one descriptor, not {len(fds)}")
         fd = fds.pop()
-        conn.ring = RingReader(fd, msg.size, msg.checked)
+        try:
+            conn.ring = RingReader(fd, msg.size, msg.checked)  # closes fd if it refuses it
+        except ProtocolError:
+            self.stats["descriptors_refused"] += 1
+            raise
         self._rings[conn.peer.conn_id] = conn
         self.stats["rings"] += 1
 
@@ -506,9 +545,14 @@ class SpanServer:
         assert self._selector is not None
         if not conn.throttled_until:
             self._selector.unregister(conn.sock)
-        conn.sock.close()
+        if reason == "closed by peer":
+            conn.sock.close()  # read to its end: nothing queued on it
+        else:
+            _close_unread(conn.sock)
         del self._conns[peer.conn_id]
         self.stats["open"] = len(self._conns)
+        # A descriptor is free again: try the pending connections now.
+        self._resume_accept()
         if self._on_disconnect is not None:
             try:
                 self._on_disconnect(peer)
@@ -522,6 +566,12 @@ class SpanServer:
             self.stats["replies"] += 1
         except OSError as exc:
             log.debug("reply to pid %d lost: %s", conn.peer.pid, exc)
+
+
+def _close_unread(sock: socket.socket) -> None:
+    """Close a connection that may still hold unread messages: descriptors queued on them
+    are released by this close, so it happens on the reaper's threads."""
+    REAPER.defer(sock.detach())
 
 
 def _descriptors(ancillary: list[tuple[int, int, bytes]]) -> list[int]:

@@ -33,6 +33,16 @@ log = logging.getLogger("renacerd.spans")
 
 GRACE_NS = 1_000_000_000
 MAX_OPEN_PER_CONNECTION = 10_000
+# Per-uid and per-run limits (docs/security.md, "Limits"): what one user's processes may make
+# the tracer hold and write. Root's processes are held to none of them. A span's bytes are
+# its name, model name and metric names plus SPAN_OVERHEAD, charged when it starts and on
+# each metric update.
+MAX_OPEN_PER_UID = 10_000
+SPAN_BYTES_PER_S = 4 << 20
+SPAN_BYTES_BURST = 16 << 20
+MAX_RUN_SPAN_BYTES = 256 << 20
+SPAN_OVERHEAD = 64
+I64_MAX = (1 << 63) - 1
 EXITED = "process exited mid-span"
 DISCONNECTED = "client disconnected mid-span"
 STOPPED = "daemon stopped mid-span"
@@ -57,6 +67,16 @@ class _Open:
 
 
 @dataclass(slots=True)
+class _UidState:
+    """What one uid's processes hold in this run, and its byte bucket."""
+
+    open: int = 0
+    tokens: float = float(SPAN_BYTES_BURST)
+    refilled: float = field(default_factory=time.monotonic)
+    warned: bool = False
+
+
+@dataclass(slots=True)
 class _ConnState:
     resource_json: str
     keys: set[tuple[int, str]] = field(default_factory=set)
@@ -73,11 +93,25 @@ class SpanBook:
         service_name: str = "renacerd",
         grace_ns: int = GRACE_NS,
         max_open_per_connection: int = MAX_OPEN_PER_CONNECTION,
+        max_open_per_uid: int = MAX_OPEN_PER_UID,
+        bytes_per_s: float = SPAN_BYTES_PER_S,
+        bytes_burst: float = SPAN_BYTES_BURST,
+        max_run_bytes: int = MAX_RUN_SPAN_BYTES,
     ) -> None:
         self._trace_request = trace_request
         self._service_name = service_name
         self._grace_ns = grace_ns
         self._max_open = max_open_per_connection
+        self._max_open_uid = max_open_per_uid
+        self._bytes_per_s = bytes_per_s
+        self._bytes_burst = bytes_burst
+        self._max_run_bytes = max_run_bytes
+        self._uids: dict[int, _UidState] = {}
+        self.run_bytes = 0
+        # span starts and metric updates refused by the limits above, by limit
+        self.limited_open = 0
+        self.limited_rate = 0
+        self.limited_run_bytes = 0
         self._lock = threading.Lock()
         self._open: dict[tuple[int, str], _Open] = {}
         self._conns: dict[int, _ConnState] = {}
@@ -107,7 +141,17 @@ class SpanBook:
                 "ended_by_exit": self.ended_by_exit,
                 "ended_by_disconnect": self.ended_by_disconnect,
                 "open": len(self._open) + len(self._gone),
+                "spans_limited_open": self.limited_open,
+                "spans_limited_rate": self.limited_rate,
+                "spans_limited_run_bytes": self.limited_run_bytes,
+                "span_bytes": self.run_bytes,
             }
+
+    def limit_counters(self) -> dict[str, int]:
+        """What the limits refused (persisted with the run's source counters)."""
+        c = self.counts()
+        return {k: c[k] for k in ("spans_limited_open", "spans_limited_rate",
+                                  "spans_limited_run_bytes", "span_bytes")}
 
     def _conn(self, peer: PeerCred, run: Optional[str] = None) -> _ConnState:
         state = self._conns.get(peer.conn_id)
@@ -137,7 +181,7 @@ class SpanBook:
             elif isinstance(msg, SpanSet):
                 self._set(peer, msg)
             elif isinstance(msg, Dropped):
-                self.client_dropped += msg.count
+                self.client_dropped = min(self.client_dropped + msg.count, I64_MAX)
             elif isinstance(msg, Hello):
                 if msg.pid and msg.pid != peer.pid:
                     log.debug("client says pid %d, SO_PEERCRED says %d (pid namespace?)",
@@ -157,6 +201,8 @@ class SpanBook:
                 state.warned = True
                 log.warning("pid %d has %d spans open; ignoring further starts", peer.pid,
                             len(state.keys))
+            return
+        if not self._charge(peer, state, _md_bytes(msg.metadata) + len(msg.name), opening=True):
             return
         span = self._open[key] = _Open(peer, msg, msg.metadata, state.resource_json)
         exit_ = self._exited.get(peer.pid)
@@ -189,6 +235,10 @@ class SpanBook:
             return
         md = span.metadata
         update = msg.update
+        if "metrics" in msg.fields or "model_name" in msg.fields:
+            state = self._conns.get(peer.conn_id)
+            if state is None or not self._charge(peer, state, _md_bytes(update), opening=False):
+                return
         for name in msg.fields:
             if name == "metrics":
                 merged = {**md.metrics, **update.metrics}
@@ -197,6 +247,40 @@ class SpanBook:
             else:
                 setattr(md, name, getattr(update, name))
 
+    def _charge(self, peer: PeerCred, state: _ConnState, size: int, opening: bool) -> bool:
+        """Take `size` bytes (and, `opening`, one open span) from peer's uid; False (counted,
+        one warning per connection) when a limit refuses them. Root is not limited."""
+        if peer.uid == 0:
+            if opening:
+                self._uids.setdefault(0, _UidState()).open += 1
+            self.run_bytes += size
+            return True
+        u = self._uids.get(peer.uid)
+        if u is None:
+            u = self._uids[peer.uid] = _UidState(tokens=float(self._bytes_burst))
+        now = time.monotonic()
+        u.tokens = min(self._bytes_burst, u.tokens + (now - u.refilled) * self._bytes_per_s)
+        u.refilled = now
+        if opening and u.open >= self._max_open_uid:
+            self.limited_open += 1
+            why = f"uid {peer.uid} has {u.open} spans open (at most {self._max_open_uid})"
+        elif self.run_bytes + size > self._max_run_bytes:
+            self.limited_run_bytes += 1
+            why = f"the run holds {self.run_bytes} span bytes (at most {self._max_run_bytes})"
+        elif u.tokens < size:
+            self.limited_rate += 1
+            why = f"uid {peer.uid} sends over {self._bytes_per_s:.0f} span bytes/s"
+        else:
+            u.tokens -= size
+            self.run_bytes += size
+            if opening:
+                u.open += 1
+            return True
+        if not state.warned:
+            state.warned = True
+            log.warning("pid %d: %s; spans refused (counted)", peer.pid, why)
+        return False
+
     def _forget(self, span: _Open, key: tuple[int, str]) -> None:
         state = self._conns.get(span.peer.conn_id)
         if state is not None:
@@ -204,6 +288,10 @@ class SpanBook:
 
     def _record(self, span: _Open, end_mono: int, end_wall: int, clock: int,
                 status: StatusCode, message: str, exception_type: Optional[str]) -> SpanRecord:
+        """The finished span (every span ends here once: its uid holds one open span less)."""
+        u = self._uids.get(span.peer.uid)
+        if u is not None and u.open:
+            u.open -= 1
         start = span.start
         attrs = span.metadata.to_attributes()
         attrs["span.type"] = start.span_type.value
@@ -297,3 +385,8 @@ class SpanBook:
             self._gone.clear()
             out, self._finished = self._finished, []
         return out
+
+
+def _md_bytes(md: ExperimentMetadata) -> int:
+    """What a span's metadata costs to hold and store, roughly (see SPAN_OVERHEAD)."""
+    return SPAN_OVERHEAD + len(md.model_name) + sum(len(k) + 16 for k in md.metrics)

@@ -196,6 +196,8 @@ class Tracer:
         # kernel's copy (the probe leaves these to the daemon): added to the kernel counters
         self.exec_counts = {"truncated": 0, "failed_reads": 0}
         self.unfollowed = 0  # processes no longer followed: privilege gained at exec
+        # /proc could not be read (EMFILE, ...): liveness unknown, so nothing was ended.
+        self.liveness_errors = 0
         self._dead_counters: dict[str, int] = {}
 
     # -- targets -----------------------------------------------------------------------
@@ -312,7 +314,11 @@ class Tracer:
         for pid, st in self.procs.items():
             if st.ended:
                 continue
-            alive = os.path.exists(f"/proc/{pid}") and not _is_zombie(pid)
+            alive = _proc_alive(pid)
+            if alive is None:
+                self.liveness_errors += 1
+                st.missing_since = None
+                continue
             if alive:
                 st.missing_since = None
             elif st.missing_since is None:
@@ -674,6 +680,7 @@ class Tracer:
             "paths_lost": self.paths_lost,
             "foreign_events": self.foreign_events,
             "unfollowed_privileged": self.unfollowed,
+            "liveness_errors": self.liveness_errors,
         }
         for src in self.sources:
             out.update(src.counters())
@@ -789,21 +796,24 @@ def drain_wait(drained: tuple[int, int], capacity: tuple[int, int], elapsed: flo
     return min(longest, max(0.125 * elapsed / fill, MIN_DRAIN_INTERVAL))
 
 
-def _is_zombie(pid: int) -> bool:
-    """Dead but not reaped; a zombie leader whose other threads still run is alive."""
+def _proc_alive(pid: int) -> bool | None:
+    """True while `pid` runs; False once it is gone or a zombie (a zombie leader whose other
+    threads still run is alive); None when /proc cannot tell (EMFILE, ...): never death."""
     try:
-        stat = open(f"/proc/{pid}/stat").read()
-    except OSError:
-        return True
-    if stat[stat.rindex(")") + 2] not in "ZX":
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        if stat[stat.rindex(")") + 2] not in "ZX":
+            return True
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Threads:"):
+                    return int(line.split()[1]) > 1
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    try:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("Threads:"):
-                return int(line.split()[1]) <= 1
     except (OSError, ValueError):
-        pass
-    return True
+        # stat needs no descriptor: a gone process is known gone even at EMFILE.
+        return False if not os.path.exists(f"/proc/{pid}") else None
+    return False
 
 
 def default_run_name(cmd: list[str] | None) -> str:
