@@ -11,7 +11,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
-PKGS="python3 python3-venv python3-bpfcc bpfcc-tools libbpfcc linux-headers-amd64 gcc libc6-dev make strace bpftool chromium systemd util-linux"
+PKGS="python3 python3-venv python3-bpfcc bpfcc-tools libbpfcc linux-headers-amd64 gcc libc6-dev make strace git xz-utils bpftool chromium systemd util-linux"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
