@@ -209,15 +209,17 @@ def test_renamed_pids_fds_tmp_names_proc_paths_change_nothing():
     assert (s.syscall_match, s.timing_variance, s.semantic_equiv) == (1.0, 0.0, 1.0)
     assert c.hard == [] and c.effects.differing() == []
     assert c.effects.baseline == {
-        "written:/tmp/tmp*": 100, "execs:/usr/bin/python3": 1, "connects:inet:10.0.0.1:*": 1,
-        "net_sent:inet:10.0.0.1:*": 64, "stdio:stdout": 12}
+        "written:/tmp/tmpa1b2c3d4": 100, "execs:/usr/bin/python3": 1,
+        "connects:inet:10.0.0.1:*": 1, "net_sent:inet:10.0.0.1:*": 64, "stdio:stdout": 12}
+    # the candidate's temp name is paired with the baseline's, not replaced by a pattern
+    assert c.effects.candidate == c.effects.baseline
+    assert c.path_map.lines() == ["/tmp/tmpa1b2c3d4 \u2194 /tmp/tmpz9y8x7w6"]
 
 
 def test_canonical_names():
     assert canonical_path("/proc/4242/status") == "/proc/<pid>/status"
     assert canonical_path("/proc/4242/task/4243/stat") == "/proc/<pid>/task/<tid>/stat"
-    assert canonical_path("/tmp/tmpk3j_9x2a") == "/tmp/tmp*"
-    assert canonical_path("/data/model.pt.Xa93kQ") == "/data/model.pt.*"
+    assert canonical_path("/tmp/tmpk3j_9x2a") == "/tmp/tmpk3j_9x2a"  # paired, not masked
     assert canonical_path("/data/output.bin") == "/data/output.bin"
     assert canonical_path("pipe:[77123]") == "pipe:"
     assert canonical_endpoint("inet:127.0.0.1:8080") == "inet:127.0.0.1:8080"
