@@ -188,8 +188,13 @@ def compare_effects(base: Effects, cand: Effects, pairs: list[ProcessPair]) -> E
         b, c = bi.get(k, 0), ci.get(k, 0)
         scores.append(min(b, c) / max(b, c))
         kind, _, name = k.partition(":")
-        if kind == "written" and not (b and c) and not name.startswith(NOT_FILES):
-            hard.append(f"file {name} written only in the {'baseline' if b else 'candidate'}")
+        if kind == "written" and not name.startswith(NOT_FILES):
+            if not (b and c):
+                hard.append(f"file {name} written only in the "
+                            f"{'baseline' if b else 'candidate'}")
+            elif b != c:
+                hard.append(f"file {name}: {b} bytes written in the baseline, {c} in the "
+                            "candidate")
         if kind == "execs" and not (b and c):
             hard.append(f"program {name} exec'd only in the {'baseline' if b else 'candidate'}")
     for p in pairs:

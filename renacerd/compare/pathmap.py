@@ -23,6 +23,9 @@ from renacerd.compare.effects import TMP_DIRS, Effects
 from renacerd.compare.pairing import ProcessPair
 
 PATH_KINDS = ("written", "created", "removed", "execs")
+# endpoints that are paths: a unix socket in a per-run directory is named like a file
+ENDPOINT_KINDS = ("connects", "net_sent", "net_recv")
+UNIX = "unix:"
 # what a generated temporary part is made of, and the shortest generator (mkstemp's XXXXXX)
 _RANDOM_RUN = re.compile(r"[A-Za-z0-9_]+")
 TEMP_MIN = 6
@@ -107,13 +110,18 @@ class PathMap:
     def apply_effects(self, e: Effects) -> Effects:
         """A copy of the candidate's effects keyed by baseline names."""
         out = Effects(**{k: getattr(e, k).copy() for k in Effects.__slots__})
-        for kind in PATH_KINDS:
+        for kind in PATH_KINDS + ENDPOINT_KINDS:
             old = getattr(e, kind)
             new = getattr(out, kind)
             new.clear()
             for k, v in old.items():
-                new[self.apply(k)] += v
+                new[self._key(kind, k)] += v
         return out
+
+    def _key(self, kind: str, k: str) -> str:
+        if kind in PATH_KINDS:
+            return self.apply(k)
+        return UNIX + self.apply(k[len(UNIX):]) if k.startswith(UNIX) else k
 
     def lines(self) -> list[str]:
         """The report's mapping lines."""
@@ -123,8 +131,10 @@ class PathMap:
 def _paths(e: Effects) -> list[str]:
     """Absolute paths of a run's effects, in first-seen order."""
     seen: dict[str, None] = {}
-    for kind in PATH_KINDS:
+    for kind in PATH_KINDS + ENDPOINT_KINDS:
         for k in getattr(e, kind):
+            if kind in ENDPOINT_KINDS:
+                k = k[len(UNIX):] if k.startswith(UNIX) else ""
             if k.startswith("/"):
                 seen.setdefault(k, None)
     return list(seen)
