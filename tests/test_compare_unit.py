@@ -374,3 +374,16 @@ def test_gpu_effects_compare_launches_and_bytes():
     c = compare_runs(gpu(8), gpu(16))
     # items: gemm 0.5, relu 1, h2d 1, d2h 1, exit 1 -> 4.5 / 5
     assert c.score.semantic_equiv == pytest.approx(0.9) and c.hard == []
+
+
+def test_path_pairing_rules():
+    from renacerd.compare.pathmap import _is_date_pair, _is_temp_pair
+
+    assert _is_temp_pair("tmpk3j_9x2a", "tmpz9y8x7w6", in_tmp=True)
+    assert _is_temp_pair("model.pt.Xa93kQ", "model.pt.bT71zP", in_tmp=False)
+    assert not _is_temp_pair("step_000001", "step_000002", in_tmp=True)  # a counter
+    assert not _is_temp_pair("step_000123", "step_000456", in_tmp=True)  # digits only
+    assert not _is_temp_pair("shard-000.bin", "shard-731.bin", in_tmp=True)  # run of 3
+    assert _is_date_pair("log-20240101-120000.txt", "log-20240102-093011.txt")
+    assert _is_date_pair("ckpt-1733100000.pt", "ckpt-1733100421.pt")
+    assert not _is_date_pair("step-1.pt", "step-2.pt")
