@@ -1,6 +1,7 @@
 // renacerd CUDA side: uprobes + uretprobes on the runtime (libcudart), the driver
 // (libcuda) and NCCL. x86-64 SysV ABI only; nothing here touches kernel structs (the
-// headers BCC compiles against may not match the running kernel): pt_regs and user memory.
+// headers BCC compiles against may not match the running kernel): pt_regs and user memory,
+// and, where the kernel's BTF gives their offsets, a few fields of the current mm.
 //
 // Prepended at load by renacerd.probes.cuda:
 //   GPU_PAGES     pages of the event ring buffer (power of two)
@@ -10,6 +11,8 @@
 //                 the syscall side starts following is a CUDA target at the same instant;
 //                 without it this program keeps its own map, filled by the daemon.
 //   ENTRIES       the list of X(symbol id, shape) lines generated from the Python table
+//   TASK_MM_OFF, MM_*_OFF, FILE_INODE_OFF, INODE_*_OFF, SB_DEV_OFF
+//                 member offsets from the running kernel's BTF (absent: no N_IMAGE records)
 //
 // One record per outermost API call, written at return (so it has the duration and the
 // return code): a per-thread in-flight mark counts nested hooked calls (cudaLaunchKernel
@@ -32,6 +35,8 @@
 #define N_REGISTER   1   // __cudaRegisterFunction: key = host stub, name = device symbol
 #define N_GET_KERNEL 2   // __cudaGetKernel: key = cudaKernel_t handle, key2 = host stub
 #define N_MODULE_FN  3   // cuModuleGetFunction: key = CUfunction, name = symbol
+#define N_IMAGE      4   // the executable's code: key = start, key2 = end, name = u64 inode,
+                         // u32 device (kernel encoding)
 
 struct inflight {
     u64 ts;
@@ -168,6 +173,51 @@ int cuda_return(struct pt_regs *ctx) {
     return 0;
 }
 
+// ---- the executable's image ---------------------------------------------------------
+#ifdef TASK_MM_OFF
+BPF_TABLE("lru_hash", u32, u64, image_sent, 65536);  // tgid -> mm its image was sent for
+
+static __always_inline u64 kread(u64 base, u64 off) {
+    u64 v = 0;
+    if (base)
+        bpf_probe_read_kernel(&v, sizeof(v), (char *)base + off);
+    return v;
+}
+
+// Where the executable's code is mapped and which file it is, once per process image (an
+// exec replaces the mm), before the launch's own record: a process gone before the daemon
+// reads /proc/PID/maps still has its host stubs named from the executable's symbols.
+static __always_inline void note_image(void) {
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    u64 mm = kread((u64)bpf_get_current_task(), TASK_MM_OFF);
+    if (!mm)
+        return;
+    u64 *sent = image_sent.lookup(&tgid);
+    if (sent && *sent == mm)
+        return;
+    u64 inode = kread(kread(mm, MM_EXE_FILE_OFF), FILE_INODE_OFF);
+    u64 ino = kread(inode, INODE_INO_OFF);
+    u32 dev = (u32)kread(kread(inode, INODE_SB_OFF), SB_DEV_OFF);
+    struct name_rec *r = gpu_names.ringbuf_reserve(sizeof(struct name_rec));
+    if (!r) {
+        count(C_NAMES_LOST);
+        return;  // not marked sent: the next launch tries again
+    }
+    r->ts = bpf_ktime_get_ns();
+    r->key = kread(mm, MM_START_CODE_OFF);
+    r->key2 = kread(mm, MM_END_CODE_OFF);
+    r->pid = tgid;
+    r->how = N_IMAGE;
+    r->len = 12;
+    __builtin_memcpy(r->name, &ino, 8);
+    __builtin_memcpy(r->name + 8, &dev, 4);
+    gpu_names.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
+    image_sent.update(&tgid, &mm);
+}
+#else
+static __always_inline void note_image(void) {}
+#endif
+
 // ---- argument shapes ----------------------------------------------------------------
 // cudaLaunchKernel(func, dim3 grid, dim3 block, void **args, size_t shmem, stream):
 // a dim3 (12 bytes) travels in two registers: x | y << 32, then z.
@@ -175,6 +225,7 @@ static __always_inline int sh_rt_launch(struct pt_regs *ctx, u16 fn) {
     struct inflight *st = begin(fn);
     if (!st)
         return 0;
+    note_image();
     u64 g = PT_REGS_PARM2(ctx), b = PT_REGS_PARM4(ctx);
     st->a[0] = PT_REGS_PARM1(ctx);
     st->a[1] = stack_arg(ctx, 1);   // shared memory
@@ -195,6 +246,7 @@ static __always_inline int sh_launch_ex(struct pt_regs *ctx, u16 fn) {
     struct inflight *st = begin(fn);
     if (!st)
         return 0;
+    note_image();
     struct { u32 d[6]; u64 smem; u64 stream; } cfg = {};
     if (bpf_probe_read_user(&cfg, sizeof(cfg), (void *)PT_REGS_PARM1(ctx)) < 0)
         count(C_READ_FAILED);

@@ -209,15 +209,17 @@ def test_renamed_pids_fds_tmp_names_proc_paths_change_nothing():
     assert (s.syscall_match, s.timing_variance, s.semantic_equiv) == (1.0, 0.0, 1.0)
     assert c.hard == [] and c.effects.differing() == []
     assert c.effects.baseline == {
-        "written:/tmp/tmp*": 100, "execs:/usr/bin/python3": 1, "connects:inet:10.0.0.1:*": 1,
-        "net_sent:inet:10.0.0.1:*": 64, "stdio:stdout": 12}
+        "written:/tmp/tmpa1b2c3d4": 100, "execs:/usr/bin/python3": 1,
+        "connects:inet:10.0.0.1:*": 1, "net_sent:inet:10.0.0.1:*": 64, "stdio:stdout": 12}
+    # the candidate's temp name is paired with the baseline's, not replaced by a pattern
+    assert c.effects.candidate == c.effects.baseline
+    assert c.path_map.lines() == ["/tmp/tmpa1b2c3d4 \u2194 /tmp/tmpz9y8x7w6"]
 
 
 def test_canonical_names():
     assert canonical_path("/proc/4242/status") == "/proc/<pid>/status"
     assert canonical_path("/proc/4242/task/4243/stat") == "/proc/<pid>/task/<tid>/stat"
-    assert canonical_path("/tmp/tmpk3j_9x2a") == "/tmp/tmp*"
-    assert canonical_path("/data/model.pt.Xa93kQ") == "/data/model.pt.*"
+    assert canonical_path("/tmp/tmpk3j_9x2a") == "/tmp/tmpk3j_9x2a"  # paired, not masked
     assert canonical_path("/data/output.bin") == "/data/output.bin"
     assert canonical_path("pipe:[77123]") == "pipe:"
     assert canonical_endpoint("inet:127.0.0.1:8080") == "inet:127.0.0.1:8080"
@@ -372,3 +374,16 @@ def test_gpu_effects_compare_launches_and_bytes():
     c = compare_runs(gpu(8), gpu(16))
     # items: gemm 0.5, relu 1, h2d 1, d2h 1, exit 1 -> 4.5 / 5
     assert c.score.semantic_equiv == pytest.approx(0.9) and c.hard == []
+
+
+def test_path_pairing_rules():
+    from renacerd.compare.pathmap import _is_date_pair, _is_temp_pair
+
+    assert _is_temp_pair("tmpk3j_9x2a", "tmpz9y8x7w6", in_tmp=True)
+    assert _is_temp_pair("model.pt.Xa93kQ", "model.pt.bT71zP", in_tmp=False)
+    assert not _is_temp_pair("step_000001", "step_000002", in_tmp=True)  # a counter
+    assert not _is_temp_pair("step_000123", "step_000456", in_tmp=True)  # digits only
+    assert not _is_temp_pair("shard-000.bin", "shard-731.bin", in_tmp=True)  # run of 3
+    assert _is_date_pair("log-20240101-120000.txt", "log-20240102-093011.txt")
+    assert _is_date_pair("ckpt-1733100000.pt", "ckpt-1733100421.pt")
+    assert not _is_date_pair("step-1.pt", "step-2.pt")

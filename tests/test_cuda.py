@@ -333,3 +333,47 @@ def test_gpu_events_tagged_per_step(stubs, tmp_path):
     steps = json.loads(show.stdout)["steps"]
     assert [(s["step"], s["gpu_launches"], s["gpu_bytes"]) for s in steps] == [
         ("1", 1, 1024), ("2", 2, 2048), ("3", 3, 3072)]
+
+
+# Launches one kernel it never registered and exits at once: gone before the daemon's next
+# drain, so its maps can never be read; the name comes from what the launch probe recorded.
+QUICK = r"""
+typedef struct { unsigned int x, y, z; } dim3;
+int cudaLaunchKernel(const void *f, dim3 g, dim3 b, void **args, unsigned long smem,
+                     void *stream);
+int cudaSetDevice(int device);
+void quick(void) __asm__("_Z5quickv");
+__attribute__((noinline)) void quick(void) {
+    dim3 g = {1, 1, 1}, b = {32, 1, 1};
+    cudaLaunchKernel((const void *)quick, g, b, 0, 0, 0);
+}
+int main(void) {
+    if (cudaSetDevice(0) != 0)
+        return 2;
+    quick();
+    return 0;
+}
+"""
+
+
+@needs_root
+def test_short_lived_process_gets_kernel_names(stubs, tmp_path):
+    src = tmp_path / "quick.c"
+    src.write_text(QUICK)
+    exe = tmp_path / "quick"
+    lib = stubs.wheel_runtime.parent
+    subprocess.run(["gcc", "-O1", "-o", str(exe), str(src), "-L", str(lib),
+                    "-l:libcudart.so.12", f"-Wl,-rpath,{lib}"], check=True)
+    env = env_with_driver(stubs)
+    env["PYTHONPATH"] = str(ROOT)
+    db = tmp_path / "t.db"
+    r = subprocess.run(
+        [sys.executable, "-m", "renacerd.cli.renacerd_main", "-q", "--db", str(db), "--run",
+         "quick", "--", str(exe)], capture_output=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()
+    show = subprocess.run(
+        [sys.executable, "-m", "renacerd.cli.renacer_main", "show", "quick", "--db", str(db),
+         "--json"], capture_output=True, env=env, check=True)
+    gpu = json.loads(show.stdout)["processes"][0]["gpu"]
+    assert gpu["kernels"] == {"quick()": 1}
+    assert gpu["unresolved_kernels"] == 0

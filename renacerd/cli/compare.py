@@ -74,11 +74,20 @@ def main(argv: list[str]) -> int:
                    help="no normalisation: keep futex/clock/poll/... and compare tids as seen")
     p.add_argument("--budget", type=float, default=60.0, metavar="SECONDS",
                    help="time for exact LCS work before answering with a bound (default 60)")
+    p.add_argument("--map", action="append", default=[], metavar="OLD=NEW",
+                   help="pair the baseline's path OLD (and everything under it) with the "
+                   "candidate's NEW; repeatable")
     a = p.parse_args(argv)
     if not 0.0 <= a.threshold <= 1.0:
         return fail(PROG, f"--threshold must be between 0 and 1, not {a.threshold}")
     if a.budget <= 0:
         return fail(PROG, f"--budget must be positive, not {a.budget}")
+    from renacerd.compare.pathmap import MapError, parse_map
+
+    try:
+        maps = [parse_map(m) for m in a.map]
+    except MapError as e:
+        return fail(PROG, str(e))
     src = _Source(a.db)
     try:
         base, notes_b = src.load(a.baseline)
@@ -94,7 +103,7 @@ def main(argv: list[str]) -> int:
     from renacerd.compare.report import report_data
 
     comp = compare_runs(base, cand, raw=a.raw, threshold=a.threshold,
-                        budget=Budget(seconds=a.budget))
+                        budget=Budget(seconds=a.budget), path_maps=maps)
     data = report_data(comp)
     for side, n in (("baseline", comp.events[0]), ("candidate", comp.events[1])):
         if n == 0:

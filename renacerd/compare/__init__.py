@@ -12,6 +12,7 @@ from renacerd.compare.effects import EffectsDiff, compare_effects, run_effects
 from renacerd.compare.lcs import Budget, LcsResult, chunked_lcs
 from renacerd.compare.normalize import NormTrace, Vocab, normalize
 from renacerd.compare.pairing import ProcessPair, pair_processes
+from renacerd.compare.pathmap import PathMap, infer_path_map
 from renacerd.fdtrack import run_fd_path_ids
 from renacerd.unified_trace import UnifiedTrace
 
@@ -54,6 +55,7 @@ class Comparison:
     match_bounds: tuple[float, float]
     fd_ids: tuple[dict[int, np.ndarray], dict[int, np.ndarray]] = field(
         default_factory=lambda: ({}, {}))
+    path_map: PathMap = field(default_factory=PathMap)
 
     @property
     def hard(self) -> list[str]:
@@ -104,8 +106,10 @@ def compare_runs(
     raw: bool = False,
     threshold: float = 0.85,
     budget: Budget | None = None,
+    path_maps: Sequence[tuple[str, str]] = (),
 ) -> Comparison:
-    """Compare two traces (or two runs' lists of traces) and keep the details for reports."""
+    """Compare two traces (or two runs' lists of traces) and keep the details for reports;
+    `path_maps` are (baseline prefix, candidate prefix) pairs added to the inferred ones."""
     from renacerd.experiment_span import EquivalenceScore
 
     single = isinstance(baseline, UnifiedTrace) and isinstance(candidate, UnifiedTrace)
@@ -135,13 +139,16 @@ def compare_runs(
     t_c = sum(int(nc.dur().sum()) for _, nc in norms if nc is not None)
     tv = 0.0 if t_b == 0 and t_c == 0 else min(abs(t_b - t_c) / max(t_b, t_c), 1.0)
     ids_b, ids_c = run_fd_path_ids(bl), run_fd_path_ids(cl)
-    eff = compare_effects(run_effects(bl, ids_b), run_effects(cl, ids_c), pairs)
+    eff_b, eff_c = run_effects(bl, ids_b), run_effects(cl, ids_c)
+    pmap = infer_path_map(eff_b, eff_c, pairs, path_maps,
+                          (bl[0].run if bl else None, cl[0].run if cl else None))
+    eff = compare_effects(eff_b, pmap.apply_effects(eff_c), pairs)
     # a hard difference is a behaviour change: it zeroes the semantic score (see the docs)
     sem = 0.0 if eff.hard else eff.score
     score = EquivalenceScore(syscall_match=hi, timing_variance=tv, semantic_equiv=sem,
                              exact=lcs.exact)
     return Comparison(score, threshold, raw, pairs, norms, chunks, lcs, eff, vocab,
-                      (t_b, t_c), (n_b, n_c), (lo, hi), (ids_b, ids_c))
+                      (t_b, t_c), (n_b, n_c), (lo, hi), (ids_b, ids_c), pmap)
 
 
 def compare_traces(

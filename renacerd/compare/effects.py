@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,8 +15,6 @@ from renacerd.unified_trace import UnifiedTrace
 _PROC = re.compile(r"^/proc/\d+(?=/|$)")
 _TASK = re.compile(r"/task/\d+(?=/|$)")
 _INODE = re.compile(r"^(pipe|socket|anon_inode):\[\d+\]$")
-_PYTMP = re.compile(r"tmp[a-z0-9_]{8}")
-_SUFFIX6 = re.compile(r"(?<=[._-])[A-Za-z0-9]{6}$")
 _PORT = re.compile(r"^(inet6?:.*):(\d+)$")
 EPHEMERAL_PORT_MIN = 32768  # Linux ip_local_port_range default start
 TMP_DIRS = ("/tmp/", "/var/tmp/", "/dev/shm/")
@@ -28,27 +25,9 @@ RENAMES = frozenset("rename renameat renameat2".split())
 EXECS = frozenset({"execve", "execveat"})
 
 
-def _randomish(s: str) -> bool:
-    """Looks generated: mixes digits and letters, or upper and lower case."""
-    d = any(ch.isdigit() for ch in s)
-    lo = any(ch.islower() for ch in s)
-    up = any(ch.isupper() for ch in s)
-    return (d and (lo or up)) or (lo and up)
-
-
-def _component(c: str, in_tmp: bool) -> str:
-    if in_tmp:
-        c = _PYTMP.sub("tmp*", c)
-    m = _SUFFIX6.search(c)
-    if m and _randomish(m.group()):
-        c = c[: m.start()] + "*"
-    elif in_tmp and len(c) >= 6 and _randomish(c[-6:]) and c[-6:].isalnum():
-        c = c[:-6] + "*"
-    return c
-
-
 def canonical_path(p: str) -> str:
-    """Path with pids, inode numbers and generated temp names replaced by placeholders."""
+    """Path with /proc pids and inode numbers replaced by placeholders (generated temp
+    names are paired between the two runs instead: renacerd.compare.pathmap)."""
     m = _INODE.match(p)
     if m:
         return m.group(1) + ":"
@@ -57,11 +36,7 @@ def canonical_path(p: str) -> str:
     p = _PROC.sub("/proc/<pid>", p)
     if p.startswith("/proc/"):
         p = _TASK.sub("/task/<tid>", p)
-    tmp = os.environ.get("TMPDIR", "").rstrip("/") + "/"
-    dirs = TMP_DIRS + ((tmp,) if len(tmp) > 1 else ())
-    in_tmp = p.startswith(dirs)
-    parts = p.split("/")
-    return "/".join(_component(c, in_tmp) for c in parts)
+    return p
 
 
 def canonical_endpoint(addr: str) -> str:
@@ -235,8 +210,13 @@ def compare_effects(base: Effects, cand: Effects, pairs: list[ProcessPair]) -> E
         b, c = bi.get(k, 0), ci.get(k, 0)
         scores.append(min(b, c) / max(b, c))
         kind, _, name = k.partition(":")
-        if kind == "written" and not (b and c) and not name.startswith(NOT_FILES):
-            hard.append(f"file {name} written only in the {'baseline' if b else 'candidate'}")
+        if kind == "written" and not name.startswith(NOT_FILES):
+            if not (b and c):
+                hard.append(f"file {name} written only in the "
+                            f"{'baseline' if b else 'candidate'}")
+            elif b != c:
+                hard.append(f"file {name}: {b} bytes written in the baseline, {c} in the "
+                            "candidate")
         if kind == "execs" and not (b and c):
             hard.append(f"program {name} exec'd only in the {'baseline' if b else 'candidate'}")
     for p in pairs:

@@ -159,6 +159,7 @@ def report_data(comp: Comparison, threshold: float | None = None) -> dict[str, A
         "events": {"baseline": comp.events[0], "candidate": comp.events[1]},
         "total_syscall_ns": {"baseline": comp.total_ns[0], "candidate": comp.total_ns[1]},
         "effects_match": comp.effects.score,
+        "path_map": [r.to_json() for r in comp.path_map.rules],
         "hard_differences": comp.hard,
         "steps": steps,
         "timing": timing_changes(comp),

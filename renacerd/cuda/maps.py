@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 
 from renacerd.cuda.hooks import DRIVER, NCCL, RUNTIME
+from renacerd.probes.btf import BTFError, member_offset
 
 # libcudart.so.12, libcudart.so.13.0.48, libcudart-6d56b25a.so.11.0 (hashed wheel copies),
 # libcuda.so.1 (not libcudart / libcudnn), libnccl.so.2, libnccl-<hash>.so.2
@@ -88,3 +89,38 @@ def openable_path(pid: int, m: Mapping) -> str | None:
     # Overlay filesystems may report another inode than stat: the mapping's own file.
     mf = f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}"
     return mf if os.path.exists(mf) else None
+
+
+def image_offsets() -> dict[str, int]:
+    """BTF offsets bpf/cuda.c needs to record a process's executable image ({} without BTF:
+    names then need the process's maps, read while it lives)."""
+    fields = {
+        "TASK_MM_OFF": ("task_struct", "mm"),
+        "MM_START_CODE_OFF": ("mm_struct", "start_code"),
+        "MM_END_CODE_OFF": ("mm_struct", "end_code"),
+        "MM_EXE_FILE_OFF": ("mm_struct", "exe_file"),
+        "FILE_INODE_OFF": ("file", "f_inode"),
+        "INODE_INO_OFF": ("inode", "i_ino"),
+        "INODE_SB_OFF": ("inode", "i_sb"),
+        "SB_DEV_OFF": ("super_block", "s_dev"),
+    }
+    try:
+        return {k: member_offset(*v) for k, v in fields.items()}
+    except BTFError:
+        return {}
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    """A process's executable as the launch probe saw it: [start, end) of its code (the
+    kernel's mm start_code/end_code) and the file's (dev, inode)."""
+
+    start: int
+    end: int
+    dev: int      # os.makedev(major, minor)
+    inode: int
+
+
+def kernel_dev(dev: int) -> int:
+    """The kernel's internal dev_t (major << 20 | minor) as os.stat's st_dev."""
+    return os.makedev(dev >> 20, dev & 0xFFFFF)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
+from collections.abc import Callable
 
 import cxxfilt
 import numpy as np
 
 from renacerd.cuda.elf import ElfError, ElfSymbols, read_symbols
-from renacerd.cuda.maps import Mapping, find_mapping, openable_path, read_maps
-from renacerd.cuda.records import N_GET_KERNEL, N_MODULE_FN, N_REGISTER
+from renacerd.cuda.maps import Image, Mapping, find_mapping, kernel_dev, openable_path, read_maps
+from renacerd.cuda.records import N_GET_KERNEL, N_IMAGE, N_MODULE_FN, N_REGISTER
+
+PF_X = 1
 
 # how a name was found (KernelNames.resolved_by)
 BY_REGISTER = "register"
@@ -32,7 +36,10 @@ def demangle(name: str) -> str:
 class KernelNames:
     """Per-process maps from launch handles to kernel names, fed by the name ring."""
 
-    def __init__(self) -> None:
+    def __init__(self, exe_paths: Callable[[int], list[str]] | None = None) -> None:
+        # where a process's executable may be found once the process is gone
+        self.exe_paths = exe_paths or (lambda pid: [])
+        self.images: dict[int, Image] = {}
         self.registered: dict[tuple[int, int], str] = {}   # (pid, host stub) -> name
         self.handles: dict[tuple[int, int], int] = {}      # (pid, cudaKernel_t) -> stub
         self.functions: dict[tuple[int, int], str] = {}    # (pid, CUfunction) -> name
@@ -52,6 +59,11 @@ class KernelNames:
                 self.handles[(pid, key)] = int(r["key2"])
             elif how == N_MODULE_FN and name:
                 self.functions[(pid, key)] = demangle(name)
+            elif how == N_IMAGE:
+                raw = bytes(r["name"])
+                self.images[pid] = Image(key, int(r["key2"]), kernel_dev(
+                    int.from_bytes(raw[8:12].ljust(4, b"\0"), "little")),
+                    int.from_bytes(raw[:8].ljust(8, b"\0"), "little"))
 
     def snapshot_maps(self, pid: int) -> None:
         """Remember where pid's objects are mapped (kept after it exits)."""
@@ -62,6 +74,7 @@ class KernelNames:
     def forget(self, pid: int) -> None:
         """Drop a process's tables (its ids may be reused)."""
         self.maps.pop(pid, None)
+        self.images.pop(pid, None)
         for d in (self.registered, self.handles, self.functions):
             for k in [k for k in d if k[0] == pid]:
                 del d[k]
@@ -104,13 +117,39 @@ class KernelNames:
             self.snapshot_maps(pid)
             m = find_mapping(self.maps.get(pid, []), addr)
         if m is None:
-            return None
+            return self._image_symbol(pid, addr)
         elf = self._elf_of(pid, m)
         if elf is None:
             return None
         # The PIE / shared-object bias falls out: the offset in the file is bias-free.
         vaddr = elf.vaddr_of_offset(addr - m.start + m.offset)
         return None if vaddr is None else elf.symbol_at(vaddr)
+
+    def _image_symbol(self, pid: int, addr: int) -> str | None:
+        """A stub in the executable of a process whose maps were never read: the kernel's
+        start_code is the lowest executable segment's link-time address plus the bias."""
+        img = self.images.get(pid)
+        if img is None or not img.start <= addr < img.end:
+            return None
+        key = (img.dev, img.inode)
+        if key not in self._elf:
+            # checked by (dev, inode): a path seen in the trace may name another file now
+            for path in self.exe_paths(pid):
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    continue
+                if (st.st_dev, st.st_ino) == key:
+                    try:
+                        self._elf[key] = read_symbols(path)
+                    except ElfError:
+                        self._elf[key] = None
+                    break
+        elf = self._elf.get(key)
+        if elf is None:
+            return None
+        x = [int(ph["vaddr"]) for ph in elf.loads if int(ph["flags"]) & PF_X]
+        return elf.symbol_at(addr - img.start + min(x)) if x else None
 
     def _elf_of(self, pid: int, m: Mapping) -> ElfSymbols | None:
         key = (m.dev, m.inode)

@@ -16,6 +16,7 @@ F_READ_FAILED = 0x01
 N_REGISTER = 1
 N_GET_KERNEL = 2
 N_MODULE_FN = 3
+N_IMAGE = 4  # key = code start, key2 = code end, name = <u8 inode, <u4 kernel dev_t
 
 GPU_EVENT = np.dtype(
     [

@@ -84,7 +84,8 @@ class CudaSource:
         self.probes = probes
         self.options = options
         self.shared_targets = shared_targets
-        self.names = KernelNames()
+        self.names = KernelNames(exe_paths=self._exe_paths)
+        self._procs: dict = {}  # the tracer's processes, as of the last drain
         self.scanned: set[int] = set()
         self.own_targets: set[int] = set()
         self.buf: dict[int, list[dict[str, np.ndarray]]] = {}
@@ -245,8 +246,16 @@ class CudaSource:
             self.names.snapshot_maps(pid)
 
     # -- events ----------------------------------------------------------------------------
+    def _exe_paths(self, pid: int) -> list[str]:
+        """Files that may be pid's executable: its exec'd path, and every probed object (an
+        executable with the runtime linked in)."""
+        st = self._procs.get(pid)
+        exe = st.span.exe if st is not None else ""
+        return ([exe] if exe.startswith("/") else []) + [o.path for o in self.probes.probed()]
+
     def drain(self, tracer) -> None:
         """Read the rings; decode launches' names; buffer rows per process."""
+        self._procs = tracer.procs
         self._scan_new(tracer)
         ev, names = self.probes.drain()
         if len(names):

@@ -13,7 +13,7 @@ import numpy as np
 
 from renacerd.cuda.elf import ElfError, has_cuda_code, read_symbols
 from renacerd.cuda.hooks import FN_ID, HOOKS, NAME_HOOKS, RUNTIME_MARKERS, entries_define
-from renacerd.cuda.maps import family_of, openable_path, read_maps
+from renacerd.cuda.maps import family_of, image_offsets, openable_path, read_maps
 from renacerd.cuda.records import COUNTER_NAMES, GPU_EVENT, NAME_LEN, NAME_REC
 from renacerd.probes.loader import ProbeError, bpf_source, compile_bpf, detach_uprobes_in_parallel
 from renacerd.ringbuf import RingReader
@@ -82,6 +82,7 @@ class CudaProbes:
             "NAME_PAGES": self.name_pages,
             "NAME_LEN": NAME_LEN,
             "ENTRIES": entries_define(),
+            **image_offsets(),
         }
         self.bpf = None
         self.events: RingReader | None = None

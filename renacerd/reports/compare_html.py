@@ -139,6 +139,11 @@ def render_html(d: dict[str, Any], baseline: str = "baseline", candidate: str = 
             lines = "\n".join(f"{'>' if e['at'] else ' '} {e['index']:>7}  {e['event']}"
                               for e in first[side])
             sections.append(f"<h3>{side}</h3><pre>{_e(lines)}</pre>")
+    if d["path_map"]:
+        sections.append("<h2>Paths paired</h2>")
+        sections.append(_table(["baseline", "", "candidate", "why"],
+                               [[m["baseline"], "\u2194", m["candidate"], m["why"]]
+                                for m in d["path_map"]]))
     sections.append("<h2>Process pairing</h2>")
     sections.append(_table(["position", "comm", "baseline pid", "candidate pid", "paired"],
                            [[p["position"], p["comm"], p["baseline_pid"], p["candidate_pid"],

@@ -43,6 +43,10 @@ def render_text(d: dict[str, Any], out: TextIO, baseline: str = "baseline",
         c = p["candidate_pid"] if p["candidate_pid"] is not None else "-"
         flag = "" if p["paired"] else "   UNPAIRED (counts against the score)"
         w(f"  {p['position']:<8} {_esc(p['comm']):<16} {b!s:>8} <-> {c!s:<8}{flag}\n")
+    if d["path_map"]:
+        w("\npaths paired (baseline \u2194 candidate):\n")
+        for m in d["path_map"]:
+            w(f"  {_esc(m['baseline'])} \u2194 {_esc(m['candidate'])}   ({m['why']})\n")
     first = next((x for x in d["differences"] if x["kind"] == "first_divergence"), None)
     if first is None:
         w("\nno divergence: the compared syscall sequences are identical\n")
