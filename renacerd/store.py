@@ -231,27 +231,45 @@ def _make_store_dir(directory: Path, gid: int | None) -> None:
     _secure(str(directory), DIR_MODE, gid)
 
 
-def _make_store_file(path: str, gid: int | None) -> None:
+def _make_store_file(path: str, gid: int | None) -> bool:
     """Create the store file FILE_MODE (SQLite gives its -wal and -shm the same mode and
-    owner), or repair store files open to every user."""
+    owner); False when it exists already (see _repair_store_files)."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      FILE_MODE)
     except FileExistsError:
-        for name in (path, path + "-wal", path + "-shm"):
-            try:
-                st = os.lstat(name)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o007 and st.st_uid == os.geteuid():
-                _secure(name, FILE_MODE, gid)
-                log.warning("store file %s was mode %04o (readable by every user); now %04o",
-                            name, stat.S_IMODE(st.st_mode), FILE_MODE)
-        return
+        return False
     try:
         _secure(path, FILE_MODE, gid, fd)
     finally:
         os.close(fd)
+    return True
+
+
+def _repair_store_files(path: str, gid: int | None) -> None:
+    """Close store files that an earlier version left open to every user (one line each);
+    called only once the file is known to be a store, so no other file is touched."""
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            st = os.lstat(name)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o007 and st.st_uid == os.geteuid():
+            _secure(name, FILE_MODE, gid)
+            log.warning("store file %s was mode %04o (readable by every user); now %04o",
+                        name, stat.S_IMODE(st.st_mode), FILE_MODE)
+
+
+def _schema_of(db: sqlite3.Connection) -> str | None:
+    """The file's schema_version; "" for an empty database; raises DatabaseError for a file
+    that is not SQLite, StoreError for a database that is not a store."""
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if not tables:
+        return ""
+    if "meta" not in tables:
+        raise StoreError("no meta table")
+    row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    return row[0] if row else None
 
 
 def _pid_alive(pid: int | None) -> bool:
@@ -305,13 +323,23 @@ class Store:
             if not p.exists() and not os.access(p.parent, os.W_OK):
                 raise StoreError(f"cannot write in {p.parent}")
             try:
-                _make_store_file(self.path, gid)
+                made = _make_store_file(self.path, gid)
             except OSError as e:
                 raise StoreError(f"cannot create {self.path}: {e.strerror}") from e
         try:
             self.db = sqlite3.connect(self.path, timeout=10.0, check_same_thread=False,
                                       isolation_level=None)
             self.db.execute("PRAGMA busy_timeout=10000")
+            # nothing is written to (or chmod'ed on) a file before it is known to be a store
+            # of a version this code reads
+            try:
+                found = _schema_of(self.db)
+            except StoreError:
+                raise StoreError(f"{self.path} is not a renacer store (no meta table)") from None
+            if found and (not found.isdigit() or int(found) not in READABLE_SCHEMAS):
+                raise StoreError(f"{self.path}: unsupported store schema {found}")
+            if create and not made:
+                _repair_store_files(self.path, gid)
             mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if create and mode != "wal":
                 raise StoreError(f"store {self.path}: cannot enable WAL (journal_mode={mode})")

@@ -163,7 +163,8 @@ def test_demo_twice_is_equivalent(runs):
     assert c.hard == [] and c.score.semantic_equiv == 1.0
     # 8 shards of 64 KiB plus the checkpoint, under the baseline's name on both sides
     shards = {k: v for k, v in c.effects.candidate.items() if "/shard-" in k}
-    assert shards == {f"written:{d}/tmp/{da}/shard-{i:03d}.bin": 65536 for i in range(8)}
+    assert shards == {f"{kind}:{d}/tmp/{da}/shard-{i:03d}.bin": n for i in range(8)
+                      for kind, n in (("written", 65536), ("created", 1))}
 
 
 def test_python_tempfile_twice_is_equivalent(runs):

@@ -90,7 +90,7 @@ def test_non_utf8_argv_paths_and_run_names_everywhere(tmp_path, db):
     assert out.startswith("run r\\xe9  status complete")
     assert f"command: sh -c echo x > {esc_target}\n" in out
     assert f" sh [exit 0] sh -c echo x > {esc_target}\n" in out
-    assert f"  {esc_target[:38]:<38}          0            2\n" in out
+    assert f"  {esc_target[:38]:<38}          0            2  created,truncated\n" in out
     runs = _run_b([b"runs", b"--db", d], tmp_path).stdout.decode()
     assert f"sh -c echo x > {esc_target}"[:60] in runs
     assert [ln.split()[0] for ln in runs.splitlines()[1:]] == ["r\\xe9", "b\\xe9"]

@@ -76,10 +76,12 @@ class Proc:
         self.aux.append(aux)
         r.ts += 100
         cols = list(zip(*self.rows))
+        # the nine columns every store has; aux (and mode) only where the kernel fills them
         self.t.columns = {n: np.array(cols[k], dtype=dt)
-                          for k, (n, dt) in enumerate(SYSCALL_COLUMNS)}
+                          for k, (n, dt) in enumerate(SYSCALL_COLUMNS[:9])}
         if r.with_aux:
             self.t.columns["aux"] = np.array(self.aux, dtype=np.uint32)
+            self.t.columns["mode"] = np.zeros(len(self.aux), dtype=np.uint32)
         return self
 
 
