@@ -56,8 +56,9 @@ def main() -> None:
     p.add_argument("--late", action="append", default=[],
                    help="STEP:RANK:KIND:ARG (kind fsync PATH, read FIFO_PATH, sleep MS)")
     p.add_argument("--desync", default=None, help="STEP:RANK:NUMEL for the loss all_reduce")
+    p.add_argument("--timeout", type=float, default=60, help="collective timeout, seconds")
     a = p.parse_args()
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=a.timeout))
     install()
     rank = dist.get_rank()
     plan = {}

@@ -33,6 +33,7 @@ class Collective:
     step: int | None
     start_ns: int
     end_ns: int
+    failed: bool  # ended with status Error: raised (a timeout, a peer gone) or never left
     status_message: str
 
     @classmethod
@@ -41,7 +42,7 @@ class Collective:
         return cls(sp.span_name[len(COLLECTIVE_PREFIX):], _num(attrs, "numel"),
                    attrs.get("experiment.model_name", ""), _num(attrs, "group"),
                    _num(attrs, "seq"), step, int(sp.start_mono_nanos), int(sp.end_mono_nanos),
-                   sp.status_message or "")
+                   int(sp.status_code) == 2, sp.status_message or "")
 
     def signature(self) -> tuple[str, int, str, int]:
         """What must match across ranks."""
@@ -89,11 +90,13 @@ def desync(by_rank: dict[int, list[Collective]]) -> dict[str, Any] | None:
 
 
 def waiting(by_rank: dict[int, list[Collective]]) -> list[dict[str, Any]]:
-    """Collectives a rank entered and never left (its process died or hung in them)."""
+    """Collectives a rank entered and did not complete: it never left them (its process died
+    or hung there: `unfinished`) or they raised (a timeout, a peer gone)."""
     out = []
     for r in sorted(by_rank):
         for c in by_rank[r]:
-            if c.status_message in UNFINISHED:
+            if c.failed:
                 out.append({"rank": r, "step": c.step, **c.to_dict(),
+                            "unfinished": c.status_message in UNFINISHED,
                             "status_message": c.status_message})
     return out

@@ -302,6 +302,12 @@ def ranks_data(store: Store, run: RunInfo, min_late_ms: float = DEFAULT_MIN_LATE
     med_work = np.nanmedian(work_g, axis=1, keepdims=True)
     slow = (at >= 0).all(axis=0) & (np.nan_to_num(work_g - med_work, nan=-1) >=
                                      min_late_ms * 1e6).all(axis=0) & ~is_late
+    by_rank = {rs.rank: rs.collectives for rs in ranks}
+    ds = desync(by_rank)
+    # From a desync on, the ranks pair the wrong calls: who waited for whom means nothing.
+    after = all_steps >= ds["step"] if ds is not None else np.zeros(S, dtype=bool)
+    is_late &= ~after
+    slow &= ~after
     steps_out = []
     for j, step in enumerate(all_steps.tolist()):
         per = {}
@@ -321,17 +327,15 @@ def ranks_data(store: Store, run: RunInfo, min_late_ms: float = DEFAULT_MIN_LATE
                          "causes": _causes(ranks, at[:, j].tolist(), s, float(late[j]),
                                            table, strings)}
         steps_out.append({"step": step, "ranks": per, "straggler": straggler,
-                          "everyone_slow": bool(slow[j])})
+                          "everyone_slow": bool(slow[j]), "after_desync": bool(after[j])})
     counts = np.bincount(strag[is_late], minlength=R)
     n_full = max(int(full.sum()), 1)
     stragglers = [{"rank": ranks[r].rank, "steps": int(counts[r]),
                    "share": round(float(counts[r]) / n_full, 4),
                    "repeat": bool(counts[r] >= 2 and counts[r] / n_full >= REPEAT_SHARE)}
                   for r in np.argsort(-counts, kind="stable").tolist() if counts[r]]
-    by_rank = {rs.rank: rs.collectives for rs in ranks}
     return {**base, "steps": steps_out, "stragglers": stragglers,
-            "slow_steps": all_steps[slow].tolist(), "desync": desync(by_rank),
-            "waiting": waiting(by_rank)}
+            "slow_steps": all_steps[slow].tolist(), "desync": ds, "waiting": waiting(by_rank)}
 
 
 def render_ranks(d: dict[str, Any], out) -> None:
@@ -365,6 +369,8 @@ def render_ranks(d: dict[str, Any], out) -> None:
             tail = f"rank {st['rank']} late {st['late_ms']:.1f} ms: {why}"
         elif s["everyone_slow"]:
             tail = "everyone slow (a shared cause)"
+        elif s["after_desync"]:
+            tail = "after the desync"
         w(f"{s['step']:>8} " + " ".join(cells) + f"  {tail}\n")
     for st in d["stragglers"]:
         if st["repeat"]:
@@ -375,8 +381,10 @@ def render_ranks(d: dict[str, Any], out) -> None:
         w(f"!! DESYNC at step {ds['step']}, collective #{ds['position']}: ")
         w("; ".join(f"rank {r}: {_call(c)}" for r, c in ds["calls"].items()) + "\n")
     for wt in d["waiting"]:
-        w(f"!! rank {wt['rank']} never left {wt['op']} #{wt['seq']} (step {wt['step']}): "
-          f"{escape(wt['status_message'] or '')}\n")
+        how = "never left" if wt["unfinished"] else "failed in"
+        first = (wt["status_message"] or "").split("\n", 1)[0][:160]
+        w(f"!! rank {wt['rank']} {how} {wt['op']} #{wt['seq']} (step {wt['step']}): "
+          f"{escape(first)}\n")
 
 
 def _call(c: dict[str, Any] | None) -> str:
