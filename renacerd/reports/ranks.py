@@ -13,7 +13,7 @@ from renacerd.cuda.hooks import HOOKS, SYNC
 from renacerd.cuda.records import GPU_LAYOUT
 from renacerd.dist_env import DistInfo
 from renacerd.escaping import escape
-from renacerd.fdtrack import fd_path_ids
+from renacerd.fdpaths import fd_paths_of
 from renacerd.reports.desync import Collective, desync, waiting
 from renacerd.reports.rank_labels import label
 from renacerd.store import RunInfo, Store
@@ -92,6 +92,16 @@ def _factorize(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return uniq, inv
 
 
+def _latest_start(starts: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """Index of the last of the sorted `starts` at or before each ts (-1: none); for sorted
+    ts (the store's columns) a cumulative count of the starts passed, not a binary search
+    per event."""
+    if len(ts) < 2 or (ts[1:] < ts[:-1]).any():
+        return np.searchsorted(starts, ts, side="right") - 1
+    marks = np.bincount(np.searchsorted(ts, starts, side="left"), minlength=len(ts) + 1)
+    return np.cumsum(marks[: len(ts)]) - 1
+
+
 def _rank_steps(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan, spans: list[Any],
                 strings: list[bytes], cache: dict[str, dict]) -> RankSteps | None:
     """Per-step totals and profile of one rank process (None: it has no step spans)."""
@@ -133,11 +143,11 @@ def _rank_steps(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan, spans:
     def outside_collectives(ts: np.ndarray) -> np.ndarray:
         if not len(cs):
             return np.ones(len(ts), dtype=bool)
-        j = np.searchsorted(cs, ts, side="right") - 1
+        j = _latest_start(cs, ts)
         return ~((j >= 0) & (ts < ce_reach[np.maximum(j, 0)]))
 
     def on_step_thread(ts: np.ndarray, tid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        k = np.searchsorted(starts, ts, side="right") - 1
+        k = _latest_start(starts, ts)
         kk = np.maximum(k, 0)
         return kk, (k >= 0) & (ts < ends[kk]) & (tid.astype(np.int64) == tids[kk])
 
@@ -165,13 +175,14 @@ def _rank_steps(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan, spans:
     k = k[idx]
     dur = dur[idx]
     nr = c["nr"][idx].astype(np.int64)
-    fdp = fd_path_ids(t)[idx]
+    fdp = fd_paths_of(t, idx)
     s0 = c["s0"][idx]
     path = np.where(fdp >= 0, fdp, s0).astype(np.int64)
     del t, c, fdp, s0
-    wait_nrs = np.array([nr_ for nr_, name in run.syscall_table.items()
-                         if name in WAIT_SYSCALLS], dtype=np.int64)
-    is_wait = np.isin(nr, wait_nrs)
+    wait_lut = np.zeros(max(max(run.syscall_table, default=0), int(nr.max(initial=0))) + 1,
+                        dtype=bool)
+    wait_lut[[n_ for n_, name in run.syscall_table.items() if name in WAIT_SYSCALLS]] = True
+    is_wait = wait_lut[nr]
     wait_sys_ns = np.bincount(k[is_wait], weights=dur[is_wait], minlength=n).astype(np.int64)
     syscall_ns = np.bincount(k, weights=dur, minlength=n).astype(np.int64)
 
