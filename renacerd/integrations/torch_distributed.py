@@ -38,30 +38,54 @@ _ARG_NAMES = {"all_reduce": "tensor", "broadcast": "tensor", "reduce": "tensor",
               "gather": "tensor", "scatter": "tensor", "send": "tensor", "recv": "tensor",
               "isend": "tensor", "irecv": "tensor"}
 
+# op -> position of its `group` argument when passed positionally
+_GROUP_AT = {"all_reduce": 2, "broadcast": 2, "reduce": 3, "all_gather": 2,
+             "all_gather_into_tensor": 2, "reduce_scatter": 3, "reduce_scatter_tensor": 3,
+             "all_to_all": 2, "all_to_all_single": 4, "gather": 3, "scatter": 3, "barrier": 0,
+             "monitored_barrier": 0, "send": 2, "recv": 2, "isend": 2, "irecv": 2,
+             "all_gather_object": 2, "broadcast_object_list": 2}
+
 _originals: dict[str, Callable[..., Any]] = {}
 _seq: dict[str, int] = {}
+
+
+_dtype_names: dict[Any, str] = {}
+# group object (None: the default group) -> (name, its number, size); never changing while
+# the group lives (destroy_process_group clears it)
+_groups: dict[Any, tuple[str, float, int]] = {}
+
+
+def _dtype_name(dtype: Any) -> str:
+    name = _dtype_names.get(dtype)
+    if name is None:
+        name = _dtype_names[dtype] = str(dtype).removeprefix("torch.")
+    return name
 
 
 def _tensors(value: Any) -> tuple[int, int, str]:
     """(elements, bytes, dtype name) of a tensor or a list of tensors."""
     if isinstance(value, torch.Tensor):
-        return value.numel(), value.numel() * value.element_size(), str(value.dtype)[6:]
+        n = value.numel()
+        return n, n * value.element_size(), _dtype_name(value.dtype)
     if isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
         n = sum(t.numel() for t in value)
-        return n, sum(t.numel() * t.element_size() for t in value), str(value[0].dtype)[6:]
+        return n, sum(t.numel() * t.element_size() for t in value), _dtype_name(value[0].dtype)
     return 0, 0, ""
 
 
-def _group(args: tuple, kwargs: dict, op: str) -> tuple[str, int]:
-    """The process group's name (the same on every rank) and size."""
-    group = kwargs.get("group")
-    if group is None:
-        group = next((a for a in args if isinstance(a, c10d.ProcessGroup)), None)
+def _group(group: Any) -> tuple[str, float, int]:
+    """The process group's name (the same on every rank), that as a number, and its size."""
+    known = _groups.get(group)
+    if known is not None:
+        return known
     try:
         pg = group if group is not None else c10d._get_default_group()
-        return pg.group_name, pg.size()
+        name = pg.group_name
+        known = (name, _group_number(name), pg.size())
     except (RuntimeError, ValueError, AttributeError):
-        return "", 0
+        return "", -1.0, 0  # no group yet: the call itself will say why
+    _groups[group] = known
+    return known
 
 
 def _group_number(name: str) -> float:
@@ -72,6 +96,7 @@ def _group_number(name: str) -> float:
 def _wrap(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     where = COLLECTIVES[op]
     key = _ARG_NAMES.get(op)
+    gat = _GROUP_AT[op]
 
     @functools.wraps(fn)
     def collective(*args: Any, **kwargs: Any) -> Any:
@@ -81,10 +106,13 @@ def _wrap(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         arg = kwargs.get(key) if key in kwargs else (
             args[where] if where is not None and len(args) > where else None)
         numel, nbytes, dtype = _tensors(arg)
-        gname, gsize = _group(args, kwargs, op)
+        group = kwargs.get("group")
+        if group is None and len(args) > gat:
+            group = args[gat]
+        gname, gnum, gsize = _group(group)
         seq = _seq[gname] = _seq.get(gname, 0) + 1
         metrics = {"c10d.numel": float(numel), "c10d.bytes": float(nbytes),
-                   "c10d.seq": float(seq), "c10d.group": _group_number(gname),
+                   "c10d.seq": float(seq), "c10d.group": gnum,
                    "c10d.group_size": float(gsize),
                    "c10d.async": 1.0 if kwargs.get("async_op") or op in ("isend", "irecv")
                    else 0.0}
@@ -98,8 +126,26 @@ def _wrap(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     return collective
 
 
+def _forgetting(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """destroy_process_group, which also drops what is known of the groups (the cache must
+    not keep a destroyed group alive, and a new default group may differ)."""
+
+    @functools.wraps(fn)
+    def destroy_process_group(*args: Any, **kwargs: Any) -> Any:
+        _groups.clear()
+        return fn(*args, **kwargs)
+
+    return destroy_process_group
+
+
 def install() -> None:
     """Wrap torch.distributed's collectives (idempotent)."""
+    if "destroy_process_group" not in _originals:
+        fn = _originals["destroy_process_group"] = c10d.destroy_process_group
+        wrapped = _forgetting(fn)
+        c10d.destroy_process_group = wrapped
+        if getattr(dist, "destroy_process_group", None) is fn:
+            dist.destroy_process_group = wrapped
     for op in COLLECTIVES:
         fn = getattr(c10d, op, None)
         if fn is None or op in _originals:
@@ -112,7 +158,8 @@ def install() -> None:
 
 
 def uninstall() -> None:
-    """Put the original functions back."""
+    """Put the original functions back (and forget the groups: a new init may reuse ids)."""
+    _groups.clear()
     for op, fn in _originals.items():
         if getattr(dist, op, None) is getattr(c10d, op, None):
             setattr(dist, op, fn)
