@@ -393,6 +393,7 @@ class Tracer:
             except Exception:
                 span = ProcessSpan(pid=pid, start_mono_ns=ts)
             st = self._new_proc(span)
+            self._read_dist(st)
         return st
 
     def _lifecycle(self, e: np.void) -> None:
