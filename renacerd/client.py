@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional, TypeVar, Union
 import orjson
 
 from renacerd import protocol
+from renacerd.dist_env import from_mapping as _dist_from_env
 from renacerd.experiment_span import (
     RESOURCE_JSON,
     U32_MAX,
@@ -187,6 +188,16 @@ def _wire_field(name: str, value: Any) -> Any:
     return _wire_metrics(value)
 
 
+def _hello_dist() -> Optional[dict[str, Any]]:
+    """This process's rank variables for the hello (None outside a distributed job)."""
+    info = _dist_from_env(os.environ, source="hello")
+    if info is None:
+        return None
+    d = info.to_dict()
+    del d["source"]
+    return {k: v for k, v in d.items() if v is not None}
+
+
 class _Client:
     """The process's one connection to renacerd, its settings and counters."""
 
@@ -251,7 +262,7 @@ class _Client:
             except ValueError as exc:
                 log.warning("ignoring TRACEPARENT: %s", exc)
         self.hello = protocol.encode(protocol.Hello(pid=os.getpid(), run=self.run,
-                                                    client=CLIENT_NAME))
+                                                    client=CLIENT_NAME, dist=_hello_dist()))
 
     def sync_wall(self, now_ns: int) -> None:
         """Re-read the offset of CLOCK_REALTIME from CLOCK_MONOTONIC (due again WALL_SYNC_NS on)."""
@@ -704,7 +715,8 @@ class _Client:
         self.next_attempt_ns = 0
         if self.hello:
             self.hello = protocol.encode(protocol.Hello(pid=os.getpid(), run=self.run,
-                                                        client=CLIENT_NAME))
+                                                        client=CLIENT_NAME,
+                                                        dist=_hello_dist()))
 
 
 _client = _Client()

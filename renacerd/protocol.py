@@ -91,17 +91,22 @@ class ProtocolError(ValueError):
 
 @dataclass(**SLOTS)
 class Hello:
-    """First message of a connection: protocol version, informational pid, optional run name."""
+    """First message of a connection: protocol version, informational pid, optional run name,
+    and, optionally, the process's place in a distributed job (`dist`: HELLO_DIST keys)."""
 
     version: int = PROTOCOL_VERSION
     pid: int = 0
     run: Optional[str] = None
     client: str = ""
+    dist: Optional[dict[str, Any]] = None
 
     def to_wire(self) -> dict[str, Any]:
         """The JSON object of this message."""
-        return {"t": "hello", "v": self.version, "pid": self.pid, "run": self.run,
+        wire = {"t": "hello", "v": self.version, "pid": self.pid, "run": self.run,
                 "client": self.client}
+        if self.dist:
+            wire["dist"] = self.dist
+        return wire
 
 
 @dataclass(**SLOTS)
@@ -327,6 +332,26 @@ def _metadata(obj: dict[str, Any]) -> ExperimentMetadata:
         raise ProtocolError("value", f"md: {exc}") from None
 
 
+# hello.dist: integers 0 ..= 2^31-1 and strings of at most MAX_CLIENT*2 characters, or null.
+HELLO_DIST_INTS = ("rank", "local_rank", "world_size", "group_rank", "local_world_size")
+HELLO_DIST_TEXT = ("job_id", "host")
+
+
+def _hello_dist(obj: dict[str, Any]) -> Optional[dict[str, Any]]:
+    dist = obj.get("dist")
+    if dist is None:
+        return None
+    if type(dist) is not dict:
+        raise ProtocolError("schema", f"dist must be an object, got {type(dist).__name__}")
+    out: dict[str, Any] = {}
+    for key in HELLO_DIST_INTS:
+        if dist.get(key) is not None:
+            out[key] = _uint(dist, key, 2**31 - 1)
+    for key in HELLO_DIST_TEXT:
+        out[key] = _text(dist, key, 2 * MAX_CLIENT, nullable=True)
+    return out
+
+
 def _hello(obj: dict[str, Any]) -> Hello:
     version = _get(obj, "v")
     if type(version) is not int:
@@ -337,7 +362,7 @@ def _hello(obj: dict[str, Any]) -> Hello:
     # pid is informational (SO_PEERCRED is what counts) and optional.
     pid = _uint(obj, "pid", U32_MAX) if obj.get("pid") is not None else 0
     return Hello(version, pid, _run(obj),
-                 _text(obj, "client", MAX_CLIENT, nullable=True) or "")
+                 _text(obj, "client", MAX_CLIENT, nullable=True) or "", _hello_dist(obj))
 
 
 def _u64(value: Any) -> bool:

@@ -56,7 +56,9 @@ CREATE TABLE IF NOT EXISTS processes (
     start_mono_ns INTEGER, end_mono_ns INTEGER,
     exit_code INTEGER, exit_signal INTEGER,
     attached INTEGER NOT NULL DEFAULT 0,
-    initial_fds TEXT
+    initial_fds TEXT,
+    rank INTEGER, local_rank INTEGER, world_size INTEGER, group_rank INTEGER,
+    local_world_size INTEGER, job_id TEXT, rank_host TEXT, rank_source TEXT
 );
 CREATE INDEX IF NOT EXISTS processes_run ON processes(run_id, pid);
 CREATE TABLE IF NOT EXISTS chunks (
@@ -83,6 +85,13 @@ CREATE TABLE IF NOT EXISTS spans (
 );
 CREATE INDEX IF NOT EXISTS spans_run ON spans(run_id, process_id, start_mono_nanos);
 """
+
+# The rank columns of `processes` (DIST_COLUMNS) are nullable additions that older readers
+# ignore (no version bump, docs/store.md): a store made before them gains them (NULL) when a
+# daemon opens it, and every process of an older file reads without a rank.
+DIST_COLUMNS = ("rank", "local_rank", "world_size", "group_rank", "local_world_size", "job_id",
+                "rank_host", "rank_source")
+_DIST_TYPES = {"job_id": "TEXT", "rank_host": "TEXT", "rank_source": "TEXT"}
 
 RUN_COUNTERS = ("events_lost", "details_lost", "failed_reads", "unmatched_exits", "truncated")
 # Why a run whose daemon is gone is incomplete.
@@ -114,6 +123,15 @@ def _dumps(v: Any) -> str:
 def _loads(text: str | None, empty: str) -> Any:
     """The value _dumps wrote (`empty` for NULL)."""
     return lossless_loads(text or empty)
+
+
+def _dist(cols: tuple) -> Any:
+    """The DistInfo of a process row's rank columns, or None."""
+    if cols[-1] is None:
+        return None
+    from renacerd.dist_env import DistInfo
+
+    return DistInfo(*cols[:5], _untext(cols[5]), _untext(cols[6]), cols[7])
 
 
 class StoreError(RuntimeError):
@@ -352,6 +370,11 @@ class Store:
                 if "truncated" not in cols:  # schema 1
                     self.db.execute(
                         "ALTER TABLE runs ADD COLUMN truncated INTEGER NOT NULL DEFAULT 0")
+                pcols = {r[1] for r in self.db.execute("PRAGMA table_info(processes)")}
+                for c in DIST_COLUMNS:  # stores made before ranks
+                    if c not in pcols:
+                        self.db.execute(f"ALTER TABLE processes ADD COLUMN {c} "
+                                        f"{_DIST_TYPES.get(c, 'INTEGER')}")
                 self.db.execute(
                     "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                     (str(SCHEMA_VERSION),),
@@ -487,6 +510,16 @@ class Store:
                 p.exit_signal,
                 proc_id,
             ),
+        )
+
+    @_writes
+    def set_process_dist(self, proc_id: int, d: Any) -> None:
+        """Record a process's rank (a renacerd.dist_env.DistInfo)."""
+        self._tx()
+        self.db.execute(
+            f"UPDATE processes SET {', '.join(f'{c}=?' for c in DIST_COLUMNS)} WHERE id=?",
+            (d.rank, d.local_rank, d.world_size, d.group_rank, d.local_world_size,
+             _text(d.job_id), _text(d.host), d.source, proc_id),
         )
 
     @_writes
@@ -642,10 +675,12 @@ class Store:
     def processes(self, run_id: int) -> list[tuple[int, ProcessSpan]]:
         """(proc_id, ProcessSpan) for every process of a run, in order of appearance."""
         out = []
+        have = {r[1] for r in self.db.execute("PRAGMA table_info(processes)")}
+        dist = ", ".join(c if c in have else "NULL" for c in DIST_COLUMNS)
         for row in self.db.execute(
             "SELECT id, pid, ppid, nspid, comm, exe, argv, start_mono_ns, end_mono_ns, "
-            "exit_code, exit_signal, attached, initial_fds FROM processes WHERE run_id=? "
-            "ORDER BY id",
+            f"exit_code, exit_signal, attached, initial_fds, {dist} FROM processes "
+            "WHERE run_id=? ORDER BY id",
             (run_id,),
         ):
             fds = _loads(row[12], "{}")
@@ -665,6 +700,7 @@ class Store:
                         exit_signal=row[10],
                         attached=bool(row[11]),
                         initial_fds={int(k): v for k, v in fds.items()},
+                        dist=_dist(row[13:]),
                     ),
                 )
             )

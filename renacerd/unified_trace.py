@@ -47,6 +47,7 @@ class ProcessSpan:
     nspid: int | None = None
     attached: bool = False
     initial_fds: dict[int, str] = field(default_factory=dict)
+    dist: Any = None  # renacerd.dist_env.DistInfo: its rank in a distributed job, if any
 
 
 @dataclass(slots=True)

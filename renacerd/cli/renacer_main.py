@@ -12,6 +12,7 @@ COMMANDS = {
     "runs": ("renacerd.cli.runs", "list the runs in the store"),
     "show": ("renacerd.cli.show", "a run's process tree, syscall table, files, losses"),
     "spans": ("renacerd.cli.spans", "a run's experiment spans with their syscalls"),
+    "ranks": ("renacerd.cli.ranks", "per step and rank: stragglers, their causes, desyncs"),
     "compare": ("renacerd.cli.compare", "are two runs behaviourally equivalent?"),
     "export": ("renacerd.cli.export", "golden trace file, Perfetto JSON or JSON lines"),
     "push": ("renacerd.cli.push", "send a stored run to ClickHouse"),

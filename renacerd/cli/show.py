@@ -29,7 +29,10 @@ def _tree(procs: list[dict[str, Any]]) -> list[str]:
             else "running/unknown"
         )
         argv = " ".join(escape(a) for a in p["argv"][:6])
-        lines.append(f"{'  ' * depth}{p['pid']} {escape(p['comm'])} [{end}] {argv}")
+        r = p.get("rank") or {}
+        rank = (f" rank {r['rank']}/{r['world_size']} local {r['local_rank']}"
+                if r.get("rank") is not None else "")
+        lines.append(f"{'  ' * depth}{p['pid']} {escape(p['comm'])} [{end}]{rank} {argv}")
         if p.get("stopped_following"):
             lines.append(f"{'  ' * depth}  stopped following: {p['stopped_following']}")
         for c in by_parent.get(p["pid"], []):

@@ -153,13 +153,16 @@ class SpanBook:
         return {k: c[k] for k in ("spans_limited_open", "spans_limited_rate",
                                   "spans_limited_run_bytes", "span_bytes")}
 
-    def _conn(self, peer: PeerCred, run: Optional[str] = None) -> _ConnState:
+    def _conn(self, peer: PeerCred, run: Optional[str] = None,
+              dist: Optional[dict] = None) -> _ConnState:
         state = self._conns.get(peer.conn_id)
-        if state is None or run is not None:
+        if state is None or run is not None or dist:
             resource = {"service.name": self._service_name, "process.pid": peer.pid,
                         "process.user.id": peer.uid}
             if run is not None:
                 resource["renacer.run"] = run
+            for key, value in (dist or {}).items():  # the hello's rank: renacer.rank, ...
+                resource[f"renacer.{key}"] = value
             fresh = _ConnState(orjson.dumps(resource).decode())
             if state is not None:
                 fresh.keys = state.keys
@@ -186,7 +189,7 @@ class SpanBook:
                 if msg.pid and msg.pid != peer.pid:
                     log.debug("client says pid %d, SO_PEERCRED says %d (pid namespace?)",
                               msg.pid, peer.pid)
-                self._conn(peer, msg.run)
+                self._conn(peer, msg.run, msg.dist)
         return None
 
     def _start(self, peer: PeerCred, msg: SpanStart) -> None:

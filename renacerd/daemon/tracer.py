@@ -16,6 +16,7 @@ import numpy as np
 from renacerd import __version__
 from renacerd.daemon.details import DetailRings, Joined, detail_bytes, split_argv
 from renacerd.daemon.writer import ChunkWriter
+from renacerd.dist_env import read_environ
 from renacerd.escaping import decode
 from renacerd.procfs import descendants, snapshot
 from renacerd.records import (
@@ -198,6 +199,9 @@ class Tracer:
         self.unfollowed = 0  # processes no longer followed: privilege gained at exec
         # /proc could not be read (EMFILE, ...): liveness unknown, so nothing was ended.
         self.liveness_errors = 0
+        # exec'd processes gone before their environment (rank variables) could be read
+        self.environ_unread = 0
+        self._host = _socket.gethostname()
         self._dead_counters: dict[str, int] = {}
 
     # -- targets -----------------------------------------------------------------------
@@ -221,14 +225,15 @@ class Tracer:
         if pid in self.procs:
             return
         self.probes.add_target(pid)
-        self._new_proc(snapshot(pid, time.monotonic_ns(), attached=True))
+        self._read_dist(self._new_proc(snapshot(pid, time.monotonic_ns(), attached=True)))
         if self.follow:
             for child in descendants(pid):
                 if child in self.procs or child == os.getpid():
                     continue  # never trace ourselves: our own drain calls would feed back
                 self.probes.add_target(child)
                 try:
-                    self._new_proc(snapshot(child, time.monotonic_ns(), attached=True))
+                    self._read_dist(
+                        self._new_proc(snapshot(child, time.monotonic_ns(), attached=True)))
                 except Exception:  # gone since we listed it
                     self.probes.remove_target(child)
         with self.lock:
@@ -406,6 +411,7 @@ class Tracer:
             except Exception:
                 span = ProcessSpan(pid=pid, start_mono_ns=ts)
             st = self._new_proc(span)
+            self._read_dist(st)
         return st
 
     def _lifecycle(self, e: np.void) -> None:
@@ -455,6 +461,8 @@ class Tracer:
                 log.warning("process %d: stopped following: %s", pid, STOPPED_PRIVILEGE)
                 self.unfollowed += 1
                 self._end_process(st, ts)
+            else:
+                self._read_dist(st)
         elif kind == EV_EXIT:
             st = self.procs.get(pid)
             if st is None:
@@ -468,6 +476,17 @@ class Tracer:
             sig = int(e["aux"])
             if st is not None and sig in FATAL_BY_DEFAULT and st.fatal_signal is None:
                 st.fatal_signal = (ts, sig)
+
+    def _read_dist(self, st: ProcState) -> None:
+        """The rank variables of a new process image (once per exec or attach, never per
+        event); a process gone before this read keeps the rank its hello gives, if any."""
+        info, ok = read_environ(st.span.pid, self._host)
+        if not ok:
+            self.environ_unread += 1
+        elif info is not None:
+            st.span.dist = info
+            with self.lock:
+                self.store.set_process_dist(st.proc_id, info)
 
     def _exit_call(self, e: np.void) -> None:
         st = self.procs.get(int(e["pid"]))
@@ -678,6 +697,7 @@ class Tracer:
             **self._dead_counters,
             "source_errors": len(self.source_errors),
             "paths_lost": self.paths_lost,
+            "environ_unread": self.environ_unread,
             "foreign_events": self.foreign_events,
             "unfollowed_privileged": self.unfollowed,
             "liveness_errors": self.liveness_errors,

@@ -9,6 +9,7 @@ import numpy as np
 from renacerd.fdtrack import run_file_stats
 from renacerd.gpu_trace import gpu_summary
 from renacerd.records import F_UNFOLLOWED
+from renacerd.reports.rank_labels import label_traces, rank_entry
 from renacerd.store import RunInfo
 from renacerd.unified_trace import UnifiedTrace
 
@@ -35,6 +36,7 @@ def syscall_table(trace: UnifiedTrace) -> dict[str, dict[str, int]]:
 def show_data(run: RunInfo, traces: list[UnifiedTrace]) -> dict[str, Any]:
     """The `renacer show --json` contract (more keys than the contract are fine)."""
     stats = run_file_stats(traces)
+    label_traces(traces)
     procs = []
     for t in traces:
         p = t.process
@@ -50,6 +52,7 @@ def show_data(run: RunInfo, traces: list[UnifiedTrace]) -> dict[str, Any]:
             "start_mono_ns": p.start_mono_ns,
             "end_mono_ns": p.end_mono_ns,
             "attached": p.attached,
+            "rank": rank_entry(p),
             "events": len(t),
             "threads": int(len(np.unique(t.columns["tid"]))) if len(t) else 0,
             "syscalls": syscall_table(t),

@@ -1,0 +1,41 @@
+"""`renacer ranks RUN`: per step and rank, working and waiting; stragglers, causes, desyncs."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import orjson
+
+from renacerd.cli.common import Parser, add_db, fail, open_store
+from renacerd.escaping import json_safe
+from renacerd.store import StoreError
+
+PROG = "renacer ranks"
+
+
+def main(argv: list[str]) -> int:
+    """Entry point."""
+    from renacerd.reports.ranks import DEFAULT_MIN_LATE_MS, ranks_data, render_ranks
+
+    p = Parser(prog=PROG, description="Per step and rank: step time, time waiting for the "
+               "others, the straggler and what it did; where the ranks' collectives differ.")
+    p.add_argument("run", help="run name")
+    add_db(p)
+    p.add_argument("--json", action="store_true", help="machine-readable (stable contract)")
+    p.add_argument("--min-late-ms", type=float, default=DEFAULT_MIN_LATE_MS, metavar="MS",
+                   help="a rank is a straggler when the others waited at least this long for "
+                        f"it (default {DEFAULT_MIN_LATE_MS:g})")
+    a = p.parse_args(argv)
+    if not math.isfinite(a.min_late_ms) or a.min_late_ms < 0:
+        return fail(PROG, f"--min-late-ms must be a finite number >= 0, not {a.min_late_ms}")
+    try:
+        store = open_store(a.db)
+        data = ranks_data(store, store.run(a.run), a.min_late_ms)
+    except StoreError as e:
+        return fail(PROG, str(e))
+    if a.json:
+        sys.stdout.buffer.write(orjson.dumps(json_safe(data), option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        render_ranks(data, sys.stdout)
+    return 0

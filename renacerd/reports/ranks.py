@@ -1,0 +1,404 @@
+"""`renacer ranks`: per step and rank, time working and waiting; each step's straggler (the
+rank the others waited for) and what it did that the median rank did not."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from renacerd.cuda.hooks import HOOKS, SYNC
+from renacerd.cuda.records import GPU_LAYOUT
+from renacerd.dist_env import DistInfo
+from renacerd.escaping import escape
+from renacerd.fdpaths import fd_paths_of
+from renacerd.reports.desync import Collective, desync, waiting
+from renacerd.reports.rank_labels import label
+from renacerd.store import RunInfo, Store
+from renacerd.unified_trace import ProcessSpan, UnifiedTrace
+
+# Calls in which a thread blocks on someone else: a lock or queue (futex), a socket or pipe
+# becoming ready (poll family), data from a peer (recv family).
+WAIT_SYSCALLS = frozenset("""futex futex_waitv poll ppoll select pselect6 epoll_wait epoll_pwait
+    epoll_pwait2 recvfrom recvmsg recvmmsg""".split())
+COLLECTIVE_PREFIX = "c10d."
+STEP_KEY = "experiment.step"
+DEFAULT_MIN_LATE_MS = 10.0
+MAX_CAUSES = 5
+# A cause must explain at least this share of the lateness (and 1 ms) to be listed.
+CAUSE_SHARE = 0.05
+REPEAT_SHARE = 0.25  # a rank late on this share of the steps (and 2 or more) is a repeat
+RESIDUAL = "(outside syscalls)"  # user-space CPU, page faults, the interpreter
+_GPU_SYNC = np.array([False] + [h.kind == SYNC for h in HOOKS])
+_DENSE_MAX = 1 << 25  # bins of a bincount before falling back to a sort
+
+
+@dataclass(slots=True)
+class RankSteps:
+    """One rank's steps: per-step totals (ns) and its per-step syscall profile."""
+
+    rank: int
+    pid: int
+    dist: DistInfo
+    steps: np.ndarray  # step values, in order of start
+    step_ns: np.ndarray
+    coll_ns: np.ndarray
+    wait_sys_ns: np.ndarray
+    gpu_sync_ns: np.ndarray
+    syscall_ns: np.ndarray  # every call outside collectives on the step's thread
+    ncoll: np.ndarray
+    # sparse profile, sorted by step index: (step index, code, ns, calls); codes index `keys`
+    prof_step: np.ndarray
+    prof_code: np.ndarray
+    prof_ns: np.ndarray
+    prof_calls: np.ndarray
+    keys: list[tuple[int, int]]  # code -> (syscall nr, string id of its file or -1)
+    collectives: list[Collective]
+
+    @property
+    def wait_ns(self) -> np.ndarray:
+        """Blocked on others: in collectives, waiting calls, GPU synchronisation."""
+        return self.coll_ns + self.wait_sys_ns + self.gpu_sync_ns
+
+
+def _attrs(sp: Any, cache: dict[str, dict]) -> dict:
+    a = sp.attributes_json or "{}"
+    d = cache.get(a)
+    if d is None:
+        d = cache[a] = orjson.loads(a)
+    return d
+
+
+def _step_value(v: Any) -> int | None:
+    try:
+        return int(float(v))
+    except (TypeError, ValueError):
+        return None
+
+
+def _factorize(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(unique values, code of each element), in O(n) through a bincount when keys are dense."""
+    if not len(key):
+        return key, np.empty(0, dtype=np.int64)
+    hi = int(key.max()) + 1
+    if hi <= _DENSE_MAX:
+        present = np.bincount(key, minlength=hi) > 0
+        uniq = np.flatnonzero(present)
+        lut = np.cumsum(present) - 1
+        return uniq, lut[key]
+    uniq, inv = np.unique(key, return_inverse=True)
+    return uniq, inv
+
+
+def _latest_start(starts: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """Index of the last of the sorted `starts` at or before each ts (-1: none); for sorted
+    ts (the store's columns) a cumulative count of the starts passed, not a binary search
+    per event."""
+    if len(ts) < 2 or (ts[1:] < ts[:-1]).any():
+        return np.searchsorted(starts, ts, side="right") - 1
+    marks = np.bincount(np.searchsorted(ts, starts, side="left"), minlength=len(ts) + 1)
+    return np.cumsum(marks[: len(ts)]) - 1
+
+
+def _rank_steps(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan, spans: list[Any],
+                strings: list[bytes], cache: dict[str, dict]) -> RankSteps | None:
+    """Per-step totals and profile of one rank process (None: it has no step spans)."""
+    best: dict[int, Any] = {}
+    colls = []
+    for sp in spans:
+        if sp.start_mono_nanos is None or sp.end_mono_nanos is None:
+            continue
+        if sp.span_name.startswith(COLLECTIVE_PREFIX):
+            colls.append(sp)
+            continue
+        step = _step_value(_attrs(sp, cache).get(STEP_KEY))
+        if step is None:
+            continue
+        old = best.get(step)
+        if old is None or sp.end_mono_nanos - sp.start_mono_nanos > (
+                old.end_mono_nanos - old.start_mono_nanos):
+            best[step] = sp  # nested spans of one step: the outermost is the step
+    if not best:
+        return None
+    order = sorted(best.values(), key=lambda s: s.start_mono_nanos)
+    steps = np.array([_step_value(_attrs(s, cache)[STEP_KEY]) for s in order], dtype=np.int64)
+    starts = np.array([s.start_mono_nanos for s in order], dtype=np.int64)
+    ends = np.array([s.end_mono_nanos for s in order], dtype=np.int64)
+    tids = np.array([s.thread_id or 0 for s in order], dtype=np.int64)
+    n = len(order)
+
+    colls.sort(key=lambda s: s.start_mono_nanos)
+    cs = np.array([s.start_mono_nanos for s in colls], dtype=np.int64)
+    ce = np.array([s.end_mono_nanos for s in colls], dtype=np.int64)
+    ck = np.searchsorted(starts, cs, side="right") - 1
+    cin = (ck >= 0) & (cs < ends[np.maximum(ck, 0)])
+    coll_ns = np.bincount(ck[cin], weights=(ce - cs)[cin], minlength=n).astype(np.int64)
+    ncoll = np.bincount(ck[cin], minlength=n).astype(np.int64)
+    collectives = [Collective.of(s, _attrs(s, cache), int(steps[k]) if ok else None)
+                   for s, k, ok in zip(colls, ck.tolist(), cin.tolist())]
+    ce_reach = np.maximum.accumulate(ce) if len(ce) else ce  # async collectives may overlap
+
+    def outside_collectives(ts: np.ndarray) -> np.ndarray:
+        if not len(cs):
+            return np.ones(len(ts), dtype=bool)
+        j = _latest_start(cs, ts)
+        return ~((j >= 0) & (ts < ce_reach[np.maximum(j, 0)]))
+
+    def on_step_thread(ts: np.ndarray, tid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        k = _latest_start(starts, ts)
+        kk = np.maximum(k, 0)
+        return kk, (k >= 0) & (ts < ends[kk]) & (tid.astype(np.int64) == tids[kk])
+
+    gcols = store.columns(run.id, proc_id, "gpu", GPU_LAYOUT)
+    gpu_sync_ns = np.zeros(n, dtype=np.int64)
+    if len(gcols["ts"]):
+        fn = gcols["fn"].astype(np.int64)
+        gk, gsel = on_step_thread(gcols["ts"], gcols["tid"])
+        gsel &= _GPU_SYNC[np.minimum(fn, len(_GPU_SYNC) - 1)] & outside_collectives(gcols["ts"])
+        gpu_sync_ns = np.bincount(gk[gsel], weights=gcols["dur"][gsel].astype(np.float64),
+                                  minlength=n).astype(np.int64)
+    del gcols
+
+    t = UnifiedTrace(p.pid, p.name)
+    t.process = p
+    t.columns = store.columns(run.id, proc_id)
+    t.strings = strings
+    if run.syscall_table:
+        t.table = run.syscall_table
+    c = t.columns
+    ts, dur = c["ts"], c["dur"].astype(np.int64)
+    k, sel = on_step_thread(ts, c["tid"])
+    sel &= outside_collectives(ts)
+    idx = np.flatnonzero(sel)
+    k = k[idx]
+    dur = dur[idx]
+    nr = c["nr"][idx].astype(np.int64)
+    fdp = fd_paths_of(t, idx)
+    s0 = c["s0"][idx]
+    path = np.where(fdp >= 0, fdp, s0).astype(np.int64)
+    del t, c, fdp, s0
+    wait_lut = np.zeros(max(max(run.syscall_table, default=0), int(nr.max(initial=0))) + 1,
+                        dtype=bool)
+    wait_lut[[n_ for n_, name in run.syscall_table.items() if name in WAIT_SYSCALLS]] = True
+    is_wait = wait_lut[nr]
+    wait_sys_ns = np.bincount(k[is_wait], weights=dur[is_wait], minlength=n).astype(np.int64)
+    syscall_ns = np.bincount(k, weights=dur, minlength=n).astype(np.int64)
+
+    # (nr, file) -> code through compact path ids, then (step, code) -> profile row
+    upath, cpath = _factorize(path + 1)
+    span = int(nr.max()) + 1 if len(nr) else 1
+    ukey, code = _factorize(cpath * span + nr)
+    keys = [(int(u % span), int(upath[u // span]) - 1) for u in ukey.tolist()]
+    ncode = max(len(keys), 1)
+    ustep, row = _factorize(k * ncode + code)
+    ns = np.bincount(row, weights=dur).astype(np.int64)
+    calls = np.bincount(row).astype(np.int64)
+    step_ns = ends - starts
+    return RankSteps(
+        rank=p.dist.rank, pid=p.pid, dist=p.dist, steps=steps, step_ns=step_ns,
+        coll_ns=coll_ns, wait_sys_ns=wait_sys_ns, gpu_sync_ns=gpu_sync_ns,
+        syscall_ns=syscall_ns, ncoll=ncoll, prof_step=ustep // ncode,
+        prof_code=ustep % ncode, prof_ns=ns, prof_calls=calls, keys=keys,
+        collectives=collectives)
+
+
+def load_ranks(store: Store, run: RunInfo) -> list[RankSteps]:
+    """Every rank process of the run that has step spans, one at a time, by rank."""
+    procs = store.processes(run.id)
+    spans = store.span_records(run.id)
+    gpu = {p.pid: store.columns(run.id, pid_, "gpu", GPU_LAYOUT) for pid_, p in procs}
+    label([p for _, p in procs], spans, gpu)
+    del gpu
+    strings = store.strings(run.id)
+    by_pid: dict[int, list[Any]] = {}
+    for sp in spans:
+        by_pid.setdefault(sp.process_id, []).append(sp)
+    cache: dict[str, dict] = {}
+    out: dict[int, RankSteps] = {}
+    for proc_id, p in procs:
+        if p.dist is None or p.dist.rank is None or p.pid not in by_pid:
+            continue
+        rs = _rank_steps(store, run, proc_id, p, by_pid[p.pid], strings, cache)
+        # a wrapper (sh -c) and its python share a rank: the one with more steps is the rank
+        if rs is not None and (rs.rank not in out or len(rs.steps) > len(out[rs.rank].steps)):
+            out[rs.rank] = rs
+    return [out[r] for r in sorted(out)]
+
+
+def _ms(ns: float) -> float:
+    return round(float(ns) / 1e6, 3)
+
+
+def _profile(rs: RankSteps, k: int) -> dict[tuple[int, int], tuple[int, int]]:
+    """(nr, file) -> (ns, calls) of one rank's step index k."""
+    a, b = np.searchsorted(rs.prof_step, [k, k + 1])
+    return {rs.keys[int(c)]: (int(ns), int(n)) for c, ns, n in
+            zip(rs.prof_code[a:b], rs.prof_ns[a:b], rs.prof_calls[a:b])}
+
+
+def _causes(ranks: list[RankSteps], at: list[int], s: int, late_ns: float,
+            table: dict[int, str], strings: list[bytes]) -> list[dict[str, Any]]:
+    """What rank s did in its step that the median of the others did not, largest first."""
+    profs = [_profile(rs, k) for rs, k in zip(ranks, at)]
+    resid = [int(rs.step_ns[k] - rs.coll_ns[k] - rs.syscall_ns[k] - rs.gpu_sync_ns[k])
+             for rs, k in zip(ranks, at)]
+    others = [i for i in range(len(ranks)) if i != s]
+    floor = max(1e6, CAUSE_SHARE * late_ns)
+    out = []
+    for key, (ns, calls) in profs[s].items():
+        excess = ns - float(np.median([profs[i].get(key, (0, 0))[0] for i in others]))
+        if excess >= floor:
+            nr, sid = key
+            path = strings[sid].decode("utf-8", "surrogateescape") if 0 <= sid < len(
+                strings) else None
+            out.append({"syscall": table.get(nr, f"syscall_{nr}"), "path": path,
+                        "ms": _ms(excess), "calls": calls, "total_ms": _ms(ns)})
+    excess = resid[s] - float(np.median([resid[i] for i in others]))
+    if excess >= floor:
+        out.append({"syscall": RESIDUAL, "path": None, "ms": _ms(excess), "calls": 0,
+                    "total_ms": _ms(resid[s])})
+    out.sort(key=lambda c: -c["ms"])
+    return out[:MAX_CAUSES]
+
+
+def ranks_data(store: Store, run: RunInfo, min_late_ms: float = DEFAULT_MIN_LATE_MS
+               ) -> dict[str, Any]:
+    """The `renacer ranks --json` contract (more keys than the contract are fine)."""
+    ranks = load_ranks(store, run)
+    strings = store.strings(run.id)
+    table = run.syscall_table
+    entries = [{"rank": rs.rank, "local_rank": rs.dist.local_rank,
+                "world_size": rs.dist.world_size, "pid": rs.pid, "host": rs.dist.host,
+                "job_id": rs.dist.job_id, "group_rank": rs.dist.group_rank,
+                "source": rs.dist.source, "steps": len(rs.steps)} for rs in ranks]
+    base = {"run": run.name, "status": run.status, "min_late_ms": min_late_ms,
+            "ranks": entries}
+    if not ranks:
+        return {**base, "steps": [], "stragglers": [], "slow_steps": [], "desync": None,
+                "waiting": []}
+    all_steps = np.unique(np.concatenate([rs.steps for rs in ranks]))
+    R, S = len(ranks), len(all_steps)
+    # at[r, j]: index of step all_steps[j] in rank r's arrays, -1 where the rank lacks it
+    at = np.full((R, S), -1, dtype=np.int64)
+    for r, rs in enumerate(ranks):
+        order = np.argsort(rs.steps, kind="stable")
+        pos = np.searchsorted(rs.steps[order], all_steps)
+        pos = np.minimum(pos, len(order) - 1)
+        hit = rs.steps[order][pos] == all_steps
+        at[r, hit] = order[pos[hit]]
+
+    def grid(name: str) -> np.ndarray:
+        g = np.full((R, S), np.nan)
+        for r, rs in enumerate(ranks):
+            ok = at[r] >= 0
+            g[r, ok] = getattr(rs, name)[at[r, ok]]
+        return g
+
+    step_g, wait_g, coll_g, ncoll_g = grid("step_ns"), grid("wait_ns"), grid("coll_ns"), \
+        grid("ncoll")
+    work_g = step_g - wait_g
+    # The straggler: the rank that waited least in the step's collectives; the others'
+    # median wait beyond its own is how late it was.
+    full = (at >= 0).all(axis=0) & (np.nan_to_num(ncoll_g) > 0).all(axis=0) & (R > 1)
+    strag = np.argmin(np.where(np.isnan(coll_g), np.inf, coll_g), axis=0)
+    rest = coll_g.copy()
+    rest[strag, np.arange(S)] = np.nan
+    with np.errstate(all="ignore"):
+        late = np.nanmedian(rest, axis=0) - coll_g[strag, np.arange(S)] if R > 1 else \
+            np.zeros(S)
+    is_late = full & (np.nan_to_num(late) >= min_late_ms * 1e6)
+    # everyone slow: every rank worked longer than its own median step by min_late
+    med_work = np.nanmedian(work_g, axis=1, keepdims=True)
+    slow = (at >= 0).all(axis=0) & (np.nan_to_num(work_g - med_work, nan=-1) >=
+                                     min_late_ms * 1e6).all(axis=0) & ~is_late
+    by_rank = {rs.rank: rs.collectives for rs in ranks}
+    ds = desync(by_rank)
+    # From a desync on, the ranks pair the wrong calls: who waited for whom means nothing.
+    after = all_steps >= ds["step"] if ds is not None else np.zeros(S, dtype=bool)
+    is_late &= ~after
+    slow &= ~after
+    steps_out = []
+    for j, step in enumerate(all_steps.tolist()):
+        per = {}
+        for r, rs in enumerate(ranks):
+            if at[r, j] < 0:
+                continue
+            k = int(at[r, j])
+            per[str(rs.rank)] = {
+                "step_ms": _ms(rs.step_ns[k]), "wait_ms": _ms(rs.wait_ns[k]),
+                "work_ms": _ms(rs.step_ns[k] - rs.wait_ns[k]),
+                "collective_ms": _ms(rs.coll_ns[k]), "wait_syscall_ms": _ms(rs.wait_sys_ns[k]),
+                "gpu_sync_ms": _ms(rs.gpu_sync_ns[k]), "collectives": int(rs.ncoll[k])}
+        straggler = None
+        if is_late[j]:
+            s = int(strag[j])
+            straggler = {"rank": ranks[s].rank, "late_ms": _ms(late[j]),
+                         "causes": _causes(ranks, at[:, j].tolist(), s, float(late[j]),
+                                           table, strings)}
+        steps_out.append({"step": step, "ranks": per, "straggler": straggler,
+                          "everyone_slow": bool(slow[j]), "after_desync": bool(after[j])})
+    counts = np.bincount(strag[is_late], minlength=R)
+    n_full = max(int(full.sum()), 1)
+    stragglers = [{"rank": ranks[r].rank, "steps": int(counts[r]),
+                   "share": round(float(counts[r]) / n_full, 4),
+                   "repeat": bool(counts[r] >= 2 and counts[r] / n_full >= REPEAT_SHARE)}
+                  for r in np.argsort(-counts, kind="stable").tolist() if counts[r]]
+    return {**base, "steps": steps_out, "stragglers": stragglers,
+            "slow_steps": all_steps[slow].tolist(), "desync": ds, "waiting": waiting(by_rank)}
+
+
+def render_ranks(d: dict[str, Any], out) -> None:
+    """Human report: ranks, then one line per step with the straggler and its causes."""
+    w = out.write
+    w(f"run {escape(d['run'])}  status {d['status']}: {len(d['ranks'])} ranks, "
+      f"{len(d['steps'])} steps (late = others waited >= {d['min_late_ms']:g} ms)\n")
+    if not d["ranks"]:
+        w("no rank processes with step spans (RANK in the environment, or the client's "
+          "hello, and experiment_span(..., step=N))\n")
+        return
+    for r in d["ranks"]:
+        w(f"  rank {r['rank']}/{r['world_size']} local {r['local_rank']}  pid {r['pid']}  "
+          f"host {escape(r['host'] or '?')}  job {escape(r['job_id'] or '?')}  "
+          f"({r['source']}, {r['steps']} steps)\n")
+    names = [str(r["rank"]) for r in d["ranks"]]
+    w(f"\n{'step':>8} " + " ".join(f"{'r' + n + ' ms (wait)':>18}" for n in names)
+      + "  straggler\n")
+    for s in d["steps"]:
+        cells = []
+        for n in names:
+            c = s["ranks"].get(n)
+            cells.append(f"{c['step_ms']:>9.1f} ({c['wait_ms']:>6.1f})" if c else f"{'-':>18}")
+        tail = ""
+        if s["straggler"]:
+            st = s["straggler"]
+            why = "; ".join(
+                f"{escape(c['syscall'])}{' of ' + escape(c['path']) if c['path'] else ''} "
+                f"{c['ms']:.1f} ms" + (f" across {c['calls']:,} calls" if c["calls"] > 1 else "")
+                for c in st["causes"][:3]) or "no single cause"
+            tail = f"rank {st['rank']} late {st['late_ms']:.1f} ms: {why}"
+        elif s["everyone_slow"]:
+            tail = "everyone slow (a shared cause)"
+        elif s["after_desync"]:
+            tail = "after the desync"
+        w(f"{s['step']:>8} " + " ".join(cells) + f"  {tail}\n")
+    for st in d["stragglers"]:
+        if st["repeat"]:
+            w(f"!! rank {st['rank']} was the straggler on {st['steps']} steps "
+              f"({100 * st['share']:.0f}%)\n")
+    ds = d["desync"]
+    if ds:
+        w(f"!! DESYNC at step {ds['step']}, collective #{ds['position']}: ")
+        w("; ".join(f"rank {r}: {_call(c)}" for r, c in ds["calls"].items()) + "\n")
+    for wt in d["waiting"]:
+        how = "never left" if wt["unfinished"] else "failed in"
+        first = (wt["status_message"] or "").split("\n", 1)[0][:160]
+        w(f"!! rank {wt['rank']} {how} {wt['op']} #{wt['seq']} (step {wt['step']}): "
+          f"{escape(first)}\n")
+
+
+def _call(c: dict[str, Any] | None) -> str:
+    if c is None:
+        return "nothing"
+    return f"{c['op']}({c['numel']} x {c['dtype']}, group {c['group']})"
