@@ -187,7 +187,8 @@ static __always_inline u16 emit_long_str(struct detail *d, const void *ptr, int 
     u16 fl = F_DETAIL;
     if (!l) {
         fl |= F_TRUNCATED;
-        count(C_TRUNCATED);
+        if (!quiet)
+            count(C_TRUNCATED);
         d->flags = fl;
         details.ringbuf_submit(d, BPF_RB_NO_WAKEUP);
         return fl;
@@ -206,15 +207,16 @@ static __always_inline u16 emit_long_str(struct detail *d, const void *ptr, int 
             count(C_READ_FAILED);
     } else if (n == LONG_LEN) {
         fl |= F_TRUNCATED;
-        count(C_TRUNCATED);
+        if (!quiet)
+            count(C_TRUNCATED);
     }
     l->flags = fl;
     details_long.ringbuf_submit(l, BPF_RB_NO_WAKEUP);
     return fl;
 }
 
-// quiet: a failed read is flagged, not counted (execve: the daemon counts it unless the
-// kernel's copy made at exec replaces it)
+// quiet: a failed or cut read is flagged, not counted (execve: the daemon counts it unless
+// the kernel's copy made at exec replaces it)
 static __always_inline u16 emit_str_pad(u64 ts, u32 tid, u16 nr, u8 slot, const void *ptr,
                                         int user, u32 pad, int quiet) {
     struct detail *d = reserve_detail(ts, tid, nr, slot);

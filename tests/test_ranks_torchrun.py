@@ -163,16 +163,3 @@ def test_bad_arguments_exit_2(late_job):
         r = run_cli("renacer_main", *args, "--db", str(late_job.db))
         assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert os.path.exists(late_job.db)
-
-
-def test_vectorised_fd_paths_equal_the_replay(late_job):
-    # renacer ranks names files through renacerd.fdpaths: the same answer as fdtrack's
-    # replay on every event of every process of the job (sockets, pipes, dups, closes)
-    import numpy as np
-
-    from renacerd.fdpaths import fd_paths_of
-    from renacerd.fdtrack import fd_path_ids
-    from renacerd.store import Store
-
-    for t in Store(late_job.db).load_run("late"):
-        assert np.array_equal(fd_paths_of(t, np.arange(len(t))), fd_path_ids(t)), t.pid

@@ -755,3 +755,47 @@ def test_launch_mode_store_is_private_whatever_the_umask(tmp_path):
         st = os.stat(path)
         assert (stat.S_IMODE(st.st_mode), st.st_gid) == (mode, gid), path
 
+
+
+def test_a_running_setuid_descendant_is_not_followed_at_attach(tmp_path, member):
+    """A member's shell with a setuid-root program already running below it: a run owned by
+    the member attaches to the shell and leaves the privileged child out (counted)."""
+    bindir = Path(tempfile.mkdtemp(dir="/tmp"))  # pytest's tmp_path is not the member's
+    bindir.chmod(0o755)
+    suid = bindir / "suid-sleep"
+    shutil.copy("/usr/bin/sleep", suid)
+    os.chmod(suid, 0o4755)
+    shell = subprocess.Popen(["setpriv", f"--reuid={MEMBER}", "--regid=nogroup",
+                              "--groups=renacer", "--", "sh", "-c", f"{suid} 30 & wait"])
+    try:
+        wait_for(lambda: [_euid(c) for c in _children(shell.pid)] == [0],
+                 "the setuid child to run")
+        (child,) = _children(shell.pid)
+        db = tmp_path / "t.db"
+        r = subprocess.run([PY, "-m", "renacerd.cli.renacerd_main", "--pid", str(shell.pid),
+                            "--owner-uid", str(member[1]), "--db", str(db), "--run", "a",
+                            "--duration", "1", "-q", "--cuda", "off"],
+                           env=env(), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert f"not following process {child}" in r.stderr
+        from renacerd.store import Store
+        store = Store(db)
+        pids = [p.pid for _, p in store.processes(store.run("a").id)]
+        assert pids == [shell.pid]
+        out = subprocess.run([PY, "-m", "renacerd.cli.renacer_main", "show", "a", "--json",
+                              "--db", str(db)], env=env(), capture_output=True, text=True)
+        assert json.loads(out.stdout)["lost"]["sources"]["unfollowed_privileged"] == 1, out.stdout
+    finally:
+        shell.kill()
+        subprocess.run(["pkill", "-f", str(suid)])
+        shutil.rmtree(bindir, ignore_errors=True)
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(x) for x in f.read().split()]
+
+
+def _euid(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(ln.split()[2]) for ln in f if ln.startswith("Uid:"))

@@ -135,16 +135,15 @@ class DetailRings:
     def join(self, tid: np.ndarray, ts: np.ndarray) -> Joined:
         """Every queued detail of events (tid, ts), removed from the queues."""
         ei, d = self.short.join(tid, ts)
-        parts = [(ei, d)]
         if len(self.long):
-            parts.append(self.long.join(tid, ts))
-        if len(parts) == 1:
-            return Joined(ei, d["slot"], d["len"], d["flags"], d["pad"], d["data"].tolist())
-        return Joined(
-            np.concatenate([p[0] for p in parts]),
-            *(np.concatenate([p[1][f] for p in parts]) for f in ("slot", "len", "flags", "pad")),
-            [x for p in parts for x in p[1]["data"].tolist()],
-        )
+            li, dl = self.long.join(tid, ts)
+            if len(li):  # long records waiting for later events cost this drain nothing
+                return Joined(
+                    np.concatenate([ei, li]),
+                    *(np.concatenate([d[f], dl[f]]) for f in ("slot", "len", "flags", "pad")),
+                    d["data"].tolist() + dl["data"].tolist(),
+                )
+        return Joined(ei, d["slot"], d["len"], d["flags"], d["pad"], d["data"].tolist())
 
 
 def split_argv(blob: bytes) -> list[bytes]:

@@ -15,6 +15,7 @@ import numpy as np
 
 from renacerd import __version__
 from renacerd.daemon.details import DetailRings, Joined, detail_bytes, split_argv
+from renacerd.daemon.peer import PeerChanged, check_traceable
 from renacerd.daemon.writer import ChunkWriter
 from renacerd.dist_env import read_environ
 from renacerd.escaping import decode
@@ -156,6 +157,7 @@ class Tracer:
         self.probes = probes
         self.store = store
         self.run_name = run_name
+        self.owner_uid = os.getuid() if owner_uid is None else owner_uid
         self.follow = follow
         self.flush_interval = flush_interval
         self.drain_interval = drain_interval  # the longest sleep between drains
@@ -180,7 +182,7 @@ class Tracer:
             syscall_table=self.table,
             start_wall_ns=self.start_wall,
             start_mono_ns=self.start_mono,
-            owner_uid=os.getuid() if owner_uid is None else owner_uid,
+            owner_uid=self.owner_uid,
         )
         self._last_flush = time.monotonic()
         self.writer = ChunkWriter(store, self.run_id)
@@ -230,6 +232,15 @@ class Tracer:
             for child in descendants(pid):
                 if child in self.procs or child == os.getpid():
                     continue  # never trace ourselves: our own drain calls would feed back
+                if self.owner_uid != 0:
+                    # the rule the service applies to the asking process, for each running
+                    # descendant: a setuid program already running below it is not traced
+                    try:
+                        check_traceable(child, self.owner_uid)
+                    except PeerChanged as e:
+                        log.warning("not following process %d: %s", child, e)
+                        self.unfollowed += 1
+                        continue
                 self.probes.add_target(child)
                 try:
                     self._read_dist(
@@ -398,7 +409,7 @@ class Tracer:
     def _details_for(self, tid: int, ts: int) -> list[tuple[int, int, bytes]]:
         return self.details.pop(tid, ts)
 
-    def _proc(self, pid: int, ts: int) -> ProcState | None:
+    def _proc(self, pid: int, ts: int, read_dist: bool = True) -> ProcState | None:
         st = self.procs.get(pid)
         if st is None:
             if not self.probes.is_target(pid):
@@ -411,7 +422,8 @@ class Tracer:
             except Exception:
                 span = ProcessSpan(pid=pid, start_mono_ns=ts)
             st = self._new_proc(span)
-            self._read_dist(st)
+            if read_dist:  # an exec reads it itself, once, and only when still followed
+                self._read_dist(st)
         return st
 
     def _lifecycle(self, e: np.void) -> None:
@@ -437,7 +449,7 @@ class Tracer:
             )
             self._new_proc(span)
         elif kind == EV_EXEC:
-            st = self._proc(pid, ts)
+            st = self._proc(pid, ts, read_dist=False)
             if st is None:
                 return
             # exec kills the other threads with SIGKILL: that is not how the process ends

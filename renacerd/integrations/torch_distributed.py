@@ -133,6 +133,8 @@ def _forgetting(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def destroy_process_group(*args: Any, **kwargs: Any) -> Any:
         _groups.clear()
+        if not args and kwargs.get("group") is None:
+            _seq.clear()  # every group is gone: a new init numbers from 1 again, as ranks do
         return fn(*args, **kwargs)
 
     return destroy_process_group

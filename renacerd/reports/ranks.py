@@ -13,7 +13,7 @@ from renacerd.cuda.hooks import HOOKS, SYNC
 from renacerd.cuda.records import GPU_LAYOUT
 from renacerd.dist_env import DistInfo
 from renacerd.escaping import escape
-from renacerd.fdpaths import fd_paths_of
+from renacerd.fdtrack import fd_path_ids
 from renacerd.reports.desync import Collective, desync, waiting
 from renacerd.reports.rank_labels import label
 from renacerd.store import RunInfo, Store
@@ -175,7 +175,7 @@ def _rank_steps(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan, spans:
     k = k[idx]
     dur = dur[idx]
     nr = c["nr"][idx].astype(np.int64)
-    fdp = fd_paths_of(t, idx)
+    fdp = fd_path_ids(t)[idx]  # files named as everywhere else: fdtrack's replay
     s0 = c["s0"][idx]
     path = np.where(fdp >= 0, fdp, s0).astype(np.int64)
     del t, c, fdp, s0
