@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from renacerd.records import AT_FDCWD
 from renacerd.unified_trace import FD_SYSCALLS, READ_FAMILY, WRITE_FAMILY, UnifiedTrace
 
-AT_FDCWD = -100
 O_WRONLY, O_RDWR = 0o1, 0o2
 O_CREAT, O_EXCL, O_TRUNC, O_APPEND, O_CLOEXEC = 0o100, 0o200, 0o1000, 0o2000, 0o2000000
 F_DUPFD, F_SETFD, F_DUPFD_CLOEXEC, FD_CLOEXEC = 0, 2, 1030, 1

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from renacerd.fdtrack import AT_FDCWD
+from renacerd.records import AT_FDCWD
 from renacerd.unified_trace import ProcessSpan
 
 PF_KTHREAD = 0x00200000

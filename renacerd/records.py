@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+# the dirfd value meaning "the working directory"; fd tables keep the cwd under this key
+AT_FDCWD = -100
+
 # Pseudo syscall numbers of lifecycle records (bpf/syscalls.c EV_*).
 EV_FORK = 0xFFF0
 EV_EXEC = 0xFFF1

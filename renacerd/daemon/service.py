@@ -34,7 +34,14 @@ from renacerd.daemon.loglimit import LimitedLog
 from renacerd.daemon.notify import Notifier
 from renacerd.daemon.peer import Peer, PeerChanged, check_traceable, pin
 from renacerd.daemon.span_ring import close_untrusted
-from renacerd.daemon.span_server import ANCILLARY, _close_unread, _descriptors, bind_socket
+from renacerd.daemon.span_server import (
+    ACCEPT_BACKOFF,
+    ACCEPT_BACKOFF_MAX,
+    ANCILLARY,
+    _close_unread,
+    _descriptors,
+    bind_socket,
+)
 from renacerd.protocol import (
     MAX_FRAME,
     Ack,
@@ -65,8 +72,6 @@ MAX_RUNS_PER_UID = 4
 STOP_GRACE = 1.8
 POLL_INTERVAL = 0.5
 # Out of descriptors at accept: wait this long before the next accept, doubling to the max.
-ACCEPT_BACKOFF = 0.05
-ACCEPT_BACKOFF_MAX = 1.0
 TRACER_MODULE = "renacerd.cli.renacerd_main"
 
 BPF_CHECK = """

@@ -19,7 +19,6 @@ import os
 import selectors
 import socket
 import stat
-import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import Callable, Optional, Union
 
 from renacerd import protocol
 from renacerd.daemon.loglimit import LimitedLog
+from renacerd.daemon.peer import _PEERCRED
 from renacerd.daemon.span_ring import REAPER, RingReader, close_untrusted
 from renacerd.protocol import MAX_FRAME, Dropped, Hello, Message, ProtocolError, Ring
 
@@ -43,7 +43,6 @@ BACKLOG = 256
 # How often rings are read (s): timestamps come from the clients, so a later read changes
 # nothing but memory; a 2 MiB ring holds ~60 ms of a client flooding at full speed.
 RING_POLL = 0.01
-_PEERCRED = struct.Struct("3i")
 # Room for every descriptor one message can carry (the kernel's SCM_MAX_FD): descriptors
 # that find no room are closed by the kernel in the receiving thread, and the close of a
 # TCP socket with SO_LINGER (or a FUSE file) can block it. So every one is received, and

@@ -18,6 +18,7 @@ import orjson
 from renacerd.daemon.span_server import PeerCred
 from renacerd.experiment_span import ExperimentMetadata, SpanKind, SpanRecord, StatusCode
 from renacerd.protocol import (
+    I64_MAX,
     MAX_METRICS,
     Ack,
     Dropped,
@@ -42,7 +43,6 @@ SPAN_BYTES_PER_S = 4 << 20
 SPAN_BYTES_BURST = 16 << 20
 MAX_RUN_SPAN_BYTES = 256 << 20
 SPAN_OVERHEAD = 64
-I64_MAX = (1 << 63) - 1
 EXITED = "process exited mid-span"
 DISCONNECTED = "client disconnected mid-span"
 STOPPED = "daemon stopped mid-span"

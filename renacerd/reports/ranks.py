@@ -14,7 +14,7 @@ from renacerd.cuda.records import GPU_LAYOUT
 from renacerd.dist_env import DistInfo
 from renacerd.escaping import escape
 from renacerd.fdtrack import fd_path_ids
-from renacerd.reports.desync import Collective, desync, waiting
+from renacerd.reports.desync import COLLECTIVE_PREFIX, Collective, desync, waiting
 from renacerd.reports.rank_labels import label
 from renacerd.store import RunInfo, Store
 from renacerd.unified_trace import ProcessSpan, UnifiedTrace
@@ -23,7 +23,6 @@ from renacerd.unified_trace import ProcessSpan, UnifiedTrace
 # becoming ready (poll family), data from a peer (recv family).
 WAIT_SYSCALLS = frozenset("""futex futex_waitv poll ppoll select pselect6 epoll_wait epoll_pwait
     epoll_pwait2 recvfrom recvmsg recvmmsg""".split())
-COLLECTIVE_PREFIX = "c10d."
 STEP_KEY = "experiment.step"
 DEFAULT_MIN_LATE_MS = 10.0
 MAX_CAUSES = 5
