@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from renacerd import client  # noqa: E402
+from renacerd.client import core as client  # noqa: E402
 from renacerd.client import experiment_span  # noqa: E402
 
 METRICS = {"accuracy": 0.95, "f1": 0.92, "perplexity": 12.5, "grad_norm": 1.25}
@@ -67,8 +67,8 @@ def renacer(n: int) -> None:
 
 def serve(path: str, ready, stop, result) -> None:
     """The daemon side in its own process: SpanServer + SpanBook, drained as a store would."""
-    from renacerd.daemon.span_server import SpanServer
-    from renacerd.daemon.spans import SpanBook
+    from renacerd.serve.span_server import SpanServer
+    from renacerd.serve.spans import SpanBook
 
     book = SpanBook()
     drained = 0

@@ -32,7 +32,7 @@ STEP_PATTERN = (
 def build(n: int, edit: float, seed: int, table: dict[int, str], candidate: bool):
     """A UnifiedTrace of n events (candidate: with `edit` fraction edited) and its step spans."""
     from renacerd.experiment_span import SpanRecord
-    from renacerd.unified_trace import UnifiedTrace
+    from renacerd.trace.unified_trace import UnifiedTrace
 
     nr_of = {v: k for k, v in table.items()}
     pat_nr = np.array([nr_of[s] for s, _ in STEP_PATTERN], dtype=np.uint16)

@@ -21,8 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from renacerd.cuda.elf import read_symbols  # noqa: E402
-from renacerd.probes.cuda import ALL_SYMBOLS, CudaProbes  # noqa: E402
+from renacerd.capture.cuda.elf import read_symbols  # noqa: E402
+from renacerd.capture.probes.cuda import ALL_SYMBOLS, CudaProbes  # noqa: E402
 
 LOOP_C = r"""
 #include <stdio.h>

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.storm import build  # noqa: E402
-from renacerd.store import Store  # noqa: E402
+from renacerd.store.database import Store  # noqa: E402
 
 
 def main() -> int:

@@ -25,11 +25,11 @@ PATTERN = ["openat", "read", "read", "close"] + ["ioctl"] * 6 + ["futex", "clock
 
 def build(path: str, ranks: int, steps: int, per_step: int) -> None:
     """Write the synthetic run "bench" into a new store at `path`."""
-    from renacerd.dist_env import DistInfo
+    from renacerd.client.dist_env import DistInfo
     from renacerd.experiment_span import SpanRecord
-    from renacerd.store import Store
+    from renacerd.store.database import Store
     from renacerd.syscall_table import syscall_table
-    from renacerd.unified_trace import ProcessSpan
+    from renacerd.trace.unified_trace import ProcessSpan
 
     table = syscall_table()
     nr_of = {v: k for k, v in table.items()}
@@ -112,7 +112,7 @@ def _span(pid: int, name: str, step: int, start: int, end: int, i: int, numel: i
 def measure(path: str) -> dict:
     """Time ranks_data on the store (in this process) and check its answer."""
     from renacerd.reports.ranks import ranks_data
-    from renacerd.store import Store
+    from renacerd.store.database import Store
 
     s = Store(path)
     t = time.perf_counter()

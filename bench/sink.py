@@ -28,7 +28,7 @@ from renacerd.sinks.clickhouse import (  # noqa: E402
     parse_url,
     push_run,
 )
-from renacerd.store import Store  # noqa: E402
+from renacerd.store.database import Store  # noqa: E402
 
 
 def trace(exe: Path, db: Path, run: str, n: int) -> float:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from renacerd.daemon.span_server import SpanServer  # noqa: E402
-from renacerd.daemon.spans import SpanBook  # noqa: E402
+from renacerd.serve.span_server import SpanServer  # noqa: E402
+from renacerd.serve.spans import SpanBook  # noqa: E402
 
 
 def blocking_sender(path: str, spans: int) -> int:
@@ -28,7 +28,7 @@ def blocking_sender(path: str, spans: int) -> int:
 
     import orjson
 
-    from renacerd.protocol import Hello, encode
+    from renacerd.client.protocol import Hello, encode
 
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     s.connect(path)
@@ -48,7 +48,7 @@ def blocking_sender(path: str, spans: int) -> int:
 
 def library_sender(path: str, spans: int) -> int:
     """The real client library, fail-open and non-blocking."""
-    from renacerd import client
+    from renacerd.client import core as client
 
     client.configure(socket=path)
     metrics = {"accuracy": 0.95, "f1": 0.92, "perplexity": 12.5, "grad_norm": 1.25}

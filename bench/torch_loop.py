@@ -240,7 +240,7 @@ def windows(me: list[str], db: Path, n: int, width: float, extra: list[str],
 
 def _events_in(db: Path, run: str, window: list[int]) -> int:
     """Syscalls of the whole tree (main + workers) inside the timed steps."""
-    from renacerd.store import Store
+    from renacerd.store.database import Store
 
     st = Store(db)
     try:

@@ -3,7 +3,7 @@
 // headers BCC compiles against may not match the running kernel): pt_regs and user memory,
 // and, where the kernel's BTF gives their offsets, a few fields of the current mm.
 //
-// Prepended at load by renacerd.probes.cuda:
+// Prepended at load by renacerd.capture.probes.cuda:
 //   GPU_PAGES     pages of the event ring buffer (power of two)
 //   NAME_PAGES    pages of the kernel-name ring buffer (power of two)
 //   NAME_LEN      bytes of one kernel name captured

@@ -1,6 +1,6 @@
 // renacerd kernel side: every syscall of the traced process tree, plus fork/exec/exit.
 //
-// Prepended at load by renacerd.probes.syscalls (bcc-tools style feature switches):
+// Prepended at load by renacerd.capture.probes.syscalls (bcc-tools style feature switches):
 //   TID_SLOTS      power of two; slots of the per-thread start array (>= pid_max when it fits)
 //   EVENT_PAGES    pages of the event ring buffer (power of two)
 //   DETAIL_PAGES   pages of the detail ring buffer (power of two)
@@ -13,7 +13,7 @@
 //                  array, the cheap test on every syscall of the system
 //   RAW_TP         defined (x86-64): raw tracepoints on sys_enter/sys_exit, args from pt_regs
 //   TASK_MM_OFF, MM_ARG_START_OFF, MM_ARG_END_OFF  struct offsets from the running
-//                  kernel's BTF (renacerd.probes.btf); without them argv comes from execve
+//                  kernel's BTF (renacerd.capture.probes.btf); without them argv comes from execve
 //   OWNER_UID      defined (the uid) when the run belongs to a user other than root: a
 //                  process whose exec gains privilege stops being followed
 //   TASK_CRED_OFF, CRED_UID_OFF, CRED_GID_OFF, CRED_EUID_OFF, CRED_EGID_OFF, CRED_CAPP_OFF
@@ -412,7 +412,7 @@ static __always_inline u32 kind_of(u32 nr) {
 }
 
 // The event's aux for calls other than the open family (whose flags come with p1): the
-// argument renacerd.fdtrack.AUX names, so fd tables can be replayed at analysis time.
+// argument renacerd.trace.fdtrack.AUX names, so fd tables can be replayed at analysis time.
 static __always_inline u32 aux_of(u32 nr, u64 *a) {
     switch (nr) {
     case __NR_pipe2: case __NR_socket: case __NR_socketpair: case __NR_eventfd2:

@@ -11,12 +11,12 @@ import statistics
 import sys
 import time
 
-from renacerd.daemon.cuda_source import CudaOptions, CudaSource
-from renacerd.daemon.session import HeldChild
-from renacerd.daemon.tracer import Tracer
-from renacerd.gpu_trace import gpu_by_interval, load_gpu, summarize
-from renacerd.probes.syscalls import SyscallProbes
-from renacerd.store import Store
+from renacerd.capture.cuda_source import CudaOptions, CudaSource
+from renacerd.serve.session import HeldChild
+from renacerd.capture.tracer import Tracer
+from renacerd.trace.gpu_trace import gpu_by_interval, load_gpu, summarize
+from renacerd.capture.probes.syscalls import SyscallProbes
+from renacerd.store.database import Store
 
 
 class _T:

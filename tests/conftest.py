@@ -111,9 +111,9 @@ def sock_dir():
 def span_daemon(sock_dir):
     """A real SpanServer feeding a SpanBook (no grace for abandoned spans) on a fresh
     socket; afterwards the in-process client is pointed away and the server stopped."""
-    from renacerd import client
-    from renacerd.daemon.span_server import SpanServer
-    from renacerd.daemon.spans import SpanBook
+    from renacerd.client import core as client
+    from renacerd.serve.span_server import SpanServer
+    from renacerd.serve.spans import SpanBook
 
     book = SpanBook(grace_ns=0)
     server = SpanServer(os.path.join(sock_dir, "d.sock"), on_message=book.handle,
@@ -130,7 +130,7 @@ def listener(sock_dir):
     away from it afterwards."""
     import socket
 
-    from renacerd import client
+    from renacerd.client import core as client
 
     path = os.path.join(sock_dir, "raw.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -144,7 +144,7 @@ def listener(sock_dir):
 def burst_into_backlog(limit: int) -> int:
     """Open "burst" spans until the client queues one (its socket is full; at most `limit`),
     then 10 "tail" spans; returns the number of bursts."""
-    from renacerd import client
+    from renacerd.client import core as client
 
     n = 0
     while client.stats()["queued"] == 0 and n < limit:
@@ -184,9 +184,9 @@ class RawPeer:
 
     def read(self) -> list[bytes]:
         """Every frame readable now, in order; the ring message itself is taken, not listed."""
-        from renacerd.daemon.span_ring import RingReader
-        from renacerd.daemon.span_server import _descriptors
-        from renacerd.protocol import MAX_FRAME, Ring, decode
+        from renacerd.client.protocol import MAX_FRAME, Ring, decode
+        from renacerd.serve.span_ring import RingReader
+        from renacerd.serve.span_server import _descriptors
 
         out = []
         while True:
@@ -222,7 +222,7 @@ class RawPeer:
 
     def messages(self) -> list:
         """read(), decoded."""
-        from renacerd.protocol import decode
+        from renacerd.client.protocol import decode
 
         return [decode(f) for f in self.read()]
 

@@ -34,6 +34,6 @@ def fail(prog: str, message: str) -> int:
 
 def open_store(path: str | None):
     """Open an existing store for reading."""
-    from renacerd.store import Store, default_db_path
+    from renacerd.store.database import Store, default_db_path
 
     return Store(path or default_db_path())

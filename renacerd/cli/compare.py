@@ -8,9 +8,9 @@ import sys
 import orjson
 
 from renacerd.cli.common import Parser, UsageError, add_db, fail, open_store
-from renacerd.golden import SUFFIX, GoldenError, read_golden
-from renacerd.store import StoreError
-from renacerd.unified_trace import UnifiedTrace
+from renacerd.io.runfile import SUFFIX, GoldenError, read_golden
+from renacerd.store.database import StoreError
+from renacerd.trace.unified_trace import UnifiedTrace
 
 PROG = "renacer compare"
 EXIT_EQUIVALENT, EXIT_DIFFERENT = 0, 1
@@ -30,8 +30,8 @@ class _Source:
 
     def load(self, what: str) -> tuple[list[UnifiedTrace], list[str]]:
         """The traces, plus notes worth a line on stderr."""
+        from renacerd.io.clickhouse_source import is_clickhouse_url, load_run_from_url
         from renacerd.sinks import SinkError
-        from renacerd.sinks.clickhouse_source import is_clickhouse_url, load_run_from_url
 
         if is_clickhouse_url(what):  # before the path test: a URL contains '/'
             try:

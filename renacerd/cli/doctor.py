@@ -41,7 +41,7 @@ def _btf() -> tuple[bool, str, str]:
     if not ok:
         return False, "no /sys/kernel/btf/vmlinux", "argv falls back to execve's arguments"
     try:
-        from renacerd.probes.btf import member_offset
+        from renacerd.capture.probes.btf import member_offset
 
         off = member_offset("task_struct", "mm")
     except Exception as e:
@@ -76,8 +76,8 @@ def _syscalls() -> tuple[bool, str, str]:
 def _load() -> tuple[bool, str, str]:
     if os.geteuid() != 0:
         return False, "skipped (not root)", "run as root"
-    from renacerd.probes.loader import ProbeError
-    from renacerd.probes.syscalls import SyscallProbes
+    from renacerd.capture.probes.loader import ProbeError
+    from renacerd.capture.probes.syscalls import SyscallProbes
 
     p = SyscallProbes(event_mb=1, detail_mb=1)
     try:
@@ -89,7 +89,7 @@ def _load() -> tuple[bool, str, str]:
 
 
 def _cuda() -> tuple[bool, str, str]:
-    from renacerd.daemon.cuda_source import system_cuda_libraries
+    from renacerd.capture.cuda_source import system_cuda_libraries
 
     libs = system_cuda_libraries()
     what = ", ".join(libs) if libs else "none in ldconfig's cache (wheel copies are found per run)"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from renacerd.cli.common import Parser, add_db, fail, open_store
-from renacerd.store import StoreError
+from renacerd.store.database import StoreError
 
 PROG = "renacer export"
 
@@ -31,17 +31,17 @@ def main(argv: list[str]) -> int:
         return fail(PROG, str(e))
     try:
         if a.format == "golden":
-            from renacerd.golden import write_golden
+            from renacerd.io.runfile import write_golden
 
             size = write_golden(a.output, info, traces)
             what = f"{size} bytes"
         elif a.format == "perfetto":
-            from renacerd.exporters.perfetto import write_perfetto
+            from renacerd.io.perfetto import write_perfetto
 
             size = write_perfetto(a.output, traces, a.run)
             what = f"{size} bytes"
         else:
-            from renacerd.exporters.jsonl import write_jsonl
+            from renacerd.io.jsonl import write_jsonl
 
             what = f"{write_jsonl(a.output, traces)} lines"
     except OSError as e:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from renacerd.cli.common import Parser, add_db, fail
-from renacerd.store import StoreError, default_db_path
+from renacerd.store.database import StoreError, default_db_path
 
 PROG = "renacer push"
 

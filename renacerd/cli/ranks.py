@@ -9,7 +9,7 @@ import orjson
 
 from renacerd.cli.common import Parser, add_db, fail, open_store
 from renacerd.escaping import json_safe
-from renacerd.store import StoreError
+from renacerd.store.database import StoreError
 
 PROG = "renacer ranks"
 

@@ -7,8 +7,8 @@ import math
 import os
 import sys
 
+from renacerd.capture.procfs import CallerSignals
 from renacerd.cli.common import Parser, fail
-from renacerd.procfs import CallerSignals
 
 # Before any handler is installed: the launched command gets what renacerd's caller gave it.
 CALLER = CallerSignals.capture()
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         argv, cmd = argv[:i], argv[i + 1 :]
     args = build_parser().parse_args(argv)
     if args.print_bpf:
-        from renacerd.probes.syscalls import SyscallProbes
+        from renacerd.capture.probes.syscalls import SyscallProbes
 
         sys.stdout.write(SyscallProbes(follow=not args.no_follow).source())
         return 0
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, mb in (("--ring-mb", args.ring_mb), ("--detail-ring-mb", args.detail_ring_mb)):
         if not (math.isfinite(mb) and 0 < mb <= 4096):
             return fail(PROG, f"{name} must be between 0 and 4096 MB, not {mb}")
-    from renacerd.daemon.cuda_source import CudaOptionError, CudaOptions
+    from renacerd.capture.cuda_source import CudaOptionError, CudaOptions
     from renacerd.sinks import SinkError
     from renacerd.sinks.clickhouse import parse_url
     from renacerd.sinks.otlp import resolve_endpoint
@@ -107,13 +107,28 @@ def main(argv: list[str] | None = None) -> int:
         return fail(PROG, str(e))
     if os.geteuid() != 0:
         return fail(PROG, "must run as root (BPF needs CAP_BPF and CAP_PERFMON); try sudo")
-    from renacerd.daemon.session import Session, SessionError
+    from renacerd.serve.session import Session, SessionError
 
     try:
-        session = Session(args, cmd, CALLER)
+        session = Session(args, cmd, CALLER, start_sinks=_sinks_of(args))
     except SessionError as e:
         return fail(PROG, str(e))
     return session.run()
+
+
+def _sinks_of(args):
+    """How the session starts the sinks asked for: ClickHouse URLs and an OTLP endpoint."""
+
+    def start(db_path, run_name):
+        from renacerd.sinks.clickhouse import ClickHouseSink
+        from renacerd.sinks.otlp import OtlpExporter
+
+        sinks = [ClickHouseSink(db_path, u, run_name).start() for u in args.sink]
+        if args.otlp_endpoint:
+            sinks.append(OtlpExporter(db_path, args.otlp_endpoint, run_name).start())
+        return sinks
+
+    return start
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import sys
 import threading
 
 from renacerd.cli.common import Parser, fail
-from renacerd.daemon.span_link import DEFAULT_SOCKET
+from renacerd.serve.span_link import DEFAULT_SOCKET
 
 PROG = "renacerd serve"
 
@@ -46,8 +46,8 @@ def main(argv: list[str]) -> int:
         return fail(PROG, str(e))
     if os.geteuid() != 0:
         return fail(PROG, "must run as root (BPF needs CAP_BPF and CAP_PERFMON); try sudo")
-    from renacerd.daemon.notify import Notifier
-    from renacerd.daemon.service import (
+    from renacerd.serve.notify import Notifier
+    from renacerd.serve.service import (
         Service,
         ServiceError,
         bpf_load_check,
@@ -55,14 +55,14 @@ def main(argv: list[str]) -> int:
         listen,
         renacer_gid,
     )
-    from renacerd.daemon.span_server import sockets_from_systemd
-    from renacerd.store import StoreError, default_db_path
+    from renacerd.serve.span_server import sockets_from_systemd
+    from renacerd.store.database import StoreError, default_db_path
 
     logging.basicConfig(level=logging.INFO, format="renacerd: %(message)s")
     notifier = Notifier.from_environment()
     gid = renacer_gid(a.group)
     # Sockets and anything else made here: never open to every user. (The store sets its
-    # own modes whatever the umask: renacerd.store.)
+    # own modes whatever the umask: renacerd.store.database.)
     os.umask(0o027)
     db = a.db or default_db_path()
     handed = sockets_from_systemd()

@@ -10,7 +10,7 @@ import orjson
 
 from renacerd.cli.common import Parser, add_db, fail, open_store
 from renacerd.escaping import escape, json_safe
-from renacerd.store import StoreError
+from renacerd.store.database import StoreError
 
 PROG = "renacer show"
 
@@ -117,8 +117,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--by", choices=["process", "step"], default="process",
                    help="group by process (default) or by experiment step, outliers flagged")
     a = p.parse_args(argv)
+    from renacerd.io.clickhouse_source import is_clickhouse_url, load_run_info_from_url
     from renacerd.sinks import SinkError
-    from renacerd.sinks.clickhouse_source import is_clickhouse_url, load_run_info_from_url
 
     try:
         if is_clickhouse_url(a.run):

@@ -8,7 +8,7 @@ import orjson
 
 from renacerd.cli.common import Parser, add_db, fail, open_store
 from renacerd.escaping import escape, json_safe
-from renacerd.store import StoreError
+from renacerd.store.database import StoreError
 
 PROG = "renacer spans"
 

@@ -8,8 +8,8 @@ import sys
 
 import orjson
 
-from renacerd import protocol
 from renacerd.cli.common import Parser, fail
+from renacerd.client import protocol
 
 PROG = "renacer status"
 TIMEOUT = 3.0

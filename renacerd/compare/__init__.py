@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -13,17 +12,18 @@ from renacerd.compare.lcs import Budget, LcsResult, chunked_lcs
 from renacerd.compare.normalize import NormTrace, Vocab, normalize
 from renacerd.compare.pairing import ProcessPair, pair_processes
 from renacerd.compare.pathmap import PathMap, infer_path_map
-from renacerd.fdtrack import run_fd_path_ids
-from renacerd.unified_trace import UnifiedTrace
-
-if TYPE_CHECKING:
-    from renacerd.experiment_span import EquivalenceScore
+from renacerd.compare.score import (
+    EQUIVALENCE_THRESHOLD,
+    W_MATCH,
+    W_SEMANTIC,
+    W_TIMING,
+    EquivalenceScore,
+)
+from renacerd.trace.fdtrack import run_fd_path_ids
+from renacerd.trace.unified_trace import UnifiedTrace
 
 __all__ = ["Budget", "Chunk", "Comparison", "compare_runs", "compare_traces"]
 
-# overall = 0.4 match + 0.2 (1 - timing) + 0.4 semantic: with the other two at their best,
-# overall >= t needs match >= (t - 0.6) / 0.4 (0.625 at the default 0.85)
-W_MATCH, W_TIMING, W_SEMANTIC = 0.4, 0.2, 0.4
 
 
 @dataclass(slots=True)
@@ -104,13 +104,12 @@ def compare_runs(
     candidate: UnifiedTrace | Sequence[UnifiedTrace],
     *,
     raw: bool = False,
-    threshold: float = 0.85,
+    threshold: float = EQUIVALENCE_THRESHOLD,
     budget: Budget | None = None,
     path_maps: Sequence[tuple[str, str]] = (),
 ) -> Comparison:
     """Compare two traces (or two runs' lists of traces) and keep the details for reports;
     `path_maps` are (baseline prefix, candidate prefix) pairs added to the inferred ones."""
-    from renacerd.experiment_span import EquivalenceScore
 
     single = isinstance(baseline, UnifiedTrace) and isinstance(candidate, UnifiedTrace)
     bl, cl = _as_run(baseline), _as_run(candidate)

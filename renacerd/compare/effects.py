@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from renacerd.compare.pairing import ProcessPair
-from renacerd.fdtrack import ProcessFiles, created_opens, file_stats, run_files
-from renacerd.unified_trace import UnifiedTrace
+from renacerd.trace.fdtrack import ProcessFiles, created_opens, file_stats, run_files
+from renacerd.trace.unified_trace import UnifiedTrace
 
 _PROC = re.compile(r"^/proc/\d+(?=/|$)")
 _TASK = re.compile(r"/task/\d+(?=/|$)")
@@ -166,7 +166,7 @@ def _two(t: UnifiedTrace, i: int) -> bool:
 
 
 def _gpu(t: UnifiedTrace, e: Effects) -> None:
-    from renacerd.gpu_trace import gpu_summary
+    from renacerd.trace.gpu_trace import gpu_summary
 
     # a precomputed summary (e.g. built by hand or carried by an exporter) wins
     summary = t.gpu["summary"] if "summary" in t.gpu else gpu_summary(t)

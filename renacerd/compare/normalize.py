@@ -21,7 +21,7 @@ import numpy as np
 import orjson
 
 from renacerd.records import LIFECYCLE_MIN
-from renacerd.unified_trace import UnifiedTrace
+from renacerd.trace.unified_trace import UnifiedTrace
 
 NONDETERMINISTIC = frozenset(
     """futex futex_wait futex_wake futex_requeue futex_waitv sched_yield time gettimeofday

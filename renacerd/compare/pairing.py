@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from renacerd.unified_trace import UnifiedTrace
+from renacerd.trace.unified_trace import UnifiedTrace
 
 
 @dataclass(slots=True)

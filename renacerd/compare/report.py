@@ -9,7 +9,7 @@ import numpy as np
 
 from renacerd.compare import Chunk, Comparison
 from renacerd.compare.normalize import NormTrace
-from renacerd.unified_trace import UnifiedTrace
+from renacerd.trace.unified_trace import UnifiedTrace
 
 CONTEXT = 3
 TOP_TIMING = 10

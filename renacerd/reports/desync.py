@@ -9,7 +9,7 @@ from typing import Any
 
 COLLECTIVE_PREFIX = "c10d."
 _M = "experiment.metrics.c10d."
-# what the daemon writes for a span that its process never ended (renacerd.daemon.spans)
+# what the daemon writes for a span that its process never ended (renacerd.serve.spans)
 UNFINISHED = ("process exited mid-span", "client disconnected mid-span",
               "daemon stopped mid-span")
 

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import orjson
 
+from renacerd.client.dist_env import DistInfo
 from renacerd.cuda.hooks import COMM_INIT, HOOKS
-from renacerd.dist_env import DistInfo
-from renacerd.unified_trace import ProcessSpan
+from renacerd.trace.unified_trace import ProcessSpan
 
 _IS_INIT = np.array([False] + [h.kind == COMM_INIT for h in HOOKS])
 _HELLO_KEYS = ("rank", "local_rank", "world_size", "group_rank", "local_world_size", "job_id",

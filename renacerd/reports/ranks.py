@@ -9,15 +9,15 @@ from typing import Any
 import numpy as np
 import orjson
 
+from renacerd.client.dist_env import DistInfo
 from renacerd.cuda.hooks import HOOKS, SYNC
 from renacerd.cuda.records import GPU_LAYOUT
-from renacerd.dist_env import DistInfo
 from renacerd.escaping import escape
-from renacerd.fdtrack import fd_path_ids
 from renacerd.reports.desync import COLLECTIVE_PREFIX, Collective, desync, waiting
 from renacerd.reports.rank_labels import label
-from renacerd.store import RunInfo, Store
-from renacerd.unified_trace import ProcessSpan, UnifiedTrace
+from renacerd.store.database import RunInfo, Store
+from renacerd.trace.fdtrack import fd_path_ids
+from renacerd.trace.unified_trace import ProcessSpan, UnifiedTrace
 
 # Calls in which a thread blocks on someone else: a lock or queue (futex), a socket or pipe
 # becoming ready (poll family), data from a peer (recv family).

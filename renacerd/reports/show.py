@@ -6,12 +6,12 @@ from typing import Any
 
 import numpy as np
 
-from renacerd.fdtrack import run_file_stats
-from renacerd.gpu_trace import gpu_summary
 from renacerd.records import F_UNFOLLOWED
 from renacerd.reports.rank_labels import label_traces, rank_entry
-from renacerd.store import RunInfo
-from renacerd.unified_trace import UnifiedTrace
+from renacerd.store.database import RunInfo
+from renacerd.trace.fdtrack import run_file_stats
+from renacerd.trace.gpu_trace import gpu_summary
+from renacerd.trace.unified_trace import UnifiedTrace
 
 
 def syscall_table(trace: UnifiedTrace) -> dict[str, dict[str, int]]:

@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 
 from renacerd.escaping import escape
-from renacerd.store import RunInfo, span_summaries
-from renacerd.unified_trace import UnifiedTrace
+from renacerd.store.database import RunInfo, span_summaries
+from renacerd.trace.unified_trace import UnifiedTrace
 
 MODIFIED_Z = 3.5  # Iglewicz & Hoaglin: |0.6745 (x - median) / MAD| above this is an outlier
 STEP_KEY = "experiment.step"

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from renacerd.columns import decode
-from renacerd.unified_trace import READ_FAMILY, WRITE_FAMILY
+from renacerd.trace.unified_trace import READ_FAMILY, WRITE_FAMILY
 
 PROGRESS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS sink_progress (
@@ -255,7 +255,7 @@ class StoreTailer:
         return self.stats
 
     def _open(self):
-        from renacerd.store import Store
+        from renacerd.store.database import Store
 
         if self._store is None:
             self._store = Store(self.store_path)
@@ -264,7 +264,7 @@ class StoreTailer:
         return self._store, self._progress
 
     def _loop(self) -> None:
-        from renacerd.store import StoreError
+        from renacerd.store.database import StoreError
 
         while True:
             stopping = self._stop.is_set()

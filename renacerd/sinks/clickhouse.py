@@ -35,7 +35,7 @@ from renacerd.sinks import (
     ready_spans,
     span_summary,
 )
-from renacerd.store import RunInfo, Store
+from renacerd.store.database import RunInfo, Store
 
 DEFAULT_PORT = 8123
 BATCH_ROWS = 262_144  # well under max_insert_block_size (1,048,576): one block, one part

@@ -36,8 +36,8 @@ from renacerd.sinks import (
     ready_spans,
     span_summary,
 )
-from renacerd.store import RunInfo, Store
-from renacerd.unified_trace import ProcessSpan
+from renacerd.store.database import RunInfo, Store
+from renacerd.trace.unified_trace import ProcessSpan
 
 TRACES_PATH = "/v1/traces"
 BATCH_SPANS = 512

@@ -1,0 +1,597 @@
+"""Files at analysis time: replay each process's fd table and cwd so every call names its file.
+
+The fd table of a process is rebuilt from its calls (open, dup, fcntl(F_DUPFD), pipe,
+socket, accept, eventfd, memfd_create, close, exec's close-on-exec, ...), starting from the
+table read from /proc when tracing began (or, for a forked child, its parent's table at the
+fork). The working directory lives in the same table under AT_FDCWD (-100): it is read from
+/proc at attach/launch, inherited at fork, and followed through chdir/fchdir. Every path
+argument is resolved against it, or against the directory fd of an *at() call, so files are
+keyed by their absolute path (lexically normalised: symlinks are not followed, a directory
+renamed later is not followed).
+
+Calls that need more than the first argument read the `aux` column (absent in runs recorded
+before it existed; the fallbacks are noted in AUX):
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from renacerd.records import AT_FDCWD
+from renacerd.trace.unified_trace import FD_SYSCALLS, READ_FAMILY, WRITE_FAMILY, UnifiedTrace
+
+O_WRONLY, O_RDWR = 0o1, 0o2
+O_CREAT, O_EXCL, O_TRUNC, O_APPEND, O_CLOEXEC = 0o100, 0o200, 0o1000, 0o2000, 0o2000000
+F_DUPFD, F_SETFD, F_DUPFD_CLOEXEC, FD_CLOEXEC = 0, 2, 1030, 1
+ENOENT = 2
+
+# What the kernel side puts in `aux` (u32) for the calls fdtrack reads it for.
+AUX = {
+    "open": "flags (a1)", "openat": "flags (a2)", "openat2": "how->flags, low 32 bits",
+    "dup3": "flags (a2)", "pipe2": "flags (a1)", "socket": "type (a1)",
+    "socketpair": "type (a1)", "accept4": "flags (a3)", "eventfd2": "flags (a1)",
+    "timerfd_create": "flags (a1)", "signalfd4": "flags (a3)", "memfd_create": "flags (a1)",
+    "fcntl": "cmd (a1) in the low 16 bits, the low 16 bits of arg (a2) above",
+    "sendfile": "in_fd (a1)", "copy_file_range": "fd_out (a2)", "splice": "fd_out (a2)",
+    "tee": "fd_out (a1)",
+    "renameat": "newdirfd (a2)", "renameat2": "newdirfd (a2)", "linkat": "newdirfd (a2)",
+    "symlinkat": "newdirfd (a1)",
+}
+# pipe, pipe2 and socketpair return their fds in user memory: with the `aux` column present,
+# a0 holds them as read at exit (fds[0] in the low 32 bits, fds[1] in the high 32 bits).
+# Without it they are taken to be the two lowest free fds, which is what the kernel hands
+# out when no other thread opens an fd at the same moment.
+__doc__ += "".join(f"\n    {k:<16} {v}" for k, v in AUX.items()) + "\n"
+
+OPENS = frozenset({"open", "openat", "openat2", "creat"})
+DUPS = frozenset({"dup", "dup2", "dup3"})
+PAIRS = frozenset({"pipe", "pipe2", "socketpair"})
+CLOSES = frozenset({"close"})
+CONNECTS = frozenset({"connect", "bind"})
+CHDIRS = frozenset({"chdir", "fchdir"})
+EXECS = frozenset({"execve", "execveat"})
+# fd-returning calls that name no path: (label, where the close-on-exec bit is, its mask);
+# labels are those of /proc/PID/fd (and strace -y)
+ANON: dict[str, tuple[str, str, int]] = {
+    "eventfd": ("anon_inode:[eventfd]", "", 0),
+    "eventfd2": ("anon_inode:[eventfd]", "aux", O_CLOEXEC),
+    "epoll_create": ("anon_inode:[eventpoll]", "", 0),
+    "epoll_create1": ("anon_inode:[eventpoll]", "a0", O_CLOEXEC),
+    "timerfd_create": ("anon_inode:[timerfd]", "aux", O_CLOEXEC),
+    "signalfd": ("anon_inode:[signalfd]", "", 0),
+    "signalfd4": ("anon_inode:[signalfd]", "aux", O_CLOEXEC),
+    "inotify_init": ("anon_inode:inotify", "", 0),
+    "inotify_init1": ("anon_inode:inotify", "a0", O_CLOEXEC),
+    "fanotify_init": ("anon_inode:[fanotify]", "a0", 1),
+    "pidfd_open": ("anon_inode:[pidfd]", "always", 0),
+    "userfaultfd": ("anon_inode:[userfaultfd]", "a0", O_CLOEXEC),
+    "perf_event_open": ("anon_inode:[perf_event]", "", 0),
+    "io_uring_setup": ("anon_inode:[io_uring]", "always", 0),
+    "memfd_secret": ("/secretmem (deleted)", "a0", O_CLOEXEC),
+}
+# fd-returning calls whose file cannot be named from the trace: the number stops naming
+# the old file
+UNNAMED = frozenset({"open_by_handle_at", "pidfd_getfd", "fsopen", "fsmount", "fspick",
+                     "open_tree", "landlock_create_ruleset"})
+SOCKETS = frozenset({"socket", "accept", "accept4"})
+_TABLE_CHANGERS = (OPENS | DUPS | PAIRS | SOCKETS | CLOSES | CONNECTS | CHDIRS | EXECS
+                   | UNNAMED | set(ANON) | {"close_range", "fcntl", "memfd_create"})
+# *at() calls whose first path is relative to the directory fd in a0
+AT_CALLS = frozenset(
+    """openat openat2 newfstatat statx faccessat faccessat2 unlinkat mkdirat readlinkat
+    fchmodat fchmodat2 fchownat mknodat utimensat futimesat renameat renameat2 linkat
+    execveat name_to_handle_at""".split()
+)
+# calls whose second path is relative to a second directory fd (in aux)
+AT_CALLS2 = frozenset({"renameat", "renameat2", "linkat", "symlinkat"})
+# the first path of a symlink is the link's text, not a name looked up
+TEXT_PATH0 = frozenset({"symlink", "symlinkat"})
+# kernel-side copies: bytes read on one fd and written on another; (reader, writer) is
+# which of a0 / aux is which
+COPIES = {"sendfile": ("aux", "a0"), "copy_file_range": ("a0", "aux"),
+          "splice": ("a0", "aux"), "tee": ("a0", "aux")}
+
+
+class _Interner:
+    """Adds labels and resolved paths to the trace's string table."""
+
+    def __init__(self, trace: UnifiedTrace) -> None:
+        self.trace = trace
+        self.ids = {s: i for i, s in enumerate(trace.strings)}
+
+    def __call__(self, s: str | bytes) -> int:
+        b = s.encode("utf-8", "surrogateescape") if isinstance(s, str) else s
+        i = self.ids.get(b)
+        if i is None:
+            i = self.ids[b] = len(self.trace.strings)
+            self.trace.strings.append(b)
+        return i
+
+
+class _Paths:
+    """Lexical path resolution over string ids, memoised."""
+
+    def __init__(self, intern: _Interner) -> None:
+        self.intern = intern
+        self.strings = intern.trace.strings
+        self._norm: dict[int, int] = {}
+        self._join: dict[tuple[int, int], int] = {}
+
+    def absolute(self, sid: int) -> bool:
+        """The string `sid` is an absolute path."""
+        return 0 <= sid < len(self.strings) and self.strings[sid][:1] == b"/"
+
+    def norm(self, sid: int) -> int:
+        """The absolute path `sid` with "//", "." and ".." folded."""
+        out = self._norm.get(sid)
+        if out is None:
+            p = os.path.normpath(self.strings[sid])
+            if p.startswith(b"//"):
+                p = b"/" + p.lstrip(b"/")
+            out = self._norm[sid] = self.intern(p)
+        return out
+
+    def resolve(self, base: int, sid: int) -> int:
+        """Path `sid` looked up from directory `base` (string ids); `sid` itself when it
+        cannot be resolved (the directory is unknown), -1 when there is no path."""
+        if sid < 0:
+            return -1
+        if self.absolute(sid):
+            return self.norm(sid)
+        if not self.absolute(base):
+            return sid
+        key = (base, sid)
+        out = self._join.get(key)
+        if out is None:
+            rel = self.strings[sid]
+            joined = self.strings[base] + b"/" + rel if rel else self.strings[base]
+            out = self._join[key] = self.norm(self.intern(joined))
+        return out
+
+
+@dataclass(slots=True)
+class FdState:
+    """A process's fd table at one instant: fd -> string id (-1: open, names nothing known),
+    the close-on-exec fds; AT_FDCWD holds the working directory."""
+
+    table: dict[int, int] = field(default_factory=dict)
+    cloexec: set[int] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class ProcessFiles:
+    """One process's calls resolved to files: per-event string ids (-1: none)."""
+
+    fd: np.ndarray  # the file the fd in a0 referred to
+    fd2: np.ndarray  # the file of the second fd (aux) of sendfile/copy_file_range/splice/tee
+    path0: np.ndarray  # the first path argument, resolved to an absolute path
+    path1: np.ndarray  # the second path argument, resolved
+    opens: np.ndarray  # indices of the successful opens
+    open_flags: np.ndarray  # their flags (-1: not recorded)
+    final: FdState = field(default_factory=FdState)
+
+
+def _i32(a: np.ndarray) -> np.ndarray:
+    """Low 32 bits as a C int: fds are ints, passed zero-extended in the 64-bit register."""
+    return (a & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.int32)
+
+
+def _nrs(trace: UnifiedTrace, names) -> np.ndarray:
+    return np.array([nr for nr, n in trace.table.items() if n in names], dtype=np.uint16)
+
+
+def _lowest_free(table: dict[int, int], n: int) -> list[int]:
+    out, fd = [], 0
+    while len(out) < n:
+        if fd not in table:
+            out.append(fd)
+        fd += 1
+    return out
+
+
+def _initial(trace: UnifiedTrace, intern: _Interner) -> FdState:
+    return FdState({fd: intern(path) for fd, path in trace.process.initial_fds.items()})
+
+
+class _Replay:
+    """One pass over a process's fd-changing calls, in time order."""
+
+    def __init__(self, trace: UnifiedTrace, initial: FdState | None, paths: _Paths) -> None:
+        self.trace = trace
+        self.paths = paths
+        self.intern = paths.intern
+        st = initial if initial is not None else _initial(trace, self.intern)
+        self.table = dict(st.table)
+        self.cloexec = set(st.cloexec)
+        self.changes: dict[int, list[tuple[int, int]]] = defaultdict(list)
+        for fd, sid in self.table.items():
+            self.changes[fd].append((-1, sid))
+
+    def set(self, fd: int, sid: int, ts: int, cloexec: bool = False) -> None:
+        self.table[fd] = sid
+        self.changes[fd].append((ts, sid))
+        if cloexec:
+            self.cloexec.add(fd)
+        else:
+            self.cloexec.discard(fd)
+
+    def drop(self, fd: int, ts: int) -> None:
+        if self.table.pop(fd, None) is not None or fd in self.changes:
+            self.changes[fd].append((ts, -1))
+        self.cloexec.discard(fd)
+
+    def run(self, until: int | None, r0: np.ndarray) -> tuple[list[int], list[int]]:
+        """Replay; fills r0 for opens and chdirs; returns (open indices, their flags)."""
+        t, c = self.trace, self.trace.columns
+        opens: list[int] = []
+        flags_out: list[int] = []
+        if not len(t):
+            return opens, flags_out
+        aux = c.get("aux")
+        mask = np.isin(c["nr"], _nrs(t, _TABLE_CHANGERS)) & (c["ret"] >= 0)
+        if until is not None:
+            mask &= c["ts"] < until
+        names = t.table
+        for i in np.flatnonzero(mask):
+            name = names.get(int(c["nr"][i]), "")
+            ret = int(c["ret"][i])
+            a0 = int(np.uint64(c["a0"][i]) & np.uint64(0xFFFFFFFF))
+            fd = a0 - (1 << 32) if a0 >= 1 << 31 else a0
+            ts = int(c["ts"][i])
+            x = int(aux[i]) if aux is not None else None
+            if name in OPENS:
+                dirfd = fd if name in ("openat", "openat2") else AT_FDCWD
+                sid = self.paths.resolve(self.table.get(dirfd, -1), int(c["s0"][i]))
+                fl = O_CREAT | O_WRONLY | O_TRUNC if name == "creat" else (
+                    x if x is not None else -1)
+                r0[i] = sid
+                opens.append(int(i))
+                flags_out.append(fl)
+                self.set(ret, sid, ts, fl >= 0 and bool(fl & O_CLOEXEC))
+            elif name in DUPS:
+                cx = name == "dup3" and x is not None and bool(x & O_CLOEXEC)
+                self.set(ret, self.table.get(fd, -1), ts, cx)
+            elif name == "fcntl":
+                if x is None:
+                    continue  # without the command, a return value is not known to be an fd
+                cmd, arg = x & 0xFFFF, x >> 16
+                if cmd in (F_DUPFD, F_DUPFD_CLOEXEC):
+                    self.set(ret, self.table.get(fd, -1), ts, cmd == F_DUPFD_CLOEXEC)
+                elif cmd == F_SETFD and fd in self.table:
+                    (self.cloexec.add if arg & FD_CLOEXEC else self.cloexec.discard)(fd)
+            elif name in PAIRS:
+                self._pair(name, i, ts, x)
+            elif name == "socket":
+                self.set(ret, self.intern("socket:"), ts, x is not None and bool(x & O_CLOEXEC))
+            elif name in ("accept", "accept4"):
+                peer = t.string(int(c["s0"][i])) if c["s0"][i] >= 0 else ""
+                cx = name == "accept4" and x is not None and bool(x & O_CLOEXEC)
+                self.set(ret, self.intern(f"socket:{peer}"), ts, cx)
+            elif name in CONNECTS:
+                if c["s0"][i] >= 0:
+                    self.set(fd, self.intern(f"socket:{t.string(int(c['s0'][i]))}"), ts,
+                             fd in self.cloexec)
+            elif name in CLOSES:
+                self.drop(fd, ts)
+            elif name == "close_range":
+                # close_range(first, last, flags): only `first` is captured; Python's
+                # subprocess and most callers close everything from `first` up
+                for f in [f for f in self.table if f >= fd >= 0]:
+                    self.drop(f, ts)
+            elif name == "memfd_create":
+                label = t.string(int(c["s0"][i])) if c["s0"][i] >= 0 else ""
+                self.set(ret, self.intern(f"/memfd:{label} (deleted)"), ts,
+                         x is not None and bool(x & 1))  # MFD_CLOEXEC
+            elif name in ANON:
+                label, where, bit = ANON[name]
+                cx = (where == "always" or (where == "a0" and bool(a0 & bit))
+                      or (where == "aux" and x is not None and bool(x & bit)))
+                self.set(ret, self.intern(label), ts, cx)
+            elif name in UNNAMED:
+                self.set(ret, -1, ts)
+            elif name == "chdir":
+                sid = self.paths.resolve(self.table.get(AT_FDCWD, -1), int(c["s0"][i]))
+                r0[i] = sid
+                self.set(AT_FDCWD, sid, ts)
+            elif name == "fchdir":
+                self.set(AT_FDCWD, self.table.get(fd, -1), ts)
+            elif name in EXECS and ret == 0:
+                for f in sorted(self.cloexec):
+                    self.drop(f, ts)
+        return opens, flags_out
+
+    def _pair(self, name: str, i: int, ts: int, x: int | None) -> None:
+        c = self.trace.columns
+        if x is not None:
+            v = int(c["a0"][i])
+            fds = [v & 0xFFFFFFFF, v >> 32]
+        else:
+            fds = _lowest_free(self.table, 2)
+        kind = "socket" if name == "socketpair" else "pipe"
+        # no inode in the trace: the call's timestamp names the pair, unique in the run
+        sid = self.intern(f"{kind}:[{int(c['ts'][i])}]")
+        cx = name != "pipe" and x is not None and bool(x & O_CLOEXEC)
+        for f in fds:
+            self.set(f, sid, ts, cx)
+
+
+def _lookup(changes: dict[int, list[tuple[int, int]]], fds: np.ndarray, ts: np.ndarray,
+            side: str) -> np.ndarray:
+    """For each (fd, ts): the string id the fd named at ts (-1: none)."""
+    out = np.full(len(fds), -1, dtype=np.int32)
+    for fd in np.unique(fds):
+        hist = changes.get(int(fd))
+        if not hist:
+            continue
+        sel = np.flatnonzero(fds == fd)
+        times = np.array([t for t, _ in hist], dtype=np.int64)
+        sids = np.array([s for _, s in hist], dtype=np.int32)
+        pos = np.searchsorted(times, ts[sel], side=side) - 1
+        ok = pos >= 0
+        out[sel[ok]] = sids[pos[ok]]
+    return out
+
+
+def _resolve_rest(trace: UnifiedTrace, rp: _Replay, slot: int, r: np.ndarray) -> None:
+    """Resolve the path arguments of column s<slot> that the replay did not (-2 in r)."""
+    c = trace.columns
+    s = c[f"s{slot}"]
+    todo = np.flatnonzero((s >= 0) & (r == -2))
+    r[r == -2] = -1
+    if not len(todo):
+        return
+    paths = rp.paths
+    sids = s[todo]
+    uniq = np.unique(sids)
+    absolute = np.isin(sids, np.array([u for u in uniq if paths.absolute(int(u))],
+                                      dtype=sids.dtype))
+    for u in np.unique(sids[absolute]):
+        r[todo[absolute & (sids == u)]] = paths.norm(int(u))
+    rel = todo[~absolute]
+    if not len(rel):
+        return
+    if slot == 0:
+        dirfd = np.where(np.isin(c["nr"][rel], _nrs(trace, AT_CALLS)), _i32(c["a0"][rel]),
+                         AT_FDCWD)
+        text = np.isin(c["nr"][rel], _nrs(trace, TEXT_PATH0))
+    else:
+        at2 = np.isin(c["nr"][rel], _nrs(trace, AT_CALLS2))
+        aux = c.get("aux")
+        # without aux: rename/link within one directory fd (the common case), symlinkat
+        # relative to the cwd
+        second = (aux[rel].astype(np.int64).astype(np.uint32).view(np.int32)
+                  if aux is not None else
+                  np.where(np.isin(c["nr"][rel], _nrs(trace, {"symlinkat"})), AT_FDCWD,
+                           _i32(c["a0"][rel])))
+        dirfd = np.where(at2, second, AT_FDCWD)
+        text = np.zeros(len(rel), dtype=bool)
+    base = _lookup(rp.changes, dirfd.astype(np.int64), c["ts"][rel].astype(np.int64), "left")
+    rs = s[rel]
+    pairs = np.unique(np.stack([base, rs]), axis=1)
+    for b, p in pairs.T:
+        hit = (base == b) & (rs == p)
+        r[rel[hit & ~text]] = paths.resolve(int(b), int(p))
+        r[rel[hit & text]] = int(p)
+
+
+def process_files(trace: UnifiedTrace, initial: FdState | None = None,
+                  until: int | None = None, paths: _Paths | None = None) -> ProcessFiles:
+    """Replay one process: its fd files, resolved paths and opens."""
+    paths = paths or _Paths(_Interner(trace))
+    n = len(trace)
+    r0 = np.full(n, -2, dtype=np.int32)
+    r1 = np.full(n, -2, dtype=np.int32)
+    rp = _Replay(trace, initial, paths)
+    opens, flags = rp.run(until, r0)
+    final = FdState(rp.table, rp.cloexec)
+    empty = np.empty(0, dtype=np.int64)
+    if until is not None or not n:
+        z = np.full(n, -1, dtype=np.int32)
+        return ProcessFiles(z, z.copy(), z.copy(), z.copy(), empty, empty, final)
+    _resolve_rest(trace, rp, 0, r0)
+    _resolve_rest(trace, rp, 1, r1)
+    c = trace.columns
+    ts = c["ts"].astype(np.int64)
+    fd = np.full(n, -1, dtype=np.int32)
+    is_fd = np.flatnonzero(np.isin(c["nr"], _nrs(trace, FD_SYSCALLS)))
+    fd[is_fd] = _lookup(rp.changes, _i32(c["a0"][is_fd]).astype(np.int64), ts[is_fd], "right")
+    fd2 = np.full(n, -1, dtype=np.int32)
+    if "aux" in c:
+        cp = np.flatnonzero(np.isin(c["nr"], _nrs(trace, COPIES)))
+        fd2[cp] = _lookup(rp.changes, c["aux"][cp].astype(np.int64).astype(np.uint32)
+                          .view(np.int32).astype(np.int64), ts[cp], "right")
+    return ProcessFiles(fd, fd2, r0, r1, np.array(opens, dtype=np.int64),
+                        np.array(flags, dtype=np.int64), final)
+
+
+def run_files(traces: list[UnifiedTrace]) -> dict[int, ProcessFiles]:
+    """process_files for every process of a run; a forked child starts with its parent's
+    fds and cwd as they were at the fork. Sets each trace's `files`."""
+    if not traces:
+        return {}
+    by_pid = {t.pid: t for t in traces}
+    paths = _Paths(_Interner(traces[0]))  # the strings list is shared by a run's traces
+    initial: dict[int, FdState | None] = {}
+
+    def inherit(t: UnifiedTrace) -> None:
+        # a parent's own start is inherited from its parent: walk up first
+        chain = []
+        while t.pid not in initial:
+            chain.append(t)
+            parent = by_pid.get(t.process.ppid)
+            if parent is None or t.process.attached or parent is t or parent in chain:
+                initial[t.pid] = None
+                chain.pop()
+                break
+            t = parent
+        for child in reversed(chain):
+            parent = by_pid[child.process.ppid]
+            initial[child.pid] = process_files(parent, initial[parent.pid],
+                                               until=child.process.start_mono_ns,
+                                               paths=paths).final
+
+    out: dict[int, ProcessFiles] = {}
+    for t in traces:
+        inherit(t)
+        out[t.pid] = t.files = process_files(t, initial[t.pid], paths=paths)
+    return out
+
+
+def run_fd_path_ids(traces: list[UnifiedTrace]) -> dict[int, np.ndarray]:
+    """For each process, the string id of the file each event's fd argument named."""
+    return {pid: pf.fd for pid, pf in run_files(traces).items()}
+
+
+def fd_path_ids(trace: UnifiedTrace, initial: FdState | None = None) -> np.ndarray:
+    """For each event, the string id of the file its fd argument referred to (-1: none)."""
+    return process_files(trace, initial).fd
+
+
+@dataclass(slots=True)
+class FileStat:
+    """What one process did to one file."""
+
+    bytes_read: int = 0
+    bytes_written: int = 0
+    created: bool = False
+    truncated: bool = False
+    appended: bool = False
+
+
+def _sums(trace: UnifiedTrace, ids: np.ndarray, sel: np.ndarray) -> dict[int, int]:
+    sel = sel & (ids >= 0)
+    if not sel.any():
+        return {}
+    sums = np.bincount(ids[sel], weights=trace.columns["ret"][sel].astype(np.float64))
+    return {int(s): int(sums[s]) for s in np.flatnonzero(sums)}
+
+
+def file_stats(trace: UnifiedTrace, pf: ProcessFiles | None = None,
+               created: set[int] | None = None) -> dict[str, FileStat]:
+    """{absolute path: FileStat}: bytes of successful read/write-family calls and kernel
+    copies, and the files this process's opens created (indices in `created`), truncated
+    (O_TRUNC) or opened for appending (O_APPEND)."""
+    if pf is None:
+        pf = process_files(trace)
+    c = trace.columns
+    out: dict[int, FileStat] = {}
+    if len(trace):
+        ok = c["ret"] > 0
+        nr = c["nr"]
+        reads = ok & np.isin(nr, _nrs(trace, READ_FAMILY))
+        writes = ok & np.isin(nr, _nrs(trace, WRITE_FAMILY))
+        moved = [(pf.fd, reads, 0), (pf.fd, writes, 1)]
+        for name, (rd, wr) in COPIES.items():
+            sel = ok & (nr == (trace.nr_of(name) if trace.nr_of(name) is not None else -1))
+            if sel.any():
+                moved.append((pf.fd if rd == "a0" else pf.fd2, sel, 0))
+                moved.append((pf.fd if wr == "a0" else pf.fd2, sel, 1))
+        for ids, sel, col in moved:
+            for sid, n in _sums(trace, ids, sel).items():
+                fs = out.setdefault(sid, FileStat())
+                if col:
+                    fs.bytes_written += n
+                else:
+                    fs.bytes_read += n
+        for i, fl in zip(pf.opens.tolist(), pf.open_flags.tolist()):
+            sid = int(pf.path0[i])
+            if sid < 0 or fl < 0:
+                continue
+            made = created is not None and i in created
+            if made or fl & (O_TRUNC | O_APPEND):
+                fs = out.setdefault(sid, FileStat())
+                fs.created |= made
+                fs.truncated |= bool(fl & O_TRUNC)
+                fs.appended |= bool(fl & O_APPEND)
+    res: dict[str, FileStat] = {}
+    for sid, fs in out.items():
+        path = trace.string(sid) or f"<{sid}>"
+        prev = res.get(path)
+        if prev is None:
+            res[path] = fs
+        else:  # one path under two ids (an fd inherited under its /proc name)
+            prev.bytes_read += fs.bytes_read
+            prev.bytes_written += fs.bytes_written
+            prev.created |= fs.created
+            prev.truncated |= fs.truncated
+            prev.appended |= fs.appended
+    return res
+
+
+def file_io(trace: UnifiedTrace, path_ids: np.ndarray | None = None) -> dict[str, list[int]]:
+    """{path: [bytes_read, bytes_written]} over successful read/write-family calls and
+    kernel copies (path_ids: the fd files of run_fd_path_ids, else replayed alone)."""
+    pf = trace.files if trace.files is not None else process_files(trace)
+    if path_ids is not None and path_ids is not pf.fd:
+        pf = dataclasses.replace(pf, fd=path_ids)
+    return {p: [s.bytes_read, s.bytes_written] for p, s in file_stats(trace, pf).items()
+            if s.bytes_read or s.bytes_written}
+
+
+# How each call bears on whether a path exists (for "created by the run").
+REMOVING = frozenset({"unlink", "unlinkat", "rmdir"})
+MOVING = frozenset({"rename", "renameat", "renameat2"})
+
+
+def created_opens(traces: list[UnifiedTrace],
+                  files: dict[int, ProcessFiles]) -> dict[int, set[int]]:
+    """pid -> indices of its successful O_CREAT opens that made a new file.
+
+    The kernel does not say whether O_CREAT created the file, so: O_CREAT|O_EXCL always
+    did; plain O_CREAT did unless the run had seen the path exist before (a successful
+    call on it, not since undone by unlink/rename). A file that existed before the run and
+    is first opened with O_CREAT counts as created.
+    """
+    cand: dict[int, list[tuple[int, int, int, bool]]] = defaultdict(list)  # sid -> opens
+    for t in traces:
+        pf = files[t.pid]
+        for i, fl in zip(pf.opens.tolist(), pf.open_flags.tolist()):
+            sid = int(pf.path0[i])
+            if fl >= 0 and fl & O_CREAT and sid >= 0:
+                cand[sid].append((int(t.columns["ts"][i]), t.pid, i, bool(fl & O_EXCL)))
+    out: dict[int, set[int]] = defaultdict(set)
+    if not cand:
+        return out
+    keys = np.array(sorted(cand), dtype=np.int32)
+    ev: list[tuple[int, int, int]] = []  # (ts, sid, +1 exists / 0 absent)
+    for t in traces:
+        pf, c = files[t.pid], t.columns
+        if not len(t):
+            continue
+        ret, names = c["ret"], t.table
+        for col, r in ((0, pf.path0), (1, pf.path1)):
+            for i in np.flatnonzero(np.isin(r, keys)):
+                name = names.get(int(c["nr"][i]), "")
+                if col == 0 and name in TEXT_PATH0:
+                    continue
+                ok = ret[i] >= 0
+                if not ok:
+                    if col == 0 and ret[i] == -ENOENT:
+                        ev.append((int(c["ts"][i]), int(r[i]), 0))
+                    continue
+                gone = col == 0 and (name in REMOVING or name in MOVING)
+                ev.append((int(c["ts"][i]), int(r[i]), 0 if gone else 1))
+    ev.sort()
+    opens = sorted((o[0], sid, o[1], o[2], o[3]) for sid, os_ in cand.items() for o in os_)
+    state: dict[int, int] = {}
+    k = 0
+    for ts, sid, pid, i, excl in opens:
+        while k < len(ev) and ev[k][0] < ts:
+            state[ev[k][1]] = ev[k][2]
+            k += 1
+        if excl or state.get(sid) != 1:
+            out[pid].add(i)
+        state[sid] = 1
+    return out
+
+
+def run_file_stats(traces: list[UnifiedTrace]) -> dict[int, dict[str, FileStat]]:
+    """pid -> {absolute path: FileStat} for every process of a run."""
+    files = run_files(traces)
+    made = created_opens(traces, files)
+    return {t.pid: file_stats(t, files[t.pid], made.get(t.pid, set())) for t in traces}
