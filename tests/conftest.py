@@ -29,6 +29,17 @@ def pytest_runtest_makereport(item, call):
         rep.longrepr = f"skipped under CI=true (skips count as failures): {reason}"
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """A whole module skipped at import (importorskip) fails under CI=true too."""
+    outcome = yield
+    rep = outcome.get_result()
+    if IN_CI and rep.skipped:
+        rep.outcome = "failed"
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        rep.longrepr = f"skipped under CI=true (skips count as failures): {reason}"
+
+
 @pytest.fixture(scope="session")
 def build_dir(tmp_path_factory) -> Path:
     """Where compiled workloads go."""
