@@ -168,9 +168,10 @@ class PriorityGuard:
                 self._proc.wait()
 
     def close(self) -> None:
-        """stop(), and release the counter."""
+        """stop(), and release the counter (its last value stays readable)."""
         self.stop()
         if not self._counter_map.closed:
+            self.escalations()
             self._counter_map.close()
             os.close(self._counter_fd)
 

@@ -97,35 +97,41 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for u in args.sink:
             parse_url(u)
-        args.otlp_endpoint = resolve_endpoint(args.otlp_endpoint)
+        otlp = resolve_endpoint(args.otlp_endpoint)
     except SinkError as e:
         return fail(PROG, str(e))
 
     try:
-        args.cuda_options = CudaOptions.parse(args.cuda, args.cuda_force)
+        cuda = CudaOptions.parse(args.cuda, args.cuda_force)
     except CudaOptionError as e:
         return fail(PROG, str(e))
     if os.geteuid() != 0:
         return fail(PROG, "must run as root (BPF needs CAP_BPF and CAP_PERFMON); try sudo")
-    from renacerd.serve.session import Session, SessionError
+    from renacerd.serve.session import Session, SessionConfig, SessionError
 
+    config = SessionConfig(
+        cmd=tuple(cmd), pids=tuple(args.pid), db=args.db, run=args.run, socket=args.socket,
+        follow=not args.no_follow, duration=args.duration, quiet=args.quiet,
+        ring_mb=args.ring_mb, detail_ring_mb=args.detail_ring_mb, cuda=cuda,
+        priority=args.priority, owner_uid=args.owner_uid, ready_fd=args.ready_fd,
+    )
     try:
-        session = Session(args, cmd, CALLER, start_sinks=_sinks_of(args))
+        session = Session(config, CALLER, start_sinks=_sinks_of(args.sink, otlp))
     except SessionError as e:
         return fail(PROG, str(e))
     return session.run()
 
 
-def _sinks_of(args):
+def _sinks_of(urls: list[str], otlp: str | None):
     """How the session starts the sinks asked for: ClickHouse URLs and an OTLP endpoint."""
 
     def start(db_path, run_name):
         from renacerd.sinks.clickhouse import ClickHouseSink
         from renacerd.sinks.otlp import OtlpExporter
 
-        sinks = [ClickHouseSink(db_path, u, run_name).start() for u in args.sink]
-        if args.otlp_endpoint:
-            sinks.append(OtlpExporter(db_path, args.otlp_endpoint, run_name).start())
+        sinks = [ClickHouseSink(db_path, u, run_name).start() for u in urls]
+        if otlp:
+            sinks.append(OtlpExporter(db_path, otlp, run_name).start())
         return sinks
 
     return start

@@ -8,12 +8,14 @@ import resource
 import stat
 import sys
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import psutil
 
-from renacerd.capture.cuda_source import CudaSource
+from renacerd.capture.cuda_source import CudaOptions, CudaSource
 from renacerd.capture.priority import PriorityGuard
 from renacerd.capture.probes.loader import ProbeError
 from renacerd.capture.probes.syscalls import SyscallProbes
@@ -98,9 +100,11 @@ class HeldChild:
         os.close(go_r)
         os.close(err_w)
         self.pid = pid
+        self._released = False
 
     def release(self) -> str | None:
         """Let it exec; returns the exec error, if any."""
+        self._released = True
         os.write(self._go_w, b"x")
         os.close(self._go_w)
         err = os.read(self._err_r, 32)
@@ -109,6 +113,11 @@ class HeldChild:
             code = int(err)
             return os.strerror(code) if code else "failed before exec"
         return None
+
+    def abort_unless_released(self) -> None:
+        """abort() if it was never let go to exec (setup failed before the release)."""
+        if not self._released:
+            self.abort()
 
     def abort(self) -> None:
         """Make it exit without exec, and reap it."""
@@ -135,190 +144,254 @@ class Sink(Protocol):
 StartSinks = Callable[[Path, str], "list[Sink]"]
 
 
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    """What one `renacerd --pid` / `renacerd -- CMD` was asked to do, checked by the CLI."""
+
+    cmd: tuple[str, ...] = ()
+    pids: tuple[int, ...] = ()
+    db: str | None = None
+    run: str | None = None
+    socket: str | None = None
+    follow: bool = True
+    duration: float | None = None
+    quiet: bool = False
+    ring_mb: float = 32
+    detail_ring_mb: float = 8
+    cuda: CudaOptions = field(default_factory=CudaOptions)
+    priority: str = "idle"
+    owner_uid: int | None = None
+    ready_fd: int | None = None  # `renacerd serve` learns here that the probes are attached
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """How the run ends, filled in as it goes: status, the error, what failed."""
+
+    status: str = "complete"
+    error: str | None = None
+    store_failed: bool = False
+    gone: bool = False  # a --pid target exited before the attach
+    summary: Summary | None = None
+
+
+def _once(fn: Callable[..., object], *args: object) -> Callable[[], None]:
+    """fn(*args) the first time the returned callable is called, nothing after."""
+    done = False
+
+    def call() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            fn(*args)
+
+    return call
+
+
+def _nothing() -> None:
+    """No CUDA source to close."""
+
+
+class _Refused(Exception):
+    """A failure before tracing began: one line, exit status 2, once everything is undone."""
+
+
 class Session:
     """Everything one `renacerd` invocation owns."""
 
-    def __init__(self, args, cmd: list[str], caller: CallerSignals | None = None,
+    def __init__(self, config: SessionConfig, caller: CallerSignals | None = None,
                  start_sinks: StartSinks | None = None) -> None:
         """`caller`: what renacerd's caller gave it, captured at start (launch mode);
         `start_sinks(db_path, run)` starts the sinks that tail the store (from the CLI, since
         sinks read the store and come after this stage)."""
-        self.args = args
+        self.config = config
         self.start_sinks = start_sinks
-        self.cmd = cmd
+        self.cmd = list(config.cmd)
         self.caller = caller or CallerSignals.capture()
         self.exe = ""
-        if cmd:
+        if self.cmd:
             try:
-                self.exe = resolve_command(cmd[0], os.environ)
+                self.exe = resolve_command(self.cmd[0], os.environ)
             except CommandError as e:
                 raise SessionError(str(e)) from e
-        for pid in args.pid:
+        for pid in config.pids:
             try:
                 check_target(pid)
             except TargetError as e:
                 raise SessionError(str(e)) from e
-        self.db_path = args.db or default_db_path()
+        self.db_path = config.db or default_db_path()
         try:
             self.store = Store(self.db_path, create=True)
         except StoreError as e:
             raise SessionError(str(e)) from e
         self.store.mark_stale_runs_incomplete()
-        self.run_name = args.run or default_run_name(cmd or None)
+        self.run_name = config.run or default_run_name(self.cmd or None)
         if self.store.run_exists(self.run_name):
             raise SessionError(f"run '{escape(self.run_name)}' already exists in "
                                f"{self.db_path}")
-        self.quiet = args.quiet
-        owner = getattr(args, "owner_uid", None)
-        self.owner_uid = os.getuid() if owner is None else owner
-        self.span_link = None
+        self.owner_uid = os.getuid() if config.owner_uid is None else config.owner_uid
 
     def _say(self, msg: str) -> None:
-        if not self.quiet:
+        if not self.config.quiet:
             sys.stderr.write(f"renacerd: {msg}\n")
 
     def run(self) -> int:
         """Attach or launch, trace until done, print the summary; returns the exit status."""
-        args = self.args
-        env = dict(os.environ)
-        child = None
+        out = _Outcome()
+        child: HeldChild | None = None
         try:
-            self.span_link = SpanLink.for_session(args.socket, launch=bool(self.cmd))
-        except SpanLinkError as e:
+            with ExitStack() as stack:
+                stack.callback(self._close_store)
+                child = self._trace(stack, out)
+        except _Refused as e:
             sys.stderr.write(f"renacerd: error: {e}\n")
             return 2
-        if self.span_link is not None:
-            env["RENACER_SOCKET"] = self.span_link.path
-        if self.cmd:
-            child = HeldChild(self.exe, self.cmd, env, self.caller)
-        probes = SyscallProbes(
-            follow=not args.no_follow, event_mb=args.ring_mb, detail_mb=args.detail_ring_mb,
-            owner_uid=self.owner_uid,
-        )
+        return self._exit_status(out, child)
+
+    def _trace(self, stack: ExitStack, out: _Outcome) -> HeldChild | None:
+        """Set everything up on `stack` (undone in reverse, whatever happens) and trace."""
+        c = self.config
+        env = dict(os.environ)
+        try:
+            link = SpanLink.for_session(c.socket, launch=bool(self.cmd))
+        except SpanLinkError as e:
+            raise _Refused(str(e)) from e
+        if link is not None:
+            close_link = _once(link.close)
+            stack.callback(close_link)
+            env["RENACER_SOCKET"] = link.path
+        child = HeldChild(self.exe, self.cmd, env, self.caller) if self.cmd else None
+        if child is not None:
+            stack.callback(child.abort_unless_released)
+        probes = SyscallProbes(follow=c.follow, event_mb=c.ring_mb,
+                               detail_mb=c.detail_ring_mb, owner_uid=self.owner_uid)
         try:
             probes.load()
         except ProbeError as e:
-            if child is not None:
-                child.abort()
-            if self.span_link is not None:
-                self.span_link.close()
-            sys.stderr.write(f"renacerd: error: {e}\n")
-            return 2
+            raise _Refused(str(e)) from e
+        close_probes = _once(probes.close)
+        stack.callback(close_probes)
         try:
-            tracer = Tracer(
-                probes,
-                self.store,
-                self.run_name,
-                cmdline=self.cmd or [f"--pid={p}" for p in args.pid],
-                follow=not args.no_follow,
-                owner_uid=self.owner_uid,
-            )
+            tracer = Tracer(probes, self.store, self.run_name,
+                            cmdline=self.cmd or [f"--pid={p}" for p in c.pids],
+                            follow=c.follow, owner_uid=self.owner_uid)
         except StoreError as e:  # e.g. another daemon took the run name meanwhile
-            if child is not None:
-                child.abort()
-            if self.span_link is not None:
-                self.span_link.close()
-            probes.close()
-            sys.stderr.write(f"renacerd: error: {e}\n")
-            return 2
-        cuda_src = None
+            raise _Refused(str(e)) from e
+        # From here the run exists and is ended whatever happens.
+        finish = _once(self._finish, tracer, out)
+        stack.callback(finish)
+        cuda_src = self._cuda(tracer, out, env)
+        close_cuda = _once(cuda_src.close if cuda_src is not None else _nothing)
+        stack.callback(close_cuda)
+        # Sinks tail the committed store on their own threads: the network never slows capture.
+        for sink in self.start_sinks(self.db_path, self.run_name) if self.start_sinks else []:
+            stack.callback(sink.stop, drain_s=10)
+        # The order of the end (the stack runs these first, last registered first): spans
+        # still open are stored, the run ends with its last events, CUDA and then the
+        # syscall probes leave the kernel, and only then do the sinks drain what was
+        # committed. Registered again here; the first registrations cover a failure above.
+        stack.callback(close_probes)
+        stack.callback(close_cuda)
+        stack.callback(finish)
+        if link is not None:
+            stack.callback(close_link)
         try:
-            cuda_src = CudaSource.for_tracer(tracer, args.cuda_options)
+            self._start(tracer, link, child, out)
+            if out.error is None and c.priority == "idle":
+                guard = self._guard(probes, cuda_src)
+                if guard is not None:
+                    tracer.sources.append(guard)
+                    stack.callback(guard.close)  # first: normal priority for the final flush
+            if c.ready_fd is not None and not out.gone:
+                # Probes attached, the first commit done, the daemon at its priority:
+                # `renacerd serve` may ack now.
+                os.write(c.ready_fd, b"ready\n")
+                os.close(c.ready_fd)
+            if out.error is None:
+                tracer.run(duration=c.duration)
+        except StoreError as e:
+            out.status, out.error, out.store_failed = "incomplete", str(e), True
+        except BaseException as e:  # never leave probes in the kernel
+            out.status, out.error = "incomplete", f"{type(e).__name__}: {e}"
+            raise
+        return child
+
+    def _cuda(self, tracer: Tracer, out: _Outcome, env: dict[str, str]) -> CudaSource | None:
+        """The CUDA probes of this run; None when they are off or could not load (said)."""
+        try:
+            cuda_src = CudaSource.for_tracer(tracer, self.config.cuda)
         except ProbeError as e:
-            if args.cuda_options.mode == "paths":
-                if self.span_link is not None:
-                    self.span_link.close()
-                tracer.finish(status="incomplete", error=str(e))
-                if child is not None:
-                    child.abort()
-                probes.close()
-                sys.stderr.write(f"renacerd: error: {e}\n")
-                return 2
+            if self.config.cuda.mode == "paths":  # the libraries were asked for by name
+                out.status, out.error = "incomplete", str(e)
+                raise _Refused(str(e)) from e
             self._say(f"CUDA probes off: {e}")
+            return None
         if cuda_src is not None:
             tracer.sources.append(cuda_src)
             if self.cmd:
                 cuda_src.preload_for_command([self.exe, *self.cmd[1:]], env)
-        # Sinks tail the committed store on their own threads: the network never slows capture.
-        sinks = self.start_sinks(self.db_path, self.run_name) if self.start_sinks else []
-        status, error = "complete", None
-        store_failed = False
-        gone = False  # a --pid target exited before the attach
-        guard: PriorityGuard | None = None
-        try:
-            if self.span_link is not None:
-                self.span_link.attach(tracer, [child.pid] if child is not None else args.pid)
-            if child is not None:
-                tracer.adopt_launched(child.pid)
-                err = child.release()
-                if err is not None:
-                    error = f"cannot execute '{escape(self.cmd[0])}': {err}"
-                    tracer._reap_root(block=True)  # it exits 127 at once
-            else:
-                for pid in args.pid:
-                    try:
-                        tracer.attach(pid)
-                    except psutil.NoSuchProcess:
-                        # It exited between the checks and the attach (probes load first).
-                        status = "incomplete"
-                        error = f"process {pid} exited before it could be traced"
-                        gone = True
-                        break
-            if not gone:
-                self._say(f"tracing run {escape(self.run_name)} (store {escape(self.db_path)})")
-            install_signal_handlers(tracer)
-            if error is None and args.priority == "idle":
-                rings = probes.rings() + (cuda_src.probes.rings() if cuda_src else [])
+        return cuda_src
+
+    def _start(self, tracer: Tracer, link: SpanLink | None, child: HeldChild | None,
+               out: _Outcome) -> None:
+        """Feed spans in, then release the held command or attach to the --pid targets."""
+        if link is not None:
+            link.attach(tracer, [child.pid] if child is not None else list(self.config.pids))
+        if child is not None:
+            tracer.adopt_launched(child.pid)
+            err = child.release()
+            if err is not None:
+                out.error = f"cannot execute '{escape(self.cmd[0])}': {err}"
+                tracer._reap_root(block=True)  # it exits 127 at once
+        else:
+            for pid in self.config.pids:
                 try:
-                    guard = PriorityGuard([(r.map_fd, r.data_size) for r in rings])
-                    tracer.sources.append(guard)
-                except OSError as e:
-                    self._say(f"priority stays normal: {e.strerror or e}")
-            if getattr(args, "ready_fd", None) is not None and not gone:
-                # Probes attached, the first commit done, the daemon at its priority:
-                # `renacerd serve` may ack now.
-                os.write(args.ready_fd, b"ready\n")
-                os.close(args.ready_fd)
-            if error is None:
-                tracer.run(duration=args.duration)
+                    tracer.attach(pid)
+                except psutil.NoSuchProcess:
+                    # It exited between the checks and the attach (probes load first).
+                    out.status = "incomplete"
+                    out.error = f"process {pid} exited before it could be traced"
+                    out.gone = True
+                    break
+        if not out.gone:
+            self._say(f"tracing run {escape(self.run_name)} (store {escape(self.db_path)})")
+        install_signal_handlers(tracer)
+
+    def _guard(self, probes: SyscallProbes, cuda_src: CudaSource | None) -> PriorityGuard | None:
+        """The priority guard watching every ring; None (said) where it cannot run."""
+        rings = probes.rings() + (cuda_src.probes.rings() if cuda_src else [])
+        try:
+            return PriorityGuard([(r.map_fd, r.data_size) for r in rings])
+        except OSError as e:
+            self._say(f"priority stays normal: {e.strerror or e}")
+            return None
+
+    def _finish(self, tracer: Tracer, out: _Outcome) -> None:
+        """End the run in the store (a store failure becomes the run's error)."""
+        try:
+            out.summary = tracer.finish(status=out.status, error=out.error)
+            out.error = tracer.final_error or out.error
         except StoreError as e:
-            status, error = "incomplete", str(e)
-            store_failed = True
-        except BaseException as e:  # never leave probes in the kernel
-            status, error = "incomplete", f"{type(e).__name__}: {e}"
-            raise
-        finally:
-            summary = None
-            try:
-                if guard is not None:
-                    guard.stop()
-                if self.span_link is not None:
-                    self.span_link.close()
-                summary = tracer.finish(status=status, error=error)
-                error = tracer.final_error or error
-            except StoreError as e:
-                error = str(e)
-            finally:
-                if guard is not None:
-                    guard.close()
-                if cuda_src is not None:
-                    cuda_src.close()
-                probes.close()
-            try:
-                self.store.close()
-            except Exception:
-                pass
-            for sink in sinks:
-                sink.stop(drain_s=10)
-        if error is not None:
-            sys.stderr.write(f"renacerd: error: {error}\n")
-            if summary is None or gone or child is not None and summary.exit_status == 127:
+            out.error = str(e)
+
+    def _close_store(self) -> None:
+        try:
+            self.store.close()
+        except Exception:
+            pass
+
+    def _exit_status(self, out: _Outcome, child: HeldChild | None) -> int:
+        """Report the end of the run; the command's exit status in launch mode."""
+        summary = out.summary
+        if out.error is not None:
+            sys.stderr.write(f"renacerd: error: {out.error}\n")
+            if summary is None or out.gone or child is not None and summary.exit_status == 127:
                 return 2
         if summary is not None:
             self._print_summary(summary)
             if child is not None and summary.exit_status is None:
                 self._say(f"detached; command still running as pid {child.pid}")
-        if store_failed:
+        if out.store_failed:
             return 2
         if child is not None and summary is not None and summary.exit_status is not None:
             return summary.exit_status
