@@ -80,16 +80,34 @@ def main(argv: list[str] | None = None) -> int:
 
         sys.stdout.write(SyscallProbes(follow=not args.no_follow).source())
         return 0
+    checked = _checked(args, cmd)
+    if isinstance(checked, str):
+        return fail(PROG, checked)
+    config, otlp = checked
+    if os.geteuid() != 0:
+        return fail(PROG, "must run as root (BPF needs CAP_BPF and CAP_PERFMON); try sudo")
+    from renacerd.serve.session import Session, SessionError
+
+    try:
+        session = Session(config, CALLER, start_sinks=_sinks_of(args.sink, otlp))
+    except SessionError as e:
+        return fail(PROG, str(e))
+    return session.run()
+
+
+def _checked(args: argparse.Namespace, cmd: list[str]):
+    """(SessionConfig, OTLP endpoint) from valid options, or the one-line error."""
     if bool(cmd) == bool(args.pid):
-        return fail(PROG, "give either --pid PID or -- CMD (exactly one of them)")
+        return "give either --pid PID or -- CMD (exactly one of them)"
     if args.owner_uid is not None and not 0 <= args.owner_uid < 2**32 - 1:
-        return fail(PROG, f"--owner-uid must be a uid, not {args.owner_uid}")
+        return f"--owner-uid must be a uid, not {args.owner_uid}"
     if args.duration is not None and not (math.isfinite(args.duration) and args.duration > 0):
-        return fail(PROG, f"--duration must be a positive number of seconds, not {args.duration}")
+        return f"--duration must be a positive number of seconds, not {args.duration}"
     for name, mb in (("--ring-mb", args.ring_mb), ("--detail-ring-mb", args.detail_ring_mb)):
         if not (math.isfinite(mb) and 0 < mb <= 4096):
-            return fail(PROG, f"{name} must be between 0 and 4096 MB, not {mb}")
+            return f"{name} must be between 0 and 4096 MB, not {mb}"
     from renacerd.capture.cuda_source import CudaOptionError, CudaOptions
+    from renacerd.serve.session import SessionConfig
     from renacerd.sinks import SinkError
     from renacerd.sinks.clickhouse import parse_url
     from renacerd.sinks.otlp import resolve_endpoint
@@ -98,28 +116,16 @@ def main(argv: list[str] | None = None) -> int:
         for u in args.sink:
             parse_url(u)
         otlp = resolve_endpoint(args.otlp_endpoint)
-    except SinkError as e:
-        return fail(PROG, str(e))
-
-    try:
         cuda = CudaOptions.parse(args.cuda, args.cuda_force)
-    except CudaOptionError as e:
-        return fail(PROG, str(e))
-    if os.geteuid() != 0:
-        return fail(PROG, "must run as root (BPF needs CAP_BPF and CAP_PERFMON); try sudo")
-    from renacerd.serve.session import Session, SessionConfig, SessionError
-
+    except (SinkError, CudaOptionError) as e:
+        return str(e)
     config = SessionConfig(
         cmd=tuple(cmd), pids=tuple(args.pid), db=args.db, run=args.run, socket=args.socket,
         follow=not args.no_follow, duration=args.duration, quiet=args.quiet,
         ring_mb=args.ring_mb, detail_ring_mb=args.detail_ring_mb, cuda=cuda,
         priority=args.priority, owner_uid=args.owner_uid, ready_fd=args.ready_fd,
     )
-    try:
-        session = Session(config, CALLER, start_sinks=_sinks_of(args.sink, otlp))
-    except SessionError as e:
-        return fail(PROG, str(e))
-    return session.run()
+    return config, otlp
 
 
 def _sinks_of(urls: list[str], otlp: str | None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from renacerd.escaping import escape as _esc
@@ -18,6 +19,16 @@ def render_text(d: dict[str, Any], out: TextIO, baseline: str = "baseline",
                 candidate: str = "candidate") -> None:
     """Write the human report for report_data() output."""
     w = out.write
+    _header(d, w, baseline, candidate)
+    _pairing(d, w)
+    _divergence(d, w)
+    _steps(d, w)
+    _effects(d, w)
+    _timing(d, w)
+
+
+def _header(d: dict[str, Any], w: Callable[[str], Any], baseline: str, candidate: str) -> None:
+    """The verdict and the three scores."""
     verdict = "EQUIVALENT" if d["equivalent"] else "NOT EQUIVALENT"
     le = "<=" if not d["exact"] else "="
     w(f"compare {_esc(baseline)} (baseline) vs {_esc(candidate)} (candidate)"
@@ -37,6 +48,10 @@ def render_text(d: dict[str, Any], out: TextIO, baseline: str = "baseline",
         w(f"  !! bound, not exact: syscall_match in [{lo:.4f}, {hi:.4f}] ({why})\n")
     for h in d["hard_differences"]:
         w(f"  !! {_esc(h)}\n")
+
+
+def _pairing(d: dict[str, Any], w: Callable[[str], Any]) -> None:
+    """The process pairing and the paths paired."""
     w("\nprocess pairing (position comm: baseline pid <-> candidate pid):\n")
     for p in d["pairs"]:
         b = p["baseline_pid"] if p["baseline_pid"] is not None else "-"
@@ -47,6 +62,10 @@ def render_text(d: dict[str, Any], out: TextIO, baseline: str = "baseline",
         w("\npaths paired (baseline \u2194 candidate):\n")
         for m in d["path_map"]:
             w(f"  {_esc(m['baseline'])} \u2194 {_esc(m['candidate'])}   ({m['why']})\n")
+
+
+def _divergence(d: dict[str, Any], w: Callable[[str], Any]) -> None:
+    """The first divergence, with the calls around it on each side."""
     first = next((x for x in d["differences"] if x["kind"] == "first_divergence"), None)
     if first is None:
         w("\nno divergence: the compared syscall sequences are identical\n")
@@ -59,6 +78,10 @@ def render_text(d: dict[str, Any], out: TextIO, baseline: str = "baseline",
                 w(f"    {'>' if e['at'] else ' '} {e['index']:>7}  {_esc(e['event'])}\n")
             if not first[side]:
                 w("      (no calls)\n")
+
+
+def _steps(d: dict[str, Any], w: Callable[[str], Any]) -> None:
+    """The steps whose calls differ."""
     steps = [s for s in d["steps"] if s["extra"] or s["missing"]]
     if steps:
         w(f"\nsteps that differ ({len(steps)} of {len(d['steps'])}):\n")
@@ -71,12 +94,20 @@ def render_text(d: dict[str, Any], out: TextIO, baseline: str = "baseline",
                 w(f"      missing: {_calls(s['missing'])}\n")
         if len(steps) > MAX_STEPS:
             w(f"  ... {len(steps) - MAX_STEPS} more\n")
+
+
+def _effects(d: dict[str, Any], w: Callable[[str], Any]) -> None:
+    """The effects that differ."""
     eff = [x for x in d["differences"] if x["kind"] == "effect"]
     w("\neffects diff" + (":\n" if eff else ": none (same files, programs, network, output)\n"))
     for x in eff[:MAX_EFFECTS]:
         w(f"  {_esc(x['item']):<50} {x['baseline']:>12} -> {x['candidate']:<12}\n")
     if len(eff) > MAX_EFFECTS:
         w(f"  ... {len(eff) - MAX_EFFECTS} more\n")
+
+
+def _timing(d: dict[str, Any], w: Callable[[str], Any]) -> None:
+    """The biggest timing changes per syscall."""
     if d["timing"]:
         w("\nbiggest timing changes per syscall:\n")
         w(f"  {'syscall':<18} {'baseline ms':>12} {'candidate ms':>13} {'delta ms':>10}"

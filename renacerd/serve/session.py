@@ -189,7 +189,7 @@ def _once(fn: Callable[..., object], *args: object) -> Callable[[], None]:
 
 
 def _nothing() -> None:
-    """No CUDA source to close."""
+    """Nothing to close (no span link, no CUDA source)."""
 
 
 class _Refused(Exception):
@@ -252,14 +252,7 @@ class Session:
         """Set everything up on `stack` (undone in reverse, whatever happens) and trace."""
         c = self.config
         env = dict(os.environ)
-        try:
-            link = SpanLink.for_session(c.socket, launch=bool(self.cmd))
-        except SpanLinkError as e:
-            raise _Refused(str(e)) from e
-        if link is not None:
-            close_link = _once(link.close)
-            stack.callback(close_link)
-            env["RENACER_SOCKET"] = link.path
+        link, close_link = self._span_link(stack, env)
         child = HeldChild(self.exe, self.cmd, env, self.caller) if self.cmd else None
         if child is not None:
             stack.callback(child.abort_unless_released)
@@ -293,8 +286,7 @@ class Session:
         stack.callback(close_probes)
         stack.callback(close_cuda)
         stack.callback(finish)
-        if link is not None:
-            stack.callback(close_link)
+        stack.callback(close_link)
         try:
             self._start(tracer, link, child, out)
             if out.error is None and c.priority == "idle":
@@ -315,6 +307,21 @@ class Session:
             out.status, out.error = "incomplete", f"{type(e).__name__}: {e}"
             raise
         return child
+
+    def _span_link(self, stack: ExitStack, env: dict[str, str]
+                   ) -> tuple[SpanLink | None, Callable[[], None]]:
+        """The span server of this run (its socket in the command's environment), closed
+        at most once."""
+        try:
+            link = SpanLink.for_session(self.config.socket, launch=bool(self.cmd))
+        except SpanLinkError as e:
+            raise _Refused(str(e)) from e
+        if link is None:
+            return None, _nothing
+        close_link = _once(link.close)
+        stack.callback(close_link)
+        env["RENACER_SOCKET"] = link.path
+        return link, close_link
 
     def _cuda(self, tracer: Tracer, out: _Outcome, env: dict[str, str]) -> CudaSource | None:
         """The CUDA probes of this run; None when they are off or could not load (said)."""
