@@ -26,6 +26,16 @@ def add_db(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", metavar="PATH", help="store file (env RENACER_DB)")
 
 
+def print_json(data: object) -> int:
+    """Write `data` as indented JSON (names that are not UTF-8 as escapes); returns 0."""
+    import orjson
+
+    from renacerd.escaping import json_safe
+
+    sys.stdout.buffer.write(orjson.dumps(json_safe(data), option=orjson.OPT_INDENT_2) + b"\n")
+    return 0
+
+
 def fail(prog: str, message: str) -> int:
     """Print `prog: error: message` and return 2."""
     sys.stderr.write(f"{prog}: error: {message}\n")

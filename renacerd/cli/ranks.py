@@ -5,10 +5,7 @@ from __future__ import annotations
 import math
 import sys
 
-import orjson
-
-from renacerd.cli.common import Parser, add_db, fail, open_store
-from renacerd.escaping import json_safe
+from renacerd.cli.common import Parser, add_db, fail, open_store, print_json
 from renacerd.store.database import StoreError
 
 PROG = "renacer ranks"
@@ -35,7 +32,7 @@ def main(argv: list[str]) -> int:
     except StoreError as e:
         return fail(PROG, str(e))
     if a.json:
-        sys.stdout.buffer.write(orjson.dumps(json_safe(data), option=orjson.OPT_INDENT_2) + b"\n")
+        print_json(data)
     else:
         render_ranks(data, sys.stdout)
     return 0

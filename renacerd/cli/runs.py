@@ -5,10 +5,8 @@ from __future__ import annotations
 import sys
 import time
 
-import orjson
-
-from renacerd.cli.common import Parser, add_db, fail, open_store
-from renacerd.escaping import escape, json_safe
+from renacerd.cli.common import Parser, add_db, fail, open_store, print_json
+from renacerd.escaping import escape
 from renacerd.store.database import StoreError
 
 PROG = "renacer runs"
@@ -32,8 +30,7 @@ def main(argv: list[str]) -> int:
              "cmdline": r.cmdline}
             for r in runs
         ]
-        sys.stdout.buffer.write(orjson.dumps(json_safe(rows), option=orjson.OPT_INDENT_2) + b"\n")
-        return 0
+        return print_json(rows)
     w = sys.stdout.write
     w(f"{'RUN':<44} {'STATUS':<11} {'STARTED':<19} {'SECONDS':>8} {'EVENTS':>10} {'LOST':>6}"
       f" {'TRUNC':>6}  COMMAND\n")

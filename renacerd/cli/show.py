@@ -6,10 +6,8 @@ import sys
 import time
 from typing import Any
 
-import orjson
-
-from renacerd.cli.common import Parser, add_db, fail, open_store
-from renacerd.escaping import escape, json_safe
+from renacerd.cli.common import Parser, add_db, fail, open_store, print_json
+from renacerd.escaping import escape
 from renacerd.store.database import StoreError
 
 PROG = "renacer show"
@@ -134,7 +132,7 @@ def main(argv: list[str]) -> int:
 
         sd = steps_data(run, traces)
         if a.json:
-            sys.stdout.buffer.write(orjson.dumps(json_safe(sd), option=orjson.OPT_INDENT_2) + b"\n")
+            print_json(sd)
         else:
             render_steps(sd, sys.stdout)
         return 0
@@ -142,7 +140,7 @@ def main(argv: list[str]) -> int:
 
     data = show_data(run, traces)
     if a.json:
-        sys.stdout.buffer.write(orjson.dumps(json_safe(data), option=orjson.OPT_INDENT_2) + b"\n")
+        print_json(data)
     else:
         render_text(data, sys.stdout)
     return 0

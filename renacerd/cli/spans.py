@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import sys
 
-import orjson
-
-from renacerd.cli.common import Parser, add_db, fail, open_store
-from renacerd.escaping import escape, json_safe
+from renacerd.cli.common import Parser, add_db, fail, open_store, print_json
+from renacerd.escaping import escape
 from renacerd.store.database import StoreError
 
 PROG = "renacer spans"
@@ -28,8 +26,7 @@ def main(argv: list[str]) -> int:
 
     data = spans_data(traces)
     if a.json:
-        sys.stdout.buffer.write(orjson.dumps(json_safe(data), option=orjson.OPT_INDENT_2) + b"\n")
-        return 0
+        return print_json(data)
     w = sys.stdout.write
     w(f"{'span':<16} {'parent':<16} {'name':<20} {'status':<6} {'ms':>9} {'calls':>7} "
       f"{'sys ms':>8} {'read':>9} {'written':>9}  attributes / top syscalls\n")
