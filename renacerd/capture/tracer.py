@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import socket as _socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -155,9 +156,13 @@ class Tracer:
         drain_interval: float = 0.04,
         owner_uid: int | None = None,
         details: DetailRings | None = None,
+        lock: threading.RLock | None = None,
     ) -> None:
         """`details`: the detail queues, when shared with other runs of one attachment
-        (each run takes only the details of its own events: they join on tid and ts)."""
+        (each run takes only the details of its own events: they join on tid and ts);
+        `lock`: the lock of `store`'s connection, when other runs write through it too (one
+        connection for all: a thread holding one connection's write transaction open
+        would otherwise wait on another's that only it can commit)."""
         self.probes = probes
         self.store = store
         self.run_name = run_name
@@ -181,18 +186,19 @@ class Tracer:
         # the tracer's own "now", which lags the clock when the daemon is starved.
         self.read_through_mono = self.start_mono
         self.table = syscall_table()
-        self.run_id = store.begin_run(
-            run_name,
-            cmdline=cmdline,
-            version=__version__,
-            syscall_table=self.table,
-            start_wall_ns=self.start_wall,
-            start_mono_ns=self.start_mono,
-            owner_uid=self.owner_uid,
-        )
+        self.lock = lock if lock is not None else threading.RLock()
+        with self.lock:
+            self.run_id = store.begin_run(
+                run_name,
+                cmdline=cmdline,
+                version=__version__,
+                syscall_table=self.table,
+                start_wall_ns=self.start_wall,
+                start_mono_ns=self.start_mono,
+                owner_uid=self.owner_uid,
+            )
         self._last_flush = self._last_check = time.monotonic()
-        self.writer = ChunkWriter(store, self.run_id)
-        self.lock = self.writer.lock
+        self.writer = ChunkWriter(store, self.run_id, self.lock)
         self.on_process_exit: list[Callable[[ProcState], None]] = []
         self.on_flush: list[Callable[[], None]] = []
         # Other event sources (CUDA uprobes, ...): see the Source protocol below.

@@ -159,7 +159,9 @@ class Service:
         self.started = time.monotonic()
         self.runs: dict[str, ServiceRun] = {}
         self.lock = threading.Lock()
-        self.store_lock = threading.Lock()
+        # One connection for the service and every run it traces, under one lock (see
+        # Tracer's `lock`).
+        self.store_lock = threading.RLock()
         self.stopping = threading.Event()
         self.store = Store(db_path, create=True, group=group)
         self.store.mark_stale_runs_incomplete()
@@ -400,18 +402,18 @@ class Service:
         except ProbeError as e:
             self._fail(run, f"not traced: {e}")
             return
-        store = tracer = link = None
+        tracer = link = None
         try:
-            store = Store(self.db_path)
-            tracer = Tracer(slot, store, run.name, cmdline=[f"--pid={run.root_pid}"],
-                            follow=True, owner_uid=run.uid, details=self.capture.details)
+            tracer = Tracer(slot, self.store, run.name, cmdline=[f"--pid={run.root_pid}"],
+                            follow=True, owner_uid=run.uid, details=self.capture.details,
+                            lock=self.store_lock)
             # Only the asking user (and root) may connect to the run's span socket.
             link = SpanLink(run.socket, None)
             link.server.start()
             os.chown(run.socket, run.uid, -1)
         except (OSError, StoreError) as e:
             self.capture.discard(slot)
-            self._close_parts(run, store, tracer, link)
+            self._close_parts(run, tracer, link)
             self._fail(run, f"cannot start run {run.name!r}: {getattr(e, 'strerror', None) or e}")
             return
         run.link = link
@@ -430,7 +432,7 @@ class Service:
                 failed = f"not traced: {e}" if isinstance(e, PeerChanged) else (
                     f"cannot attach to pid {run.root_pid}: {e}")
         if failed is not None:
-            self._close_parts(run, store, tracer, link, forget=failed)
+            self._close_parts(run, tracer, link, forget=failed)
             self._fail(run, failed)
             return
         run.ack_s = time.monotonic() - t0
@@ -441,7 +443,7 @@ class Service:
         run.ready.set()
         self._say_status()
 
-    def _close_parts(self, run: ServiceRun, store: Optional[Store], tracer: Optional[Tracer],
+    def _close_parts(self, run: ServiceRun, tracer: Optional[Tracer],
                      link: Optional[SpanLink], forget: Optional[str] = None) -> None:
         """Undo a start that failed; `forget`: also remove what the run recorded."""
         if link is not None:
@@ -454,18 +456,14 @@ class Service:
             if tracer is not None:
                 if forget is not None:
                     tracer.writer.close()
-                    with tracer.lock:
-                        store.forget_run(tracer.run_id, f"{forget} (recorded data removed)")
-                        store.commit()
+                    with self.store_lock:
+                        self.store.forget_run(tracer.run_id,
+                                              f"{forget} (recorded data removed)")
+                        self.store.commit()
                 else:
                     tracer.finish(status="incomplete", error=run.failed or "not started")
         except StoreError as e:
             log.warning("run %s: %s", run.name, e)
-        if store is not None:
-            try:
-                store.close()
-            except StoreError:
-                pass
 
     def _run_ended(self, shared: SharedRun) -> None:
         """The shared loop let go of a run (its tree exited, its store failed, or the
@@ -484,10 +482,6 @@ class Service:
             error = tracer.final_error
         except StoreError as e:
             summary, error = None, str(e)
-        try:
-            tracer.store.close()
-        except StoreError:
-            pass
         if error:
             log.error("run %s: error: %s", tracer.run_name, error)
         if summary is not None:

@@ -208,13 +208,17 @@ def test_200_concurrent_clients_lose_no_span_and_leak_no_fd(svc, tmp_path):
 
 
 @needs_root
-def test_tracer_sigkill_mid_run_keeps_committed_data(svc, tmp_path):
+def test_service_sigkill_mid_run_keeps_committed_data(tmp_path):
+    os.chmod(tmp_path, 0o755)
     progs_before = _progs()
+    svc = Service(tmp_path, activate=False, caps=False)
+    svc.wait_ready()
     c = svc.client("killed", "hold", str(tmp_path / "k"))
     assert c.stdout.readline() == "in-span\n"
-    tracer = svc.status()["runs"][0]["tracer_pid"]
+    assert svc.status()["runs"][0]["tracer_pid"] == svc.proc.pid  # one tracer: the service
     time.sleep(1.2)  # past one flush interval: the attach and the first events are committed
-    os.kill(tracer, signal.SIGKILL)
+    svc.proc.send_signal(signal.SIGKILL)
+    svc.proc.wait()
     info = svc.wait_run_ended("killed")
     assert info.status == "incomplete"
     assert info.error == "daemon stopped before the run ended"
@@ -226,6 +230,7 @@ def test_tracer_sigkill_mid_run_keeps_committed_data(svc, tmp_path):
     assert c.poll() is None  # the target is unharmed
     assert finish(c) == "released\n"
     assert _progs_left(progs_before) == set()
+    svc.stop()
 
 
 @needs_root
@@ -242,7 +247,7 @@ def test_disk_full_stops_tracing_gracefully(tmp_path):
         info = svc.wait_run_ended("filler")
         assert info.status == "incomplete"
         assert info.error == f"cannot write {svc.db}: database or disk is full"
-        line = f"renacerd: error: {info.error}\n"
+        line = f"renacerd: run filler: error: {info.error}\n"
         deadline = time.monotonic() + 10
         while line not in svc.text() and time.monotonic() < deadline:
             time.sleep(0.1)
