@@ -3,10 +3,14 @@
 The probes are compiled and attached once. A run is a slot: its processes are entries of
 the kernel's target map whose value is the slot, a forked child inherits its parent's, and
 every record carries the slot of its process (records.RUN_SHIFT). One drain loop reads the
-rings and hands each run's records to that run's Tracer (its own store connection, chunk
+rings and hands each run's records to that run's Tracer (its own run in the store, chunk
 writer, strings and counters); the detail queues are shared, and each run takes only the
 details of its own events (they join on tid and enter time). Starting or ending a run is a
 few map updates, never a compile.
+
+The CUDA uprobes are loaded once too, on the same target map: each library file is probed
+once, whichever run maps it first, and stays probed for every later run until the service
+stops. GPU records carry the pid; each drain hands them to the run that pid belongs to.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from renacerd.capture.cuda_source import CudaOptions, CudaSource
 from renacerd.capture.details import DetailRings
+from renacerd.capture.probes.cuda import CudaProbes, ProbedObject
 from renacerd.capture.probes.loader import ProbeError
 from renacerd.capture.probes.syscalls import (
     DEFAULT_DETAIL_MB,
@@ -28,7 +34,9 @@ from renacerd.capture.probes.syscalls import (
     RunSlot,
     SyscallProbes,
 )
+from renacerd.capture.ringbuf import RingReader
 from renacerd.capture.tracer import Tracer, drain_wait
+from renacerd.cuda.records import GPU_EVENT, NAME_REC
 from renacerd.records import EVENT, LONG_LEN, RUN_SHIFT, RUN_SLOTS, STR_LEN, detail_dtype
 from renacerd.store.database import StoreError
 
@@ -37,10 +45,63 @@ log = logging.getLogger("renacerd")
 DRAIN_INTERVAL = 0.04  # the longest sleep between drains (Tracer's default)
 MAX_DETAILS = 100_000  # queued details whose events never came (lost): dropped beyond this
 _NO_EVENTS = np.empty(0, dtype=EVENT)
+_NO_GPU = np.empty(0, dtype=GPU_EVENT)
+_NO_NAMES = np.empty(0, dtype=NAME_REC)
 
 
 class CaptureFull(ProbeError):
     """Every run slot is taken."""
+
+
+class CudaRunProbes:
+    """One run's share of the CUDA probes: CudaProbes' interface for a CudaSource, fed the
+    run's GPU records by the shared drain loop; probing goes to the one attachment."""
+
+    __slots__ = ("shared", "events", "names")
+
+    def __init__(self, shared: CudaProbes) -> None:
+        self.shared = shared
+        self.events = _NO_GPU
+        self.names = _NO_NAMES
+
+    def add_target(self, pid: int) -> None:
+        """Nothing: the syscall probes' target map is the CUDA probes' too."""
+
+    def remove_target(self, pid: int) -> None:
+        """Nothing (see add_target)."""
+
+    def probed(self) -> list[ProbedObject]:
+        """Every object the attachment has probes on (for any run)."""
+        return self.shared.probed()
+
+    def probe_object(self, path: str) -> ProbedObject | None:
+        """Probe `path` unless some run already had it probed."""
+        return self.shared.probe_object(path)
+
+    def probe_process(self, pid: int) -> list[ProbedObject]:
+        """Probe the CUDA copies `pid` maps that no run had probed yet."""
+        return self.shared.probe_process(pid)
+
+    def _may_hold_runtime(self, path: str) -> bool:
+        return self.shared._may_hold_runtime(path)
+
+    def rings(self) -> list[RingReader]:
+        """The shared rings."""
+        return self.shared.rings()
+
+    def drain(self) -> tuple[np.ndarray, np.ndarray]:
+        """The run's GPU records and kernel names of this drain."""
+        ev, names = self.events, self.names
+        self.events, self.names = _NO_GPU, _NO_NAMES
+        return ev, names
+
+    def counters(self) -> dict[str, int]:
+        """The attachment's kernel counters: the rings are shared, so a loss is the host's
+        (not split per run)."""
+        return self.shared.counters()
+
+    def close(self) -> None:
+        """Nothing: the probes stay for the other runs (detached at the service's stop)."""
 
 
 @dataclass(slots=True)
@@ -52,6 +113,7 @@ class SharedRun:
     # called on a thread of its own once the run is out of the loop: end it (finish the
     # tracer, close what it owns); the slot is freed after it returns
     on_end: Callable[[SharedRun], None]
+    cuda: CudaRunProbes | None = None
     status: str = "complete"
     error: str | None = None
     stop_requested: bool = False
@@ -62,10 +124,19 @@ class SharedCapture:
 
     def __init__(self, event_mb: float = DEFAULT_EVENT_MB,
                  detail_mb: float = DEFAULT_DETAIL_MB,
-                 drain_interval: float = DRAIN_INTERVAL) -> None:
-        """Compile, load and attach (ProbeError when the kernel refuses)."""
+                 drain_interval: float = DRAIN_INTERVAL, cuda: bool = True) -> None:
+        """Compile, load and attach (ProbeError when the kernel refuses the syscall
+        probes; without CUDA probes, with a line, when only those fail)."""
         self.probes = SyscallProbes(follow=True, event_mb=event_mb, detail_mb=detail_mb)
         self.probes.load()
+        self.cuda: CudaProbes | None = None
+        if cuda:
+            try:
+                self.cuda = CudaProbes(targets_fd=self.probes.bpf["targets"].map_fd)
+                self.cuda.load()
+            except ProbeError as e:
+                log.warning("renacerd: CUDA probes off: %s", e)
+                self.cuda = None
         self.details = DetailRings(detail_dtype(STR_LEN), detail_dtype(LONG_LEN))
         self.drain_interval = drain_interval
         # slots freed go to the back: a slot is reused as late as possible, so records of
@@ -103,8 +174,12 @@ class SharedCapture:
     def add(self, slot: RunSlot, tracer: Tracer,
             on_end: Callable[[SharedRun], None]) -> SharedRun:
         """Feed `tracer` the records of `slot` from the next drain on (call with the lock
-        held, before the tracer attaches: its first records must find it)."""
+        held, before the tracer attaches: its first records must find it); with the CUDA
+        probes, its CUDA source too."""
         run = SharedRun(slot, tracer, on_end)
+        if self.cuda is not None:
+            run.cuda = CudaRunProbes(self.cuda)
+            tracer.sources.append(CudaSource(run.cuda, CudaOptions(), shared_targets=True))
         with self.lock:
             self.runs[slot.slot] = run
         return run
@@ -155,6 +230,8 @@ class SharedCapture:
         end (call with the lock held). Returns the records drained from each ring."""
         ev, de, dl = self.probes.drain()
         try:
+            # before any run ends a process (and untraces its pid): GPU records go by pid
+            self._route_cuda()
             self.details.add(de, dl)
             groups = self._route(ev)
             for slot, run in list(self.runs.items()):
@@ -189,6 +266,32 @@ class SharedCapture:
         cuts = np.flatnonzero(ss[1:] != ss[:-1]) + 1
         bounds = [0, *cuts.tolist(), len(ev)]
         return {int(ss[a]): ev[a:b] for a, b in zip(bounds[:-1], bounds[1:])}
+
+    def _route_cuda(self) -> None:
+        """Hand each run its GPU records and kernel names of this drain (by the run slot
+        of their pid; a process already ended goes by the run that knew it)."""
+        if self.cuda is None:
+            return
+        ev, names = self.cuda.drain()
+        if not len(ev) and not len(names):
+            return
+        slot_of: dict[int, int] = {}
+        for arr, field_name in ((ev, "events"), (names, "names")):
+            if not len(arr):
+                continue
+            pids = arr["pid"]
+            for p in np.unique(pids).tolist():
+                if p not in slot_of:
+                    slot_of[p] = self.probes.slot_of(p) or next(
+                        (s for s, r in self.runs.items() if p in r.tracer.procs), 0)
+                run = self.runs.get(slot_of[p])
+                if run is None or run.cuda is None:
+                    self.unrouted += int(np.count_nonzero(pids == p))
+                    continue
+                mine = arr[pids == p]
+                have = getattr(run.cuda, field_name)
+                setattr(run.cuda, field_name, mine if not len(have) else
+                        np.concatenate([have, mine]))
 
     def _guard(self, run: SharedRun, fn: Callable, *args) -> None:
         """A run whose store fails, or whose decoding raises, ends alone (incomplete, with
@@ -252,4 +355,6 @@ class SharedCapture:
         deadline = time.monotonic() + timeout
         for t in list(self._enders):
             t.join(max(deadline - time.monotonic(), 0.01))
+        if self.cuda is not None:
+            self.cuda.close()
         self.probes.close()
