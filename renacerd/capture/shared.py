@@ -117,6 +117,8 @@ class SharedRun:
     status: str = "complete"
     error: str | None = None
     stop_requested: bool = False
+    # how the run ends if stop_requested finds its tree still live
+    stop_status: tuple[str, str | None] = ("complete", None)
 
 
 class SharedCapture:
@@ -240,11 +242,15 @@ class SharedCapture:
         finally:
             self.probes.release()  # ev viewed the ring: nothing may keep it past here
         for run in list(self.runs.values()):
-            if run.slot.slot not in self.runs:
-                continue  # ended above
-            self._guard(run, run.tracer.check_writer)
-            self._guard(run, run.tracer.tick, t0)
-            if run.slot.slot in self.runs and (run.stop_requested or not run.tracer.live()):
+            for step, args in ((run.tracer.check_writer, ()), (run.tracer.tick, (t0,))):
+                if self.runs.get(run.slot.slot) is run:  # not ended (failed) meanwhile
+                    self._guard(run, step, *args)
+            if self.runs.get(run.slot.slot) is not run:
+                continue
+            if not run.tracer.live():
+                self._end(run)
+            elif run.stop_requested:
+                run.status, run.error = run.stop_status
                 self._end(run)
         if len(self.details) > MAX_DETAILS:
             self.details.clear()
@@ -327,25 +333,19 @@ class SharedCapture:
         finally:
             self._free_slot(run.slot)
 
-    def stop_run(self, slot: int) -> None:
-        """End run `slot` at the next cycle, its processes still running."""
-        with self.lock:
-            run = self.runs.get(slot)
-            if run is not None:
-                run.stop_requested = True
 
     # -- shutdown ------------------------------------------------------------------------
     def close(self, status: str = "incomplete", error: str | None = None,
               timeout: float = 5.0) -> None:
-        """Stop the loop; a last drain, every live run ended with `status` and `error`;
-        detach every probe (nothing stays in the kernel)."""
+        """Stop the loop; a last drain, every run whose tree is still live ended with
+        `status` and `error`; detach every probe (nothing stays in the kernel)."""
         self._stopping.set()
         if self._thread is not None:
             self._thread.join(timeout)
         with self.lock:
             for run in self.runs.values():
                 run.stop_requested = True
-                run.status, run.error = status, error
+                run.stop_status = (status, error)
             try:
                 self.cycle(time.monotonic())
             except Exception:

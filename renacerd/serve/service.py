@@ -5,10 +5,11 @@ run is a slot of that one attachment. The front socket (bound here or handed ove
 systemd) takes only Hello, TraceMe and StatusQuery. A TraceMe claims a slot, puts the peer's
 process tree in it (a few map updates), opens the run's own span socket, owned by the
 asking uid, and acks with it; the client reconnects there for its spans. Each run has its
-own Tracer, store connection, chunk writer and counters; the one drain loop routes records
-by slot. The peer's pid and uid come from SO_PEERCRED, pinned at accept
-(renacerd.capture.peer) and checked again before the attach and after it, before the ack;
-per-uid limits keep one user from taking what others need (docs/security.md).
+own Tracer, run in the store, chunk writer and counters (one store connection for all,
+under one lock); the one drain loop routes records by slot. The peer's pid and uid come
+from SO_PEERCRED, pinned at accept (renacerd.capture.peer) and checked again before the
+attach and after it, before the ack; per-uid limits keep one user from taking what others
+need (docs/security.md).
 """
 
 from __future__ import annotations
