@@ -96,6 +96,7 @@ class ServiceRun:
     shared: Optional[SharedRun] = None
     link: Optional[SpanLink] = None
     ack_s: float = 0.0  # request to attach done: what the client waited for
+    from_exec: bool = False  # records start at the root's next execve
     events: int = 0
     lost: int = 0
     rate: float = 0.0
@@ -318,7 +319,7 @@ class Service:
 
     def _handle(self, peer: Peer, msg: Message) -> Optional[Message]:
         if isinstance(msg, TraceMe):
-            ok, reason, path = self.trace_request(peer, msg.run)
+            ok, reason, path = self.trace_request(peer, msg.run, msg.from_exec)
             return Ack(msg.request_id, ok, reason, path)
         if isinstance(msg, StatusQuery):
             return self.status(peer)
@@ -326,8 +327,11 @@ class Service:
         return None
 
     # -- runs --------------------------------------------------------------------------------
-    def trace_request(self, peer: Peer, name: Optional[str]) -> tuple[bool, str, Optional[str]]:
-        """Trace the peer's process tree as run `name`: (ok, reason, per-run socket)."""
+    def trace_request(self, peer: Peer, name: Optional[str],
+                      from_exec: bool = False) -> tuple[bool, str, Optional[str]]:
+        """Trace the peer's process tree as run `name`: (ok, reason, per-run socket).
+        `from_exec`: the peer is about to exec the command to trace; its records start at
+        that execve."""
         if name is None:
             return False, "no run name (configure(run=...) or RENACER_RUN)", None
         if self.stopping.is_set():
@@ -361,7 +365,7 @@ class Service:
                     return False, f"run {name!r} already exists in the store", None
                 # Unique, so a tracer left by an earlier service never holds the name.
                 path = os.path.join(self.runs_dir, f"{secrets.token_hex(8)}.sock")
-                run = ServiceRun(name, peer.uid, peer.pid, path)
+                run = ServiceRun(name, peer.uid, peer.pid, path, from_exec=from_exec)
                 self.runs[name] = run
                 starter = True
             else:
@@ -425,6 +429,12 @@ class Service:
                 link.attach(tracer, [run.root_pid])
                 run.shared = self.capture.add(slot, tracer, self._run_ended)
                 tracer.attach(run.root_pid)
+                if run.from_exec:
+                    # as the standalone daemon's launched child: records from its execve,
+                    # and the call it is blocked in (waiting for the ack) matched, not
+                    # counted as an exit without its enter
+                    tracer.procs[run.root_pid].gated = True
+                    slot.expect_exit(run.root_pid)
                 # Attached by pid: it must still be the process that asked.
                 check_traceable(run.root_pid, run.uid, peer)
                 failed = None

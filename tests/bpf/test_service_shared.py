@@ -293,3 +293,34 @@ def test_losses_are_counted_in_the_run_whose_records_were_dropped(cc, tmp_path):
     assert ended["quiet"][1] == counts["quiet"] + 2
     assert ended["burst"][0].lost["events_lost"] > 19_000
     store.close()
+
+
+def test_launch_through_the_running_service(svc):
+    """`renacerd -- CMD` with the service up: no compile, the command is a run of the
+    service from its execve, its exit status passed on; `--no-service` is standalone."""
+    import time
+
+    cmd = [PY, "-m", "renacerd.cli.renacerd_main", "--service-socket", svc.sock]
+    t0 = time.monotonic()
+    r = subprocess.run([*cmd, "--run", "via-service", "--", "sh", "-c", "exit 3"],
+                       env=env(), capture_output=True, text=True, timeout=60)
+    took = time.monotonic() - t0
+    assert r.returncode == 3, r.stderr
+    assert r.stderr.splitlines()[0] == (f"renacerd: traced by the service on {svc.sock} as "
+                                        "run via-service")
+    info = svc.wait_run_ended("via-service")
+    assert info.status == "complete"
+    with _store(svc.db) as st:
+        (trace,) = st.load_run("via-service")
+    assert trace.names().tolist()[0] == "execve"  # nothing of the held child before it
+    assert trace.names().tolist()[-1] == "exit_group"
+    assert trace.process.exit_code == 3
+    assert info.source_counters.get("foreign_events", 0) == 0
+    assert info.unmatched_exits == 0
+    r = subprocess.run([*cmd, "--no-service", "-q", "--db", str(Path(svc.tmp) / "own.db"),
+                        "--run", "standalone", "--", "true"], env=env(), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    with _store(Path(svc.tmp) / "own.db") as st:
+        assert st.run("standalone").status == "complete"
+    print(f"\n`renacerd -- sh -c 'exit 3'` through the service: {took:.2f} s end to end")
