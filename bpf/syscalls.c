@@ -14,10 +14,15 @@
 //   RAW_TP         defined (x86-64): raw tracepoints on sys_enter/sys_exit, args from pt_regs
 //   TASK_MM_OFF, MM_ARG_START_OFF, MM_ARG_END_OFF  struct offsets from the running
 //                  kernel's BTF (renacerd.capture.probes.btf); without them argv comes from execve
-//   OWNER_UID      defined (the uid) when the run belongs to a user other than root: a
-//                  process whose exec gains privilege stops being followed
+//   RUN_SLOTS      run slots (<= 128: the slot rides in the top 7 bits of event.flags).
+//                  A target's value in `targets` is its run's slot (1..RUN_SLOTS-1); a forked
+//                  child inherits its parent's. One attachment serves every run of a host:
+//                  records carry the slot, counters are kept per slot.
+//   PRIV_CHECK     defined when the credential offsets below are known: a process of a run
+//                  whose `run_owner` uid is not root stops being followed when its exec
+//                  gains privilege
 //   TASK_CRED_OFF, CRED_UID_OFF, CRED_GID_OFF, CRED_EUID_OFF, CRED_EGID_OFF, CRED_CAPP_OFF
-//                  struct offsets from BTF for that check (required with OWNER_UID)
+//                  struct offsets from BTF for that check (required by a non-root run)
 //   The __NR_* numbers come from the kernel headers BCC compiles against.
 //
 // Records are fixed size so the daemon decodes a whole drained range as one numpy array:
@@ -45,6 +50,7 @@
 #define F_EMPTY_PATH0   0x40  // the first path is "" (no detail record)
 #define F_EMPTY_PATH1   0x80  // the second path is "" (no detail record)
 #define F_UNFOLLOWED    0x100 // execve / EV_EXEC: privilege gained at exec, no longer traced
+#define RUN_SHIFT      9     // flags >> RUN_SHIFT: the run slot of the record's process
 
 // detail.slot
 #define SLOT_PATH0 0
@@ -72,7 +78,7 @@ struct start_t {
     u32 kind;    // how to read p0/p1 at exit
     u32 pad;
     u32 aux;     // the event's aux: a flags argument or a second fd (aux_of)
-    u32 pad2;
+    u32 run;     // the run slot of the thread's process at enter
 };
 
 struct event {
@@ -128,40 +134,48 @@ struct argv_scratch {
 #define K_ADDR      3   // p0 is a sockaddr, p1 its length
 #define K_ADDR_OUT  4   // p0 is a sockaddr filled by the kernel, p1 points to its length
 
-BPF_HASH(targets, u32, u32, 65536);  // the authority, shared with the CUDA probes
+// tgid -> run slot: the authority, shared with the CUDA probes (which test presence only)
+BPF_HASH(targets, u32, u32, 65536);
 #ifdef TGID_INDEX
-// pid_max <= TID_SLOTS: a tgid-indexed copy answers "is this a target?" exactly, and the
-// verifier inlines an array lookup where a hash lookup is a helper call (~7 ns a syscall).
-BPF_ARRAY(target_idx, u32, TID_SLOTS);
+// pid_max <= TID_SLOTS: a tgid-indexed copy (tgid | slot << 32) answers "is this a target,
+// of which run?" exactly, and the verifier inlines an array lookup where a hash lookup is a
+// helper call (~7 ns a syscall).
+BPF_ARRAY(target_idx, u64, TID_SLOTS);
 #endif
 BPF_ARRAY(starts, struct start_t, TID_SLOTS);
-BPF_PERCPU_ARRAY(counters, u64, C_MAX);
+BPF_PERCPU_ARRAY(counters, u64, C_MAX * RUN_SLOTS);  // [slot * C_MAX + C_*]
+BPF_ARRAY(run_owner, u32, RUN_SLOTS);  // the uid each run belongs to (0: root)
 BPF_RINGBUF_OUTPUT(events, EVENT_PAGES);
 BPF_RINGBUF_OUTPUT(details, DETAIL_PAGES);
 BPF_RINGBUF_OUTPUT(details_long, LONG_PAGES);
 BPF_PERCPU_ARRAY(argv_buf, struct argv_scratch, 1);
 
-static __always_inline int is_target(u32 tgid) {
+// The run slot of process `tgid`, 0 when it is not traced.
+static __always_inline u32 is_target(u32 tgid) {
 #ifdef TGID_INDEX
     u32 i = tgid & (TID_SLOTS - 1);
-    u32 *v = target_idx.lookup(&i);
-    return v && *v == tgid && tgid;
+    u64 *v = target_idx.lookup(&i);
+    if (!v || (u32)*v != tgid || !tgid)
+        return 0;
+    return (u32)(*v >> 32);
 #else
-    return targets.lookup(&tgid) != 0;
+    u32 *v = targets.lookup(&tgid);
+    return v ? *v : 0;
 #endif
 }
 
-static __always_inline void count(int idx) {
-    u64 *c = counters.lookup(&idx);
+static __always_inline void count(u32 run, int idx) {
+    u32 k = (run & (RUN_SLOTS - 1)) * C_MAX + idx;
+    u64 *c = counters.lookup(&k);
     if (c)
         (*c)++;
 }
 
 // A detail record with its join key filled, or NULL (counted) when the ring is full.
-static __always_inline struct detail *reserve_detail(u64 ts, u32 tid, u16 nr, u8 slot) {
+static __always_inline struct detail *reserve_detail(u32 run, u64 ts, u32 tid, u16 nr, u8 slot) {
     struct detail *d = details.ringbuf_reserve(sizeof(struct detail));
     if (!d) {
-        count(C_DETAILS_LOST);
+        count(run, C_DETAILS_LOST);
         return 0;
     }
     d->ts = ts;
@@ -181,14 +195,14 @@ static __always_inline int read_str(char *dst, u32 size, const void *ptr, int us
 
 // A string that filled the short record, read again whole (up to LONG_LEN) into the long
 // ring; the short record is discarded. With the long ring full the short one stays, cut.
-static __always_inline u16 emit_long_str(struct detail *d, const void *ptr, int user,
+static __always_inline u16 emit_long_str(u32 run, struct detail *d, const void *ptr, int user,
                                          int quiet) {
     struct detail_long *l = details_long.ringbuf_reserve(sizeof(struct detail_long));
     u16 fl = F_DETAIL;
     if (!l) {
         fl |= F_TRUNCATED;
         if (!quiet)
-            count(C_TRUNCATED);
+            count(run, C_TRUNCATED);
         d->flags = fl;
         details.ringbuf_submit(d, BPF_RB_NO_WAKEUP);
         return fl;
@@ -204,11 +218,11 @@ static __always_inline u16 emit_long_str(struct detail *d, const void *ptr, int 
     if (n < 0) {
         fl |= F_READ_FAILED;
         if (!quiet)
-            count(C_READ_FAILED);
+            count(run, C_READ_FAILED);
     } else if (n == LONG_LEN) {
         fl |= F_TRUNCATED;
         if (!quiet)
-            count(C_TRUNCATED);
+            count(run, C_TRUNCATED);
     }
     l->flags = fl;
     details_long.ringbuf_submit(l, BPF_RB_NO_WAKEUP);
@@ -217,36 +231,37 @@ static __always_inline u16 emit_long_str(struct detail *d, const void *ptr, int 
 
 // quiet: a failed or cut read is flagged, not counted (execve: the daemon counts it unless
 // the kernel's copy made at exec replaces it)
-static __always_inline u16 emit_str_pad(u64 ts, u32 tid, u16 nr, u8 slot, const void *ptr,
+static __always_inline u16 emit_str_pad(u32 run, u64 ts, u32 tid, u16 nr, u8 slot, const void *ptr,
                                         int user, u32 pad, int quiet) {
-    struct detail *d = reserve_detail(ts, tid, nr, slot);
+    struct detail *d = reserve_detail(run, ts, tid, nr, slot);
     if (!d)
         return F_DETAIL_LOST;
     d->pad = pad;
     int n = read_str(d->data, STR_LEN, ptr, user);
     d->len = n;
     if (n == STR_LEN)
-        return emit_long_str(d, ptr, user, quiet);
+        return emit_long_str(run, d, ptr, user, quiet);
     u16 fl = F_DETAIL;
     if (n < 0) {
         fl |= F_READ_FAILED;
         if (!quiet)
-            count(C_READ_FAILED);
+            count(run, C_READ_FAILED);
     }
     d->flags = fl;
     details.ringbuf_submit(d, BPF_RB_NO_WAKEUP);
     return fl;
 }
 
-static __always_inline u16 emit_str(u64 ts, u32 tid, u16 nr, u8 slot, const void *ptr, int user) {
-    return emit_str_pad(ts, tid, nr, slot, ptr, user, 0, 0);
+static __always_inline u16 emit_str(u32 run, u64 ts, u32 tid, u16 nr, u8 slot,
+                                    const void *ptr, int user) {
+    return emit_str_pad(run, ts, tid, nr, slot, ptr, user, 0, 0);
 }
 
 // execve's argv as one NUL-separated blob (slot SLOT_ARGV_BLOB) in the long ring: up to
 // ARGV_ARGS strings and LONG_LEN bytes, flagged truncated beyond. A NULL argv is empty.
 // Neither a cut nor a failed read is counted here (the strings of a forked caller may sit in
 // pages not yet faulted in): the daemon counts those its kept records show.
-static __always_inline u16 emit_argv(u64 ts, u32 tid, u16 nr, const char *const *argv) {
+static __always_inline u16 emit_argv(u32 run, u64 ts, u32 tid, u16 nr, const char *const *argv) {
     u32 zero = 0;
     struct argv_scratch *b = argv_buf.lookup(&zero);
     if (!b)
@@ -292,7 +307,7 @@ static __always_inline u16 emit_argv(u64 ts, u32 tid, u16 nr, const char *const 
     b->d.len = off;
     b->d.pad = 0;
     if (details_long.ringbuf_output(&b->d, sizeof(struct detail_long), BPF_RB_NO_WAKEUP)) {
-        count(C_DETAILS_LOST);
+        count(run, C_DETAILS_LOST);
         return F_DETAIL_LOST;
     }
     return fl;
@@ -300,11 +315,11 @@ static __always_inline u16 emit_argv(u64 ts, u32 tid, u16 nr, const char *const 
 
 // Read `len` bytes (already bounded by the caller, provably <= STR_LEN) of user memory into
 // a reserved detail, flag a failed read, submit it.
-static __always_inline u16 submit_bytes(struct detail *d, const void *ptr, u32 len, u16 fl) {
+static __always_inline u16 submit_bytes(u32 run, struct detail *d, const void *ptr, u32 len, u16 fl) {
     int err = bpf_probe_read_user(d->data, len, ptr);
     if (err < 0) {
         fl |= F_READ_FAILED;
-        count(C_READ_FAILED);
+        count(run, C_READ_FAILED);
         d->len = err;
     } else {
         d->len = len;
@@ -319,38 +334,38 @@ static __always_inline u16 submit_bytes(struct detail *d, const void *ptr, u32 l
 // daemon has to decode.
 // A NULL path is no path (utimensat(fd, NULL, ...) is futimens; *at calls with
 // AT_EMPTY_PATH may pass NULL): nothing to read, and not a failed read.
-static __always_inline u16 emit_path(u64 ts, u32 tid, u16 nr, u8 slot, const void *ptr,
+static __always_inline u16 emit_path(u32 run, u64 ts, u32 tid, u16 nr, u8 slot, const void *ptr,
                                      u32 pad) {
     if (!ptr)
         return 0;
     char c = 1;
     if (bpf_probe_read_user(&c, 1, ptr) == 0 && c == 0)
         return slot == SLOT_PATH0 ? F_EMPTY_PATH0 : F_EMPTY_PATH1;
-    return emit_str_pad(ts, tid, nr, slot, ptr, 1, pad, 0);
+    return emit_str_pad(run, ts, tid, nr, slot, ptr, 1, pad, 0);
 }
 
-static __always_inline u16 emit_addr(u64 ts, u32 tid, u16 nr, const void *ptr, u32 len) {
+static __always_inline u16 emit_addr(u32 run, u64 ts, u32 tid, u16 nr, const void *ptr, u32 len) {
     if (!ptr)
         return 0;  // no address given (sendto on a connected socket, accept's NULL)
-    struct detail *d = reserve_detail(ts, tid, nr, SLOT_ADDR);
+    struct detail *d = reserve_detail(run, ts, tid, nr, SLOT_ADDR);
     if (!d)
         return F_DETAIL_LOST;
     // sockaddr_storage is 128 bytes; the mask keeps the size provably within data[]
     if (len > 128)
         len = 128;
     asm volatile("%0 &= 0xff" : "+r"(len));
-    return submit_bytes(d, ptr, len, F_DETAIL);
+    return submit_bytes(run, d, ptr, len, F_DETAIL);
 }
 
 // One event record; returns 0 (and counts it) when the ring is full.
-static __always_inline struct event *reserve_event(void) {
+static __always_inline struct event *reserve_event(u32 run) {
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
     if (!e)
-        count(C_EVENTS_LOST);
+        count(run, C_EVENTS_LOST);
     return e;
 }
 
-static __always_inline void submit_event(struct event *e, u64 ts, u64 dur, s64 ret, u64 a0,
+static __always_inline void submit_event(u32 run, struct event *e, u64 ts, u64 dur, s64 ret, u64 a0,
                                          u32 pid, u32 tid, u16 nr, u16 flags, u32 aux) {
     e->ts = ts;  // lifecycle records: the same ts keys their detail records
     e->dur = dur;
@@ -359,19 +374,19 @@ static __always_inline void submit_event(struct event *e, u64 ts, u64 dur, s64 r
     e->pid = pid;
     e->tid = tid;
     e->nr = nr;
-    e->flags = flags;
+    e->flags = flags | (u16)((run & (RUN_SLOTS - 1)) << RUN_SHIFT);
     e->aux = aux;
     events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 }
 
 // A record with details is reserved first and submitted after them: the daemon reads the
 // event ring, then the detail ring, so an event it sees has its details there too.
-static __always_inline int emit_event(u64 ts, u64 dur, s64 ret, u64 a0, u32 pid, u32 tid,
+static __always_inline int emit_event(u32 run, u64 ts, u64 dur, s64 ret, u64 a0, u32 pid, u32 tid,
                                       u16 nr, u16 flags, u32 aux) {
-    struct event *e = reserve_event();
+    struct event *e = reserve_event(run);
     if (!e)
         return 0;
-    submit_event(e, ts, dur, ret, a0, pid, tid, nr, flags, aux);
+    submit_event(run, e, ts, dur, ret, a0, pid, tid, nr, flags, aux);
     return 1;
 }
 
@@ -540,7 +555,8 @@ static __always_inline u32 exit_nr(struct bpf_raw_tracepoint_args *ctx) {
 ENTER_PROBE {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
-    if (!is_target(tgid))
+    u32 run = is_target(tgid);
+    if (!run)
         return 0;
     u32 tid = (u32)id;
     u32 nr = ENTER_NR;
@@ -554,7 +570,7 @@ ENTER_PROBE {
 
     if (nr == __NR_exit_group || nr == __NR_exit) {
         // These never return: record them now, with the exit code as a0.
-        emit_event(ts, 0, 0, a[0], tgid, tid, nr, 0, 0);
+        emit_event(run, ts, 0, 0, a[0], tgid, tid, nr, 0, 0);
         return 0;
     }
 
@@ -570,6 +586,7 @@ ENTER_PROBE {
     s->p1 = 0;
     s->pad = 0;
     s->aux = 0;
+    s->run = run;
     s->kind = K_NONE;
     if (kind == K_NONE)
         return 0;
@@ -587,8 +604,8 @@ ENTER_PROBE {
         const char *fname = (const char *)(nr == __NR_execve ? a[0] : a[1]);
         const char *const *argv = (const char *const *)(nr == __NR_execve ? a[1] : a[2]);
         if (fname)  // NULL: EFAULT, nothing to read
-            fl |= emit_str_pad(ts, tid, nr, SLOT_PATH0, fname, 1, 0, 1);
-        fl |= emit_argv(ts, tid, nr, argv);
+            fl |= emit_str_pad(run, ts, tid, nr, SLOT_PATH0, fname, 1, 0, 1);
+        fl |= emit_argv(run, ts, tid, nr, argv);
         s->pad = fl;  // carried to the exit record's flags
     }
     return 0;
@@ -605,7 +622,7 @@ EXIT_PROBE {
     u64 now = bpf_ktime_get_ns();
     u16 flags = 0;
     u64 ts, a0;
-    u32 nr;
+    u32 nr, run;
     s64 ret = EXIT_RET;
     // A live slot of this tid is this syscall's enter: a thread is in one syscall at a time,
     // and sched_process_fork clears a new thread's slot, so a reused tid never matches a
@@ -615,18 +632,20 @@ EXIT_PROBE {
         a0 = s->a0;
         nr = s->nr;
         flags = s->pad;
+        run = s->run;
         s->ts = 0;
     } else {
         // Not ours, or it entered before we attached.
-        if (!is_target(tgid))
+        run = is_target(tgid);
+        if (!run)
             return 0;
         nr = EXIT_NR;
         // A new child's return from fork/clone: it never entered, and strace shows nothing.
         if (ret == 0 && (nr == __NR_clone || nr == __NR_clone3 || nr == __NR_fork ||
                          nr == __NR_vfork))
             return 0;
-        count(C_NO_ENTER);
-        emit_event(now, 0, ret, 0, tgid, tid, nr, F_NO_ENTER, 0);
+        count(run, C_NO_ENTER);
+        emit_event(run, now, 0, ret, 0, tgid, tid, nr, F_NO_ENTER, 0);
         return 0;
     }
 
@@ -643,30 +662,30 @@ EXIT_PROBE {
     if (kind != K_NONE && ret != -14) {
         u64 p0 = s->p0, p1 = s->p1;
         if (kind == K_PATH0) {
-            flags |= emit_path(ts, tid, nr, SLOT_PATH0, (void *)p0, pad);
+            flags |= emit_path(run, ts, tid, nr, SLOT_PATH0, (void *)p0, pad);
         } else if (kind == K_PATH01) {
-            flags |= emit_path(ts, tid, nr, SLOT_PATH0, (void *)p0, 0);
-            flags |= emit_path(ts, tid, nr, SLOT_PATH1, (void *)p1, 0);
+            flags |= emit_path(run, ts, tid, nr, SLOT_PATH0, (void *)p0, 0);
+            flags |= emit_path(run, ts, tid, nr, SLOT_PATH1, (void *)p1, 0);
         } else if (kind == K_ADDR) {
-            flags |= emit_addr(ts, tid, nr, (void *)p0, (u32)p1);
+            flags |= emit_addr(run, ts, tid, nr, (void *)p0, (u32)p1);
         } else if (kind == K_ADDR_OUT && ret >= 0) {
             u32 len = 0;
             bpf_probe_read_user(&len, sizeof(len), (void *)p1);
-            flags |= emit_addr(ts, tid, nr, (void *)p0, len);
+            flags |= emit_addr(run, ts, tid, nr, (void *)p0, len);
         } else if (kind == K_AUX && ret == 0 &&
                    (nr == __NR_pipe || nr == __NR_pipe2 || nr == __NR_socketpair)) {
             // the two fds the kernel wrote: a0 becomes fds[0] | fds[1] << 32
             u64 fds = 0;
             if (bpf_probe_read_user(&fds, sizeof(fds), (void *)p0) < 0) {
                 flags |= F_READ_FAILED;
-                count(C_READ_FAILED);
+                count(run, C_READ_FAILED);
             } else {
                 a0 = fds;
             }
         }
     }
 
-    emit_event(ts, now - ts, ret, a0, tgid, tid, nr, flags, aux);
+    emit_event(run, ts, now - ts, ret, a0, tgid, tid, nr, flags, aux);
     return 0;
 }
 
@@ -680,7 +699,8 @@ TRACEPOINT_PROBE(sched, sched_process_fork) {
         cs->ts = 0;
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
-    if (!is_target(tgid))
+    u32 run = is_target(tgid);
+    if (!run)
         return 0;
     u32 tid = (u32)id;
     u16 flags = 0;
@@ -691,24 +711,25 @@ TRACEPOINT_PROBE(sched, sched_process_fork) {
         flags |= F_THREAD;
 #ifdef FOLLOW
     if (!(flags & F_THREAD)) {
-        u32 one = 1;
-        targets.update(&child, &one);
+        // the child belongs to its parent's run
+        targets.update(&child, &run);
 #ifdef TGID_INDEX
         u32 ci = child & (TID_SLOTS - 1);
-        target_idx.update(&ci, &child);
+        u64 v = (u64)child | ((u64)run << 32);
+        target_idx.update(&ci, &v);
 #endif
     }
 #endif
-    struct event *e = reserve_event();
+    struct event *e = reserve_event(run);
     if (!e)
         return 0;  // no details for a record the daemon will never see
     u64 ts = bpf_ktime_get_ns();
-    emit_str(ts, child, EV_FORK, SLOT_COMM, (char *)args + (args->data_loc_child_comm & 0xFFFF), 0);
-    submit_event(e, ts, 0, 0, child, tgid, tid, EV_FORK, flags, child);
+    emit_str(run, ts, child, EV_FORK, SLOT_COMM, (char *)args + (args->data_loc_child_comm & 0xFFFF), 0);
+    submit_event(run, e, ts, 0, 0, child, tgid, tid, EV_FORK, flags, child);
     return 0;
 }
 
-#ifdef OWNER_UID
+#ifdef PRIV_CHECK
 // The new credentials of an exec (committed before sched_process_exec): setuid/setgid bits
 // make euid != uid or egid != gid; file capabilities give a non-root uid permitted caps.
 static __always_inline int exec_gained_privilege(void) {
@@ -732,9 +753,9 @@ static __always_inline void unfollow(u32 tgid) {
     targets.delete(&tgid);
 #ifdef TGID_INDEX
     u32 i = tgid & (TID_SLOTS - 1);
-    u32 zero = 0;
-    u32 *v = target_idx.lookup(&i);
-    if (v && *v == tgid)
+    u64 zero = 0;
+    u64 *v = target_idx.lookup(&i);
+    if (v && (u32)*v == tgid)
         target_idx.update(&i, &zero);
 #endif
 }
@@ -743,14 +764,16 @@ static __always_inline void unfollow(u32 tgid) {
 TRACEPOINT_PROBE(sched, sched_process_exec) {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
-    if (!is_target(tgid))
+    u32 run = is_target(tgid);
+    if (!run)
         return 0;
     u32 tid = (u32)id;
     u16 flags = F_DETAIL;
-#ifdef OWNER_UID
+#ifdef PRIV_CHECK
     // A run of an unprivileged user never follows a process into privilege: the exec's
     // own execve record (flagged) is the last one of the process.
-    if (exec_gained_privilege()) {
+    u32 *owner = run_owner.lookup(&run);
+    if ((!owner || *owner) && exec_gained_privilege()) {
         unfollow(tgid);
         flags |= F_UNFOLLOWED;
         u32 idx = tid & (TID_SLOTS - 1);
@@ -759,14 +782,14 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
             s->pad |= F_UNFOLLOWED;  // carried to the execve record's flags
     }
 #endif
-    struct event *e = reserve_event();
+    struct event *e = reserve_event(run);
     if (!e)
         return 0;  // no details for a record the daemon will never see
     u64 ts = bpf_ktime_get_ns();
-    emit_str(ts, tid, EV_EXEC, SLOT_PATH0, (char *)args + (args->data_loc_filename & 0xFFFF), 0);
+    emit_str(run, ts, tid, EV_EXEC, SLOT_PATH0, (char *)args + (args->data_loc_filename & 0xFFFF), 0);
     char comm[16];
     bpf_get_current_comm(&comm, sizeof(comm));
-    emit_str(ts, tid, EV_EXEC, SLOT_COMM, comm, 0);
+    emit_str(run, ts, tid, EV_EXEC, SLOT_COMM, comm, 0);
 #ifdef TASK_MM_OFF
     // argv as the kernel copied it onto the new stack (resident, unlike the caller's
     // strings, which may sit in not-yet-faulted pages after fork). Offsets come from BTF.
@@ -791,7 +814,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
             if (n > LONG_LEN) {
                 n = LONG_LEN;
                 fl |= F_TRUNCATED;
-                count(C_TRUNCATED);
+                count(run, C_TRUNCATED);
             }
             asm volatile("%0 &= 0x1fff" : "+r"(n));
             if (n > LONG_LEN)
@@ -799,7 +822,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
             int err = bpf_probe_read_user(d->data, n, (void *)as);
             if (err < 0) {
                 fl |= F_READ_FAILED;
-                count(C_READ_FAILED);
+                count(run, C_READ_FAILED);
                 d->len = err;
             } else {
                 d->len = n;
@@ -808,19 +831,20 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
             flags |= fl;
             details_long.ringbuf_submit(d, BPF_RB_NO_WAKEUP);
         } else {
-            count(C_DETAILS_LOST);
+            count(run, C_DETAILS_LOST);
             flags |= F_DETAIL_LOST;
         }
     }
 #endif
-    submit_event(e, ts, 0, 0, args->old_pid, tgid, tid, EV_EXEC, flags, 0);
+    submit_event(run, e, ts, 0, 0, args->old_pid, tgid, tid, EV_EXEC, flags, 0);
     return 0;
 }
 
 TRACEPOINT_PROBE(sched, sched_process_exit) {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
-    if (!is_target(tgid))
+    u32 run = is_target(tgid);
+    if (!run)
         return 0;
     // A thread killed inside a syscall never reaches sys_exit: free its slot so a later
     // thread reusing the tid cannot match it.
@@ -838,7 +862,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit) {
                               (char *)bpf_get_current_task() + TASK_EXIT_CODE_OFF) == 0)
         status = code;
 #endif
-    emit_event(bpf_ktime_get_ns(), 0, status, args->group_dead, tgid, tid, EV_EXIT, 0, 0);
+    emit_event(run, bpf_ktime_get_ns(), 0, status, args->group_dead, tgid, tid, EV_EXIT, 0, 0);
     return 0;
 }
 
@@ -848,8 +872,9 @@ TRACEPOINT_PROBE(signal, signal_deliver) {
         return 0;
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
-    if (!is_target(tgid))
+    u32 run = is_target(tgid);
+    if (!run)
         return 0;
-    emit_event(bpf_ktime_get_ns(), 0, 0, args->code, tgid, (u32)id, EV_SIGNAL, 0, args->sig);
+    emit_event(run, bpf_ktime_get_ns(), 0, 0, args->code, tgid, (u32)id, EV_SIGNAL, 0, args->sig);
     return 0;
 }

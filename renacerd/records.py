@@ -24,6 +24,11 @@ F_THREAD = 0x20
 F_EMPTY_PATH0 = 0x40  # the first path argument is "" (no detail record carries it)
 F_EMPTY_PATH1 = 0x80
 F_UNFOLLOWED = 0x100  # execve: privilege gained at exec, the process no longer traced
+# The top bits of an event's flags hold the run slot of its process (bpf/syscalls.c
+# RUN_SHIFT): one attachment serves every run, and the slot routes each record.
+RUN_SHIFT = 9
+RUN_SLOTS = 1 << (16 - RUN_SHIFT)  # slot 0: none
+RECORD_FLAGS = (1 << RUN_SHIFT) - 1  # the flags proper, as the store keeps them
 
 # detail.slot
 SLOT_PATH0 = 0

@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import socket as _socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from renacerd.records import (
     F_UNFOLLOWED,
     LIFECYCLE_MIN,
     LONG_LEN,
+    RECORD_FLAGS,
     SLOT_ADDR,
     SLOT_ARGV_BLOB,
     SLOT_COMM,
@@ -153,7 +155,14 @@ class Tracer:
         flush_interval: float = 0.5,
         drain_interval: float = 0.04,
         owner_uid: int | None = None,
+        details: DetailRings | None = None,
+        lock: threading.RLock | None = None,
     ) -> None:
+        """`details`: the detail queues, when shared with other runs of one attachment
+        (each run takes only the details of its own events: they join on tid and ts);
+        `lock`: the lock of `store`'s connection, when other runs write through it too (one
+        connection for all: a thread holding one connection's write transaction open
+        would otherwise wait on another's that only it can commit)."""
         self.probes = probes
         self.store = store
         self.run_name = run_name
@@ -163,7 +172,9 @@ class Tracer:
         self.drain_interval = drain_interval  # the longest sleep between drains
         self.procs: dict[int, ProcState] = {}
         self.strings = StringTable()
-        self.details = DetailRings(detail_dtype(STR_LEN), detail_dtype(LONG_LEN))
+        self.own_details = details is None
+        self.details = details if details is not None else DetailRings(
+            detail_dtype(STR_LEN), detail_dtype(LONG_LEN))
         self._addr_ids: dict[tuple[int, bytes], int] = {}
         self.events = 0
         self.stop_requested = False
@@ -175,18 +186,19 @@ class Tracer:
         # the tracer's own "now", which lags the clock when the daemon is starved.
         self.read_through_mono = self.start_mono
         self.table = syscall_table()
-        self.run_id = store.begin_run(
-            run_name,
-            cmdline=cmdline,
-            version=__version__,
-            syscall_table=self.table,
-            start_wall_ns=self.start_wall,
-            start_mono_ns=self.start_mono,
-            owner_uid=self.owner_uid,
-        )
-        self._last_flush = time.monotonic()
-        self.writer = ChunkWriter(store, self.run_id)
-        self.lock = self.writer.lock
+        self.lock = lock if lock is not None else threading.RLock()
+        with self.lock:
+            self.run_id = store.begin_run(
+                run_name,
+                cmdline=cmdline,
+                version=__version__,
+                syscall_table=self.table,
+                start_wall_ns=self.start_wall,
+                start_mono_ns=self.start_mono,
+                owner_uid=self.owner_uid,
+            )
+        self._last_flush = self._last_check = time.monotonic()
+        self.writer = ChunkWriter(store, self.run_id, self.lock)
         self.on_process_exit: list[Callable[[ProcState], None]] = []
         self.on_flush: list[Callable[[], None]] = []
         # Other event sources (CUDA uprobes, ...): see the Source protocol below.
@@ -232,6 +244,10 @@ class Tracer:
             for child in descendants(pid):
                 if child in self.procs or child == os.getpid():
                     continue  # never trace ourselves: our own drain calls would feed back
+                if self.probes.slot_of(child) not in (0, self.probes.slot):
+                    # a run of its own (it asked the service itself): it stays there
+                    log.info("not following process %d: traced by another run", child)
+                    continue
                 if self.owner_uid != 0:
                     # the rule the service applies to the asking process, for each running
                     # descendant: a setuid program already running below it is not traced
@@ -274,20 +290,13 @@ class Tracer:
     def run(self, duration: float | None = None, idle_hook: Callable[[], None] | None = None):
         """Drain until every target exits, stop() is called, or `duration` passes."""
         deadline = None if duration is None else time.monotonic() + duration
-        last_check = last_drain = time.monotonic()
+        last_drain = time.monotonic()
         capacity = self.probes.capacity()
         while not self.stop_requested:
             t0 = time.monotonic()
-            if self.writer.error is not None:
-                raise self.writer.error  # the store refuses writes: stop, the job goes on
+            self.check_writer()
             drained = self.drain_once()
-            if self.root_pid is not None and self.root_status is None:
-                self._reap_root(block=False)
-            if t0 - last_check > 0.2:
-                self._check_liveness()
-                last_check = t0
-            if t0 - self._last_flush >= self.flush_interval:
-                self.flush()
+            self.tick(t0)
             if not self.live():
                 break
             if deadline is not None and t0 >= deadline:
@@ -301,6 +310,22 @@ class Tracer:
             if spent < wait:
                 time.sleep(wait - spent)
         self.drain_once()
+
+    def check_writer(self) -> None:
+        """Raise the store's refusal, if writing failed: the run stops, the job goes on."""
+        if self.writer.error is not None:
+            raise self.writer.error
+
+    def tick(self, t0: float) -> None:
+        """A drain cycle's work besides reading the rings: the launched command's exit,
+        processes gone without an exit record, the flush when due."""
+        if self.root_pid is not None and self.root_status is None:
+            self._reap_root(block=False)
+        if t0 - self._last_check > 0.2:
+            self._check_liveness()
+            self._last_check = t0
+        if t0 - self._last_flush >= self.flush_interval:
+            self.flush()
 
     def stop(self) -> None:
         """Ask the loop to finish (signal handlers call this)."""
@@ -359,6 +384,11 @@ class Tracer:
     def _take_drained(self, ev: np.ndarray, de: np.ndarray, dl: np.ndarray) -> None:
         """Lifecycle records, per-process assembly and every source's turn for one drain."""
         self.details.add(de, dl)
+        self.take_events(ev)
+
+    def take_events(self, ev: np.ndarray) -> None:
+        """This run's events of one drain (their details already queued), then every
+        source's turn."""
         if not len(ev):
             for src in list(self.sources):
                 self._guard(src, src.drain, self)
@@ -536,15 +566,15 @@ class Tracer:
         s0 = np.full(n, -1, dtype=np.int32)
         s1 = np.full(n, -1, dtype=np.int32)
         mode = np.zeros(n, dtype=np.uint32)
-        flags = ev["flags"]
+        flags = ev["flags"] & RECORD_FLAGS  # the run slot above them routed the record
         if (flags & (F_EMPTY_PATH0 | F_EMPTY_PATH1)).any():
             empty = self.strings.intern(b"")
             s0[(flags & F_EMPTY_PATH0) != 0] = empty
             s1[(flags & F_EMPTY_PATH1) != 0] = empty
         has = np.flatnonzero(flags & F_DETAIL)
-        fixed = None
+        fixed = flags
         if len(has):
-            fixed = self._attach_details(ev, has, s0, s1, mode)
+            fixed = self._attach_details(ev, has, s0, s1, mode, flags)
         # One stable sort by pid, then one gather per column: each process's events come
         # out as contiguous column slices, in exit order. The writer sorts each chunk by
         # enter ts once (calls that cross a drain need that anyway).
@@ -553,8 +583,7 @@ class Tracer:
             spid = pid
             cols = {f: np.ascontiguousarray(ev[f]) for f in EVENT_COLUMNS}
             cols["s0"], cols["s1"], cols["mode"] = s0, s1, mode
-            if fixed is not None:
-                cols["flags"] = fixed
+            cols["flags"] = fixed
         else:
             order = np.argsort(pid, kind="stable")
             spid = pid.take(order)
@@ -562,8 +591,7 @@ class Tracer:
             cols["s0"] = s0.take(order)
             cols["s1"] = s1.take(order)
             cols["mode"] = mode.take(order)
-            if fixed is not None:
-                cols["flags"] = fixed.take(order)
+            cols["flags"] = fixed.take(order)
         cols["ts"] = cols["ts"].view(np.int64)
         cuts = np.flatnonzero(spid[1:] != spid[:-1]) + 1
         for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), n]):
@@ -590,9 +618,9 @@ class Tracer:
         return s0
 
     def _attach_details(self, ev: np.ndarray, has: np.ndarray, s0: np.ndarray,
-                        s1: np.ndarray, mode: np.ndarray) -> np.ndarray | None:
+                        s1: np.ndarray, mode: np.ndarray, flags: np.ndarray) -> np.ndarray:
         """String ids of the paths and addresses of events `has`, from their details, and
-        the mode of open calls; returns the events' flags where execs changed them."""
+        the mode of open calls; returns the events' flags (`flags`, execs may change them)."""
         j = self.details.join(ev["tid"][has], ev["ts"][has])
         pos = has[j.event]
         # an event flagged with details that has none: its detail sits behind a busy record
@@ -601,7 +629,7 @@ class Tracer:
         joined[j.event] = True
         self.paths_lost += len(has) - int(np.count_nonzero(joined))
         if not len(j):
-            return None
+            return flags
         slot = j.slot
         intern, addr = self.strings.intern, self._addr_id
         # one pass in C to Python objects, then a dict lookup per detail (~0.3 us): most
@@ -620,8 +648,8 @@ class Tracer:
         nr = ev["nr"][pos]
         execs = np.flatnonzero((nr == NR_EXECVE) | (nr == NR_EXECVEAT))
         if len(execs):
-            return self._exec_details(ev, pos[execs], j, execs, s0, s1)
-        return None
+            return self._exec_details(ev, pos[execs], j, execs, s0, s1, flags)
+        return flags
 
     def _addr_id(self, raw: bytes, n: int) -> int:
         """String id of a socket address as text (formatted once per distinct address)."""
@@ -635,16 +663,16 @@ class Tracer:
         return sid
 
     def _exec_details(self, ev: np.ndarray, pos: np.ndarray, j: Joined, which: np.ndarray,
-                      s0: np.ndarray, s1: np.ndarray) -> np.ndarray | None:
+                      s0: np.ndarray, s1: np.ndarray, flags: np.ndarray) -> np.ndarray:
         """argv of execve calls (details `which` of `j`, events `pos`); a successful one
-        also names its process. Returns the events' flags where an exec changed them."""
+        also names its process. Returns the events' flags (`flags`, changed in place where
+        an exec changed them: it is this drain's own copy)."""
         blobs: dict[int, bytes] = {}
         bits: dict[int, int] = {}  # the detail flags of each execve, or-ed
         for i, k in zip(pos.tolist(), which.tolist()):
             bits[i] = bits.get(i, 0) | int(j.flags[k])
             if int(j.slot[k]) == SLOT_ARGV_BLOB:
                 blobs[i] = detail_bytes(SLOT_ARGV_BLOB, int(j.length[k]), j.data[k])
-        flags = None
         for i, fl in bits.items():
             argv = split_argv(blobs.get(i, b""))
             e = ev[i]
@@ -658,12 +686,8 @@ class Tracer:
                     # the kernel's copy beats a failed or cut user read; the record says
                     # what that copy is (its own cut was counted by the probe)
                     argv = [kargv]
-                    want = (int(e["flags"]) & ~(F_TRUNCATED | F_READ_FAILED)
-                            | (F_TRUNCATED if kcut else 0))
-                    if want != int(e["flags"]):
-                        if flags is None:
-                            flags = ev["flags"].copy()
-                        flags[i] = want
+                    flags[i] = (int(flags[i]) & ~(F_TRUNCATED | F_READ_FAILED)
+                                | (F_TRUNCATED if kcut else 0))
                     fl = 0
                 else:
                     st.span.argv = [decode(a) for a in argv]
@@ -744,8 +768,9 @@ class Tracer:
             )
             self.store.commit()
         self._last_flush = time.monotonic()
-        # Details whose event never came (its record was lost) must not pile up.
-        if len(self.details) > 100_000:
+        # Details whose event never came (its record was lost) must not pile up (shared
+        # queues are bounded by their owner).
+        if self.own_details and len(self.details) > 100_000:
             self.details.clear()
 
     def finish(self, status: str = "complete", error: str | None = None) -> Summary:

@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-bpf", action="store_true", help=argparse.SUPPRESS)
     # `renacerd serve` learns on this inherited pipe that the probes are attached.
     p.add_argument("--ready-fd", type=int, metavar="FD", help=argparse.SUPPRESS)
+    p.add_argument("--no-service", action="store_true",
+                   help="never hand the command to a running `renacerd serve`: trace it here")
+    p.add_argument("--service-socket", metavar="PATH", default="/run/renacer/renacerd.sock",
+                   help="the service's front socket, used for `-- CMD` when it exists "
+                        "(default /run/renacer/renacerd.sock)")
     p.add_argument("--owner-uid", type=int, metavar="UID",
                    help="the user the run belongs to (default: the caller, root); for any "
                         "other, a process whose exec gains privilege stops being followed")
@@ -84,6 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(checked, str):
         return fail(PROG, checked)
     config, otlp = checked
+    if cmd:
+        from renacerd.serve.launch import run_through_service
+
+        # A running service traces the command with no compile (and for a member of the
+        # renacer group too); otherwise, or when it declines, the standalone daemon.
+        code = run_through_service(args, cmd, CALLER)
+        if code is not None:
+            return code
     if os.geteuid() != 0:
         return fail(PROG, "must run as root (BPF needs CAP_BPF and CAP_PERFMON); try sudo")
     from renacerd.serve.session import Session, SessionError

@@ -18,7 +18,8 @@ PROG = "renacerd serve"
 def main(argv: list[str]) -> int:
     """Entry point of `renacerd serve`."""
     p = Parser(prog=PROG, description="Serve trace requests of experiment-span clients: "
-               "each run gets its own tracer (see docs/security.md).")
+               "the probes are attached once, and each run is a slot of them "
+               "(see docs/security.md).")
     p.add_argument("--socket", metavar="PATH",
                    help=f"front socket (default {DEFAULT_SOCKET}; systemd's LISTEN_FDS wins)")
     p.add_argument("--db", metavar="PATH",
@@ -27,8 +28,6 @@ def main(argv: list[str]) -> int:
                    help="group allowed to connect and to read the store (default renacer)")
     p.add_argument("--runs-dir", metavar="DIR", help="per-run sockets (default: next to "
                    "the front socket, in runs/)")
-    p.add_argument("--no-bpf-check", action="store_true",
-                   help="skip loading a test BPF program before READY=1")
     p.add_argument("--sink", metavar="URL", action="append", default=[],
                    help="stream every run to clickhouse://HOST:8123/DATABASE (repeatable)")
     p.add_argument("--otlp-endpoint", metavar="URL",
@@ -50,9 +49,9 @@ def main(argv: list[str]) -> int:
     from renacerd.serve.service import (
         Service,
         ServiceError,
-        bpf_load_check,
         check_handed_socket,
         listen,
+        load_capture,
         renacer_gid,
     )
     from renacerd.serve.span_server import sockets_from_systemd
@@ -66,12 +65,13 @@ def main(argv: list[str]) -> int:
     os.umask(0o027)
     db = a.db or default_db_path()
     handed = sockets_from_systemd()
+    capture = None
     try:
         if len(handed) > 1:
             raise ServiceError(f"systemd passed {len(handed)} sockets; expected one")
-        if not a.no_bpf_check:
-            notifier.status("checking that BPF programs load")
-            bpf_load_check()
+        # The one compile: every run is a slot of these probes.
+        notifier.status("checking that BPF programs load")
+        capture = load_capture()
         if handed:
             sock, unlink = handed[0], None
             check_handed_socket(sock)
@@ -83,13 +83,16 @@ def main(argv: list[str]) -> int:
                 logging.warning("group %r does not exist: only root can connect", a.group)
             sock, unlink = listen(path, gid), path
         runs_dir = a.runs_dir or os.path.join(os.path.dirname(path) or ".", "runs")
-        service = Service(sock, db, runs_dir, notifier, unlink_path=unlink, group=a.group)
-    except (ServiceError, StoreError) as e:
+        service = Service(sock, db, runs_dir, notifier, unlink_path=unlink, group=a.group,
+                          capture=capture)
+    except (ServiceError, StoreError, OSError) as e:
+        if capture is not None:
+            capture.close()
         notifier.status(f"failed: {e}")
+        if isinstance(e, OSError) and not isinstance(e, ServiceError):
+            return fail(PROG, f"{e.strerror or e}: {getattr(e, 'filename', '') or ''}"
+                        .rstrip(": "))
         return fail(PROG, str(e))
-    except OSError as e:
-        notifier.status(f"failed: {e}")
-        return fail(PROG, f"{e.strerror or e}: {getattr(e, 'filename', '') or ''}".rstrip(": "))
 
     def _stop(signum: int, frame: object) -> None:
         # The handler runs in the main thread; stopping joins children, so do it elsewhere.
@@ -99,7 +102,7 @@ def main(argv: list[str]) -> int:
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    # One tailer per target for the whole store: every run, whichever tracer wrote it.
+    # One tailer per target for the whole store: every run.
     sinks = [ClickHouseSink(db, u).start() for u in a.sink]
     if otlp:
         sinks.append(OtlpExporter(db, otlp).start())

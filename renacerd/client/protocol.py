@@ -194,10 +194,16 @@ class TraceMe:
 
     request_id: int
     run: Optional[str] = None
+    # the sender is about to exec the traced command (`renacerd -- CMD` through the
+    # service): its records start at that execve, as the standalone daemon's do
+    from_exec: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         """The JSON object of this message."""
-        return {"t": "trace_me", "req": self.request_id, "run": self.run}
+        wire: dict[str, Any] = {"t": "trace_me", "req": self.request_id, "run": self.run}
+        if self.from_exec:
+            wire["exec"] = True
+        return wire
 
 
 @dataclass(**SLOTS)
@@ -469,7 +475,10 @@ def _dropped(obj: dict[str, Any]) -> Dropped:
 
 
 def _trace_me(obj: dict[str, Any]) -> TraceMe:
-    return TraceMe(_uint(obj, "req", U32_MAX), _run(obj))
+    from_exec = obj.get("exec", False)
+    if type(from_exec) is not bool:
+        raise ProtocolError("schema", "exec must be a boolean")
+    return TraceMe(_uint(obj, "req", U32_MAX), _run(obj), from_exec)
 
 
 def _ack(obj: dict[str, Any]) -> Ack:

@@ -1,12 +1,15 @@
-"""`renacerd serve`: the host daemon that starts one tracer per run on a client's request.
+"""`renacerd serve`: the host daemon that traces each client's process tree on request.
 
-The front socket (bound here or handed over by systemd) takes only Hello, TraceMe and
-StatusQuery. A TraceMe starts `renacerd --pid <peer> --run <name> --socket <per-run>` as a
-child, waits until it reports its probes attached (--ready-fd), and acks with the per-run
-socket, to which the client reconnects for its spans. Each run is therefore the tested
-one-shot session, isolated in its own process. The peer's pid and uid come from SO_PEERCRED,
-pinned at accept (renacerd.capture.peer) and checked again before a tracer starts and before
-the ack; per-uid limits keep one user from taking what others need (docs/security.md).
+The syscall probes are compiled and attached once, at start (renacerd.capture.shared): a
+run is a slot of that one attachment. The front socket (bound here or handed over by
+systemd) takes only Hello, TraceMe and StatusQuery. A TraceMe claims a slot, puts the peer's
+process tree in it (a few map updates), opens the run's own span socket, owned by the
+asking uid, and acks with it; the client reconnects there for its spans. Each run has its
+own Tracer, run in the store, chunk writer and counters (one store connection for all,
+under one lock); the one drain loop routes records by slot. The peer's pid and uid come
+from SO_PEERCRED, pinned at accept (renacerd.capture.peer) and checked again before the
+attach and after it, before the ack; per-uid limits keep one user from taking what others
+need (docs/security.md).
 """
 
 from __future__ import annotations
@@ -16,12 +19,8 @@ import grp
 import logging
 import os
 import secrets
-import select
-import signal
 import socket
 import stat
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,6 +29,9 @@ from typing import Optional
 import psutil
 
 from renacerd.capture.peer import Peer, PeerChanged, check_traceable, pin
+from renacerd.capture.probes.loader import ProbeError
+from renacerd.capture.shared import SharedCapture, SharedRun
+from renacerd.capture.tracer import Tracer
 from renacerd.client import protocol
 from renacerd.client.protocol import (
     MAX_FRAME,
@@ -43,6 +45,7 @@ from renacerd.client.protocol import (
 )
 from renacerd.serve.loglimit import LimitedLog
 from renacerd.serve.notify import Notifier
+from renacerd.serve.span_link import SpanLink
 from renacerd.serve.span_ring import close_untrusted
 from renacerd.serve.span_server import (
     ACCEPT_BACKOFF,
@@ -57,7 +60,7 @@ from renacerd.store.database import Store, StoreError
 log = logging.getLogger("renacerd.service")
 
 GROUP = "renacer"
-# Compiling and attaching the syscall probes takes ~2.5 s on a 2-core VM; leave headroom.
+# A second request for a run being started waits this long for the first one's attach.
 READY_TIMEOUT = 60.0
 # The front only ever needs a handful of messages per connection (hello, trace_me, status).
 RATE = 20.0
@@ -71,16 +74,8 @@ MAX_CONNECTIONS_PER_UID = 32
 MAX_RUNS_PER_UID = 4
 STOP_GRACE = 1.8
 POLL_INTERVAL = 0.5
-# Out of descriptors at accept: wait this long before the next accept, doubling to the max.
-TRACER_MODULE = "renacerd.cli.renacerd_main"
-
-BPF_CHECK = """
-from renacerd.capture.probes.loader import compile_bpf
-from bcc import BPF
-b = compile_bpf("int renacer_load_check(void *ctx) { return 0; }")
-b.load_func("renacer_load_check", BPF.KPROBE)
-b.cleanup()
-"""
+# What a run still live when the service stops says (restart, SIGTERM).
+STOPPED_LIVE = "renacerd serve stopped while the run was live"
 
 
 class ServiceError(RuntimeError):
@@ -88,37 +83,35 @@ class ServiceError(RuntimeError):
 
 
 @dataclass(slots=True)
-class RunChild:
-    """One run of the service: its traced root, its tracer process and per-run socket."""
+class ServiceRun:
+    """One run of the service: its traced root, per-run socket, and what traces it."""
 
     name: str
     uid: int
     root_pid: int
     socket: str
-    proc: Optional[subprocess.Popen] = None
     ready: threading.Event = field(default_factory=threading.Event)
     failed: str = ""
     started: float = field(default_factory=time.monotonic)
+    shared: Optional[SharedRun] = None
+    link: Optional[SpanLink] = None
+    ack_s: float = 0.0  # request to attach done: what the client waited for
+    from_exec: bool = False  # records start at the root's next execve
     events: int = 0
     lost: int = 0
     rate: float = 0.0
     sampled: float = 0.0
 
 
-def bpf_load_check(python: str = sys.executable, timeout: float = 120.0) -> None:
-    """Compile and load a trivial kprobe program in a child (so LLVM never stays resident
-    here); ServiceError with BCC's message if the kernel or capabilities refuse it."""
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+def load_capture() -> SharedCapture:
+    """Compile and attach the probes every run shares; ServiceError with BCC's message if
+    the kernel or capabilities refuse them."""
     try:
-        r = subprocess.run([python, "-c", BPF_CHECK], env=env, capture_output=True, text=True,
-                           timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        raise ServiceError(f"BPF load check did not finish in {timeout:.0f} s") from e
-    if r.returncode != 0:
-        last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise ServiceError(f"BPF load check failed: {last}")
+        capture = SharedCapture()
+    except ProbeError as e:
+        raise ServiceError(f"BPF load check failed: {e}") from e
+    capture.start()
+    return capture
 
 
 def renacer_gid(name: str = GROUP) -> Optional[int]:
@@ -153,62 +146,24 @@ def open_runs_dir(path: str) -> None:
         os.close(fd)
 
 
-def _is_service(cmdline: list[str]) -> bool:
-    return "serve" in cmdline and any("renacerd" in a for a in cmdline)
-
-
-def stop_orphans(runs_dir: str, grace: float = STOP_GRACE) -> list[int]:
-    """SIGTERM tracers left by a service that died (SIGKILL outside systemd): they end their
-    runs and free their sockets. Returns their pids."""
-    prefix = os.path.join(os.path.abspath(runs_dir), "")
-    orphans = []
-    for p in psutil.process_iter(["cmdline", "ppid"]):
-        cmd = p.info["cmdline"] or []
-        if TRACER_MODULE not in cmd or "--ready-fd" not in cmd or "--socket" not in cmd:
-            continue
-        i = cmd.index("--socket")
-        if i + 1 >= len(cmd) or not os.path.abspath(cmd[i + 1]).startswith(prefix):
-            continue
-        try:
-            parent = psutil.Process(p.info["ppid"]).cmdline() if p.info["ppid"] > 1 else []
-        except psutil.Error:
-            parent = []
-        if _is_service(parent):
-            continue
-        log.warning("stopping orphaned tracer pid %d (%s) left by an earlier service",
-                    p.pid, cmd[i + 1])
-        try:
-            p.terminate()
-            orphans.append(p)
-        except psutil.Error:
-            continue
-    _, alive = psutil.wait_procs(orphans, timeout=grace)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=grace)
-    return [p.pid for p in orphans]
-
-
 class Service:
-    """The front socket, the runs it started, and their lifecycle."""
+    """The front socket, the runs it traces, and their lifecycle."""
 
     def __init__(self, sock: socket.socket, db_path: str, runs_dir: str,
-                 notifier: Notifier, python: str = sys.executable,
-                 unlink_path: Optional[str] = None, group: str = GROUP) -> None:
+                 notifier: Notifier, unlink_path: Optional[str] = None, group: str = GROUP,
+                 capture: Optional[SharedCapture] = None) -> None:
+        """`capture`: the probes, loaded before READY=1 (loaded here when not given)."""
         self.sock = sock
         self.db_path = db_path
         self.runs_dir = runs_dir
         self.notifier = notifier
-        self.python = python
         self.unlink_path = unlink_path
         self.started = time.monotonic()
-        self.runs: dict[str, RunChild] = {}
-        self.ended: list[RunChild] = []
+        self.runs: dict[str, ServiceRun] = {}
         self.lock = threading.Lock()
-        self.store_lock = threading.Lock()
+        # One connection for the service and every run it traces, under one lock (see
+        # Tracer's `lock`).
+        self.store_lock = threading.RLock()
         self.stopping = threading.Event()
         self.store = Store(db_path, create=True, group=group)
         self.store.mark_stale_runs_incomplete()
@@ -218,7 +173,7 @@ class Service:
                       "descriptors_refused": 0, "limited": 0}
         self.warnings = LimitedLog(log)
         open_runs_dir(runs_dir)
-        stop_orphans(runs_dir)
+        self.capture = capture if capture is not None else load_capture()
 
     # -- the front socket ------------------------------------------------------------------
     def serve_forever(self) -> None:
@@ -364,7 +319,7 @@ class Service:
 
     def _handle(self, peer: Peer, msg: Message) -> Optional[Message]:
         if isinstance(msg, TraceMe):
-            ok, reason, path = self.trace_request(peer, msg.run)
+            ok, reason, path = self.trace_request(peer, msg.run, msg.from_exec)
             return Ack(msg.request_id, ok, reason, path)
         if isinstance(msg, StatusQuery):
             return self.status(peer)
@@ -372,8 +327,11 @@ class Service:
         return None
 
     # -- runs --------------------------------------------------------------------------------
-    def trace_request(self, peer: Peer, name: Optional[str]) -> tuple[bool, str, Optional[str]]:
-        """Trace the peer's process tree as run `name`: (ok, reason, per-run socket)."""
+    def trace_request(self, peer: Peer, name: Optional[str],
+                      from_exec: bool = False) -> tuple[bool, str, Optional[str]]:
+        """Trace the peer's process tree as run `name`: (ok, reason, per-run socket).
+        `from_exec`: the peer is about to exec the command to trace; its records start at
+        that execve."""
         if name is None:
             return False, "no run name (configure(run=...) or RENACER_RUN)", None
         if self.stopping.is_set():
@@ -407,7 +365,7 @@ class Service:
                     return False, f"run {name!r} already exists in the store", None
                 # Unique, so a tracer left by an earlier service never holds the name.
                 path = os.path.join(self.runs_dir, f"{secrets.token_hex(8)}.sock")
-                run = RunChild(name, peer.uid, peer.pid, path)
+                run = ServiceRun(name, peer.uid, peer.pid, path, from_exec=from_exec)
                 self.runs[name] = run
                 starter = True
             else:
@@ -426,7 +384,7 @@ class Service:
             return False, run.failed or "tracer not ready in time", None
         return True, "", run.socket
 
-    def _traced_by(self, pid: int) -> Optional[RunChild]:
+    def _traced_by(self, pid: int) -> Optional[ServiceRun]:
         for run in self.runs.values():
             if self._in_tree(pid, run.root_pid):
                 return run
@@ -441,126 +399,136 @@ class Service:
         except psutil.Error:
             return False
 
-    def _start(self, run: RunChild, peer: Peer) -> None:
-        ready_r, ready_w = os.pipe()
-        cmd = [self.python, "-m", TRACER_MODULE, "-q", "--pid",
-               str(run.root_pid), "--run", run.name, "--socket", run.socket, "--db",
-               self.db_path, "--owner-uid", str(run.uid), "--ready-fd", str(ready_w)]
+    def _start(self, run: ServiceRun, peer: Peer) -> None:
+        """Put the peer's tree in a slot of the shared probes, open its span socket."""
+        t0 = time.monotonic()
         try:
-            run.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, pass_fds=(ready_w,),
-                                        env=self._child_env())
-        except OSError as e:
-            os.close(ready_r)
-            os.close(ready_w)
-            self._fail(run, f"cannot start the tracer: {e}")
-            return
-        finally:
-            if run.proc is not None:
-                os.close(ready_w)
-        try:
-            r, _, _ = select.select([ready_r], [], [], READY_TIMEOUT)
-            line = os.read(ready_r, 64) if r else b""
-        finally:
-            os.close(ready_r)
-        if line != b"ready\n":
-            code = run.proc.poll()
-            if code is None:
-                run.proc.terminate()
-                self._fail(run, f"tracer for run {run.name!r} not ready in "
-                                f"{READY_TIMEOUT:.0f} s")
-            else:
-                self._fail(run, f"tracer for run {run.name!r} failed (exit status {code}; "
-                                "see the service log)")
-            return
-        try:
-            # The tracer attached by pid: it must have found the process that asked.
-            check_traceable(run.root_pid, run.uid, peer)
-        except PeerChanged as e:
-            run.proc.kill()  # no further write: what it recorded may be another's
-            run.proc.wait()
-            with self.store_lock:
-                try:
-                    self.store.forget_run(self.store.run(run.name).id,
-                                          f"not traced: {e} (recorded data removed)")
-                    self.store.commit()
-                except StoreError as err:
-                    log.warning("run %s: %s", run.name, err)
+            slot = self.capture.claim(run.uid)
+        except ProbeError as e:
             self._fail(run, f"not traced: {e}")
             return
+        tracer = link = None
         try:
+            tracer = Tracer(slot, self.store, run.name, cmdline=[f"--pid={run.root_pid}"],
+                            follow=True, owner_uid=run.uid, details=self.capture.details,
+                            lock=self.store_lock)
             # Only the asking user (and root) may connect to the run's span socket.
+            link = SpanLink(run.socket, None)
+            link.server.start()
             os.chown(run.socket, run.uid, -1)
-            with self.store_lock:
-                self.store.update_run(self.store.run(run.name).id, owner_uid=run.uid)
-                self.store.commit()
         except (OSError, StoreError) as e:
-            log.warning("run %s: %s", run.name, e)
+            self.capture.discard(slot)
+            self._close_parts(run, tracer, link)
+            self._fail(run, f"cannot start run {run.name!r}: {getattr(e, 'strerror', None) or e}")
+            return
+        run.link = link
+        # Between two drains: the first records find the run, and no drain sees it before
+        # the check after the attach has passed.
+        with self.capture.lock:
+            try:
+                link.attach(tracer, [run.root_pid])
+                run.shared = self.capture.add(slot, tracer, self._run_ended)
+                tracer.attach(run.root_pid)
+                if run.from_exec:
+                    # as the standalone daemon's launched child: records from its execve,
+                    # and the call it is blocked in (waiting for the ack) matched, not
+                    # counted as an exit without its enter
+                    tracer.procs[run.root_pid].gated = True
+                    slot.expect_exit(run.root_pid)
+                # Attached by pid: it must still be the process that asked.
+                check_traceable(run.root_pid, run.uid, peer)
+                failed = None
+            except (PeerChanged, psutil.Error, StoreError, ProbeError) as e:
+                self.capture.discard(slot)  # no further record: what it has may be another's
+                failed = f"not traced: {e}" if isinstance(e, PeerChanged) else (
+                    f"cannot attach to pid {run.root_pid}: {e}")
+        if failed is not None:
+            self._close_parts(run, tracer, link, forget=failed)
+            self._fail(run, failed)
+            return
+        run.ack_s = time.monotonic() - t0
         with self.lock:
             self.stats["runs_started"] += 1
-        log.info("run %s: tracing pid %d for uid %d (tracer pid %d)", run.name, run.root_pid,
-                 run.uid, run.proc.pid)
+        log.info("run %s: tracing pid %d for uid %d (slot %d, attached in %.0f ms)", run.name,
+                 run.root_pid, run.uid, slot.slot, 1000 * run.ack_s)
         run.ready.set()
+        self._say_status()
 
-    def _child_env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
-                            "LISTEN_PID", "LISTEN_FDNAMES")}
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        return env
+    def _close_parts(self, run: ServiceRun, tracer: Optional[Tracer],
+                     link: Optional[SpanLink], forget: Optional[str] = None) -> None:
+        """Undo a start that failed; `forget`: also remove what the run recorded."""
+        if link is not None:
+            link.server.stop()
+            try:
+                os.unlink(run.socket)
+            except OSError:
+                pass
+        try:
+            if tracer is not None:
+                if forget is not None:
+                    tracer.writer.close()
+                    with self.store_lock:
+                        self.store.forget_run(tracer.run_id,
+                                              f"{forget} (recorded data removed)")
+                        self.store.commit()
+                else:
+                    tracer.finish(status="incomplete", error=run.failed or "not started")
+        except StoreError as e:
+            log.warning("run %s: %s", run.name, e)
 
-    def _fail(self, run: RunChild, reason: str) -> None:
+    def _run_ended(self, shared: SharedRun) -> None:
+        """The shared loop let go of a run (its tree exited, its store failed, or the
+        service stops): end it in the store, close its socket and store connection."""
+        with self.lock:
+            run = next((r for r in self.runs.values() if r.shared is shared), None)
+        tracer = shared.tracer
+        if run is not None and run.link is not None:
+            run.link.close()
+            try:
+                os.unlink(run.socket)
+            except OSError:
+                pass
+        try:
+            summary = tracer.finish(status=shared.status, error=shared.error)
+            error = tracer.final_error
+        except StoreError as e:
+            summary, error = None, str(e)
+        if error:
+            log.error("run %s: error: %s", tracer.run_name, error)
+        if summary is not None:
+            log.info("run %s ended: %d processes, %d events, %d lost, status %s",
+                     summary.run, summary.processes, summary.events,
+                     summary.lost.get("events_lost", 0) + summary.lost.get("details_lost", 0),
+                     summary.status)
+        with self.lock:
+            if run is not None:
+                self.runs.pop(run.name, None)
+        self._say_status()
+
+    def _fail(self, run: ServiceRun, reason: str) -> None:
         log.warning("%s", reason)
         run.failed = reason
         with self.lock:
             self.stats["runs_refused"] += 1
             self.runs.pop(run.name, None)
-        if run.proc is not None:
-            try:
-                run.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                run.proc.kill()
-                run.proc.wait()
         run.ready.set()
 
     def _reap_loop(self) -> None:
         while not self.stopping.wait(POLL_INTERVAL):
-            self.reap()
             self._sample()
             self.notifier.watchdog()
 
-    def reap(self) -> None:
-        """Forget runs whose tracer has exited (it ended the run in the store itself)."""
-        with self.lock:
-            done = [r for r in self.runs.values()
-                    if r.proc is not None and r.ready.is_set() and r.proc.poll() is not None]
-            for run in done:
-                del self.runs[run.name]
-        for run in done:
-            log.info("run %s ended (tracer exit status %d)", run.name, run.proc.returncode)
-        if any(run.proc.returncode != 0 for run in done):
-            # A tracer that died (killed, disk full) could not end its run: mark it now.
-            with self.store_lock:
-                try:
-                    self.store.mark_stale_runs_incomplete()
-                except StoreError as e:
-                    log.warning("marking ended runs: %s", e)
-        if done:
-            self._say_status()
-
     def _sample(self) -> None:
         with self.lock:
-            live = [r for r in self.runs.values() if r.ready.is_set()]
+            live = [r for r in self.runs.values() if r.ready.is_set() and r.shared is not None]
         now = time.monotonic()
         for run in live:
-            try:
-                with self.store_lock:
-                    info = self.store.run(run.name)
-            except StoreError:
-                continue
+            t = run.shared.tracer
+            events = t.events
+            lost = sum(t.probes.counters().get(k, 0) for k in ("events_lost", "details_lost"))
             if run.sampled:
-                run.rate = (info.events - run.events) / max(now - run.sampled, 1e-3)
-            run.events, run.lost, run.sampled = info.events, info.lost, now
+                run.rate = (events - run.events) / max(now - run.sampled, 1e-3)
+            run.events, run.lost, run.sampled = events, lost, now
         self._say_status()
 
     def _say_status(self) -> None:
@@ -575,9 +543,12 @@ class Service:
         with self.lock:
             runs = [
                 {"run": r.name, "pid": r.root_pid, "uid": r.uid,
-                 "tracer_pid": r.proc.pid if r.proc is not None else 0,
+                 # every run is traced by the service itself (one attachment for all)
+                 "tracer_pid": os.getpid(),
+                 "slot": r.shared.slot.slot if r.shared is not None else 0,
                  "ready": r.ready.is_set(), "events": r.events,
                  "events_per_s": round(r.rate, 1), "lost": r.lost,
+                 "ack_s": round(r.ack_s, 4),
                  "uptime": round(now - r.started, 3)}
                 for r in self.runs.values() if peer.uid == 0 or peer.uid == r.uid
             ]
@@ -585,31 +556,18 @@ class Service:
 
     # -- shutdown ----------------------------------------------------------------------------
     def stop(self) -> None:
-        """Stop taking requests; every tracer flushes, detaches and ends its run."""
+        """Stop taking requests; every live run is flushed and marked incomplete (its
+        processes go on untraced), and every probe detached."""
         self.stopping.set()
         self.notifier.stopping("stopping: ending every run")
         with self.lock:
-            runs = list(self.runs.values())
             conns = [conn for conn, _ in self.conns.values()]
         for conn in conns:
             try:
                 conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        for run in runs:
-            if run.proc is not None and run.proc.poll() is None:
-                run.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE
-        for run in runs:
-            if run.proc is None:
-                continue
-            try:
-                run.proc.wait(max(deadline - time.monotonic(), 0.01))
-            except subprocess.TimeoutExpired:
-                log.warning("run %s: tracer did not stop in %.1f s; killed", run.name,
-                            STOP_GRACE)
-                run.proc.kill()
-                run.proc.wait()
+        self.capture.close(status="incomplete", error=STOPPED_LIVE, timeout=STOP_GRACE)
         self.sock.close()
         if self.unlink_path is not None:
             try:

@@ -16,10 +16,13 @@ MAX_PENDING = 8  # chunks in flight; beyond that the drain loop writes itself (b
 class ChunkWriter:
     """zlib and SQLite release the GIL, so encoding here overlaps with draining the rings."""
 
-    def __init__(self, store: Store, run_id: int) -> None:
+    def __init__(self, store: Store, run_id: int,
+                 lock: threading.RLock | None = None) -> None:
+        """`lock`: the lock of `store`'s connection when other runs share it."""
         self.store = store
         self.run_id = run_id
-        self.lock = threading.RLock()  # every store call of the run goes under it
+        # every store call of the run goes under it
+        self.lock = lock if lock is not None else threading.RLock()
         self.bytes_written = 0
         self.error: Exception | None = None
         self._q: queue.Queue = queue.Queue(maxsize=MAX_PENDING)

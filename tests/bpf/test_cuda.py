@@ -383,3 +383,58 @@ def test_short_lived_process_gets_kernel_names(stubs, tmp_path):
     gpu = json.loads(show.stdout)["processes"][0]["gpu"]
     assert gpu["kernels"] == {"quick()": 1}
     assert gpu["unresolved_kernels"] == 0
+
+
+@needs_root
+def test_runs_of_one_attachment_share_the_uprobes_and_keep_their_own_gpu_records(stubs,
+                                                                               tmp_path):
+    """`renacerd serve`'s capture: two runs at once on one load of the CUDA probes. Each
+    library file is probed once for both; each run gets exactly its own process's calls."""
+    import threading
+
+    from renacerd.capture.shared import SharedCapture
+    from renacerd.capture.tracer import Tracer
+
+    cap = SharedCapture()
+    store = Store(str(tmp_path / "t.db"), create=True)
+    lock = threading.RLock()
+    procs = [subprocess.Popen([str(stubs.app)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              env=env_with_driver(stubs)) for _ in range(2)]
+    ended: list = []
+    try:
+        for p in procs:
+            assert p.stdout.readline() == b"ready\n"
+        for i, p in enumerate(procs):
+            slot = cap.claim(0)
+            tracer = Tracer(slot, store, f"gpu-{i}", cmdline=[str(stubs.app)],
+                            details=cap.details, lock=lock)
+            with cap.lock:
+                cap.add(slot, tracer, lambda run: ended.append(
+                    (run.tracer.finish(), run.tracer.counters())))
+                tracer.attach(p.pid)
+        with cap.lock:
+            cap.cycle(time.monotonic())  # each run's source scans its process's maps
+        probed = sorted(Path(o.path).name for o in cap.cuda.probed())
+        assert {"libcudart.so.12", "libcuda.so.1"} <= set(probed)
+        assert len(probed) == len(set(probed))  # once each, for both runs
+        uprobes = cap.cuda.stats.probes
+        for p in procs:
+            p.stdin.write(b"go\n")
+            p.stdin.flush()
+        deadline = time.monotonic() + 30
+        while len(ended) < 2 and time.monotonic() < deadline:
+            with cap.lock:
+                cap.cycle(time.monotonic())
+            time.sleep(0.02)
+        for p in procs:
+            assert p.stdout.read().decode().startswith("done 0x7e0000000000 0x7e0000100000 0")
+            assert p.wait(10) == 0
+    finally:
+        cap.close()
+    assert len(ended) == 2
+    assert cap.cuda is not None and cap.cuda.stats.probes == uprobes
+    for i, p in enumerate(procs):
+        counters = next(c for s, c in ended if s.run == f"gpu-{i}")
+        assert [pr.pid for _, pr in store.processes(store.run(f"gpu-{i}").id)] == [p.pid]
+        _check_app_run(gpu_of(store, f"gpu-{i}", p.pid), counters, p.pid)
+    store.close()

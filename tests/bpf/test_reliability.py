@@ -128,11 +128,11 @@ def svc(tmp_path):
 def test_fuzz_10000_messages_while_a_good_client_runs(svc, tmp_path):
     marker = tmp_path / "good-marker"
     marker.touch()
+    idle = steady(svc.proc.pid)  # no run: the service traces runs itself, their fds are its
     good = svc.client("good", "churn", str(marker), extra={"STEPS": str(GOOD_SPANS)})
     # Traced first: fuzzed trace requests for the same run name must be refused, not win.
     assert good.stdout.readline() == "started\n"
     assert [r["pid"] for r in svc.status()["runs"]] == [good.pid]
-    fds = steady(svc.proc.pid)  # steady state: the run's tracer is up, the status conn gone
     good.stdin.write("go\n")
     good.stdin.flush()
     sent: list[int] = []
@@ -147,8 +147,9 @@ def test_fuzz_10000_messages_while_a_good_client_runs(svc, tmp_path):
     assert finish(good) == "done 0\n"
     assert svc.proc.poll() is None
     assert svc.status()["pid"] == svc.proc.pid
-    assert settle(svc.proc.pid, fds) == fds
     info = svc.wait_run_ended("good")
+    # every fuzzing connection closed, and the run's own once it ended
+    assert settle(svc.proc.pid, idle) == idle
     with _store(svc.db) as st:
         spans = st.span_records(info.id)
     assert len(spans) == GOOD_SPANS
@@ -208,13 +209,17 @@ def test_200_concurrent_clients_lose_no_span_and_leak_no_fd(svc, tmp_path):
 
 
 @needs_root
-def test_tracer_sigkill_mid_run_keeps_committed_data(svc, tmp_path):
+def test_service_sigkill_mid_run_keeps_committed_data(tmp_path):
+    os.chmod(tmp_path, 0o755)
     progs_before = _progs()
+    svc = Service(tmp_path, activate=False, caps=False)
+    svc.wait_ready()
     c = svc.client("killed", "hold", str(tmp_path / "k"))
     assert c.stdout.readline() == "in-span\n"
-    tracer = svc.status()["runs"][0]["tracer_pid"]
+    assert svc.status()["runs"][0]["tracer_pid"] == svc.proc.pid  # one tracer: the service
     time.sleep(1.2)  # past one flush interval: the attach and the first events are committed
-    os.kill(tracer, signal.SIGKILL)
+    svc.proc.send_signal(signal.SIGKILL)
+    svc.proc.wait()
     info = svc.wait_run_ended("killed")
     assert info.status == "incomplete"
     assert info.error == "daemon stopped before the run ended"
@@ -226,6 +231,7 @@ def test_tracer_sigkill_mid_run_keeps_committed_data(svc, tmp_path):
     assert c.poll() is None  # the target is unharmed
     assert finish(c) == "released\n"
     assert _progs_left(progs_before) == set()
+    svc.stop()
 
 
 @needs_root
@@ -242,7 +248,7 @@ def test_disk_full_stops_tracing_gracefully(tmp_path):
         info = svc.wait_run_ended("filler")
         assert info.status == "incomplete"
         assert info.error == f"cannot write {svc.db}: database or disk is full"
-        line = f"renacerd: error: {info.error}\n"
+        line = f"renacerd: run filler: error: {info.error}\n"
         deadline = time.monotonic() + 10
         while line not in svc.text() and time.monotonic() < deadline:
             time.sleep(0.1)

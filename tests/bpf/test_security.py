@@ -356,7 +356,7 @@ def test_concurrent_runs_per_uid_are_limited(front, member):
     try:
         wait_for(lambda: _uid_of(p.pid) == uid, "the member's process")
         for i in range(svcmod.MAX_RUNS_PER_UID):
-            front.svc.runs[f"held-{i}"] = svcmod.RunChild(f"held-{i}", uid, 1, "/nonexistent")
+            front.svc.runs[f"held-{i}"] = svcmod.ServiceRun(f"held-{i}", uid, 1, "/nonexistent")
         pidfd = os.pidfd_open(p.pid)
         peer = Peer(p.pid, uid, 0, pidfd, start_time(p.pid))
         ok, reason, path = front.svc.trace_request(peer, "one-too-many")
@@ -658,32 +658,6 @@ def test_per_run_sockets_are_unique(front, member, monkeypatch):
             p.communicate("")
     assert len(set(started)) == 2
     assert all(os.path.basename(s) not in ("1.sock", "2.sock") for s in started)
-
-
-def test_orphaned_tracers_are_stopped_at_service_start(tmp_path):
-    runs = tmp_path / "runs"
-    runs.mkdir()
-    # A process with a per-run tracer's command line whose service is gone (its parent is
-    # this test, not `renacerd serve`); it must get SIGTERM.
-    orphan = subprocess.Popen([PY, "-c", "import signal, sys, time\n"
-                               "signal.signal(signal.SIGTERM,"
-                               " lambda *a: (print('term', flush=True), sys.exit(7)))\n"
-                               "print('up', flush=True)\ntime.sleep(120)",
-                               svcmod.TRACER_MODULE, "--socket", str(runs / "1.sock"),
-                               "--ready-fd", "5"], stdout=subprocess.PIPE, text=True)
-    bystander = subprocess.Popen([PY, "-c", "import time; time.sleep(120)",
-                                  svcmod.TRACER_MODULE, "--socket", "/elsewhere/1.sock",
-                                  "--ready-fd", "5"])
-    try:
-        assert orphan.stdout.readline() == "up\n"
-        assert svcmod.stop_orphans(str(runs)) == [orphan.pid]
-        assert orphan.stdout.readline() == "term\n"  # SIGTERM: it may end its run
-        assert bystander.poll() is None
-    finally:
-        for p in (orphan, bystander):
-            if p.poll() is None:
-                p.kill()
-            p.wait()
 
 
 def test_target_exiting_before_attach_is_one_line(tmp_path):

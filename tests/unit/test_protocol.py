@@ -42,6 +42,7 @@ MESSAGES = [
     Dropped(17),
     TraceMe(1, "run-1"),
     TraceMe(2, None),
+    TraceMe(3, "run-3", from_exec=True),
     Ack(1, True, ""),
     Ack(2, False, "not yours"),
     Ring(1 << 21, False),

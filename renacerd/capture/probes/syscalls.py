@@ -13,12 +13,21 @@ import numpy as np
 from renacerd.capture.probes.btf import BTFError, member_offset
 from renacerd.capture.probes.loader import ProbeError, bpf_source, compile_bpf
 from renacerd.capture.ringbuf import RingReader
-from renacerd.records import ARGV_ARGS, COUNTER_NAMES, EVENT, LONG_LEN, STR_LEN, detail_dtype
+from renacerd.records import (
+    ARGV_ARGS,
+    COUNTER_NAMES,
+    EVENT,
+    LONG_LEN,
+    RUN_SLOTS,
+    STR_LEN,
+    detail_dtype,
+)
 
 DEFAULT_EVENT_MB = 32
 DEFAULT_DETAIL_MB = 8
 LONG_DETAIL_SHARE = 1  # the long ring is as large as the detail ring (its records are 15x)
 MAX_TID_SLOTS = 1 << 18
+STANDALONE_SLOT = 1  # the run slot of `renacerd -- CMD` / `--pid`: the one-run case
 
 
 def _pages(mb: float) -> int:
@@ -41,7 +50,9 @@ def tid_slots() -> int:
 
 
 class SyscallProbes:
-    """raw_syscalls + sched + signal tracepoints feeding two ring buffers."""
+    """raw_syscalls + sched + signal tracepoints feeding the rings of every run: a target's
+    value in the kernel is its run's slot, and each record carries it (records.slot_of).
+    The methods that take `slot` default to the standalone daemon's one run."""
 
     def __init__(
         self,
@@ -51,6 +62,7 @@ class SyscallProbes:
         owner_uid: int = 0,
     ) -> None:
         self.owner_uid = owner_uid
+        self.slot = STANDALONE_SLOT
         self.event_pages = _pages(event_mb)
         self.detail_pages = _pages(detail_mb)
         # at least two records of LONG_LEN: a tiny --detail-ring-mb still holds one exec
@@ -67,6 +79,7 @@ class SyscallProbes:
             "STR_LEN": STR_LEN,
             "LONG_LEN": LONG_LEN,
             "ARGV_ARGS": ARGV_ARGS,
+            "RUN_SLOTS": RUN_SLOTS,
             "FOLLOW": follow,
             # raw tracepoints read arguments from pt_regs, whose layout is per arch
             "RAW_TP": platform.machine() == "x86_64",
@@ -84,10 +97,13 @@ class SyscallProbes:
         except BTFError:
             pass  # exit statuses then come from exit_group and signal_deliver alone
         self._setup_error: ProbeError | None = None
-        if owner_uid != 0:
-            try:
-                self.defines.update(OWNER_UID=owner_uid, **_cred_offsets())
-            except ProbeError as e:
+        self.priv_check_error: ProbeError | None = None
+        try:
+            self.defines.update(PRIV_CHECK=True, **_cred_offsets())
+        except ProbeError as e:
+            # without it only root's runs can be traced
+            self.priv_check_error = e
+            if owner_uid != 0:
                 self._setup_error = e  # raised by load(), where probe errors are handled
         self.bpf = None
         self.events: RingReader | None = None
@@ -120,16 +136,27 @@ class SyscallProbes:
         except (OSError, ValueError) as e:
             self.close()
             raise ProbeError(f"cannot map the BPF ring buffers: {e}") from e
+        self.set_owner(STANDALONE_SLOT, self.owner_uid)
 
-    def add_target(self, pid: int) -> None:
-        """Trace process `pid` (all its threads)."""
+    def set_owner(self, slot: int, uid: int) -> None:
+        """Give run slot `slot` to `uid` (its processes then never follow an exec into
+        privilege unless uid is root) and zero its loss counters."""
+        if uid != 0 and self.priv_check_error is not None:
+            raise self.priv_check_error
+        self.bpf["run_owner"][ctypes.c_int(slot)] = ctypes.c_uint32(uid)
+        arr = self.bpf["counters"]
+        for i in range(len(COUNTER_NAMES)):
+            del arr[ctypes.c_int(slot * len(COUNTER_NAMES) + i)]  # zeroes every CPU's copy
+
+    def add_target(self, pid: int, slot: int = STANDALONE_SLOT) -> None:
+        """Trace process `pid` (all its threads) as part of run slot `slot`."""
         t = self.bpf["targets"]
-        t[ctypes.c_uint32(pid)] = ctypes.c_uint32(1)
+        t[ctypes.c_uint32(pid)] = ctypes.c_uint32(slot)
         if self.defines["TGID_INDEX"]:
             self.bpf["target_idx"][ctypes.c_uint32(pid & (self.defines["TID_SLOTS"] - 1))] = \
-                ctypes.c_uint32(pid)
+                ctypes.c_uint64(pid | slot << 32)
 
-    def expect_exit(self, tid: int) -> None:
+    def expect_exit(self, tid: int, slot: int = STANDALONE_SLOT) -> None:
         """Give `tid`'s start slot an enter, so the exit of the call it is blocked in (a
         held child waiting to exec, made a target while inside read) is matched and not
         counted as an unmatched exit of the traced program; its record is dropped with the
@@ -138,10 +165,14 @@ class SyscallProbes:
         s = slots.Leaf()
         s.ts = time.monotonic_ns()  # bpf_ktime_get_ns's clock
         s.tid = tid
+        s.run = slot
         slots[ctypes.c_uint32(tid & (self.defines["TID_SLOTS"] - 1))] = s
 
-    def remove_target(self, pid: int) -> None:
-        """Stop tracing `pid` (after it exited, so a reused pid is not traced)."""
+    def remove_target(self, pid: int, slot: int = STANDALONE_SLOT) -> None:
+        """Stop tracing `pid` (after it exited, so a reused pid is not traced), if it is
+        still run slot `slot`'s: a run never untraces another's process."""
+        if self.slot_of(pid) != slot:
+            return
         t = self.bpf["targets"]
         try:
             del t[ctypes.c_uint32(pid)]
@@ -150,31 +181,36 @@ class SyscallProbes:
         if self.defines["TGID_INDEX"]:
             idx = self.bpf["target_idx"]
             k = ctypes.c_uint32(pid & (self.defines["TID_SLOTS"] - 1))
-            if idx[k].value == pid:
-                idx[k] = ctypes.c_uint32(0)
+            if idx[k].value & 0xFFFFFFFF == pid:
+                idx[k] = ctypes.c_uint64(0)
 
-    def is_target(self, pid: int) -> bool:
-        """`pid` is in the kernel's target map now."""
+    def slot_of(self, pid: int) -> int:
+        """The run slot of `pid` in the kernel's target map now, 0 when not traced."""
         try:
-            self.bpf["targets"][ctypes.c_uint32(pid)]
+            return self.bpf["targets"][ctypes.c_uint32(pid)].value
         except KeyError:
-            return False
-        return True
+            return 0
 
-    def targets(self) -> list[int]:
-        """Pids currently traced."""
-        return [k.value for k in self.bpf["targets"]]
+    def is_target(self, pid: int, slot: int = STANDALONE_SLOT) -> bool:
+        """`pid` is in the kernel's target map now, as part of run slot `slot`."""
+        return self.slot_of(pid) == slot
 
-    def counters(self) -> dict[str, int]:
-        """Loss counters summed over CPUs."""
-        return {k: sum(v) for k, v in self.counters_per_cpu().items()}
+    def targets(self, slot: int | None = None) -> list[int]:
+        """Pids currently traced (of run slot `slot` only, when given)."""
+        return [k.value for k, v in self.bpf["targets"].items()
+                if slot is None or v.value == slot]
 
-    def counters_per_cpu(self) -> dict[str, list[int]]:
-        """Loss counters per CPU, as the kernel counted them."""
+    def counters(self, slot: int = STANDALONE_SLOT) -> dict[str, int]:
+        """Loss counters of run slot `slot`, summed over CPUs."""
+        return {k: sum(v) for k, v in self.counters_per_cpu(slot).items()}
+
+    def counters_per_cpu(self, slot: int = STANDALONE_SLOT) -> dict[str, list[int]]:
+        """Loss counters of run slot `slot` per CPU, as the kernel counted them."""
         arr = self.bpf["counters"]
         out = {}
+        base = slot * len(COUNTER_NAMES)
         for i, name in enumerate(COUNTER_NAMES):
-            vals = arr.getvalue(ctypes.c_int(i))
+            vals = arr.getvalue(ctypes.c_int(base + i))
             out[name] = [int(v) for v in vals]
         return out
 
@@ -208,6 +244,63 @@ class SyscallProbes:
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
+
+
+class RunSlot:
+    """One run's share of SyscallProbes loaded once for many (`renacerd serve`): the
+    targets and loss counters of its slot, with SyscallProbes' interface for a Tracer.
+    The rings are read by the one drain loop of the attachment, never through this."""
+
+    __slots__ = ("shared", "slot")
+
+    def __init__(self, shared: SyscallProbes, slot: int) -> None:
+        self.shared = shared
+        self.slot = slot
+
+    @property
+    def bpf(self):
+        """The shared BPF object (the CUDA probes share its target map)."""
+        return self.shared.bpf
+
+    def add_target(self, pid: int) -> None:
+        """Trace `pid` as part of this run."""
+        self.shared.add_target(pid, self.slot)
+
+    def remove_target(self, pid: int) -> None:
+        """Stop tracing `pid`, if it is this run's."""
+        self.shared.remove_target(pid, self.slot)
+
+    def expect_exit(self, tid: int) -> None:
+        """SyscallProbes.expect_exit for this run."""
+        self.shared.expect_exit(tid, self.slot)
+
+    def slot_of(self, pid: int) -> int:
+        """The run slot of `pid` now (0: not traced)."""
+        return self.shared.slot_of(pid)
+
+    def is_target(self, pid: int) -> bool:
+        """`pid` is traced as part of this run now."""
+        return self.shared.is_target(pid, self.slot)
+
+    def targets(self) -> list[int]:
+        """This run's pids in the kernel's map."""
+        return self.shared.targets(self.slot)
+
+    def counters(self) -> dict[str, int]:
+        """This run's loss counters, summed over CPUs."""
+        return self.shared.counters(self.slot)
+
+    def counters_per_cpu(self) -> dict[str, list[int]]:
+        """This run's loss counters per CPU."""
+        return self.shared.counters_per_cpu(self.slot)
+
+    def rings(self) -> list[RingReader]:
+        """The shared rings."""
+        return self.shared.rings()
+
+    def capacity(self) -> tuple[int, int, int]:
+        """Records the shared rings each hold."""
+        return self.shared.capacity()
 
 
 def _cred_offsets() -> dict[str, int]:
