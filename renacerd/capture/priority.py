@@ -117,7 +117,10 @@ class PriorityGuard:
         set_process_policy(os.getpid(), idle=True)
 
     def heartbeat(self) -> None:
-        """Tell the guard the daemon is flushing (CLOCK_MONOTONIC ns, as the guard reads)."""
+        """Tell the guard the daemon is flushing (CLOCK_MONOTONIC ns, as the guard reads);
+        nothing once closed (the run's last flush comes after)."""
+        if self._counter_map.closed:
+            return
         struct.pack_into("<Q", self._counter_map, 8, time.monotonic_ns())
 
     def _normal(self) -> None:
