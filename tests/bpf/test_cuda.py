@@ -432,6 +432,13 @@ def test_nccl_ranks_and_collectives_per_step(stubs, tmp_path):
     assert d["desync"] == {"step": 4, "position": 1, "ranks": [1],
                            "calls": {"0": call, "1": dict(call, numel=1000), "2": call}}
     assert d["waiting"] == []
+    page = tmp_path / "ranks.html"
+    subprocess.run(
+        [sys.executable, "-m", "renacerd.cli.renacer_main", "ranks", "nccl", "--db", str(db),
+         "--html", str(page)], capture_output=True, env=env, check=True)
+    text = page.read_text()
+    assert text.count('<rect class="cell"') == 2 * 3 * 6 and 'class="straggler"' not in text
+    assert "DESYNC at step 4, collective #1" in text
     show = subprocess.run(
         [sys.executable, "-m", "renacerd.cli.renacer_main", "show", "nccl", "--db", str(db),
          "--json"], capture_output=True, env=env, check=True)
