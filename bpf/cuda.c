@@ -396,8 +396,10 @@ static __always_inline int sh_nccl_p2p(struct pt_regs *ctx, u16 fn) {
 }
 
 // ncclCommInitRank(ncclComm_t *comm, int nranks, ncclUniqueId id, int rank): the 128-byte
-// id is passed by value in memory (on the stack), so rank is the 3rd integer register.
-// a[0] = *comm at return, a[1] nranks, a[2] rank.
+// id is passed by value in memory (on the stack, from [rsp+8]), so rank is the 3rd integer
+// register. a[0] = *comm at return, a[1] nranks, a[2] rank, a[3] and a[4] the id's first
+// 16 bytes: NCCL's bootstrap handle (a random magic, then the root's socket address), the
+// same in every rank of the communicator and different for each communicator.
 static __always_inline int sh_nccl_init(struct pt_regs *ctx, u16 fn) {
     struct inflight *st = begin(fn);
     if (!st)
@@ -405,6 +407,8 @@ static __always_inline int sh_nccl_init(struct pt_regs *ctx, u16 fn) {
     st->ptr = PT_REGS_PARM1(ctx);
     st->a[1] = (u32)PT_REGS_PARM2(ctx);
     st->a[2] = (u32)PT_REGS_PARM3(ctx);
+    st->a[3] = stack_arg(ctx, 1);
+    st->a[4] = stack_arg(ctx, 2);
     return 0;
 }
 

@@ -23,6 +23,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--min-late-ms", type=float, default=DEFAULT_MIN_LATE_MS, metavar="MS",
                    help="a rank is a straggler when the others waited at least this long for "
                         f"it (default {DEFAULT_MIN_LATE_MS:g})")
+    p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page: "
+                   "step x rank heatmaps of step time and waiting share, stragglers marked")
     a = p.parse_args(argv)
     if not math.isfinite(a.min_late_ms) or a.min_late_ms < 0:
         return fail(PROG, f"--min-late-ms must be a finite number >= 0, not {a.min_late_ms}")
@@ -31,6 +33,14 @@ def main(argv: list[str]) -> int:
         data = ranks_data(store, store.run(a.run), a.min_late_ms)
     except StoreError as e:
         return fail(PROG, str(e))
+    if a.html:
+        from renacerd.reports.compare_html import render_ranks_html
+
+        try:
+            with open(a.html, "w", encoding="utf-8") as f:
+                f.write(render_ranks_html(data))
+        except OSError as e:
+            return fail(PROG, f"cannot write {a.html}: {e.strerror}")
     if a.json:
         print_json(data)
     else:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import html
+import math
+from dataclasses import dataclass
 from typing import Any
 
 from renacerd.escaping import escape
@@ -148,11 +150,179 @@ def render_html(d: dict[str, Any], baseline: str = "baseline", candidate: str = 
     sections.append(_table(["position", "comm", "baseline pid", "candidate pid", "paired"],
                            [[p["position"], p["comm"], p["baseline_pid"], p["candidate_pid"],
                              p["paired"]] for p in d["pairs"]]))
-    style = ("body{font-family:sans-serif;margin:24px;max-width:820px;color:#222}"
-             "table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;"
-             "padding:3px 8px;font-size:13px;text-align:left}.verdict{font-size:20px;"
-             "font-weight:bold}.ok{color:#1a7f37}.bad{color:#c0392b}pre{background:#f5f5f5;"
-             "padding:8px;overflow:auto}svg{display:block;margin:8px 0}")
+    return _page(f"renacer compare {baseline} vs {candidate}", sections)
+
+
+STYLE = ("body{font-family:sans-serif;margin:24px;max-width:820px;color:#222}"
+         "table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;"
+         "padding:3px 8px;font-size:13px;text-align:left}.verdict{font-size:20px;"
+         "font-weight:bold}.ok{color:#1a7f37}.bad{color:#c0392b}pre{background:#f5f5f5;"
+         "padding:8px;overflow:auto}svg{display:block;margin:8px 0}")
+
+
+def _page(title: str, sections: list[str]) -> str:
+    """A whole self-contained page."""
     return ("<!DOCTYPE html><html><head><meta charset=\"utf-8\">"
-            f"<title>renacer compare {_e(baseline)} vs {_e(candidate)}</title>"
-            f"<style>{style}</style></head><body>{''.join(sections)}</body></html>\n")
+            f"<title>{_e(title)}</title>"
+            f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>\n")
+
+
+# -- the per-rank view: step x rank heatmaps ------------------------------------------
+HEAT_LOW = (247, 251, 255)
+HEAT_TIME = (8, 48, 107)      # darkest: the longest step
+HEAT_WAIT = (166, 54, 3)      # darkest: a step spent entirely waiting
+MISSING = "#dddddd"           # the rank has no such step
+STRAGGLER_COLOR = "#d62728"
+MAX_COLS = 120                # more steps than this: each column is a run of steps
+CELL_H = 22
+LABEL_W = 70
+
+
+def _mix(hi: tuple[int, int, int], t: float) -> str:
+    """The colour a share t (0..1) of the way from HEAT_LOW to hi."""
+    t = min(max(t, 0.0), 1.0)
+    return "#" + "".join(f"{round(a + (b - a) * t):02x}" for a, b in zip(HEAT_LOW, hi))
+
+
+@dataclass(slots=True)
+class HeatColumn:
+    """One column of the heatmap: a step, or a run of steps when there are many."""
+
+    label: str
+    first: int
+    last: int
+    # rank -> (the step shown, its step_ms, its waiting share), the longest step of the run
+    cells: dict[str, tuple[int, float, float]]
+    straggler: tuple[str, int, float] | None  # (rank, step, late_ms), the latest of the run
+
+
+def heat_columns(d: dict[str, Any], max_cols: int = MAX_COLS) -> list[HeatColumn]:
+    """The heatmap's columns from `renacer ranks --json` data."""
+    steps = d["steps"]
+    per = max(1, math.ceil(len(steps) / max_cols))
+    out = []
+    for i in range(0, len(steps), per):
+        run = steps[i:i + per]
+        cells: dict[str, tuple[int, float, float]] = {}
+        strag: tuple[str, int, float] | None = None
+        for s in run:
+            for rank, c in s["ranks"].items():
+                if rank not in cells or c["step_ms"] > cells[rank][1]:
+                    share = c["wait_ms"] / c["step_ms"] if c["step_ms"] > 0 else 0.0
+                    cells[rank] = (s["step"], c["step_ms"], share)
+            st = s["straggler"]
+            if st and (strag is None or st["late_ms"] > strag[2]):
+                strag = (str(st["rank"]), s["step"], st["late_ms"])
+        first, last = run[0]["step"], run[-1]["step"]
+        out.append(HeatColumn(str(first) if per == 1 else f"{first}-{last}", first, last,
+                              cells, strag))
+    return out
+
+
+def _heatmap(title: str, kind: str, cols: list[HeatColumn], ranks: list[str], top: float,
+             hi: tuple[int, int, int], unit: str) -> str:
+    """One step x rank heatmap (kind "time": step_ms; "wait": waiting share)."""
+    n = max(len(cols), 1)
+    cw = max(4.0, min(28.0, (W - LABEL_W - 20) / n))
+    width = LABEL_W + n * cw + 20
+    height = 40 + len(ranks) * CELL_H + 40
+    every = max(1, math.ceil(len(cols) / 24))
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="heatmap" data-kind="{kind}" '
+             f'width="{width:.0f}" height="{height}" role="img" aria-label="{_e(title)}">',
+             f'<text x="8" y="16" font-size="13" font-weight="bold">{_e(title)}</text>']
+    for r, rank in enumerate(ranks):
+        y = 40 + r * CELL_H
+        parts.append(f'<text class="rank-label" x="8" y="{y + 15}" font-size="11">'
+                     f'rank {_e(rank)}</text>')
+    for j, col in enumerate(cols):
+        x = LABEL_W + j * cw
+        if j % every == 0:
+            parts.append(f'<text class="step-label" x="{x + cw / 2:.1f}" '
+                         f'y="{40 + len(ranks) * CELL_H + 14}" font-size="9" '
+                         f'text-anchor="middle">{_e(col.label)}</text>')
+        for r, rank in enumerate(ranks):
+            y = 40 + r * CELL_H
+            cell = col.cells.get(rank)
+            if cell is None:
+                parts.append(f'<rect class="cell" data-rank="{_e(rank)}" '
+                             f'data-step="{_e(col.label)}" data-value="" x="{x:.1f}" '
+                             f'y="{y}" width="{cw:.1f}" height="{CELL_H - 2}" '
+                             f'fill="{MISSING}"><title>rank {_e(rank)}, step '
+                             f'{_e(col.label)}: no such step</title></rect>')
+                continue
+            step, ms, share = cell
+            v = ms if kind == "time" else share
+            text = f"{ms:.1f} ms" if kind == "time" else f"{100 * share:.1f}% waiting"
+            parts.append(f'<rect class="cell" data-rank="{_e(rank)}" '
+                         f'data-step="{_e(col.label)}" data-value="{v:.4g}" x="{x:.1f}" '
+                         f'y="{y}" width="{cw:.1f}" height="{CELL_H - 2}" '
+                         f'fill="{_mix(hi, v / top if top > 0 else 0.0)}"><title>rank '
+                         f'{_e(rank)}, step {step}: {_e(text)}</title></rect>')
+        if col.straggler is not None and col.straggler[0] in ranks:
+            rank, step, late = col.straggler
+            y = 40 + ranks.index(rank) * CELL_H
+            parts.append(f'<rect class="straggler" data-rank="{_e(rank)}" '
+                         f'data-step="{_e(col.label)}" x="{x + 1:.1f}" y="{y + 1}" '
+                         f'width="{max(cw - 2, 1):.1f}" height="{CELL_H - 4}" fill="none" '
+                         f'stroke="{STRAGGLER_COLOR}" stroke-width="2"><title>rank '
+                         f'{_e(rank)} straggler at step {step}: others waited {late:.1f} ms'
+                         f'</title></rect>')
+    ly = 24
+    parts.append(f'<rect x="{width - 300:.0f}" y="{ly}" width="10" height="10" '
+                 f'fill="{_mix(hi, 0.0)}" stroke="#888"/>'
+                 f'<text x="{width - 286:.0f}" y="{ly + 9}" font-size="10">0</text>'
+                 f'<rect x="{width - 250:.0f}" y="{ly}" width="10" height="10" '
+                 f'fill="{_mix(hi, 1.0)}"/><text class="scale-top" x="{width - 236:.0f}" '
+                 f'y="{ly + 9}" font-size="10">{_e(f"{top:.4g} {unit}")}</text>'
+                 f'<rect x="{width - 150:.0f}" y="{ly}" width="10" height="10" fill="none" '
+                 f'stroke="{STRAGGLER_COLOR}" stroke-width="2"/>'
+                 f'<text x="{width - 136:.0f}" y="{ly + 9}" font-size="10">straggler</text>'
+                 "</svg>")
+    return "".join(parts)
+
+
+def rank_sections(d: dict[str, Any]) -> list[str]:
+    """The per-rank view of `renacer ranks --json` data: heatmaps of step time and waiting
+    share (step x rank, the straggler of each step outlined), the stragglers and the desync."""
+    ranks = [str(r["rank"]) for r in d["ranks"]]
+    cols = heat_columns(d)
+    n_steps = len(d["steps"])
+    out = ["<h2>Per rank</h2>",
+           f'<p class="ranks-summary">{len(ranks)} ranks, {n_steps} steps'
+           + (f", {math.ceil(n_steps / len(cols))} steps a column (the longest shown)"
+              if cols and len(cols) < n_steps else "") + "</p>"]
+    if not ranks or not cols:
+        out.append("<p>no rank processes with step spans</p>")
+        return out
+    top = max((c[1] for col in cols for c in col.cells.values()), default=0.0)
+    out.append(_heatmap("step time per rank (ms)", "time", cols, ranks, top, HEAT_TIME, "ms"))
+    out.append(_heatmap("share of the step spent waiting for the others", "wait", cols, ranks,
+                        1.0, HEAT_WAIT, "share"))
+    late = [s for s in d["steps"] if s["straggler"]]
+    out.append("<h3>Stragglers</h3>")
+    if late:
+        rows = []
+        for s in late:
+            st = s["straggler"]
+            why = "; ".join(f"{c['syscall']}{' of ' + c['path'] if c['path'] else ''} "
+                            f"{c['ms']:.1f} ms" for c in st["causes"][:3]) or "no single cause"
+            rows.append([s["step"], st["rank"], f"{st['late_ms']:.1f}", why])
+        out.append(_table(["step", "rank", "others waited (ms)", "cause"], rows))
+    else:
+        out.append(f"<p>none: no rank kept the others waiting {d['min_late_ms']:g} ms or "
+                   "more</p>")
+    ds = d.get("desync")
+    if ds:
+        calls = "; ".join(
+            f"rank {r}: " + ("nothing" if c is None else
+                             f"{c['op']}({c['numel']} x {c['dtype']}, group {c['group']})")
+            for r, c in ds["calls"].items())
+        out.append(f'<p class="bad desync">DESYNC at step {ds["step"]}, collective '
+                   f'#{ds["position"]}: {_e(calls)}</p>')
+    return out
+
+
+def render_ranks_html(d: dict[str, Any]) -> str:
+    """`renacer ranks RUN --html OUT`: the per-rank view as one page."""
+    return _page(f"renacer ranks {d['run']}",
+                 [f"<h1>renacer ranks: {_e(d['run'])}</h1>", *rank_sections(d)])

@@ -1,5 +1,6 @@
 """Where ranks first disagree: the sequence of collectives (op, size, dtype, group) each rank
-called in each step, compared position by position; and the collectives never left."""
+called in each step (c10d spans and NCCL calls), compared position by position; and the
+collectives never left."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from renacerd.cuda.hooks import COLLECTIVE, HOOKS, NCCL_DTYPES, hook_of
+from renacerd.trace.gpu_trace import comm_inits
+
 COLLECTIVE_PREFIX = "c10d."
+_IS_COLL = np.array([False] + [h.kind == COLLECTIVE for h in HOOKS])
 _M = "experiment.metrics.c10d."
 # what the daemon writes for a span that its process never ended (renacerd.serve.spans)
 UNFINISHED = ("process exited mid-span", "client disconnected mid-span",
@@ -52,6 +59,42 @@ class Collective:
         """JSON of the call."""
         return {"op": self.op, "numel": self.numel, "dtype": self.dtype, "group": self.group,
                 "seq": self.seq}
+
+
+def nccl_collectives(gpu_cols: dict[str, np.ndarray],
+                     covered: list[tuple[int, int]]) -> list[Collective]:
+    """The NCCL calls of a process's GPU layer that start outside the `covered` intervals
+    (its c10d spans), as collectives named by their symbol (`ncclAllReduce`): numel the
+    count, dtype NCCL's, group the communicator's (from its init; -1 when not seen), seq the
+    call's number on its communicator in this process, from 1."""
+    if not len(gpu_cols["ts"]):
+        return []
+    fn = gpu_cols["fn"].astype(np.int64)
+    idx = np.flatnonzero(_IS_COLL[np.minimum(fn, len(_IS_COLL) - 1)])
+    if not len(idx):
+        return []
+    ts = gpu_cols["ts"][idx]
+    if covered:
+        cov = np.array(sorted(covered), dtype=np.int64).reshape(-1, 2)
+        reach = np.maximum.accumulate(cov[:, 1])
+        j = np.searchsorted(cov[:, 0], ts, side="right") - 1
+        idx = idx[~((j >= 0) & (ts < reach[np.maximum(j, 0)]))]
+    comms = {c.comm: c for c in comm_inits(gpu_cols)}
+    seq: Counter[int] = Counter()
+    out = []
+    for i in idx.tolist():
+        comm = int(gpu_cols["a3"][i])
+        ci = comms.get(comm)
+        seq[comm] += 1
+        ret = int(gpu_cols["ret"][i])
+        h = hook_of(int(fn[i]))
+        dt = int(gpu_cols["a1"][i])
+        start = int(gpu_cols["ts"][i])
+        out.append(Collective(
+            h.symbol, int(gpu_cols["a0"][i]), NCCL_DTYPES.get(dt, (f"dtype{dt}", 0))[0],
+            ci.group if ci else -1, seq[comm], None, start, start + int(gpu_cols["dur"][i]),
+            ret != 0, f"{h.symbol} returned ncclResult_t {ret}" if ret else ""))
+    return out
 
 
 def _by_step(calls: list[Collective]) -> dict[int, list[Collective]]:

@@ -10,10 +10,10 @@ import numpy as np
 import orjson
 
 from renacerd.client.dist_env import DistInfo
-from renacerd.cuda.hooks import COMM_INIT, HOOKS
+from renacerd.trace.gpu_trace import comm_inits
 from renacerd.trace.unified_trace import ProcessSpan
 
-_IS_INIT = np.array([False] + [h.kind == COMM_INIT for h in HOOKS])
+NCCL_JOB_PREFIX = "nccl:"
 _HELLO_KEYS = ("rank", "local_rank", "world_size", "group_rank", "local_world_size", "job_id",
                "host")
 
@@ -37,15 +37,13 @@ def hello_ranks(spans: Iterable[Any]) -> dict[int, DistInfo]:
 
 
 def nccl_rank(gpu_cols: dict[str, np.ndarray] | None) -> DistInfo | None:
-    """Rank and nranks of the first successful ncclCommInitRank of a process's GPU layer."""
-    if gpu_cols is None or not len(gpu_cols["ts"]):
+    """Rank and nranks of the first successful ncclCommInitRank of a process's GPU layer; its
+    communicator's id names the job ("nccl:" + hex), which every rank shares."""
+    inits = comm_inits(gpu_cols) if gpu_cols is not None else []
+    if not inits:
         return None
-    fn = gpu_cols["fn"].astype(np.int64)
-    hit = np.flatnonzero(_IS_INIT[np.minimum(fn, len(_IS_INIT) - 1)] & (gpu_cols["ret"] == 0))
-    if not len(hit):
-        return None
-    i = int(hit[0])  # sh_nccl_init: a0 comm, a1 nranks, a2 rank
-    return DistInfo(rank=int(gpu_cols["a2"][i]), world_size=int(gpu_cols["a1"][i]),
+    c = inits[0]
+    return DistInfo(rank=c.rank, world_size=c.nranks, job_id=f"{NCCL_JOB_PREFIX}{c.comm_id}",
                     source="nccl")
 
 

@@ -13,10 +13,17 @@ from renacerd.client.dist_env import DistInfo
 from renacerd.cuda.hooks import HOOKS, SYNC
 from renacerd.cuda.records import GPU_LAYOUT
 from renacerd.escaping import escape
-from renacerd.reports.desync import COLLECTIVE_PREFIX, Collective, desync, waiting
+from renacerd.reports.desync import (
+    COLLECTIVE_PREFIX,
+    Collective,
+    desync,
+    nccl_collectives,
+    waiting,
+)
 from renacerd.reports.rank_labels import label
 from renacerd.store.database import RunInfo, Store
 from renacerd.trace.fdtrack import fd_path_ids
+from renacerd.trace.gpu_trace import CommInit, comm_inits
 from renacerd.trace.unified_trace import ProcessSpan, UnifiedTrace
 
 # Calls in which a thread blocks on someone else: a lock or queue (futex), a socket or pipe
@@ -55,6 +62,7 @@ class RankSteps:
     prof_calls: np.ndarray
     keys: list[tuple[int, int]]  # code -> (syscall nr, string id of its file or -1)
     collectives: list[Collective]
+    comms: list[CommInit]  # the communicators it joined (NCCL init), in order
 
     @property
     def wait_ns(self) -> np.ndarray:
@@ -129,14 +137,21 @@ def _rank_steps(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan, spans:
     n = len(order)
 
     colls.sort(key=lambda s: s.start_mono_nanos)
-    cs = np.array([s.start_mono_nanos for s in colls], dtype=np.int64)
-    ce = np.array([s.end_mono_nanos for s in colls], dtype=np.int64)
+    calls = [Collective.of(s, _attrs(s, cache), None) for s in colls]
+    gcols = store.columns(run.id, proc_id, "gpu", GPU_LAYOUT)
+    # NCCL calls outside c10d spans (DDP's reducer, a C++ or NCCL-only program) are
+    # collectives of their own; inside one, the span already is the collective.
+    calls.extend(nccl_collectives(gcols, [(c.start_ns, c.end_ns) for c in calls]))
+    calls.sort(key=lambda c: c.start_ns)
+    cs = np.array([c.start_ns for c in calls], dtype=np.int64)
+    ce = np.array([c.end_ns for c in calls], dtype=np.int64)
     ck = np.searchsorted(starts, cs, side="right") - 1
     cin = (ck >= 0) & (cs < ends[np.maximum(ck, 0)])
     coll_ns = np.bincount(ck[cin], weights=(ce - cs)[cin], minlength=n).astype(np.int64)
     ncoll = np.bincount(ck[cin], minlength=n).astype(np.int64)
-    collectives = [Collective.of(s, _attrs(s, cache), int(steps[k]) if ok else None)
-                   for s, k, ok in zip(colls, ck.tolist(), cin.tolist())]
+    for c, k, ok in zip(calls, ck.tolist(), cin.tolist()):
+        c.step = int(steps[k]) if ok else None
+    collectives = calls
     ce_reach = np.maximum.accumulate(ce) if len(ce) else ce  # async collectives may overlap
 
     def outside_collectives(ts: np.ndarray) -> np.ndarray:
@@ -150,7 +165,6 @@ def _rank_steps(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan, spans:
         kk = np.maximum(k, 0)
         return kk, (k >= 0) & (ts < ends[kk]) & (tid.astype(np.int64) == tids[kk])
 
-    gcols = store.columns(run.id, proc_id, "gpu", GPU_LAYOUT)
     gpu_sync_ns = np.zeros(n, dtype=np.int64)
     if len(gcols["ts"]):
         fn = gcols["fn"].astype(np.int64)
@@ -158,6 +172,7 @@ def _rank_steps(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan, spans:
         gsel &= _GPU_SYNC[np.minimum(fn, len(_GPU_SYNC) - 1)] & outside_collectives(gcols["ts"])
         gpu_sync_ns = np.bincount(gk[gsel], weights=gcols["dur"][gsel].astype(np.float64),
                                   minlength=n).astype(np.int64)
+    comms = comm_inits(gcols)
     del gcols
 
     t = UnifiedTrace(p.pid, p.name)
@@ -200,7 +215,7 @@ def _rank_steps(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan, spans:
         coll_ns=coll_ns, wait_sys_ns=wait_sys_ns, gpu_sync_ns=gpu_sync_ns,
         syscall_ns=syscall_ns, ncoll=ncoll, prof_step=ustep // ncode,
         prof_code=ustep % ncode, prof_ns=ns, prof_calls=calls, keys=keys,
-        collectives=collectives)
+        collectives=collectives, comms=comms)
 
 
 def load_ranks(store: Store, run: RunInfo) -> list[RankSteps]:
@@ -224,6 +239,16 @@ def load_ranks(store: Store, run: RunInfo) -> list[RankSteps]:
         if rs is not None and (rs.rank not in out or len(rs.steps) > len(out[rs.rank].steps)):
             out[rs.rank] = rs
     return [out[r] for r in sorted(out)]
+
+
+def _ops_by_step(calls: list[Collective]) -> dict[int, dict[str, int]]:
+    """step -> {op: calls} of one rank's collectives."""
+    out: dict[int, dict[str, int]] = {}
+    for c in calls:
+        if c.step is not None:
+            d = out.setdefault(c.step, {})
+            d[c.op] = d.get(c.op, 0) + 1
+    return out
 
 
 def _ms(ns: float) -> float:
@@ -271,7 +296,9 @@ def ranks_data(store: Store, run: RunInfo, min_late_ms: float = DEFAULT_MIN_LATE
     entries = [{"rank": rs.rank, "local_rank": rs.dist.local_rank,
                 "world_size": rs.dist.world_size, "pid": rs.pid, "host": rs.dist.host,
                 "job_id": rs.dist.job_id, "group_rank": rs.dist.group_rank,
-                "source": rs.dist.source, "steps": len(rs.steps)} for rs in ranks]
+                "source": rs.dist.source, "steps": len(rs.steps),
+                "comms": [{"comm_id": c.comm_id, "rank": c.rank, "nranks": c.nranks,
+                           "group": c.group} for c in rs.comms]} for rs in ranks]
     base = {"run": run.name, "status": run.status, "min_late_ms": min_late_ms,
             "ranks": entries}
     if not ranks:
@@ -318,6 +345,7 @@ def ranks_data(store: Store, run: RunInfo, min_late_ms: float = DEFAULT_MIN_LATE
     after = all_steps >= ds["step"] if ds is not None else np.zeros(S, dtype=bool)
     is_late &= ~after
     slow &= ~after
+    ops = [_ops_by_step(rs.collectives) for rs in ranks]
     steps_out = []
     for j, step in enumerate(all_steps.tolist()):
         per = {}
@@ -329,7 +357,8 @@ def ranks_data(store: Store, run: RunInfo, min_late_ms: float = DEFAULT_MIN_LATE
                 "step_ms": _ms(rs.step_ns[k]), "wait_ms": _ms(rs.wait_ns[k]),
                 "work_ms": _ms(rs.step_ns[k] - rs.wait_ns[k]),
                 "collective_ms": _ms(rs.coll_ns[k]), "wait_syscall_ms": _ms(rs.wait_sys_ns[k]),
-                "gpu_sync_ms": _ms(rs.gpu_sync_ns[k]), "collectives": int(rs.ncoll[k])}
+                "gpu_sync_ms": _ms(rs.gpu_sync_ns[k]), "collectives": int(rs.ncoll[k]),
+                "ops": ops[r].get(step, {})}
         straggler = None
         if is_late[j]:
             s = int(strag[j])

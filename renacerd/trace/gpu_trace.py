@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -93,6 +94,44 @@ class GpuSync:
 
 
 @dataclass(slots=True)
+class CommInit:
+    """A successful ncclCommInitRank: this process's place in one communicator."""
+
+    comm: int                 # the ncclComm_t it returned (this process's pointer)
+    rank: int
+    nranks: int
+    comm_id: str              # hex of the unique id's first 16 bytes: the same in every rank
+    timestamp_nanos: int
+
+    @property
+    def group(self) -> int:
+        """The communicator as a number every rank agrees on (crc32 of its id bytes)."""
+        return comm_group(self.comm_id)
+
+
+def comm_id_hex(lo: int, hi: int) -> str:
+    """The id bytes sh_nccl_init read as two little-endian words, as hex."""
+    return (int(lo).to_bytes(8, "little") + int(hi).to_bytes(8, "little")).hex()
+
+
+def comm_group(comm_id: str) -> int:
+    """The group number of a communicator id (as torch_distributed numbers a named group)."""
+    return zlib.crc32(bytes.fromhex(comm_id))
+
+
+def comm_inits(cols: dict[str, np.ndarray]) -> list[CommInit]:
+    """The successful ncclCommInitRank calls of a gpu layer, in order."""
+    if not len(cols["ts"]):
+        return []
+    kind = _KIND[cols["fn"].astype(np.int64)]
+    hit = np.flatnonzero((kind == COMM_INIT) & (cols["ret"] == 0))
+    # sh_nccl_init: a0 *comm, a1 nranks, a2 rank, a3/a4 the id's first 16 bytes
+    return [CommInit(int(cols["a0"][i]), int(cols["a2"][i]), int(cols["a1"][i]),
+                     comm_id_hex(cols["a3"][i], cols["a4"][i]), int(cols["ts"][i]))
+            for i in hit.tolist()]
+
+
+@dataclass(slots=True)
 class GpuCollective:
     """One NCCL call."""
 
@@ -109,6 +148,7 @@ class GpuCollective:
     timestamp_nanos: int
     duration_nanos: int
     return_code: int
+    comm_id: str | None = None  # from the communicator's init (None: init not seen)
 
 
 def bandwidth_mbps(nbytes: int, duration_us: float) -> float:
@@ -178,14 +218,13 @@ def decode_gpu(cols: dict[str, np.ndarray], strings: list[bytes]) -> dict[str, A
         GpuSync(sym[i], int(a0[i]), int(ts[i]), int(dur[i]), int(tid[i]))
         for i in np.flatnonzero(kind == SYNC)
     ]
-    comms: dict[int, tuple[int, int]] = {}
-    for i in np.flatnonzero((kind == COMM_INIT) & ok):
-        comms[int(a0[i])] = (int(a2[i]), int(a1[i]))
+    comms = {c.comm: c for c in comm_inits(cols)}
     collectives = []
     for i in np.flatnonzero(kind == COLLECTIVE):
         op = _OP[int(cols["fn"][i])]
         dname, size = NCCL_DTYPES.get(int(a1[i]), (f"dtype{int(a1[i])}", 0))
-        rank, nranks = comms.get(int(a3[i]), (None, None))
+        ci = comms.get(int(a3[i]))
+        rank, nranks = (ci.rank, ci.nranks) if ci else (None, None)
         reducing = op in ("allreduce", "reducescatter")
         collectives.append(GpuCollective(
             op=op, count=int(a0[i]), dtype=dname, bytes=int(a0[i]) * size,
@@ -193,6 +232,7 @@ def decode_gpu(cols: dict[str, np.ndarray], strings: list[bytes]) -> dict[str, A
             peer=int(cols["gx"][i]) if op in ("broadcast", "send", "recv") else None,
             rank=rank, nranks=nranks, comm=int(a3[i]), stream=int(a4[i]),
             timestamp_nanos=int(ts[i]), duration_nanos=int(dur[i]), return_code=int(ret[i]),
+            comm_id=ci.comm_id if ci else None,
         ))
     return {"columns": cols, "kernels": kernels, "transfers": transfers,
             "allocations": allocations, "syncs": syncs, "collectives": collectives,

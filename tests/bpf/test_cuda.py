@@ -438,3 +438,65 @@ def test_runs_of_one_attachment_share_the_uprobes_and_keep_their_own_gpu_records
         assert [pr.pid for _, pr in store.processes(store.run(f"gpu-{i}").id)] == [p.pid]
         _check_app_run(gpu_of(store, f"gpu-{i}", p.pid), counters, p.pid)
     store.close()
+
+
+NCCL_JOB = STUBS / "nccl_job.py"
+# nccl_job.py's calls per step: ncclBroadcast at step 1 only, then 2 all-reduces and an
+# all-gather in every step
+NCCL_STEP_OPS = {"ncclAllReduce": 2, "ncclAllGather": 1}
+
+
+@needs_root
+def test_nccl_ranks_and_collectives_per_step(stubs, tmp_path):
+    """3 ranks with no launcher variables: each labelled from its ncclCommInitRank (rank,
+    nranks, the communicator's id); per step the NCCL calls, and the desync of rank 1's
+    different-sized all-reduce at step 4."""
+    import zlib
+
+    env = env_with_driver(stubs)
+    env["PYTHONPATH"] = str(ROOT)
+    for v in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(v, None)
+    db = tmp_path / "t.db"
+    r = subprocess.run(
+        [sys.executable, "-m", "renacerd.cli.renacerd_main", "-q", "--db", str(db), "--run",
+         "nccl", "--", sys.executable, str(NCCL_JOB), str(stubs.nccl), "3", "6", "1:4:1000"],
+        capture_output=True, env=env, timeout=180)
+    assert r.returncode == 0, r.stderr.decode()
+    comm_id = r.stdout.decode().split()[0]
+    group = zlib.crc32(bytes.fromhex(comm_id))
+    out = subprocess.run(
+        [sys.executable, "-m", "renacerd.cli.renacer_main", "ranks", "nccl", "--db", str(db),
+         "--json"], capture_output=True, env=env, check=True)
+    d = json.loads(out.stdout)
+    assert [(x["rank"], x["world_size"], x["source"], x["job_id"], x["steps"])
+            for x in d["ranks"]] == [(k, 3, "nccl", f"nccl:{comm_id}", 6) for k in range(3)]
+    assert [x["comms"] for x in d["ranks"]] == [
+        [{"comm_id": comm_id, "rank": k, "nranks": 3, "group": group}] for k in range(3)]
+    assert [s["step"] for s in d["steps"]] == [1, 2, 3, 4, 5, 6]
+    for s in d["steps"]:
+        want = dict(NCCL_STEP_OPS, ncclBroadcast=1) if s["step"] == 1 else NCCL_STEP_OPS
+        assert {k: (c["collectives"], c["ops"]) for k, c in s["ranks"].items()} == {
+            str(k): (sum(want.values()), want) for k in range(3)}, s
+        # the stub's calls return at once: nobody waits for anybody
+        assert s["straggler"] is None
+        assert s["after_desync"] == (s["step"] >= 4)
+    # seq on the communicator: 4 calls in step 1, 3 in steps 2 and 3, then the 2nd of step 4
+    call = {"op": "ncclAllReduce", "numel": 1024, "dtype": "float32", "group": group,
+            "seq": 12}
+    assert d["desync"] == {"step": 4, "position": 1, "ranks": [1],
+                           "calls": {"0": call, "1": dict(call, numel=1000), "2": call}}
+    assert d["waiting"] == []
+    page = tmp_path / "ranks.html"
+    subprocess.run(
+        [sys.executable, "-m", "renacerd.cli.renacer_main", "ranks", "nccl", "--db", str(db),
+         "--html", str(page)], capture_output=True, env=env, check=True)
+    text = page.read_text()
+    assert text.count('<rect class="cell"') == 2 * 3 * 6 and 'class="straggler"' not in text
+    assert "DESYNC at step 4, collective #1" in text
+    show = subprocess.run(
+        [sys.executable, "-m", "renacerd.cli.renacer_main", "show", "nccl", "--db", str(db),
+         "--json"], capture_output=True, env=env, check=True)
+    labelled = sorted((p["rank"]["rank"], p["rank"]["source"])
+                      for p in json.loads(show.stdout)["processes"] if p["rank"])
+    assert labelled == [(0, "nccl"), (1, "nccl"), (2, "nccl")]

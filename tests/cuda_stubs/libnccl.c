@@ -1,5 +1,6 @@
 /* Stub of NCCL (libnccl.so.2): the real symbols with the real signatures (nccl.h 2.x). */
 #include <stddef.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -18,8 +19,17 @@ struct ncclComm {
 
 volatile unsigned long long stub_elems;
 
+/* Like NCCL's bootstrap handle: a random 8-byte magic first (each communicator its own),
+ * then fixed bytes standing for the root's address. */
 ncclResult_t ncclGetUniqueId(ncclUniqueId *uniqueId) {
-    for (int i = 0; i < NCCL_UNIQUE_ID_BYTES; i++)
+    FILE *f = fopen("/dev/urandom", "rb");
+    if (!f || fread(uniqueId->internal, 1, 8, f) != 8) {
+        if (f)
+            fclose(f);
+        return 2; /* ncclSystemError */
+    }
+    fclose(f);
+    for (int i = 8; i < NCCL_UNIQUE_ID_BYTES; i++)
         uniqueId->internal[i] = (char)i;
     return 0;
 }

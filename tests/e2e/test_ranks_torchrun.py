@@ -4,6 +4,7 @@ one rank made late at chosen steps by a chosen cause, and a desync."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 
@@ -132,6 +133,21 @@ def test_text_report_names_the_cause(late_job):
     assert r.returncode == 0, r.stderr
     line = next(ln for ln in r.stdout.splitlines() if ln.split()[:1] == [str(FSYNC)])
     assert "rank 0 late " in line and f"fsync of {late_job.ckpt} " in line
+
+
+def test_html_heatmap_marks_the_stragglers(late_job, tmp_path):
+    page = tmp_path / "ranks.html"
+    r = run_cli("renacer_main", "ranks", "late", "--db", str(late_job.db), "--min-late-ms",
+                MIN_LATE, "--html", str(page))
+    assert r.returncode == 0, r.stderr
+    text = page.read_text()
+    # two heatmaps (time, waiting share), each 3 ranks x 20 steps, each straggler outlined
+    assert text.count('<rect class="cell"') == 2 * 3 * 20
+    marks = re.findall(r'class="straggler" data-rank="(\d+)" data-step="(\d+)"', text)
+    assert marks == [("2", str(SLEEP)), ("1", str(READ)), ("0", str(FSYNC))] * 2
+    bad = run_cli("renacer_main", "ranks", "late", "--db", str(late_job.db), "--html",
+                  str(tmp_path / "no" / "such" / "dir.html"))
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
 
 
 def test_desync_step_position_and_ranks(tmp_path):

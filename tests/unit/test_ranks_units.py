@@ -93,6 +93,7 @@ def _gpu_init(rank: int, nranks: int) -> dict[str, np.ndarray]:
     cols = {k: np.zeros(1, dtype=dt) for k, dt in GPU_LAYOUT}
     cols["fn"][0] = 1 + next(i for i, h in enumerate(HOOKS) if h.symbol == "ncclCommInitRank")
     cols["a0"][0], cols["a1"][0], cols["a2"][0] = 0xC0FFEE, nranks, rank
+    cols["a3"][0], cols["a4"][0] = 0x0807060504030201, 0x100F0E0D0C0B0A09  # the id's bytes
     return cols
 
 
@@ -111,7 +112,9 @@ def test_sources_environment_first_then_hello_then_nccl():
     assert env.dist == DistInfo(rank=0, world_size=2, job_id="j", host="h", source="env")
     assert hello_only.dist == DistInfo(rank=1, local_rank=1, world_size=2, job_id="j",
                                        source="hello")
-    assert nccl_only.dist == DistInfo(rank=7, world_size=16, source="nccl")
+    assert nccl_only.dist == DistInfo(rank=7, world_size=16,
+                                      job_id="nccl:0102030405060708090a0b0c0d0e0f10",
+                                      source="nccl")
     assert none.dist is None
 
 

@@ -1,0 +1,81 @@
+"""An NCCL job of N ranks against the stub libnccl, driven through ctypes; no launcher
+variables (RANK, WORLD_SIZE) are set, so each process's rank can only come from its
+ncclCommInitRank.
+
+    nccl_job.py LIBNCCL NRANKS STEPS [RANK:STEP:COUNT]
+
+The launcher gets a unique id (ncclGetUniqueId), prints its first 16 bytes as hex, starts
+one process per rank with the whole id, and exits with the worst exit status. Each rank
+inits its communicator, then runs STEPS steps, each an experiment span (the client) with
+step=k: ncclAllReduce(1024 x float32) twice and ncclAllGather(256 x float16) once, plus an
+ncclBroadcast(10 x int32, root 0) at step 1. With RANK:STEP:COUNT, that rank's second
+all-reduce of that step has COUNT elements (a desync)."""
+
+import ctypes as C
+import subprocess
+import sys
+import time
+
+SETTLE = 0.3  # the daemon probes a library within 100 ms of its open; calls wait beyond it
+FLOAT32, FLOAT16, INT32, SUM = 7, 6, 2, 0
+
+
+class UniqueId(C.Structure):
+    _fields_ = [("internal", C.c_char * 128)]
+
+
+def _nccl(path: str) -> C.CDLL:
+    lib = C.CDLL(path)
+    lib.ncclCommInitRank.argtypes = [C.POINTER(C.c_void_p), C.c_int, UniqueId, C.c_int]
+    lib.ncclAllReduce.argtypes = [C.c_void_p, C.c_void_p, C.c_size_t, C.c_int, C.c_int,
+                                  C.c_void_p, C.c_void_p]
+    lib.ncclAllGather.argtypes = [C.c_void_p, C.c_void_p, C.c_size_t, C.c_int, C.c_void_p,
+                                  C.c_void_p]
+    lib.ncclBroadcast.argtypes = [C.c_void_p, C.c_void_p, C.c_size_t, C.c_int, C.c_int,
+                                  C.c_void_p, C.c_void_p]
+    return lib
+
+
+def rank_main(lib_path: str, rank: int, nranks: int, uid_hex: str, steps: int,
+              desync: tuple[int, int] | None) -> int:
+    from renacerd.client.core import experiment_span
+
+    nccl = _nccl(lib_path)
+    time.sleep(SETTLE)
+    uid = UniqueId()
+    C.memmove(C.byref(uid), bytes.fromhex(uid_hex), C.sizeof(uid))
+    comm = C.c_void_p()
+    bad = nccl.ncclCommInitRank(C.byref(comm), nranks, uid, rank) != 0
+    buf = C.create_string_buffer(1 << 16)
+    for k in range(1, steps + 1):
+        with experiment_span("train_step", model_name="stub", step=k):
+            if k == 1:
+                bad += nccl.ncclBroadcast(buf, buf, 10, INT32, 0, comm, None) != 0
+            bad += nccl.ncclAllReduce(buf, buf, 1024, FLOAT32, SUM, comm, None) != 0
+            n = desync[1] if desync and desync[0] == k else 1024
+            bad += nccl.ncclAllReduce(buf, buf, n, FLOAT32, SUM, comm, None) != 0
+            bad += nccl.ncclAllGather(buf, buf, 256, FLOAT16, comm, None) != 0
+    return int(bad)
+
+
+def main(argv: list[str]) -> int:
+    if argv[0] == "--rank":
+        lib, rank, nranks, uid, steps, desync = argv[1:7]
+        d = tuple(int(x) for x in desync.split(":")) if desync != "-" else None
+        return rank_main(lib, int(rank), int(nranks), uid, int(steps), d)
+    lib, nranks, steps = argv[0], int(argv[1]), argv[2]
+    late = [int(x) for x in argv[3].split(":")] if len(argv) > 3 else None
+    uid = UniqueId()
+    if _nccl(lib).ncclGetUniqueId(C.byref(uid)) != 0:
+        return 2
+    print(bytes(uid)[:16].hex(), flush=True)
+    procs = []
+    for r in range(nranks):
+        desync = f"{late[1]}:{late[2]}" if late and late[0] == r else "-"
+        procs.append(subprocess.Popen([sys.executable, __file__, "--rank", lib, str(r),
+                                       str(nranks), bytes(uid).hex(), steps, desync]))
+    return max(p.wait() for p in procs)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
