@@ -310,6 +310,10 @@ def _writes(fn):
         try:
             return fn(self, *args, **kw)
         except sqlite3.Error as e:
+            # What the failed transaction held cannot be made durable (the disk refused it);
+            # without the rollback every later write, the run's end among them, would join
+            # the same doomed transaction.
+            self._abandon()
             raise StoreError(f"cannot write {self.path}: {e}") from e
 
     return wrapper
@@ -392,20 +396,25 @@ class Store:
             raise StoreError(f"{self.path} is not a renacer store ({e})") from e
         if ver is None or not ver[0].isdigit() or int(ver[0]) not in READABLE_SCHEMAS:
             raise StoreError(f"{self.path}: unsupported store schema {ver and ver[0]}")
-        self._in_tx = False
 
     # -- writing ---------------------------------------------------------------------
     def _tx(self) -> None:
-        if not self._in_tx:
+        if not self.db.in_transaction:
             self.db.execute("BEGIN")
-            self._in_tx = True
+
+    def _abandon(self) -> None:
+        """Roll back the open transaction, if SQLite has not already."""
+        try:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
 
     @_writes
     def commit(self) -> None:
         """Make everything written so far durable."""
-        if self._in_tx:
+        if self.db.in_transaction:
             self.db.execute("COMMIT")
-            self._in_tx = False
 
     @_writes
     def mark_stale_runs_incomplete(self) -> list[str]:
