@@ -197,7 +197,7 @@ class StoreTailer:
         if self._thread is not None:
             self._thread.join(drain_s + self.timeout_s + 5)
         if self._store is not None:
-            self._store.db.close()
+            self._store.close()
             self._store = None
         return self.stats
 

@@ -560,8 +560,8 @@ class ClickHouseSink(StoreTailer):
                 ("run", "String", const_string(info.name, n)),
                 ("host", "String", const_string(host, n)),
                 ("day", "Date", np.full(n, day)),
-                ("id", "UInt32", [r[0] for r in part]),
-                ("s", "String", [r[1] for r in part]),
+                ("id", "UInt32", [i for i, _ in part]),
+                ("s", "String", [s for _, s in part]),
                 ("pushed_ns", "UInt64", np.full(n, time.time_ns(), dtype=np.uint64)),
             ], n)
             self._stats.strings += n
@@ -745,7 +745,7 @@ def push_run(store_path: str, url: str, run: str, *, batch_rows: int = BATCH_ROW
         return sink.flush_now()
     finally:
         if sink._store is not None:
-            sink._store.db.close()
+            sink._store.close()
 
 
 __all__ = ["ClickHouseClient", "ClickHouseSink", "SinkStats", "Target", "ensure_schema",
