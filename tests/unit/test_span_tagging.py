@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from renacerd.trace.span_tagging import innermost_span, locate, span_segments
+from tests.conftest import span_record
 
 
 def brute(ts, starts, ends):
@@ -124,17 +125,6 @@ def test_ten_million_events_tagged_exactly(ordered):
     assert np.array_equal(got, expect)
 
 
-def _span(span_id: bytes, parent: bytes | None, pid: int, start: int, end: int):
-    from renacerd.client.span import SpanRecord
-
-    return SpanRecord(trace_id=b"t" * 16, span_id=span_id, parent_span_id=parent,
-                      span_name=span_id.decode(), span_kind=0, start_time_nanos=start,
-                      end_time_nanos=end, duration_nanos=end - start, logical_clock=0,
-                      status_code=0, status_message="", attributes_json="{}",
-                      resource_json="{}", process_id=pid, thread_id=pid,
-                      start_mono_nanos=start, end_mono_nanos=end)
-
-
 def test_self_and_total_of_nested_spans():
     """An epoch [0, 100) of pid 1 with steps [10, 20) and [20, 30); inside step 2 a
     sub-span [22, 25) opened by worker pid 2 (a child of pid 1). Self counts an event once,
@@ -148,8 +138,8 @@ def test_self_and_total_of_nested_spans():
         total_events,
     )
 
-    spans = [_span(b"epoch", None, 1, 0, 100), _span(b"step1", b"epoch", 1, 10, 20),
-             _span(b"step2", b"epoch", 1, 20, 30), _span(b"load", b"step2", 2, 22, 25)]
+    spans = [span_record(b"epoch", None, 1, 0, 100), span_record(b"step1", b"epoch", 1, 10, 20),
+             span_record(b"step2", b"epoch", 1, 20, 30), span_record(b"load", b"step2", 2, 22, 25)]
     table = SpanTable.of(spans)
     ppid = {1: 0, 2: 1}
     assert ancestry(2, ppid) == [2, 1]

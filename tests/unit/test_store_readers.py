@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from renacerd.client.span import SpanRecord
 from renacerd.columns import SYSCALL_COLUMNS
 from renacerd.sinks import ready_summaries
 from renacerd.store.database import Store
 from renacerd.store.readers import Position, Progress
 from renacerd.trace.unified_trace import ProcessSpan
+from tests.conftest import span_record
 
 READ = 0  # x86-64 read(2)
 
@@ -22,15 +22,6 @@ def _cols(ts: list[int], ret: int = 0) -> dict[str, np.ndarray]:
     cols["ret"][:] = ret
     cols["nr"][:] = READ
     return cols
-
-
-def _span(span_id: bytes, parent: bytes | None, pid: int, start: int, end: int) -> SpanRecord:
-    return SpanRecord(trace_id=b"t" * 16, span_id=span_id, parent_span_id=parent,
-                      span_name=span_id.decode(), span_kind=0, start_time_nanos=start,
-                      end_time_nanos=end, duration_nanos=end - start, logical_clock=0,
-                      status_code=0, status_message="", attributes_json="{}",
-                      resource_json="{}", process_id=pid, thread_id=pid,
-                      start_mono_nanos=start, end_mono_nanos=end)
 
 
 def _store(tmp_path):
@@ -46,9 +37,10 @@ def _store(tmp_path):
     st.add_chunk(run, p1, _cols([23, 40]))
     st.add_chunk(run, p2, _cols([21, 23, 24, 50], ret=4))
     st.add_strings(run, [(0, b"a"), (1, b"b\xff"), (2, b"c")])
-    st.add_spans(run, [_span(b"load", b"step2", 2, 22, 25), _span(b"step1", b"epoch", 1, 10, 20),
-                       _span(b"step2", b"epoch", 1, 20, 30), _span(b"epoch", None, 1, 0, 100)],
-                 {1: p1, 2: p2})
+    st.add_spans(run, [span_record(b"load", b"step2", 2, 22, 25),
+                       span_record(b"step1", b"epoch", 1, 10, 20),
+                       span_record(b"step2", b"epoch", 1, 20, 30),
+                       span_record(b"epoch", None, 1, 0, 100)], {1: p1, 2: p2})
     st.commit()
     return st, run
 
