@@ -57,11 +57,16 @@ def start_time(pid: int) -> int:
     return int(stat[stat.rindex(b")") + 2:].split()[19])
 
 
-def pin(conn: socket.socket) -> Peer:
-    """The peer of an accepted connection, pinned to the process that connected."""
+def peer_cred(conn: socket.socket) -> tuple[int, int, int]:
+    """The (pid, uid, gid) the kernel recorded for a connection's peer (SO_PEERCRED)."""
     pid, uid, gid = _PEERCRED.unpack(
         conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-    peer = Peer(pid, uid, gid)
+    return pid, uid, gid
+
+
+def pin(conn: socket.socket) -> Peer:
+    """The peer of an accepted connection, pinned to the process that connected."""
+    peer = Peer(*peer_cred(conn))
     try:
         peer.pidfd = conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
         os.set_inheritable(peer.pidfd, False)
@@ -71,7 +76,7 @@ def pin(conn: socket.socket) -> Peer:
         if e.errno == errno.ESRCH:
             return peer
     try:
-        peer.start_time = start_time(pid)
+        peer.start_time = start_time(peer.pid)
     except (OSError, ValueError, IndexError):
         peer.start_time = 0
     return peer

@@ -2,61 +2,36 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 import orjson
 
-from renacerd.cli.common import Parser, UsageError, add_db, fail, open_store
-from renacerd.io.runfile import SUFFIX, GoldenError, read_golden
-from renacerd.store.database import StoreError
-from renacerd.trace.unified_trace import UnifiedTrace
+from renacerd.cli.common import Parser, add_db, fail
+from renacerd.io.load import LoadError, RunLoader
+from renacerd.store.database import RunInfo
 
 PROG = "renacer compare"
 EXIT_EQUIVALENT, EXIT_DIFFERENT = 0, 1
 
 
-class _Source:
-    """Where a side comes from: a run in the store or a golden trace file."""
+def _finished(info: RunInfo) -> None:
+    """Refuse a run that is still being traced."""
+    if info.status == "running":
+        raise LoadError(f"run {info.name!r} is still in progress (status running): "
+                        "compare it once it has finished")
 
-    def __init__(self, db: str | None) -> None:
-        self.db = db
-        self._store = None
 
-    def store(self):
-        if self._store is None:
-            self._store = open_store(self.db)
-        return self._store
-
-    def load(self, what: str) -> tuple[list[UnifiedTrace], list[str]]:
-        """The traces, plus notes worth a line on stderr."""
-        from renacerd.io.clickhouse_source import is_clickhouse_url, load_run_from_url
-        from renacerd.sinks import SinkError
-
-        if is_clickhouse_url(what):  # before the path test: a URL contains '/'
-            try:
-                return load_run_from_url(what), []
-            except SinkError as e:
-                raise UsageError(str(e)) from None
-        if os.path.isfile(what) or what.endswith(SUFFIX) or os.sep in what:
-            try:
-                return read_golden(what)[1], []
-            except GoldenError as e:
-                raise UsageError(str(e)) from None
-        try:
-            info = self.store().run(what)
-            if info.status == "running":
-                raise UsageError(f"run {what!r} is still in progress (status running): "
-                                 "compare it once it has finished")
-            notes = []
-            if info.status != "complete":
-                notes.append(f"run {what!r} is {info.status}: "
-                             f"{info.error or 'its trace may be partial'}")
-            if info.lost:
-                notes.append(f"run {what!r} lost {info.lost} events/arguments while tracing")
-            return self.store().load_run(what), notes
-        except StoreError as e:
-            raise UsageError(str(e)) from None
+def _notes(what: str, info: RunInfo | dict) -> list[str]:
+    """What is worth a line on stderr about a run from the store."""
+    if not isinstance(info, RunInfo):
+        return []
+    notes = []
+    if info.status != "complete":
+        notes.append(f"run {what!r} is {info.status}: "
+                     f"{info.error or 'its trace may be partial'}")
+    if info.lost:
+        notes.append(f"run {what!r} lost {info.lost} events/arguments while tracing")
+    return notes
 
 
 def main(argv: list[str]) -> int:
@@ -88,13 +63,13 @@ def main(argv: list[str]) -> int:
         maps = [parse_map(m) for m in a.map]
     except MapError as e:
         return fail(PROG, str(e))
-    src = _Source(a.db)
+    loader = RunLoader(a.db)
     try:
-        base, notes_b = src.load(a.baseline)
-        cand, notes_c = src.load(a.candidate)
-    except UsageError as e:
+        info_b, base = loader.load(a.baseline, check=_finished)
+        info_c, cand = loader.load(a.candidate, check=_finished)
+    except LoadError as e:
         return fail(PROG, str(e))
-    for n in notes_b + notes_c:
+    for n in _notes(a.baseline, info_b) + _notes(a.candidate, info_c):
         sys.stderr.write(f"{PROG}: warning: {n}\n")
     if not base or not cand:
         empty = a.baseline if not base else a.candidate

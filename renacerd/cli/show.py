@@ -6,9 +6,8 @@ import sys
 import time
 from typing import Any
 
-from renacerd.cli.common import Parser, add_db, fail, open_store, print_json
+from renacerd.cli.common import Parser, add_db, fail, print_json
 from renacerd.escaping import escape
-from renacerd.store.database import StoreError
 
 PROG = "renacer show"
 
@@ -115,17 +114,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--by", choices=["process", "step"], default="process",
                    help="group by process (default) or by experiment step, outliers flagged")
     a = p.parse_args(argv)
-    from renacerd.io.clickhouse_source import is_clickhouse_url, load_run_info_from_url
-    from renacerd.sinks import SinkError
+    from renacerd.io.load import LoadError, RunLoader
 
     try:
-        if is_clickhouse_url(a.run):
-            run, traces = load_run_info_from_url(a.run)
-        else:
-            store = open_store(a.db)
-            run = store.run(a.run)
-            traces = store.load_run(a.run)
-    except (StoreError, SinkError) as e:
+        run, traces = RunLoader(a.db).load(a.run, files=False)
+    except LoadError as e:
         return fail(PROG, str(e))
     if a.by == "step":
         from renacerd.reports.steps import render_steps, steps_data

@@ -19,7 +19,8 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from random import Random
 from typing import Any, Callable, Optional
@@ -303,6 +304,23 @@ class SpanRecord:
     start_mono_nanos: int = 0
     end_mono_nanos: int = 0
 
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> SpanRecord:
+        """A SpanRecord from a stored row (the store, a run file, ClickHouse): names that are
+        not fields are left out; ids may be bytes-like or hex text (an empty parent id is a
+        root span's); empty attribute or resource text is none."""
+        d = {k: row[k] for k in SPAN_FIELDS if k in row}
+        for k in ("trace_id", "span_id", "parent_span_id"):
+            v = d.get(k)
+            if isinstance(v, str):
+                d[k] = bytes.fromhex(v) if v or k != "parent_span_id" else None
+            elif v is not None:
+                d[k] = bytes(v)
+        for k in ("attributes_json", "resource_json"):
+            if d.get(k) == "":
+                d[k] = None
+        return cls(**d)
+
     def trace_id_hex(self) -> str:
         """The trace id as 32 lowercase hex digits."""
         return self.trace_id.hex()
@@ -326,6 +344,9 @@ class SpanRecord:
     def resource(self) -> dict[str, Any]:
         """The resource, parsed."""
         return orjson.loads(self.resource_json)
+
+
+SPAN_FIELDS = tuple(f.name for f in fields(SpanRecord))
 
 
 RESOURCE_JSON = orjson.dumps({"service.name": "renacer", "span.type": "experiment"}).decode()

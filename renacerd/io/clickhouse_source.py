@@ -81,16 +81,7 @@ def _spans(client: ClickHouseClient, where: str) -> list:
         return []
     from renacerd.client.span import SpanRecord
 
-    names = {f.name for f in dataclasses.fields(SpanRecord)}
-    out = []
-    for r in rows:
-        for k in ("trace_id", "span_id"):
-            r[k] = bytes.fromhex(r[k])
-        r["parent_span_id"] = bytes.fromhex(r["parent_span_id"]) if r["parent_span_id"] else None
-        r["attributes_json"] = r["attributes_json"] or None
-        r["resource_json"] = r["resource_json"] or None
-        out.append(SpanRecord(**{k: v for k, v in r.items() if k in names}))
-    return out
+    return [SpanRecord.from_row(r) for r in rows]
 
 
 def load_run_info_from_url(url: str, timeout_s: float = 60.0) -> tuple[RunInfo, list[UnifiedTrace]]:

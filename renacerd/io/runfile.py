@@ -178,15 +178,7 @@ def _spans(items: list[dict[str, Any]]) -> list[Any]:
         return []
     from renacerd.client.span import SpanRecord
 
-    names = {f.name for f in dataclasses.fields(SpanRecord)}
-    out = []
-    for d in items:
-        d = {k: v for k, v in d.items() if k in names}
-        for k in ("trace_id", "span_id", "parent_span_id"):
-            if isinstance(d.get(k), str):
-                d[k] = bytes.fromhex(d[k])
-        out.append(SpanRecord(**d))
-    return out
+    return [SpanRecord.from_row(d) for d in items]
 
 
 def load_golden_trace(path: str | os.PathLike[str]) -> list[UnifiedTrace]:

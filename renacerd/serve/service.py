@@ -36,7 +36,6 @@ from renacerd.client import protocol
 from renacerd.client.protocol import (
     MAX_FRAME,
     Ack,
-    Hello,
     Message,
     ProtocolError,
     ServiceStatus,
@@ -49,11 +48,13 @@ from renacerd.serve.span_link import SpanLink
 from renacerd.serve.span_ring import close_untrusted
 from renacerd.serve.span_server import (
     ACCEPT_BACKOFF,
-    ACCEPT_BACKOFF_MAX,
     ANCILLARY,
+    AcceptBackoff,
+    TokenBucket,
     _close_unread,
     _descriptors,
     bind_socket,
+    require_hello,
 )
 from renacerd.store.database import Store, StoreError
 
@@ -182,7 +183,7 @@ class Service:
         self.sock.settimeout(POLL_INTERVAL)
         reaper = threading.Thread(target=self._reap_loop, name="renacerd-reaper", daemon=True)
         reaper.start()
-        backoff = ACCEPT_BACKOFF
+        backoff = AcceptBackoff(self.warnings)
         while not self.stopping.is_set():
             try:
                 conn, _ = self.sock.accept()
@@ -194,13 +195,10 @@ class Service:
                 # EMFILE and friends: keep serving what is open; wait before trying again
                 # (the pending connection is still there) and say so once in a while.
                 with self.lock:
-                    self.stats["accept_errors"] += 1
-                    n = self.stats["accept_errors"]
-                self.warnings.warning("accept", "accept failed: %s; %d times so far", e, n)
-                self.stopping.wait(backoff)
-                backoff = min(2 * backoff, ACCEPT_BACKOFF_MAX)
+                    delay = backoff.failed(e, self.stats)
+                self.stopping.wait(ACCEPT_BACKOFF if delay is None else delay)
                 continue
-            backoff = ACCEPT_BACKOFF
+            backoff.accepted()
             try:
                 peer = pin(conn)
             except OSError as e:
@@ -248,7 +246,7 @@ class Service:
         reason = "closed by peer"
         level = logging.DEBUG
         clean = False  # read to its end (EOF): nothing can be queued on it
-        tokens, refilled = BURST, time.monotonic()
+        bucket = TokenBucket(RATE, BURST)
         greeted = False
         conn.settimeout(IDLE_TIMEOUT)
         try:
@@ -277,18 +275,16 @@ class Service:
                 if not frame:
                     clean = True
                     break
-                now = time.monotonic()
-                tokens = min(BURST, tokens + (now - refilled) * RATE) - 1
-                refilled = now
-                if tokens < 0:
+                bucket.refill(time.monotonic())
+                bucket.tokens -= 1
+                if bucket.tokens < 0:
                     reason, level = f"rate limit ({RATE:.0f} messages/s)", logging.WARNING
                     break
                 with self.lock:
                     self.stats["messages"] += 1
                 try:
                     msg = protocol.decode(frame)
-                    if not greeted and not isinstance(msg, Hello):
-                        raise ProtocolError("schema", "first message must be hello")
+                    require_hello(greeted, msg)
                 except ProtocolError as e:
                     with self.lock:
                         self.stats["protocol_errors"] += 1

@@ -21,10 +21,10 @@ import socket
 import stat
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
-from renacerd.capture.peer import _PEERCRED
+from renacerd.capture.peer import peer_cred
 from renacerd.client import protocol
 from renacerd.client.protocol import MAX_FRAME, Dropped, Hello, Message, ProtocolError, Ring
 from renacerd.serve.loglimit import LimitedLog
@@ -74,11 +74,58 @@ OnMessage = Callable[[PeerCred, Message], Optional[Message]]
 
 
 @dataclass(slots=True)
+class TokenBucket:
+    """A connection's message allowance: `rate` tokens a second, at most `burst` held."""
+
+    rate: float
+    burst: float
+    tokens: float = field(init=False)
+    refilled: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.tokens = self.burst  # a new connection starts with a full bucket
+
+    def refill(self, now: float) -> None:
+        """Add what accrued since the last refill, up to the burst."""
+        self.tokens = min(self.burst, self.tokens + (now - self.refilled) * self.rate)
+        self.refilled = now
+
+
+@dataclass(slots=True)
+class AcceptBackoff:
+    """What a failed accept does: count it, say so (rate-limited) and, when descriptors or
+    kernel memory ran out, how long to stop accepting (doubling up to ACCEPT_BACKOFF_MAX)."""
+
+    warnings: LimitedLog
+    delay: float = ACCEPT_BACKOFF
+
+    def failed(self, exc: OSError, stats: dict[str, int]) -> Optional[float]:
+        """Count and log `exc`; the pause before the next accept, None to go on at once."""
+        stats["accept_errors"] += 1
+        self.warnings.warning("accept", "accept failed: %s; %d times so far", exc,
+                              stats["accept_errors"])
+        if exc.errno not in _OUT_OF_FDS:
+            return None
+        delay = self.delay
+        self.delay = min(2 * delay, ACCEPT_BACKOFF_MAX)
+        return delay
+
+    def accepted(self) -> None:
+        """An accept worked: the next failure pauses for the shortest time again."""
+        self.delay = ACCEPT_BACKOFF
+
+
+def require_hello(greeted: bool, msg: Message) -> None:
+    """The hello rule: a connection's first message must be Hello (ProtocolError if not)."""
+    if not greeted and not isinstance(msg, Hello):
+        raise ProtocolError("schema", "first message must be hello")
+
+
+@dataclass(slots=True)
 class _Conn:
     sock: socket.socket
     peer: PeerCred
-    tokens: float
-    refilled: float
+    bucket: TokenBucket
     greeted: bool = False
     throttled_until: float = 0.0
     ring: Optional[RingReader] = None
@@ -204,8 +251,8 @@ class SpanServer:
         self._view = memoryview(self._buf)
         self._address = path or ""
         self._accept_paused_until = 0.0
-        self._accept_backoff = ACCEPT_BACKOFF
         self.warnings = LimitedLog(log)
+        self._accept_backoff = AcceptBackoff(self.warnings)
         self.stats = {
             "connections": 0, "open": 0, "rejected": 0, "protocol_errors": 0,
             "messages": 0, "replies": 0, "throttled": 0, "callback_errors": 0, "rings": 0,
@@ -337,16 +384,13 @@ class SpanServer:
             except OSError as exc:
                 # EMFILE and friends: keep serving the connections we have, and stop
                 # accepting for a while (the pending connection would wake us at once).
-                self.stats["accept_errors"] += 1
-                self.warnings.warning("accept", "accept failed: %s; %d times so far",
-                                      exc, self.stats["accept_errors"])
-                if exc.errno in _OUT_OF_FDS:
-                    self._pause_accept()
+                delay = self._accept_backoff.failed(exc, self.stats)
+                if delay is not None:
+                    self._pause_accept(delay)
                 return
-            self._accept_backoff = ACCEPT_BACKOFF
+            self._accept_backoff.accepted()
             sock.setblocking(False)
-            pid, uid, gid = _PEERCRED.unpack(
-                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+            pid, uid, gid = peer_cred(sock)
             self._next_conn_id += 1
             peer = PeerCred(pid, uid, gid, self._next_conn_id)
             if len(self._conns) >= self._max_connections:
@@ -361,18 +405,17 @@ class SpanServer:
                 self.stats["rejected"] += 1
                 _close_unread(sock)
                 continue
-            conn = _Conn(sock, peer, self._burst, time.monotonic())
+            conn = _Conn(sock, peer, TokenBucket(self._rate, self._burst))
             self._conns[peer.conn_id] = conn
             self._selector.register(sock, selectors.EVENT_READ, conn)
             self.stats["connections"] += 1
             self.stats["open"] = len(self._conns)
 
-    def _pause_accept(self) -> None:
+    def _pause_accept(self, delay: float) -> None:
         assert self._selector is not None and self._sock is not None
         if not self._accept_paused_until:
             self._selector.unregister(self._sock)
-        self._accept_paused_until = time.monotonic() + self._accept_backoff
-        self._accept_backoff = min(2 * self._accept_backoff, ACCEPT_BACKOFF_MAX)
+        self._accept_paused_until = time.monotonic() + delay
 
     def _resume_accept(self) -> None:
         assert self._selector is not None and self._sock is not None
@@ -382,13 +425,12 @@ class SpanServer:
 
     def _refill(self, conn: _Conn) -> float:
         now = time.monotonic()
-        conn.tokens = min(self._burst, conn.tokens + (now - conn.refilled) * self._rate)
-        conn.refilled = now
+        conn.bucket.refill(now)
         return now
 
     def _read(self, conn: _Conn) -> None:
         now = self._refill(conn)
-        budget = min(int(conn.tokens), PER_WAKE)
+        budget = min(int(conn.bucket.tokens), PER_WAKE)
         buf = [self._buf]
         view = self._view
         recvmsg_into = conn.sock.recvmsg_into
@@ -449,10 +491,8 @@ class SpanServer:
 
     def _deliver(self, conn: _Conn, msg: Message) -> None:
         """Check the hello rule, hand `msg` to on_message and send its reply, if any."""
-        if not conn.greeted:
-            if not isinstance(msg, Hello):
-                raise ProtocolError("schema", "first message must be hello")
-            conn.greeted = True
+        require_hello(conn.greeted, msg)
+        conn.greeted = True
         try:
             reply = self._on_message(conn.peer, msg)
         except Exception:
@@ -464,8 +504,7 @@ class SpanServer:
 
     def _take_ring(self, conn: _Conn, msg: Ring, fds: list[int]) -> None:
         """Map the ring a client hands over with its Ring message."""
-        if not conn.greeted:
-            raise ProtocolError("schema", "first message must be hello")
+        require_hello(conn.greeted, msg)
         if conn.ring is not None:
             raise ProtocolError("schema", "a connection sets up one ring")
         if len(fds) != 1:
@@ -493,7 +532,7 @@ class SpanServer:
         elif conn.throttled_until:
             return True
         else:
-            budget = min(int(conn.tokens), PER_WAKE)
+            budget = min(int(conn.bucket.tokens), PER_WAKE)
         done = 0
         try:
             while budget > done:
@@ -522,10 +561,11 @@ class SpanServer:
 
     def _spend(self, conn: _Conn, done: int, now: float) -> None:
         """Take `done` tokens; an empty bucket stops reading the client for a while."""
-        conn.tokens -= done
-        if conn.tokens < 1.0:
+        bucket = conn.bucket
+        bucket.tokens -= done
+        if bucket.tokens < 1.0:
             # Stop reading this client until its bucket holds a token again.
-            conn.throttled_until = now + (1.0 - conn.tokens) / self._rate
+            conn.throttled_until = now + (1.0 - bucket.tokens) / self._rate
             self.stats["throttled"] += 1
             assert self._selector is not None
             self._selector.unregister(conn.sock)

@@ -12,27 +12,24 @@ import sqlite3
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from renacerd.columns import decode
+from renacerd.store.readers import Position, Progress, StoredSpan, StoreReaders
+from renacerd.trace.span_tagging import (
+    SpanTable,
+    ancestry,
+    span_subtree,
+    tag_events,
+    total_events,
+)
 from renacerd.trace.unified_trace import READ_FAMILY, WRITE_FAMILY
 
-PROGRESS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS sink_progress (
-    sink TEXT NOT NULL,
-    run_id INTEGER NOT NULL,
-    chunk_id INTEGER NOT NULL DEFAULT 0,
-    string_id INTEGER NOT NULL DEFAULT -1,
-    span_rowid INTEGER NOT NULL DEFAULT 0,
-    pending_lo INTEGER,
-    pending_hi INTEGER,
-    done INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (sink, run_id)
-)
-"""
+__all__ = ["Backoff", "Position", "Progress", "SinkError", "SpanSummary", "StoreTailer",
+           "descendants", "ready_spans", "ready_summaries", "span_summary"]
 
 TOP_SYSCALLS = 5
 SPAN_GRACE_S = 5.0  # how long a span waits for its events before it is sent anyway
@@ -40,61 +37,6 @@ SPAN_GRACE_S = 5.0  # how long a span waits for its events before it is sent any
 
 class SinkError(RuntimeError):
     """A sink cannot reach or use its target (one clear line)."""
-
-
-@dataclass(slots=True)
-class Position:
-    """How far one sink has acknowledged one run."""
-
-    chunk_id: int = 0
-    string_id: int = -1
-    span_rowid: int = 0
-    pending: tuple[int, int] | None = None
-    done: bool = False
-
-
-class Progress:
-    """The `sink_progress` table on the store's own SQLite file."""
-
-    def __init__(self, db: sqlite3.Connection, sink: str) -> None:
-        self.db = db
-        self.sink = sink
-        db.execute(PROGRESS_SCHEMA)
-
-    def get(self, run_id: int) -> Position:
-        """The acknowledged position (zero for a run never pushed)."""
-        row = self.db.execute(
-            "SELECT chunk_id, string_id, span_rowid, pending_lo, pending_hi, done "
-            "FROM sink_progress WHERE sink=? AND run_id=?",
-            (self.sink, run_id),
-        ).fetchone()
-        if row is None:
-            return Position()
-        pending = (row[3], row[4]) if row[3] is not None else None
-        return Position(row[0], row[1], row[2], pending, bool(row[5]))
-
-    def set(self, run_id: int, pos: Position) -> None:
-        """Persist `pos` durably before anything depending on it happens."""
-        lo, hi = pos.pending if pos.pending else (None, None)
-        # The daemon writes the same file: an immediate transaction waits on busy_timeout
-        # instead of failing when the writer holds the lock.
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            self.db.execute(
-                "INSERT OR REPLACE INTO sink_progress (sink, run_id, chunk_id, string_id, "
-                "span_rowid, pending_lo, pending_hi, done) VALUES (?,?,?,?,?,?,?,?)",
-                (self.sink, run_id, pos.chunk_id, pos.string_id, pos.span_rowid, lo, hi,
-                 int(pos.done)),
-            )
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-
-    def forget(self, run_id: int) -> None:
-        """Forget this sink's progress on one run (push it again from the start)."""
-        self.db.execute("DELETE FROM sink_progress WHERE sink=? AND run_id=?",
-                        (self.sink, run_id))
 
 
 @dataclass(slots=True)
@@ -155,29 +97,30 @@ def descendants(procs: list[tuple[int, int, int]], root_pid: int) -> list[int]:
 
 
 def span_summary(
-    db: sqlite3.Connection,
+    store: StoreReaders,
     run_id: int,
-    proc_ids: list[int],
-    start_mono: int,
-    end_mono: int,
+    procs: list[tuple[int, int, int]],
+    spans: Sequence[Any],
+    i: int,
     table: dict[int, str],
+    span_table: SpanTable | None = None,
 ) -> SpanSummary:
-    """Summarise the syscalls entered in [start_mono, end_mono) by the given processes."""
+    """Summarise the total syscalls of span `i` of the run's `spans` (span_tagging's total:
+    its own and its subtree's) from the events of its process tree (`procs`: (proc_id, pid,
+    ppid)) in its window; `span_table`: SpanTable.of(spans), when the caller has it."""
     s = SpanSummary()
-    if not proc_ids or end_mono <= start_mono:
-        return s
-    marks = ",".join("?" * len(proc_ids))
+    sp = spans[i]
+    st = span_table if span_table is not None else SpanTable.of(spans)
+    pid_of = {proc_id: pid for proc_id, pid, _ in procs}
+    ppid_of = {pid: ppid for _, pid, ppid in procs}
+    subtree = span_subtree(st, i)
     nrs: list[np.ndarray] = []
     durs: list[np.ndarray] = []
     rets: list[np.ndarray] = []
-    # Only chunks overlapping the window are decoded: a long run is never reloaded whole.
-    for (blob,) in db.execute(
-        f"SELECT data FROM chunks WHERE run_id=? AND layer='sys' AND proc_id IN ({marks}) "
-        "AND last_ts >= ? AND first_ts < ?",
-        (run_id, *proc_ids, start_mono, end_mono),
-    ):
-        c = decode(blob)
-        m = (c["ts"] >= start_mono) & (c["ts"] < end_mono)
+    for proc_id, c in store.window_columns(run_id, descendants(procs, sp.process_id or 0),
+                                           sp.start_mono_nanos or 0, sp.end_mono_nanos or 0):
+        tags = tag_events(c["ts"], st, ancestry(pid_of[proc_id], ppid_of))
+        m = total_events(tags, subtree)
         nrs.append(c["nr"][m])
         durs.append(c["dur"][m])
         rets.append(c["ret"][m])
@@ -205,6 +148,17 @@ def span_summary(
     ranked = sorted(calls, key=lambda k: (-ns[k], -calls[k], k))[:TOP_SYSCALLS]
     s.top = [(k, calls[k], ns[k]) for k in ranked]
     return s
+
+
+def ready_summaries(store: StoreReaders, run_id: int, procs: list[tuple[int, int, int]],
+                    ready: list[StoredSpan], table: dict[int, str]) -> list[SpanSummary]:
+    """The total-syscall summary of each of `ready`, against every span the run has stored
+    (a child's events count for its parent: span_tagging's total)."""
+    spans = store.span_records(run_id)
+    st = SpanTable.of(spans)
+    at = {(r.trace_id, r.span_id): k for k, r in enumerate(spans)}
+    return [span_summary(store, run_id, procs, spans, at[(sp.record.trace_id, sp.record.span_id)],
+                         table, st) for sp in ready]
 
 
 class StoreTailer:
@@ -243,7 +197,7 @@ class StoreTailer:
         if self._thread is not None:
             self._thread.join(drain_s + self.timeout_s + 5)
         if self._store is not None:
-            self._store.db.close()
+            self._store.close()
             self._store = None
         return self.stats
 
@@ -259,7 +213,7 @@ class StoreTailer:
 
         if self._store is None:
             self._store = Store(self.store_path)
-            self._progress = Progress(self._store.db, self._progress_key)
+            self._progress = Progress(self._store, self._progress_key)
         assert self._progress is not None
         return self._store, self._progress
 
@@ -288,18 +242,17 @@ class StoreTailer:
                 self._stop.wait(wait)
 
 
-def ready_spans(db: sqlite3.Connection, run_id: int, running: bool, rows: list[tuple],
-                end_col: int, seen: dict[tuple[int, int], float]) -> list[tuple]:
-    """The leading span rows (rowid first) whose events are in the store: a span's summary
-    needs them, so wait until the store holds events past its end, the run has ended, or
-    SPAN_GRACE_S has passed since the span was first seen."""
-    covered = db.execute("SELECT max(last_ts) FROM chunks WHERE run_id=? AND layer='sys'",
-                         (run_id,)).fetchone()[0] or 0
+def ready_spans(store: StoreReaders, run_id: int, running: bool, spans: list[StoredSpan],
+                seen: dict[tuple[int, int], float]) -> list[StoredSpan]:
+    """The leading spans whose events are in the store: a span's summary needs them, so wait
+    until the store holds events past its end, the run has ended, or SPAN_GRACE_S has passed
+    since the span was first seen."""
+    covered = store.events_until(run_id)
     now = time.monotonic()
     ready = []
-    for r in rows:
-        first = seen.setdefault((run_id, r[0]), now)
-        if running and (r[end_col] or 0) > covered and now - first < SPAN_GRACE_S:
+    for sp in spans:
+        first = seen.setdefault((run_id, sp.rowid), now)
+        if running and (sp.record.end_mono_nanos or 0) > covered and now - first < SPAN_GRACE_S:
             break
-        ready.append(r)
+        ready.append(sp)
     return ready

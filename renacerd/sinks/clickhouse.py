@@ -12,7 +12,6 @@ them is harmless (read them with FINAL).
 from __future__ import annotations
 
 import re
-import sqlite3
 import time
 import urllib.error
 import urllib.parse
@@ -30,10 +29,10 @@ from renacerd.sinks import (
     Position,
     Progress,
     SinkError,
+    StoredSpan,
     StoreTailer,
-    descendants,
     ready_spans,
-    span_summary,
+    ready_summaries,
 )
 from renacerd.store.database import RunInfo, Store
 
@@ -471,24 +470,20 @@ class ClickHouseSink(StoreTailer):
             for i, p in changed:
                 self._sent_rows[("proc", info.id, i)] = self._proc_tuple(p)
             idle = False
-        db = store.db
-        rows = db.execute("SELECT id, s FROM strings WHERE run_id=? AND id>? ORDER BY id",
-                          (info.id, pos.string_id)).fetchall()
+        rows = store.strings_after(info.id, pos.string_id)
         if rows:
             self._send_strings(info, host, day, rows)
             pos.string_id = rows[-1][0]
             progress.set(info.id, pos)
             idle = False
-        idle &= self._push_events(db, progress, info, host, day, pids, pos)
-        idle &= self._push_spans(db, progress, info, host, day, procs, pos)
-        if idle and info.status != "running":
-            # A last look: rows committed between the reads above and the status read.
-            last = db.execute("SELECT max(id) FROM chunks WHERE run_id=? AND layer='sys'",
-                              (info.id,)).fetchone()[0] or 0
-            if last <= pos.chunk_id:
-                pos.done = True
-                progress.set(info.id, pos)
-                self._stats.runs_done += 1
+        idle &= self._push_events(store, progress, info, host, day, pids, pos)
+        idle &= self._push_spans(store, progress, info, host, day, procs, pos)
+        # A last look: rows committed between the reads above and the status read.
+        if (idle and info.status != "running"
+                and store.last_chunk_id(info.id) <= pos.chunk_id):
+            pos.done = True
+            progress.set(info.id, pos)
+            self._stats.runs_done += 1
         return idle
 
     # -- rows -----------------------------------------------------------------------------
@@ -565,8 +560,8 @@ class ClickHouseSink(StoreTailer):
                 ("run", "String", const_string(info.name, n)),
                 ("host", "String", const_string(host, n)),
                 ("day", "Date", np.full(n, day)),
-                ("id", "UInt32", [r[0] for r in part]),
-                ("s", "String", [bytes(r[1]) for r in part]),
+                ("id", "UInt32", [i for i, _ in part]),
+                ("s", "String", [s for _, s in part]),
                 ("pushed_ns", "UInt64", np.full(n, time.time_ns(), dtype=np.uint64)),
             ], n)
             self._stats.strings += n
@@ -577,13 +572,11 @@ class ClickHouseSink(StoreTailer):
             f"SELECT count() FROM events WHERE run = {quote(info.name)} AND host = "
             f"{quote(host)} AND chunk >= {lo} AND chunk <= {hi}"))
 
-    def _push_events(self, db: sqlite3.Connection, progress: Progress, info: RunInfo,
+    def _push_events(self, store: Store, progress: Progress, info: RunInfo,
                      host: str, day: int, pids: dict[int, int], pos: Position) -> bool:
         if pos.pending is not None:
             lo, hi = pos.pending
-            want = db.execute(
-                "SELECT coalesce(sum(n), 0) FROM chunks WHERE run_id=? AND layer='sys' "
-                "AND id BETWEEN ? AND ?", (info.id, lo, hi)).fetchone()[0]
+            want = store.chunk_events(info.id, lo, hi)
             have = self._server_count(info, host, lo, hi)
             if have == want:
                 pos.chunk_id = hi
@@ -599,9 +592,7 @@ class ClickHouseSink(StoreTailer):
         while True:
             batch: list[tuple[int, int, dict[str, np.ndarray]]] = []
             rows = 0
-            for cid, proc_id, n, blob in db.execute(
-                "SELECT id, proc_id, n, data FROM chunks WHERE run_id=? AND layer='sys' "
-                "AND id>? ORDER BY id LIMIT 4096", (info.id, pos.chunk_id)):
+            for cid, proc_id, n, blob in store.chunks_after(info.id, pos.chunk_id):
                 if batch and rows + n > self.batch_rows:
                     break
                 batch.append((cid, proc_id, decode(blob)))
@@ -659,17 +650,12 @@ class ClickHouseSink(StoreTailer):
         self.client.insert("events", cols, n)
 
     # -- spans ----------------------------------------------------------------------------
-    def _push_spans(self, db: sqlite3.Connection, progress: Progress, info: RunInfo, host: str,
+    def _push_spans(self, store: Store, progress: Progress, info: RunInfo, host: str,
                     day: int, procs: list, pos: Position) -> bool:
-        rows = db.execute(
-            "SELECT rowid, proc_id, trace_id, span_id, parent_span_id, span_name, span_kind, "
-            "start_time_nanos, end_time_nanos, duration_nanos, start_mono_nanos, "
-            "end_mono_nanos, logical_clock, status_code, status_message, attributes_json, "
-            "resource_json, process_id, thread_id FROM spans WHERE run_id=? AND rowid>? "
-            "ORDER BY rowid", (info.id, pos.span_rowid)).fetchall()
-        if not rows:
+        spans = store.spans_after(info.id, pos.span_rowid)
+        if not spans:
             return True
-        ready = ready_spans(db, info.id, info.status == "running", rows, 11, self._span_seen)
+        ready = ready_spans(store, info.id, info.status == "running", spans, self._span_seen)
         if not ready:
             return True
         tree = [(i, p.pid, p.ppid) for i, p in procs]
@@ -678,47 +664,48 @@ class ClickHouseSink(StoreTailer):
             from renacerd.syscall_table import syscall_table
 
             table = syscall_table()
-        sums = [span_summary(db, info.id, descendants(tree, r[17] or 0), r[10] or 0,
-                             r[11] or 0, table) for r in ready]
+        sums = ready_summaries(store, info.id, tree, ready, table)
         self._send_spans(info, host, day, ready, sums)
-        pos.span_rowid = ready[-1][0]
+        pos.span_rowid = ready[-1].rowid
         progress.set(info.id, pos)
-        for r in ready:
-            self._span_seen.pop((info.id, r[0]), None)
+        for sp in ready:
+            self._span_seen.pop((info.id, sp.rowid), None)
         return False
 
-    def _send_spans(self, info: RunInfo, host: str, day: int, rows: list, sums: list) -> None:
-        n = len(rows)
-        attrs = [_kv(r[15]) for r in rows]
-        res = [_kv(r[16]) for r in rows]
+    def _send_spans(self, info: RunInfo, host: str, day: int, spans: list[StoredSpan],
+                    sums: list) -> None:
+        n = len(spans)
+        rows = [sp.record for sp in spans]
+        attrs = [_kv(r.attributes_json) for r in rows]
+        res = [_kv(r.resource_json) for r in rows]
         ad = [dict(zip(k, v)) for k, v in attrs]
         hx = _hex
         cols = [
             ("run", "String", const_string(info.name, n)), ("host", "String", [host] * n),
             ("day", "Date", [day] * n),
-            ("trace_id", "String", [hx(r[2]) for r in rows]),
-            ("span_id", "String", [hx(r[3]) for r in rows]),
-            ("parent_span_id", "String", [hx(r[4]) for r in rows]),
-            ("span_name", "String", [r[5] for r in rows]),
-            ("span_kind", "UInt8", [r[6] or 0 for r in rows]),
-            ("start_time_nanos", "UInt64", [r[7] or 0 for r in rows]),
-            ("end_time_nanos", "UInt64", [r[8] or 0 for r in rows]),
-            ("duration_nanos", "UInt64", [r[9] or 0 for r in rows]),
-            ("start_mono_nanos", "Int64", [r[10] or 0 for r in rows]),
-            ("end_mono_nanos", "Int64", [r[11] or 0 for r in rows]),
-            ("logical_clock", "UInt64", [r[12] or 0 for r in rows]),
-            ("status_code", "UInt8", [r[13] or 0 for r in rows]),
-            ("status_message", "String", [r[14] or "" for r in rows]),
+            ("trace_id", "String", [hx(r.trace_id) for r in rows]),
+            ("span_id", "String", [hx(r.span_id) for r in rows]),
+            ("parent_span_id", "String", [hx(r.parent_span_id) for r in rows]),
+            ("span_name", "String", [r.span_name for r in rows]),
+            ("span_kind", "UInt8", [r.span_kind or 0 for r in rows]),
+            ("start_time_nanos", "UInt64", [r.start_time_nanos or 0 for r in rows]),
+            ("end_time_nanos", "UInt64", [r.end_time_nanos or 0 for r in rows]),
+            ("duration_nanos", "UInt64", [r.duration_nanos or 0 for r in rows]),
+            ("start_mono_nanos", "Int64", [r.start_mono_nanos or 0 for r in rows]),
+            ("end_mono_nanos", "Int64", [r.end_mono_nanos or 0 for r in rows]),
+            ("logical_clock", "UInt64", [r.logical_clock or 0 for r in rows]),
+            ("status_code", "UInt8", [r.status_code or 0 for r in rows]),
+            ("status_message", "String", [r.status_message or "" for r in rows]),
             ("attributes.key", "Array(String)", [a[0] for a in attrs]),
             ("attributes.value", "Array(String)", [a[1] for a in attrs]),
             ("resource.key", "Array(String)", [a[0] for a in res]),
             ("resource.value", "Array(String)", [a[1] for a in res]),
-            ("attributes_json", "String", [r[15] or "" for r in rows]),
-            ("resource_json", "String", [r[16] or "" for r in rows]),
-            ("process_id", "UInt32", [r[17] or 0 for r in rows]),
-            ("thread_id", "UInt32", [r[18] or 0 for r in rows]),
-            ("proc", "UInt32", [r[1] or 0 for r in rows]),
-            ("store_rowid", "UInt64", [r[0] for r in rows]),
+            ("attributes_json", "String", [r.attributes_json or "" for r in rows]),
+            ("resource_json", "String", [r.resource_json or "" for r in rows]),
+            ("process_id", "UInt32", [r.process_id or 0 for r in rows]),
+            ("thread_id", "UInt32", [r.thread_id or 0 for r in rows]),
+            ("proc", "UInt32", [sp.proc_id or 0 for sp in spans]),
+            ("store_rowid", "UInt64", [sp.rowid for sp in spans]),
             ("model", "String", [a.get("experiment.model_name", "") for a in ad]),
             ("epoch", "Nullable(UInt32)", [_num(a.get("experiment.epoch"), int) for a in ad]),
             ("step", "Nullable(UInt64)", [_num(a.get("experiment.step"), int) for a in ad]),
@@ -749,9 +736,7 @@ def push_run(store_path: str, url: str, run: str, *, batch_rows: int = BATCH_ROW
             have = int(sink.client.scalar(
                 f"SELECT count() FROM events WHERE run = {quote(run)} "
                 f"AND host = {quote(info.host or '')}"))
-            want = store.db.execute(
-                "SELECT coalesce(sum(n), 0) FROM chunks WHERE run_id=? AND layer='sys'",
-                (info.id,)).fetchone()[0]
+            want = store.chunk_events(info.id)
             if have == 0 and want:
                 progress.forget(info.id)  # pushed once, since dropped there: push it again
             elif have != want:
@@ -760,7 +745,7 @@ def push_run(store_path: str, url: str, run: str, *, batch_rows: int = BATCH_ROW
         return sink.flush_now()
     finally:
         if sink._store is not None:
-            sink._store.db.close()
+            sink._store.close()
 
 
 __all__ = ["ClickHouseClient", "ClickHouseSink", "SinkStats", "Target", "ensure_schema",

@@ -26,15 +26,15 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
 from renacerd import __version__
+from renacerd.client.span import SpanRecord
 from renacerd.escaping import json_text
 from renacerd.sinks import (
     Backoff,
     Progress,
     SinkError,
     StoreTailer,
-    descendants,
     ready_spans,
-    span_summary,
+    ready_summaries,
 )
 from renacerd.store.database import RunInfo, Store
 from renacerd.trace.unified_trace import ProcessSpan
@@ -42,11 +42,6 @@ from renacerd.trace.unified_trace import ProcessSpan
 TRACES_PATH = "/v1/traces"
 BATCH_SPANS = 512
 RETRYABLE = frozenset({429, 502, 503, 504})
-_SPAN_COLS = (
-    "rowid, proc_id, trace_id, span_id, parent_span_id, span_name, span_kind, "
-    "start_time_nanos, end_time_nanos, start_mono_nanos, end_mono_nanos, logical_clock, "
-    "status_code, status_message, attributes_json, resource_json, process_id, thread_id"
-)
 
 
 def _traces_url(base: str) -> str:
@@ -137,34 +132,35 @@ def process_resource(info: RunInfo, p: ProcessSpan | None, resource_json: str | 
     return Resource(attributes=key_values(attrs))
 
 
-def build_request(info: RunInfo, rows: list[tuple], summaries: list[dict[str, Any]],
+def build_request(info: RunInfo, rows: list[SpanRecord], summaries: list[dict[str, Any]],
                   procs: dict[int, ProcessSpan]) -> ExportTraceServiceRequest:
     """One export request: spans grouped by their process (one ResourceSpans each)."""
     groups: dict[int, list[int]] = {}
     for i, r in enumerate(rows):
-        groups.setdefault(r[16] or 0, []).append(i)
+        groups.setdefault(r.process_id or 0, []).append(i)
     req = ExportTraceServiceRequest()
     scope = InstrumentationScope(name="renacerd", version=__version__)
     for pid, idx in groups.items():
-        rs = ResourceSpans(resource=process_resource(info, procs.get(pid), rows[idx[0]][15]))
+        rs = ResourceSpans(resource=process_resource(info, procs.get(pid),
+                                                     rows[idx[0]].resource_json))
         ss = ScopeSpans(scope=scope)
         for i in idx:
             r = rows[i]
-            attrs = _json(r[14])
-            attrs["renacer.logical_clock"] = r[11] or 0
-            attrs["thread.id"] = r[17] or 0
+            attrs = _json(r.attributes_json)
+            attrs["renacer.logical_clock"] = r.logical_clock or 0
+            attrs["thread.id"] = r.thread_id or 0
             attrs.update(summaries[i])
             ss.spans.append(Span(
-                trace_id=bytes(r[2]),
-                span_id=bytes(r[3]),
-                parent_span_id=bytes(r[4]) if r[4] is not None else b"",
-                name=r[5],
+                trace_id=r.trace_id,
+                span_id=r.span_id,
+                parent_span_id=r.parent_span_id or b"",
+                name=r.span_name,
                 # renacer numbers kinds from Internal=0; OTLP from Unspecified=0, Internal=1
-                kind=(r[6] or 0) + 1,
-                start_time_unix_nano=r[7] or 0,
-                end_time_unix_nano=r[8] or 0,
+                kind=(r.span_kind or 0) + 1,
+                start_time_unix_nano=r.start_time_nanos or 0,
+                end_time_unix_nano=r.end_time_nanos or 0,
                 attributes=key_values(attrs),
-                status=Status(code=r[12] or 0, message=r[13] or ""),
+                status=Status(code=r.status_code or 0, message=r.status_message or ""),
             ))
         rs.scope_spans.append(ss)
         req.resource_spans.append(rs)
@@ -233,16 +229,13 @@ class OtlpExporter(StoreTailer):
         return idle
 
     def _export_run(self, store: Store, progress: Progress, info: RunInfo, pos) -> bool:
-        db = store.db
-        rows = db.execute(
-            f"SELECT {_SPAN_COLS} FROM spans WHERE run_id=? AND rowid>? ORDER BY rowid LIMIT ?",
-            (info.id, pos.span_rowid, self.batch_spans)).fetchall()
-        if not rows:
+        spans = store.spans_after(info.id, pos.span_rowid, self.batch_spans)
+        if not spans:
             if info.status != "running":
                 pos.done = True
                 progress.set(info.id, pos)
             return False
-        ready = ready_spans(db, info.id, info.status == "running", rows, 10, self._seen)
+        ready = ready_spans(store, info.id, info.status == "running", spans, self._seen)
         if not ready:
             return False
         procs = store.processes(info.id)
@@ -253,9 +246,9 @@ class OtlpExporter(StoreTailer):
             from renacerd.syscall_table import syscall_table
 
             table = syscall_table()
-        sums = [span_summary(db, info.id, descendants(tree, r[16] or 0), r[9] or 0,
-                             r[10] or 0, table).attributes() for r in ready]
-        req = build_request(info, ready, sums, by_pid)
+        records = [sp.record for sp in ready]
+        sums = [x.attributes() for x in ready_summaries(store, info.id, tree, ready, table)]
+        req = build_request(info, records, sums, by_pid)
         try:
             self._post(req.SerializeToString())
         except _Rejected as e:
@@ -264,10 +257,10 @@ class OtlpExporter(StoreTailer):
             self._stats.last_error = str(e)
         else:
             self._stats.spans += len(ready)
-        pos.span_rowid = ready[-1][0]
+        pos.span_rowid = ready[-1].rowid
         progress.set(info.id, pos)
-        for r in ready:
-            self._seen.pop((info.id, r[0]), None)
+        for sp in ready:
+            self._seen.pop((info.id, sp.rowid), None)
         return True
 
     def _post(self, body: bytes) -> None:

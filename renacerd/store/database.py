@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import grp
 import logging
@@ -20,6 +19,7 @@ import orjson
 
 from renacerd.columns import SYSCALL_COLUMNS, ChunkError, chunk_len, decode_into, encode
 from renacerd.escaping import escape, lossless_dumps, lossless_loads
+from renacerd.store.readers import StoreReaders
 from renacerd.trace.unified_trace import ProcessSpan, UnifiedTrace
 
 SCHEMA_VERSION = 2
@@ -319,7 +319,7 @@ def _writes(fn):
     return wrapper
 
 
-class Store:
+class Store(StoreReaders):
     """SQLite store; one writer (the daemon) and any number of readers."""
 
     def __init__(self, path: str | os.PathLike[str], *, create: bool = False,
@@ -730,20 +730,11 @@ class Store:
         q = "SELECT 1 FROM spans WHERE run_id=? LIMIT 1"
         if self.db.execute(q, (run_id,)).fetchone() is None:
             return []
-        from renacerd.client.span import SpanRecord
+        from renacerd.client.span import SPAN_FIELDS, SpanRecord
 
-        names = [f.name for f in dataclasses.fields(SpanRecord)]
-        cols = ", ".join(names)
-        out = []
-        for row in self.db.execute(
-            f"SELECT {cols} FROM spans WHERE run_id=? ORDER BY start_mono_nanos, rowid", (run_id,)
-        ):
-            d = dict(zip(names, row))
-            for k in ("trace_id", "span_id", "parent_span_id"):
-                if d[k] is not None:
-                    d[k] = bytes(d[k])
-            out.append(SpanRecord(**d))
-        return out
+        return [SpanRecord.from_row(dict(zip(SPAN_FIELDS, row))) for row in self.db.execute(
+            f"SELECT {', '.join(SPAN_FIELDS)} FROM spans WHERE run_id=? "
+            "ORDER BY start_mono_nanos, rowid", (run_id,))]
 
     def columns(self, run_id: int, proc_id: int, layer: str = "sys", layout: Any = None):
         """One layer of one process, decoded into numpy columns sorted by ts."""
@@ -823,44 +814,24 @@ class Store:
 
 def tag_spans(traces: list[UnifiedTrace]) -> None:
     """Set each trace's span_index: the innermost span of its own process or of an ancestor
-    (DataLoader workers inherit their parent's step) active at each event, or -1."""
-    from renacerd.trace.span_tagging import innermost_span
+    active at each event, or -1 (renacerd.trace.span_tagging.tag_events)."""
+    from renacerd.trace.span_tagging import SpanTable, ancestry, tag_events
 
     if not traces:
         return
-    spans = traces[0].spans
+    table = SpanTable.of(traces[0].spans)
     ppid = {t.pid: t.process.ppid for t in traces}
-    by_pid: dict[int, list[int]] = {}
-    for i, sp in enumerate(spans):
-        by_pid.setdefault(sp.process_id, []).append(i)
     for t in traces:
-        chain, p, seen = [], t.pid, set()
-        while p in ppid and p not in seen:
-            seen.add(p)
-            chain.append(p)
-            p = ppid[p]
-        idx = np.array(sorted(i for q in chain for i in by_pid.get(q, [])), dtype=np.int64)
-        starts = np.array([spans[i].start_mono_nanos for i in idx], dtype=np.int64)
-        ends = np.array([spans[i].end_mono_nanos for i in idx], dtype=np.int64)
-
-        t.span_index = _tag(t.columns["ts"], idx, starts, ends, innermost_span)
+        chain = ancestry(t.pid, ppid)
+        t.span_index = tag_events(t.columns["ts"], table, chain)
         gcols = (t.gpu or {}).get("columns")
         if gcols is not None:
-            t.gpu["span_index"] = _tag(gcols["ts"], idx, starts, ends, innermost_span)
-
-
-def _tag(ts: np.ndarray, idx: np.ndarray, starts: np.ndarray, ends: np.ndarray,
-         innermost_span) -> np.ndarray:
-    """Global span index of the innermost of the given spans at each timestamp, or -1."""
-    if not len(idx) or not len(ts):
-        return np.full(len(ts), -1, dtype=np.int64)
-    local = innermost_span(ts, starts, ends)
-    return np.where(local >= 0, idx[np.maximum(local, 0)], -1)
+            t.gpu["span_index"] = tag_events(gcols["ts"], table, chain)
 
 
 def span_summaries(traces: list[UnifiedTrace]) -> list[dict[str, Any]]:
     """Per span of the run: syscall count, time in syscalls, bytes read/written, calls by
-    name, over the events tagged with it in every process."""
+    name, over its self events (span_tagging.self_events) in every process."""
     from renacerd.trace.unified_trace import READ_FAMILY, WRITE_FAMILY
 
     n = len(traces[0].spans) if traces else 0

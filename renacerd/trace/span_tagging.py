@@ -1,8 +1,22 @@
-"""Tag events with the innermost experiment span active at their CLOCK_MONOTONIC timestamp."""
+"""Which experiment span an event belongs to: the one definition of a span's syscalls.
+
+An event belongs to the innermost span active at its CLOCK_MONOTONIC timestamp among the
+spans opened by its own process or by an ancestor (DataLoader workers inherit their parent's
+step): `tag_events`. From that tagging a span has two counts, both defined here:
+
+- self (`self_events`): the events whose innermost span it is; every event counts once, in
+  one span. `renacer spans`, `show --by step` and `Store.query_by_attribute` report these.
+- total (`total_events`): self plus the self events of every span below it (parent_span_id
+  within the same trace), i.e. what the span's subtree did. The ClickHouse and OTLP sinks
+  report these, so a parent's numbers include its children's, as a tracing UI expects.
+"""
 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -93,3 +107,69 @@ def innermost_span(ts: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.n
     result = owner[np.maximum(pos, 0)]
     result[pos < 0] = -1
     return result
+
+
+def ancestry(pid: int, ppid_of: Mapping[int, int]) -> list[int]:
+    """`pid` and its ancestors among the known processes (`ppid_of`: pid -> parent pid)."""
+    chain, seen = [], set()
+    p = pid
+    while p in ppid_of and p not in seen:
+        seen.add(p)
+        chain.append(p)
+        p = ppid_of[p]
+    return chain
+
+
+@dataclass(frozen=True, slots=True)
+class SpanTable:
+    """A run's spans as arrays, built once: who opened each, its window, its children."""
+
+    pids: np.ndarray
+    starts: np.ndarray
+    ends: np.ndarray
+    children: dict[int, list[int]]
+
+    @classmethod
+    def of(cls, spans: Sequence[Any]) -> SpanTable:
+        """The table of SpanRecords `spans` (children by parent_span_id, same trace)."""
+        at = {(sp.trace_id, sp.span_id): i for i, sp in enumerate(spans)}
+        children: dict[int, list[int]] = {}
+        for j, sp in enumerate(spans):
+            parent = at.get((sp.trace_id, sp.parent_span_id)) if sp.parent_span_id else None
+            if parent is not None and parent != j:
+                children.setdefault(parent, []).append(j)
+        return cls(np.array([sp.process_id for sp in spans], dtype=np.int64),
+                   np.array([sp.start_mono_nanos for sp in spans], dtype=np.int64),
+                   np.array([sp.end_mono_nanos for sp in spans], dtype=np.int64), children)
+
+
+def tag_events(ts: np.ndarray, table: SpanTable, pids: Iterable[int]) -> np.ndarray:
+    """For each timestamp, the index of the innermost span opened by one of `pids` (an
+    event's process and its ancestors) that contains it, or -1."""
+    idx = np.flatnonzero(np.isin(table.pids, np.fromiter(pids, dtype=np.int64)))
+    if not len(idx) or not len(ts):
+        return np.full(len(ts), -1, dtype=np.int64)
+    local = innermost_span(ts, table.starts[idx], table.ends[idx])
+    return np.where(local >= 0, idx[np.maximum(local, 0)], -1)
+
+
+def span_subtree(table: SpanTable, i: int) -> np.ndarray:
+    """Index `i` and the indices of every span below it."""
+    out, todo, seen = [], [i], set()
+    while todo:
+        j = todo.pop()
+        if j in seen:
+            continue
+        seen.add(j)
+        out.append(j)
+        todo.extend(table.children.get(j, ()))
+    return np.array(sorted(out), dtype=np.int64)
+def self_events(tags: np.ndarray, i: int) -> np.ndarray:
+    """Mask of the events (tagged by tag_events) that count for span `i` itself."""
+    return tags == i
+
+
+def total_events(tags: np.ndarray, subtree: np.ndarray) -> np.ndarray:
+    """Mask of the events that count for a span's total: its own and its subtree's
+    (`subtree` from span_subtree)."""
+    return np.isin(tags, subtree)

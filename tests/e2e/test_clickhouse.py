@@ -180,7 +180,7 @@ def test_lost_ack_is_checked_not_resent(cc, renacerd, db, tmp_path, chdb):
     info = store.run("ch-ack")
     lo, hi = store.db.execute("SELECT min(id), max(id) FROM chunks WHERE run_id=?",
                               (info.id,)).fetchone()
-    progress = Progress(store.db, parse_url(chdb).key)
+    progress = Progress(store, parse_url(chdb).key)
     pos = progress.get(info.id)
     # as if the daemon died between the server's answer and the acknowledgement
     pos.chunk_id, pos.pending, pos.done = lo - 1, (lo, hi), False

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from renacerd.trace.span_tagging import innermost_span, locate, span_segments
+from tests.conftest import span_record
 
 
 def brute(ts, starts, ends):
@@ -122,3 +123,36 @@ def test_ten_million_events_tagged_exactly(ordered):
                                np.where(phase < 900_000, 1 + step, 0)))
     expect[ts >= n_steps * 1_000_000] = -1
     assert np.array_equal(got, expect)
+
+
+def test_self_and_total_of_nested_spans():
+    """An epoch [0, 100) of pid 1 with steps [10, 20) and [20, 30); inside step 2 a
+    sub-span [22, 25) opened by worker pid 2 (a child of pid 1). Self counts an event once,
+    in its innermost span; total adds the subtree's."""
+    from renacerd.trace.span_tagging import (
+        SpanTable,
+        ancestry,
+        self_events,
+        span_subtree,
+        tag_events,
+        total_events,
+    )
+
+    spans = [span_record(b"epoch", None, 1, 0, 100), span_record(b"step1", b"epoch", 1, 10, 20),
+             span_record(b"step2", b"epoch", 1, 20, 30), span_record(b"load", b"step2", 2, 22, 25)]
+    table = SpanTable.of(spans)
+    ppid = {1: 0, 2: 1}
+    assert ancestry(2, ppid) == [2, 1]
+    parent_ts = np.array([5, 12, 21, 23, 40])  # events of pid 1
+    worker_ts = np.array([21, 23, 24, 50])  # events of pid 2
+    tags = {1: tag_events(parent_ts, table, ancestry(1, ppid)),
+            2: tag_events(worker_ts, table, ancestry(2, ppid))}
+    # pid 1 does not see its child's span; pid 2 sees its own and its parent's
+    assert tags[1].tolist() == [0, 1, 2, 2, 0]
+    assert tags[2].tolist() == [2, 3, 3, 0]
+    selfs = [sum(int(self_events(t, i).sum()) for t in tags.values()) for i in range(4)]
+    totals = [sum(int(total_events(t, span_subtree(table, i)).sum()) for t in tags.values())
+              for i in range(4)]
+    assert selfs == [3, 1, 3, 2]  # 9 events, each once
+    assert totals == [9, 1, 5, 2]
+    assert span_subtree(table, 2).tolist() == [2, 3]

@@ -1,0 +1,53 @@
+"""Loading a run by store name, run file or ClickHouse URL: the one loader of show and compare."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from renacerd.io.runfile import SUFFIX, GoldenError, read_golden
+from renacerd.store.database import RunInfo, Store, StoreError, default_db_path
+from renacerd.trace.unified_trace import UnifiedTrace
+
+
+class LoadError(Exception):
+    """The run cannot be loaded (one line: no such run, bad file, unreachable server)."""
+
+
+def is_run_file(what: str) -> bool:
+    """Whether `what` names a run file rather than a run in the store."""
+    return os.path.isfile(what) or what.endswith(SUFFIX) or os.sep in what
+
+
+class RunLoader:
+    """Loads runs from the store at `db` (opened on first use), run files or ClickHouse."""
+
+    def __init__(self, db: str | None) -> None:
+        self.db = db
+        self._store: Store | None = None
+
+    def store(self) -> Store:
+        """The store, opened for reading on first use."""
+        if self._store is None:
+            self._store = Store(self.db or default_db_path())
+        return self._store
+
+    def load(self, what: str, files: bool = True,
+             check: Callable[[RunInfo], None] | None = None,
+             ) -> tuple[RunInfo | dict[str, Any], list[UnifiedTrace]]:
+        """(run info, traces) of `what`: a ClickHouse URL, a run file (when `files`) or a
+        run name (`check` sees its row first and may refuse it); LoadError on one line."""
+        from renacerd.io.clickhouse_source import is_clickhouse_url, load_run_info_from_url
+        from renacerd.sinks import SinkError
+
+        try:
+            if is_clickhouse_url(what):  # before the path test: a URL contains '/'
+                return load_run_info_from_url(what)
+            if files and is_run_file(what):
+                return read_golden(what)
+            info = self.store().run(what)
+            if check is not None:
+                check(info)
+            return info, self.store().load_run(what)
+        except (SinkError, GoldenError, StoreError) as e:
+            raise LoadError(str(e)) from None

@@ -1,0 +1,164 @@
+"""What the store's readers ask of it (sinks, the run loader), so no SQL lives outside the store.
+
+A sink tails the store: strings, event chunks and spans committed after the last position it
+acknowledged, which it keeps in the `sink_progress` table of the same file (a restarted sink
+resumes where it stopped). Store mixes these methods in; they only read, except the progress
+rows, which belong to the sinks alone.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from renacerd.columns import decode
+
+PROGRESS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sink_progress (
+    sink TEXT NOT NULL,
+    run_id INTEGER NOT NULL,
+    chunk_id INTEGER NOT NULL DEFAULT 0,
+    string_id INTEGER NOT NULL DEFAULT -1,
+    span_rowid INTEGER NOT NULL DEFAULT 0,
+    pending_lo INTEGER,
+    pending_hi INTEGER,
+    done INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (sink, run_id)
+)
+"""
+
+
+@dataclass(slots=True)
+class StoredSpan:
+    """A span as a sink reads it: its row id (the sink's position), store proc id, record."""
+
+    rowid: int
+    proc_id: int
+    record: Any  # renacerd.client.span.SpanRecord
+
+
+@dataclass(slots=True)
+class Position:
+    """How far one sink has acknowledged one run."""
+
+    chunk_id: int = 0
+    string_id: int = -1
+    span_rowid: int = 0
+    pending: tuple[int, int] | None = None
+    done: bool = False
+
+
+class StoreReaders:
+    """The reads a sink makes: everything committed after a position. Mixed into Store."""
+
+    db: sqlite3.Connection
+
+    def strings_after(self, run_id: int, after_id: int) -> list[tuple[int, bytes]]:
+        """(id, string) of the run's strings with an id above `after_id`, in id order."""
+        return [(i, bytes(s)) for i, s in self.db.execute(
+            "SELECT id, s FROM strings WHERE run_id=? AND id>? ORDER BY id", (run_id, after_id))]
+
+    def last_chunk_id(self, run_id: int) -> int:
+        """The id of the run's latest syscall chunk, 0 for none."""
+        return self.db.execute("SELECT max(id) FROM chunks WHERE run_id=? AND layer='sys'",
+                               (run_id,)).fetchone()[0] or 0
+
+    def chunk_events(self, run_id: int, lo: int = 0, hi: int | None = None) -> int:
+        """How many syscall events the run's chunks with ids in [lo, hi] hold (hi None: all)."""
+        q = "SELECT coalesce(sum(n), 0) FROM chunks WHERE run_id=? AND layer='sys' AND id>=?"
+        args: tuple = (run_id, lo)
+        if hi is not None:
+            q += " AND id<=?"
+            args += (hi,)
+        return self.db.execute(q, args).fetchone()[0]
+
+    def chunks_after(self, run_id: int, after_id: int, limit: int = 4096
+                     ) -> Iterator[tuple[int, int, int, bytes]]:
+        """(id, proc id, events, encoded chunk) of the run's syscall chunks after `after_id`."""
+        yield from self.db.execute(
+            "SELECT id, proc_id, n, data FROM chunks WHERE run_id=? AND layer='sys' "
+            "AND id>? ORDER BY id LIMIT ?", (run_id, after_id, limit))
+
+    def events_until(self, run_id: int) -> int:
+        """The latest event timestamp the run's stored syscall chunks reach, 0 for none."""
+        return self.db.execute("SELECT max(last_ts) FROM chunks WHERE run_id=? AND layer='sys'",
+                               (run_id,)).fetchone()[0] or 0
+
+    def window_columns(self, run_id: int, proc_ids: list[int], start: int, end: int
+                       ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """(proc id, syscall columns) of the given processes' events in [start, end), chunk
+        by chunk: only chunks overlapping the window are decoded (a long run is never
+        reloaded whole)."""
+        if not proc_ids or end <= start:
+            return
+        marks = ",".join("?" * len(proc_ids))
+        for proc_id, blob in self.db.execute(
+            f"SELECT proc_id, data FROM chunks WHERE run_id=? AND layer='sys' "
+            f"AND proc_id IN ({marks}) AND last_ts >= ? AND first_ts < ? ORDER BY id",
+            (run_id, *proc_ids, start, end),
+        ):
+            c = decode(blob)
+            m = (c["ts"] >= start) & (c["ts"] < end)
+            yield proc_id, {k: v[m] for k, v in c.items()}
+
+    def spans_after(self, run_id: int, after_rowid: int, limit: int | None = None
+                    ) -> list[StoredSpan]:
+        """The run's spans stored after row `after_rowid`, in storage order."""
+        from renacerd.client.span import SPAN_FIELDS, SpanRecord
+
+        q = (f"SELECT rowid, proc_id, {', '.join(SPAN_FIELDS)} FROM spans "
+             "WHERE run_id=? AND rowid>? ORDER BY rowid")
+        args: tuple = (run_id, after_rowid)
+        if limit is not None:
+            q += " LIMIT ?"
+            args += (limit,)
+        return [StoredSpan(r[0], r[1], SpanRecord.from_row(dict(zip(SPAN_FIELDS, r[2:]))))
+                for r in self.db.execute(q, args)]
+
+
+class Progress:
+    """One sink's rows in the store's `sink_progress` table."""
+
+    def __init__(self, store: StoreReaders, sink: str) -> None:
+        self.db = store.db
+        self.sink = sink
+        self.db.execute(PROGRESS_SCHEMA)
+
+    def get(self, run_id: int) -> Position:
+        """The acknowledged position (zero for a run never pushed)."""
+        row = self.db.execute(
+            "SELECT chunk_id, string_id, span_rowid, pending_lo, pending_hi, done "
+            "FROM sink_progress WHERE sink=? AND run_id=?",
+            (self.sink, run_id),
+        ).fetchone()
+        if row is None:
+            return Position()
+        pending = (row[3], row[4]) if row[3] is not None else None
+        return Position(row[0], row[1], row[2], pending, bool(row[5]))
+
+    def set(self, run_id: int, pos: Position) -> None:
+        """Persist `pos` durably before anything depending on it happens."""
+        lo, hi = pos.pending if pos.pending else (None, None)
+        # The daemon writes the same file: an immediate transaction waits on busy_timeout
+        # instead of failing when the writer holds the lock.
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute(
+                "INSERT OR REPLACE INTO sink_progress (sink, run_id, chunk_id, string_id, "
+                "span_rowid, pending_lo, pending_hi, done) VALUES (?,?,?,?,?,?,?,?)",
+                (self.sink, run_id, pos.chunk_id, pos.string_id, pos.span_rowid, lo, hi,
+                 int(pos.done)),
+            )
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def forget(self, run_id: int) -> None:
+        """Forget this sink's progress on one run (push it again from the start)."""
+        self.db.execute("DELETE FROM sink_progress WHERE sink=? AND run_id=?",
+                        (self.sink, run_id))

@@ -1,0 +1,91 @@
+"""The store's reads for sinks (store/readers.py) on a real SQLite store, and the sinks'
+per-span summary: a span's total (its own events and its subtree's, span_tagging)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from renacerd.columns import SYSCALL_COLUMNS
+from renacerd.sinks import ready_summaries
+from renacerd.store.database import Store
+from renacerd.store.readers import Position, Progress
+from renacerd.trace.unified_trace import ProcessSpan
+from tests.conftest import span_record
+
+READ = 0  # x86-64 read(2)
+
+
+def _cols(ts: list[int], ret: int = 0) -> dict[str, np.ndarray]:
+    cols = {name: np.zeros(len(ts), dtype=dt) for name, dt in SYSCALL_COLUMNS}
+    cols["ts"][:] = ts
+    cols["dur"][:] = 10
+    cols["ret"][:] = ret
+    cols["nr"][:] = READ
+    return cols
+
+
+def _store(tmp_path):
+    """A run of pid 1 with a worker pid 2: an epoch [0, 100) holding steps [10, 20) and
+    [20, 30); inside step 2 the worker's span [22, 25). pid 1 reads at 5, 12, 21, 23, 40
+    (one chunk each of 3 and 2 events), pid 2 at 21, 23, 24, 50 (4 bytes each)."""
+    st = Store(tmp_path / "s.db", create=True)
+    run = st.begin_run("r", cmdline=[], version="0", syscall_table={READ: "read"},
+                       start_wall_ns=1, start_mono_ns=1)
+    p1 = st.add_process(run, ProcessSpan(pid=1, ppid=0))
+    p2 = st.add_process(run, ProcessSpan(pid=2, ppid=1))
+    st.add_chunk(run, p1, _cols([5, 12, 21]))
+    st.add_chunk(run, p1, _cols([23, 40]))
+    st.add_chunk(run, p2, _cols([21, 23, 24, 50], ret=4))
+    st.add_strings(run, [(0, b"a"), (1, b"b\xff"), (2, b"c")])
+    st.add_spans(run, [span_record(b"load", b"step2", 2, 22, 25),
+                       span_record(b"step1", b"epoch", 1, 10, 20),
+                       span_record(b"step2", b"epoch", 1, 20, 30),
+                       span_record(b"epoch", None, 1, 0, 100)], {1: p1, 2: p2})
+    st.commit()
+    return st, run
+
+
+def test_reads_after_a_position(tmp_path):
+    st, run = _store(tmp_path)
+    assert st.strings_after(run, 0) == [(1, b"b\xff"), (2, b"c")]
+    assert st.last_chunk_id(run) == 3
+    assert st.chunk_events(run) == 9
+    assert st.chunk_events(run, 2, 3) == 6
+    assert [(cid, n) for cid, _, n, _ in st.chunks_after(run, 1)] == [(2, 2), (3, 4)]
+    assert st.events_until(run) == 50
+    window = [(p, c["ts"].tolist()) for p, c in st.window_columns(run, [1, 2], 20, 30)]
+    assert window == [(1, [21]), (1, [23]), (2, [21, 23, 24])]
+    spans = st.spans_after(run, 1)
+    assert [(s.rowid, s.proc_id, s.record.span_name) for s in spans] == [
+        (2, 1, "step1"), (3, 1, "step2"), (4, 1, "epoch")]
+    assert spans[0].record.parent_span_id == b"epoch"
+    assert spans[2].record.parent_span_id is None
+    assert [s.record.span_name for s in st.spans_after(run, 0, limit=1)] == ["load"]
+
+
+def test_progress_round_trip(tmp_path):
+    st, run = _store(tmp_path)
+    progress = Progress(st, "test")
+    assert progress.get(run) == Position()
+    progress.set(run, Position(3, 2, 4, (5, 6), True))
+    assert Progress(st, "test").get(run) == Position(3, 2, 4, (5, 6), True)
+    assert Progress(st, "other").get(run) == Position()
+    progress.forget(run)
+    assert progress.get(run) == Position()
+
+
+def test_sink_summaries_are_totals(tmp_path):
+    """Each event counts once in its innermost span (self: epoch 3, step1 1, step2 3, load
+    2); the sinks send totals: epoch 9, step1 1, step2 5, load 2."""
+    st, run = _store(tmp_path)
+    procs = [(i, p.pid, p.ppid) for i, p in st.processes(run)]
+    ready = st.spans_after(run, 0)
+    sums = ready_summaries(st, run, procs, ready, {READ: "read"})
+    got = {sp.record.span_name: (s.syscalls, s.bytes_read) for sp, s in zip(ready, sums)}
+    assert got == {"epoch": (9, 16), "step1": (1, 0), "step2": (5, 12), "load": (2, 8)}
+    traces = st.load_run("r")
+    from renacerd.store.database import span_summaries
+
+    names = [sp.span_name for sp in traces[0].spans]
+    selfs = {n: s["syscalls"] for n, s in zip(names, span_summaries(traces))}
+    assert selfs == {"epoch": 3, "step1": 1, "step2": 3, "load": 2}
