@@ -14,11 +14,12 @@ tracer's flush at the recorded cadence. Process CPU time per event, per stage, m
 --repeat replays with the spread (max - min):
 
   .venv/bin/python bench/daemon_replay.py replay DRAINS.npz --repeat 7 [--skip-s 3]
-      [--profile OUT.prof]
+      [--merge K] [--profile OUT.prof]
 
 --skip-s leaves out the start-up (the torch loop's imports stat thousands of distinct
 paths in its first ~3 s): those drains are replayed, so the state is the real one, and
-not counted.
+not counted. --merge K reads K consecutive drains as one: the daemon drained K times less
+often (what a drain costs whatever its size, against what each event costs).
 
 CPU time, not wall time: the figure holds on a busy, shared machine.
 """
@@ -286,10 +287,23 @@ def replay_once(rec: dict[str, np.ndarray], db: Path, profile: cProfile.Profile 
     return tr.events - counted_from, sum(clock.ns.values()), clock.ns
 
 
-def replay(path: Path, repeat: int, profile_out: Path | None, skip_s: float) -> int:
+def merged(rec: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
+    """The recording as if drained every k-th time: k consecutive drains read as one."""
+    out = dict(rec)
+    out["t"] = rec["t"][k - 1 :: k] if len(rec["t"]) % k == 0 else np.append(
+        rec["t"][k - 1 :: k], rec["t"][-1])
+    for name in RINGS:
+        out[name + "_n"] = np.add.reduceat(rec[name + "_n"], np.arange(0, len(rec["t"]), k))
+    return out
+
+
+def replay(path: Path, repeat: int, profile_out: Path | None, skip_s: float,
+           merge: int) -> int:
     """Replay `repeat` times; print ns per event per stage (min, spread)."""
     with np.load(path) as z:
         rec = {k: z[k] for k in z.files}
+    if merge > 1:
+        rec = merged(rec, merge)
     nev = len(rec["ev"])
     print(f"{path}: {len(rec['t'])} drains, {nev:,} records, {len(rec['de']):,} short + "
           f"{len(rec['dl']):,} long details")
@@ -328,13 +342,18 @@ def main() -> int:
     p.add_argument("--profile", type=Path, metavar="OUT.prof")
     p.add_argument("--skip-s", type=float, default=0.0,
                    help="replay the drains of the first SKIP_S s uncounted (start-up)")
+    p.add_argument("--merge", type=int, default=1,
+                   help="read MERGE recorded drains as one (a longer drain interval)")
     a = ap.parse_args()
     if a.cmd == "record":
         if os.geteuid() != 0:
             print("bench/daemon_replay.py: record must run as root", file=sys.stderr)
             return 2
         return record(a.out, a.workload, a.steps, a.samples)
-    return replay(a.recording, a.repeat, a.profile, a.skip_s)
+    if a.merge < 1:
+        print("bench/daemon_replay.py: --merge must be at least 1", file=sys.stderr)
+        return 2
+    return replay(a.recording, a.repeat, a.profile, a.skip_s, a.merge)
 
 
 if __name__ == "__main__":
