@@ -117,12 +117,18 @@ def _distinct(slot: np.ndarray, length: np.ndarray,
     h = (words * _MIX[:nw]).sum(axis=1, dtype=np.uint64)
     h ^= length.astype(np.uint64) * np.uint64(0x9E37_79B9_7F4A_7C15) ^ slot.astype(np.uint64)
     _, first, inv = np.unique(h, return_index=True, return_inverse=True)
+    inv = inv.reshape(-1)
     back = first[inv]
     if not ((words == words[back]).all() and (length == length[back]).all()
             and (slot == slot[back]).all()):
         return _distinct_exact(slot, length, data)  # a hash collision: rare, still exact
-    return inv.reshape(-1), list(zip(slot[first].tolist(), length[first].tolist(),
-                                     data[first].tolist()))
+    # in order of first sight, as one by one: strings get the ids they always got
+    by_sight = np.argsort(first)
+    rank = np.empty_like(by_sight)
+    rank[by_sight] = np.arange(len(by_sight))
+    first = first[by_sight]
+    return rank[inv], list(zip(slot[first].tolist(), length[first].tolist(),
+                               data[first].tolist()))
 
 
 def _distinct_exact(slot: np.ndarray, length: np.ndarray,

@@ -165,3 +165,5 @@ def test_distinct_in_bulk_finds_each_distinct_detail_once():
         assert (s, ln) == (int(d["slot"][k]), int(d["len"][k]))
         want = b"\2\0\1\xbb" if k % 3 == 0 else b"/p%d\0" % (k % 4)
         assert raw[:ln].ljust(ln, b"\0")[:len(want)] == want
+    # keys in order of first sight, as interning one by one gives them ids
+    assert inv[:6].tolist() == [0, 1, 2, 3, 4, 1]
