@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from renacerd.records import SLOT_ADDR, SLOT_ARGV_BLOB
+from renacerd.records import SLOT_ADDR, SLOT_ARGV_BLOB, take
 
 # Slots whose data is bytes of a known length, not a NUL-terminated string.
 BINARY_SLOTS = (SLOT_ADDR, SLOT_ARGV_BLOB)
@@ -79,10 +79,72 @@ class DetailQueue:
         di = order[hit] - ne
         taken = np.zeros(len(r), bool)
         taken[di] = True
-        out = r[di]
-        self.recs = r[~taken]
+        out = take(r, di)
+        self.recs = take(r, np.flatnonzero(~taken)) if len(di) < len(r) else r[:0]
         return head[hit], out
 
+
+
+# Odd 64-bit multipliers of the words of a detail's bytes: its hash for finding distinct
+# details in bulk (equal hashes are then checked byte for byte, so a collision costs time,
+# never a wrong string).
+_MIX = np.random.default_rng(0x5EED).integers(1, 2**63, 4096 // 8, dtype=np.uint64) | 1
+_ALL = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+# Below this many details in a drain, finding the distinct ones costs more than it saves
+# (bench/daemon_replay.py: ~100 details a drain of the PyTorch loop, ~3,700 of the mix)
+DISTINCT_IN_BULK = 1024
+
+
+def _distinct(slot: np.ndarray, length: np.ndarray,
+              data: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int, bytes]]]:
+    """The distinct (slot, length, first `length` bytes) of details, and each detail's
+    index among them (keys may repeat below DISTINCT_IN_BULK details): a drain's details
+    name a few files again and again, and making a Python bytes object of every 256-byte
+    field costs more than all the rest of the join."""
+    n = len(data)
+    if n < DISTINCT_IN_BULK:
+        # too few for numpy's per-call costs to pay: every detail its own key
+        return np.arange(n), list(zip(slot.tolist(), length.tolist(), data.tolist()))
+    width = data.dtype.itemsize
+    lens = np.clip(length, 0, width).astype(np.int64)
+    nw = max(1, (int(lens.max(initial=0)) + 7) // 8)
+    rows = np.ascontiguousarray(data).view(np.uint8).reshape(n, width)
+    if width % 8 or nw * 8 > width:
+        return _distinct_exact(slot, length, data)
+    words = rows[:, : nw * 8].copy().view("<u8")  # bytes past the length: the ring's garbage
+    valid = np.clip(lens[:, None] - 8 * np.arange(nw), 0, 8).astype(np.uint64)
+    words &= np.where(valid == 8, _ALL, (np.uint64(1) << (valid * np.uint64(8))) - np.uint64(1))
+    h = (words * _MIX[:nw]).sum(axis=1, dtype=np.uint64)
+    h ^= length.astype(np.uint64) * np.uint64(0x9E37_79B9_7F4A_7C15) ^ slot.astype(np.uint64)
+    _, first, inv = np.unique(h, return_index=True, return_inverse=True)
+    inv = inv.reshape(-1)
+    back = first[inv]
+    if not ((words == words[back]).all() and (length == length[back]).all()
+            and (slot == slot[back]).all()):
+        return _distinct_exact(slot, length, data)  # a hash collision: rare, still exact
+    # in order of first sight, as one by one: strings get the ids they always got
+    by_sight = np.argsort(first)
+    rank = np.empty_like(by_sight)
+    rank[by_sight] = np.arange(len(by_sight))
+    first = first[by_sight]
+    return rank[inv], list(zip(slot[first].tolist(), length[first].tolist(),
+                               data[first].tolist()))
+
+
+def _distinct_exact(slot: np.ndarray, length: np.ndarray,
+                    data: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int, bytes]]]:
+    """_distinct by a dict over every detail's bytes."""
+    seen: dict[tuple[int, int, bytes], int] = {}
+    keys: list[tuple[int, int, bytes]] = []
+    inv = np.empty(len(data), np.intp)
+    for k, (s, n, raw) in enumerate(zip(slot.tolist(), length.tolist(), data.tolist())):
+        key = (s, n, raw[: max(n, 0)].ljust(max(n, 0), b"\0"))  # numpy drops trailing NULs
+        i = seen.get(key)
+        if i is None:
+            i = seen[key] = len(keys)
+            keys.append((s, n, raw))
+        inv[k] = i
+    return inv, keys
 
 
 @dataclass(slots=True)
@@ -94,10 +156,36 @@ class Joined:
     length: np.ndarray
     flags: np.ndarray
     pad: np.ndarray
-    data: list[bytes]  # the raw S field (trailing NULs dropped by numpy)
+    texts: tuple[np.ndarray, ...]  # the S fields, short ring's then long ring's, in order
 
     def __len__(self) -> int:
         return len(self.event)
+
+    @property
+    def data(self) -> list[bytes]:
+        """Every detail's raw S field (trailing NULs dropped by numpy)."""
+        return [b for t in self.texts for b in t.tolist()]
+
+    def raw(self, k: int) -> bytes:
+        """Detail k's raw S field."""
+        for t in self.texts:
+            if k < len(t):
+                return t[k].tolist()
+            k -= len(t)
+        raise IndexError(k)
+
+    def distinct(self) -> tuple[np.ndarray, list[tuple[int, int, bytes]]]:
+        """(index into the keys of each detail, distinct (slot, length, raw) keys); two
+        keys may be equal across the rings' parts (then they name the same string)."""
+        invs, keys, at = [], [], 0
+        for t in self.texts:
+            if not len(t):
+                continue
+            inv, k = _distinct(self.slot[at : at + len(t)], self.length[at : at + len(t)], t)
+            invs.append(inv + len(keys))
+            keys += k
+            at += len(t)
+        return (np.concatenate(invs) if invs else np.empty(0, np.intp)), keys
 
 
 class DetailRings:
@@ -141,9 +229,9 @@ class DetailRings:
                 return Joined(
                     np.concatenate([ei, li]),
                     *(np.concatenate([d[f], dl[f]]) for f in ("slot", "len", "flags", "pad")),
-                    d["data"].tolist() + dl["data"].tolist(),
+                    (d["data"], dl["data"]),
                 )
-        return Joined(ei, d["slot"], d["len"], d["flags"], d["pad"], d["data"].tolist())
+        return Joined(ei, d["slot"], d["len"], d["flags"], d["pad"], (d["data"],))
 
 
 def split_argv(blob: bytes) -> list[bytes]:

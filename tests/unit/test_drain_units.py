@@ -122,3 +122,48 @@ def test_detail_rings_join_short_and_long_records_as_one():
     assert len(q) == 0
     assert split_argv(b"sh\0-c\0\0") == [b"sh", b"-c", b""]
     assert split_argv(b"cut-mid") == [b"cut-mid"] and split_argv(b"") == []
+
+
+def test_joined_distinct_keys_ignore_bytes_past_the_length():
+    from renacerd.capture.details import DetailRings
+    from renacerd.records import SLOT_ADDR, SLOT_PATH0, SLOT_PATH1, detail_dtype
+
+    q = DetailRings(detail_dtype(16), detail_dtype(32))
+    d = np.zeros(6, detail_dtype(16))
+    d["tid"], d["ts"] = 7, [1, 2, 3, 4, 5, 6]
+    # the ring does not clear a record: bytes past a string's NUL are left from before
+    d["data"] = [b"/x\0garbage", b"/x\0other", b"/y", b"\2\0\0\x50", b"\2\0\0\x50\0\0", b"zz"]
+    d["len"] = [3, 3, 3, 4, 6, -14]
+    d["slot"] = [SLOT_PATH0, SLOT_PATH0, SLOT_PATH1, SLOT_ADDR, SLOT_ADDR, SLOT_PATH0]
+    q.add(d, np.zeros(0, detail_dtype(32)))
+    j = q.join(np.full(6, 7, np.uint32), np.arange(1, 7, dtype=np.uint64))
+    inv, keys = j.distinct()
+    got = [(keys[i][0], keys[i][1], keys[i][2][: max(keys[i][1], 0)]) for i in inv]
+    assert got == [(SLOT_PATH0, 3, b"/x\0"), (SLOT_PATH0, 3, b"/x\0"), (SLOT_PATH1, 3, b"/y"),
+                   (SLOT_ADDR, 4, b"\2\0\0\x50"), (SLOT_ADDR, 6, b"\2\0\0\x50"),
+                   (SLOT_PATH0, -14, b"")]
+    assert len(keys) == 6  # few details: each its own key (the bulk path: tested below)
+    assert j.raw(3) == b"\2\0\0\x50" and j.data[5] == b"zz"
+
+
+def test_distinct_in_bulk_finds_each_distinct_detail_once():
+    from renacerd.capture.details import DISTINCT_IN_BULK, _distinct
+    from renacerd.records import SLOT_ADDR, SLOT_PATH0, detail_dtype
+
+    n = 2 * DISTINCT_IN_BULK
+    d = np.zeros(n, detail_dtype(64))
+    i = np.arange(n)
+    # 4 paths and 2 addresses; every other record has garbage past its length
+    d["data"] = [(b"/p%d\0junk%d" % (k % 4, k) if k % 2 else b"/p%d" % (k % 4))
+                 if k % 3 else b"\2\0\1\xbb\0\0" for k in range(n)]
+    d["slot"] = np.where(i % 3 == 0, SLOT_ADDR, SLOT_PATH0)
+    d["len"] = np.where(i % 3 == 0, 4 + (i % 2) * 2, 4)
+    inv, keys = _distinct(d["slot"], d["len"], d["data"])
+    assert len(keys) == 6
+    for k in range(0, n, 97):
+        s, ln, raw = keys[inv[k]]
+        assert (s, ln) == (int(d["slot"][k]), int(d["len"][k]))
+        want = b"\2\0\1\xbb" if k % 3 == 0 else b"/p%d\0" % (k % 4)
+        assert raw[:ln].ljust(ln, b"\0")[:len(want)] == want
+    # keys in order of first sight, as interning one by one gives them ids
+    assert inv[:6].tolist() == [0, 1, 2, 3, 4, 1]
