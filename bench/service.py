@@ -1,12 +1,20 @@
 """`renacerd serve` as a host service: acknowledgement latency of `request_tracing()` for 1,
 4 and 16 concurrent requests, RSS of the service's process tree with 0, 1, 4 and 16 live
-runs, and the BPF programs it holds (the same for any number of runs).
+runs, and the BPF programs it holds (the same for any number of runs). With --storm: the
+per-syscall cost of a syscall storm traced through the service while 1, 4 and 16 runs are
+live (the other runs trace idle sleepers), and of an untraced storm with 0 and 16 runs live.
 
 Each client is a small Python process on the raw protocol: it connects, says hello, waits
 for "go", sends TraceMe and times the Ack (request sent to answer read), then waits to be
 released. All N clients of a round get "go" at once.
 
-Usage: sudo .venv/bin/python bench/service.py [--rounds 20,5,3] [--json]
+The storm figures alternate untraced and traced windows at each level (the VM drifts): each
+window is one storm process timing its own loop (bench/storm.py's C loop); a level's ratio
+is the median of its window ratios, each traced window against the mean of the untraced
+windows on either side.
+
+Usage: sudo .venv/bin/python bench/service.py [--rounds 20,5,3] [--storm]
+       [--storm-syscalls 2000000] [--storm-windows 5] [--json]
 """
 
 from __future__ import annotations
@@ -25,6 +33,9 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.storm import build as build_storm  # noqa: E402
+
 LEVELS = (1, 4, 16)
 
 CLIENT = r"""
@@ -135,6 +146,82 @@ def round_of(sock: str, tmp: Path, n: int, tag: str, service: int,
     return [a["ack_s"] for a in acks]
 
 
+def storm_ns(exe: Path, n: int, sock: str | None, tmp: Path, run: str) -> float:
+    """One storm window: the loop's own ns per syscall, untraced (sock None) or traced as a
+    run of the service by `renacerd -- CMD`."""
+    cmd = [str(exe), str(n)]
+    if sock is not None:
+        cmd = [sys.executable, "-m", "renacerd.cli.renacerd_main", "-q", "--service-socket",
+               sock, "--run", run, "--", *cmd]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600,
+                       check=True)
+    return float(r.stdout.split()[-1])
+
+
+def sleepers(sock: str, tmp: Path, k: int, tag: str) -> list[subprocess.Popen]:
+    """k idle runs of the service (each `renacerd -- sleep`), live once this returns."""
+    procs = [subprocess.Popen([sys.executable, "-m", "renacerd.cli.renacerd_main", "-q",
+                               "--service-socket", sock, "--run", f"{tag}-{i}", "--",
+                               "sleep", "3600"], env=_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for i in range(k)]
+    deadline = time.monotonic() + 120
+    while len(status(sock)["runs"]) < k:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(status(sock)['runs'])} of {k} idle runs started")
+        time.sleep(0.2)
+    return procs
+
+
+def stop_all(sock: str, procs: list[subprocess.Popen]) -> None:
+    """End the idle runs (their sleep is killed; renacerd exits with it)."""
+    for p in procs:
+        for c in psutil.Process(p.pid).children(recursive=True):
+            c.kill()
+    for p in procs:
+        p.wait(60)
+    deadline = time.monotonic() + 60
+    while status(sock)["runs"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def alternate(untraced, traced, windows: int) -> dict:
+    """Alternating windows u t u t ... u: each t against the mean of its two u neighbours."""
+    us = [untraced()]
+    ts: list[float] = []
+    for _ in range(windows):
+        ts.append(traced())
+        us.append(untraced())
+    ratios = sorted(t / ((a + b) / 2) for t, a, b in zip(ts, us, us[1:]))
+    return {"untraced_ns": sorted(us)[len(us) // 2], "traced_ns": sorted(ts)[len(ts) // 2],
+            "ratio": ratios[len(ratios) // 2], "ratio_min": ratios[0],
+            "ratio_max": ratios[-1]}
+
+
+def storm(sock: str, tmp: Path, n: int, windows: int) -> dict:
+    """The storm traced with 1, 4 and 16 runs live; untraced with 0 and 16 live."""
+    exe = build_storm(tmp)
+    out: dict = {"syscalls": n, "windows": windows, "traced": {}}
+    count = iter(range(10**6))
+    for k in LEVELS:
+        idle = sleepers(sock, tmp, k - 1, f"idle{k}")
+        try:
+            out["traced"][k] = alternate(
+                lambda: storm_ns(exe, n, None, tmp, ""),
+                lambda k=k: storm_ns(exe, n, sock, tmp, f"storm{k}-{next(count)}"), windows)
+        finally:
+            stop_all(sock, idle)
+    # an untraced process: the service's programs run for its syscalls too, and only
+    # find it missing from the target map; the same with 16 entries in the map
+    idle = sleepers(sock, tmp, LEVELS[-1], "idle-untraced")
+    try:
+        out["untraced_16"] = storm_ns(exe, n, None, tmp, "")
+    finally:
+        stop_all(sock, idle)
+    out["untraced_0"] = storm_ns(exe, n, None, tmp, "")
+    return out
+
+
 def pct(xs: list[float], q: float) -> float:
     """The q-quantile of xs (nearest rank)."""
     s = sorted(xs)
@@ -146,8 +233,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", default="20,5,3",
                     help="rounds of 1, 4 and 16 concurrent requests (default 20,5,3)")
+    ap.add_argument("--storm", action="store_true",
+                    help="also the syscall storm with 1, 4 and 16 runs live")
+    ap.add_argument("--storm-syscalls", type=int, default=2_000_000, metavar="N",
+                    help="syscalls per storm window (default 2,000,000)")
+    ap.add_argument("--storm-windows", type=int, default=5, metavar="W",
+                    help="traced windows per level, each between two untraced (default 5)")
     ap.add_argument("--json", action="store_true", help="also print the figures as JSON")
     a = ap.parse_args()
+    if a.storm_syscalls < 1000 or a.storm_windows < 1:
+        print("bench/service.py: --storm-syscalls must be >= 1000 and --storm-windows >= 1",
+              file=sys.stderr)
+        return 2
     if os.geteuid() != 0:
         print("bench/service.py: must run as root", file=sys.stderr)
         return 2
@@ -178,6 +275,8 @@ def main() -> int:
                                      sample if i == 0 else None)
                 out["levels"][n] = {"requests": len(acks), "p50_s": pct(acks, 0.5),
                                     "p99_s": pct(acks, 0.99), "max_s": max(acks), **sample}
+            if a.storm:
+                out["storm"] = storm(sock, tmp, a.storm_syscalls, a.storm_windows)
         finally:
             proc.terminate()
             proc.wait(30)
@@ -190,6 +289,18 @@ def main() -> int:
     for n, f in out["levels"].items():
         print(f"| {n} | {f['requests']} | {1000 * f['p50_s']:.1f} ms | "
               f"{1000 * f['p99_s']:.1f} ms | {f['rss_mb']:.0f} MB | {f['progs']} |")
+    if a.storm:
+        st = out["storm"]
+        print(f"\nstorm through the service ({st['syscalls']:,} syscalls of getppid + 4 KiB "
+              f"write per window, {st['windows']} traced windows per level, loop's own ns)")
+        print("| runs live | untraced ns | traced ns | traced / untraced (median) | spread |")
+        print("|---|---|---|---|---|")
+        for k, f in st["traced"].items():
+            print(f"| {k} | {f['untraced_ns']:.0f} | {f['traced_ns']:.0f} | "
+                  f"{f['ratio']:.2f}x | {f['ratio_min']:.2f}-{f['ratio_max']:.2f}x |")
+        print(f"untraced process: {st['untraced_0']:.0f} ns/syscall with 0 runs live, "
+              f"{st['untraced_16']:.0f} ns with 16 "
+              f"({st['untraced_16'] / st['untraced_0']:.2f}x)")
     if a.json:
         print(json.dumps(out, indent=1))
     return 0
