@@ -168,7 +168,9 @@ def sleepers(sock: str, tmp: Path, k: int, tag: str) -> list[subprocess.Popen]:
     deadline = time.monotonic() + 120
     while len(status(sock)["runs"]) < k:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"only {len(status(sock)['runs'])} of {k} idle runs started")
+            live = len(status(sock)["runs"])
+            stop_all(sock, procs)
+            raise RuntimeError(f"only {live} of {k} idle runs started")
         time.sleep(0.2)
     return procs
 
@@ -176,8 +178,11 @@ def sleepers(sock: str, tmp: Path, k: int, tag: str) -> list[subprocess.Popen]:
 def stop_all(sock: str, procs: list[subprocess.Popen]) -> None:
     """End the idle runs (their sleep is killed; renacerd exits with it)."""
     for p in procs:
-        for c in psutil.Process(p.pid).children(recursive=True):
-            c.kill()
+        try:
+            for c in psutil.Process(p.pid).children(recursive=True):
+                c.kill()
+        except psutil.NoSuchProcess:
+            pass
     for p in procs:
         p.wait(60)
     deadline = time.monotonic() + 60
