@@ -277,15 +277,15 @@ class Tracer:
             self.store.commit()
 
     # -- the loop ----------------------------------------------------------------------
-    def live_targets(self) -> bool:
-        """Some traced process has not exited."""
+    def any_traced_alive(self) -> bool:
+        """Some traced process has not exited (the unreaped launched command not counted)."""
         return any(not p.ended for p in self.procs.values())
 
-    def live(self) -> bool:
-        """Some target is still running."""
+    def any_alive_or_unreaped(self) -> bool:
+        """The launched command is not reaped yet, or some traced process has not exited."""
         if self.root_pid is not None and self.root_status is None:
             return True
-        return any(not p.ended for p in self.procs.values())
+        return self.any_traced_alive()
 
     def run(self, duration: float | None = None, idle_hook: Callable[[], None] | None = None):
         """Drain until every target exits, stop() is called, or `duration` passes."""
@@ -297,7 +297,7 @@ class Tracer:
             self.check_writer()
             drained = self.drain_once()
             self.tick(t0)
-            if not self.live():
+            if not self.any_alive_or_unreaped():
                 break
             if deadline is not None and t0 >= deadline:
                 self.stop_requested = True
@@ -777,7 +777,7 @@ class Tracer:
         """Final flush; mark the run ended."""
         if self.root_pid is not None and self.root_status is None:
             # Stopped early (signal, --duration): never wait for, or harm, the command.
-            self._reap_root(block=not self.stop_requested and not self.live_targets())
+            self._reap_root(block=not self.stop_requested and not self.any_traced_alive())
         write_error: str | None = None
         try:
             self.flush()

@@ -44,7 +44,7 @@ from renacerd.client.protocol import (
 )
 from renacerd.serve.loglimit import LimitedLog
 from renacerd.serve.notify import Notifier
-from renacerd.serve.span_link import SpanLink
+from renacerd.serve.span_feed import SpanFeed
 from renacerd.serve.span_ring import close_untrusted
 from renacerd.serve.span_server import (
     ACCEPT_BACKOFF,
@@ -95,7 +95,7 @@ class ServiceRun:
     failed: str = ""
     started: float = field(default_factory=time.monotonic)
     shared: Optional[SharedRun] = None
-    link: Optional[SpanLink] = None
+    feed: Optional[SpanFeed] = None
     ack_s: float = 0.0  # request to attach done: what the client waited for
     from_exec: bool = False  # records start at the root's next execve
     events: int = 0
@@ -403,26 +403,26 @@ class Service:
         except ProbeError as e:
             self._fail(run, f"not traced: {e}")
             return
-        tracer = link = None
+        tracer = feed = None
         try:
             tracer = Tracer(slot, self.store, run.name, cmdline=[f"--pid={run.root_pid}"],
                             follow=True, owner_uid=run.uid, details=self.capture.details,
                             lock=self.store_lock)
             # Only the asking user (and root) may connect to the run's span socket.
-            link = SpanLink(run.socket, None)
-            link.server.start()
+            feed = SpanFeed(run.socket, None)
+            feed.server.start()
             os.chown(run.socket, run.uid, -1)
         except (OSError, StoreError) as e:
             self.capture.discard(slot)
-            self._close_parts(run, tracer, link)
+            self._close_parts(run, tracer, feed)
             self._fail(run, f"cannot start run {run.name!r}: {getattr(e, 'strerror', None) or e}")
             return
-        run.link = link
+        run.feed = feed
         # Between two drains: the first records find the run, and no drain sees it before
         # the check after the attach has passed.
         with self.capture.lock:
             try:
-                link.attach(tracer, [run.root_pid])
+                feed.attach(tracer, [run.root_pid])
                 run.shared = self.capture.add(slot, tracer, self._run_ended)
                 tracer.attach(run.root_pid)
                 if run.from_exec:
@@ -439,7 +439,7 @@ class Service:
                 failed = f"not traced: {e}" if isinstance(e, PeerChanged) else (
                     f"cannot attach to pid {run.root_pid}: {e}")
         if failed is not None:
-            self._close_parts(run, tracer, link, forget=failed)
+            self._close_parts(run, tracer, feed, forget=failed)
             self._fail(run, failed)
             return
         run.ack_s = time.monotonic() - t0
@@ -451,10 +451,10 @@ class Service:
         self._say_status()
 
     def _close_parts(self, run: ServiceRun, tracer: Optional[Tracer],
-                     link: Optional[SpanLink], forget: Optional[str] = None) -> None:
+                     feed: Optional[SpanFeed], forget: Optional[str] = None) -> None:
         """Undo a start that failed; `forget`: also remove what the run recorded."""
-        if link is not None:
-            link.server.stop()
+        if feed is not None:
+            feed.server.stop()
             try:
                 os.unlink(run.socket)
             except OSError:
@@ -478,8 +478,8 @@ class Service:
         with self.lock:
             run = next((r for r in self.runs.values() if r.shared is shared), None)
         tracer = shared.tracer
-        if run is not None and run.link is not None:
-            run.link.close()
+        if run is not None and run.feed is not None:
+            run.feed.close()
             try:
                 os.unlink(run.socket)
             except OSError:
