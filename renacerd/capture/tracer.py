@@ -287,7 +287,7 @@ class Tracer:
             return True
         return self.any_traced_alive()
 
-    def run(self, duration: float | None = None, idle_hook: Callable[[], None] | None = None):
+    def run(self, duration: float | None = None) -> None:
         """Drain until every target exits, stop() is called, or `duration` passes."""
         deadline = None if duration is None else time.monotonic() + duration
         last_drain = time.monotonic()
@@ -302,8 +302,6 @@ class Tracer:
             if deadline is not None and t0 >= deadline:
                 self.stop_requested = True
                 break
-            if idle_hook is not None:
-                idle_hook()
             wait = drain_wait(drained, capacity, t0 - last_drain, self.drain_interval)
             last_drain = t0
             spent = time.monotonic() - t0
