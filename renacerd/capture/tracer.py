@@ -224,7 +224,9 @@ class Tracer:
         if old is not None:
             # The pid was reused within the run: persist the old process before replacing it.
             if not old.ended:
-                self._end_process(old, span.start_mono_ns)
+                # Its exit record was lost. The pid now names the new process, which the
+                # kernel already traces (fork) or we just made a target: keep it traced.
+                self._end_process(old, span.start_mono_ns, untrace=False)
             self._flush_proc(old)
             with self.lock:
                 self.store.update_process(old.proc_id, old.span)
@@ -539,7 +541,7 @@ class Tracer:
         else:
             st.thread_exit_code = code
 
-    def _end_process(self, st: ProcState, ts: int) -> None:
+    def _end_process(self, st: ProcState, ts: int, untrace: bool = True) -> None:
         st.ended = True
         st.span.end_mono_ns = ts
         if st.span.pid != self.root_pid or self.root_status is None:
@@ -555,7 +557,8 @@ class Tracer:
             elif st.thread_exit_code is not None:
                 st.span.exit_code = st.thread_exit_code
         st.dirty = True
-        self.probes.remove_target(st.span.pid)
+        if untrace:
+            self.probes.remove_target(st.span.pid)
         for cb in self.on_process_exit:
             cb(st)
 

@@ -114,9 +114,14 @@ def test_a_reused_pid_whose_exit_record_was_lost_ends_the_old_process_at_the_for
     d = Drain()
     probes.fork(d, 100, P, C, comm=b"one")
     probes.fork(d, 300, P, C, comm=b"two")  # the first one's exit record never came
+    probes.queue(d)
+    tracer.drain_once()
+    assert C in probes.targets  # ending the old process does not untrace the new one
+    d = Drain()
     probes.exit(d, 400, C, status=0)
     probes.queue(d)
     tracer.drain_once()
+    assert C not in probes.targets
     got = _finish(tracer, store)
     assert [(p.name, p.start_mono_ns, p.end_mono_ns) for p, _ in got[C]] == [
         ("one", 100, 300), ("two", 300, 400)]
@@ -171,3 +176,4 @@ def test_the_held_child_is_traced_from_its_execve(tmp_path):
     assert [(c.name, c.timestamp_nanos) for c in calls] == [("execve", 100), ("getpid", 200)]
     assert (proc.name, proc.exe, proc.argv) == ("prog", "/bin/prog", ["prog"])
     store.close()
+
