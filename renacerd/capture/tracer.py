@@ -582,7 +582,9 @@ class Tracer:
         pid = ev["pid"]
         if (pid[1:] == pid[:-1]).all():
             spid = pid
-            cols = {f: np.ascontiguousarray(ev[f]) for f in EVENT_COLUMNS}
+            # Copies, always: `ev` may view the ring, released after this drain, and
+            # ascontiguousarray returns a one-record drain's field as that very view.
+            cols = {f: ev[f].copy() for f in EVENT_COLUMNS}
             cols["s0"], cols["s1"], cols["mode"] = s0, s1, mode
             cols["flags"] = fixed
         else:

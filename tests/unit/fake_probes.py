@@ -59,6 +59,7 @@ class FakeProbes:
         self.targets: set[int] = set()
         self.expected_exits: list[int] = []
         self.queued: list[Drain] = []
+        self.ring = bytearray()
         self.drains = self.releases = 0
 
     # -- SyscallProbes' interface, as the Tracer uses it --------------------------------
@@ -87,13 +88,17 @@ class FakeProbes:
         return (1 << 16, 1 << 14, 1 << 10)
 
     def drain(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The next queued drain, or empty rings."""
+        """The next queued drain, or empty rings. The events are a view of one ring buffer,
+        as SyscallProbes' are: valid until release()."""
         self.drains += 1
-        return (self.queued.pop(0) if self.queued else Drain()).arrays()
+        ev, de, dl = (self.queued.pop(0) if self.queued else Drain()).arrays()
+        self.ring = bytearray(ev.tobytes())
+        return np.frombuffer(self.ring, dtype=EVENT), de, dl
 
     def release(self) -> None:
-        """Count the hand-back of a drain's events."""
+        """Hand the events back: the kernel writes new records over them."""
         self.releases += 1
+        self.ring[:] = b"\xff" * len(self.ring)
 
     def counters(self) -> dict[str, int]:
         """No loss."""

@@ -177,3 +177,14 @@ def test_the_held_child_is_traced_from_its_execve(tmp_path):
     assert (proc.name, proc.exe, proc.argv) == ("prog", "/bin/prog", ["prog"])
     store.close()
 
+
+def test_a_drain_of_one_event_keeps_it_after_the_ring_is_released(run):
+    probes, tracer, store = run
+    d = Drain()
+    probes.event(d, 100, P, NR["getpid"], ret=P)
+    probes.queue(d)
+    tracer.drain_once()  # released: the kernel may write over the record now
+    got = _finish(tracer, store)
+    [(_, calls)] = got[P]
+    assert [(c.name, c.timestamp_nanos, c.return_value) for c in calls] == [
+        ("getpid", 100, P)]
