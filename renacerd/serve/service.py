@@ -37,7 +37,7 @@ from renacerd.client.protocol import Ack, Message, ServiceStatus, StatusQuery, T
 from renacerd.serve.loglimit import LimitedLog
 from renacerd.serve.notify import Notifier
 from renacerd.serve.span_feed import SpanFeed
-from renacerd.serve.span_server import PeerCred, SpanServer, bind_socket
+from renacerd.serve.span_server import Admit, OnMessage, PeerCred, SpanServer, bind_socket
 from renacerd.store.database import Store, StoreError
 
 log = logging.getLogger("renacerd.service")
@@ -446,7 +446,8 @@ class Service:
                 log.warning("closing the store: %s", e)
 
 
-def front_server(sock: socket.socket, on_message, admit, warnings: LimitedLog) -> SpanServer:
+def front_server(sock: socket.socket, on_message: OnMessage, admit: Admit,
+                 warnings: LimitedLog) -> SpanServer:
     """The front socket's server: peers pinned at accept; per-uid limits refused with an
     Ack (request id 0) that says why; a few messages a connection (RATE/s, BURST), closed
     beyond them or after IDLE_TIMEOUT s of silence; no ring, no descriptor. One thread
