@@ -1,4 +1,5 @@
-"""Numpy layouts of the fixed-size records written by bpf/syscalls.c."""
+"""Numpy layouts of the fixed-size records written by bpf/syscalls.c (tests/unit/
+test_record_layout.py parses the C source and checks that the two agree)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,6 @@ import logging
 import os
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -310,13 +309,3 @@ class CudaSource:
     def close(self) -> None:
         """Detach every uprobe."""
         self.probes.close()
-
-
-def wait_attached(src: CudaSource, n: int, timeout: float = 5.0) -> bool:
-    """Until `n` objects are probed (tests and tools that drive a source by hand)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if len(src.probes.probed()) >= n:
-            return True
-        time.sleep(0.005)
-    return False

@@ -247,7 +247,7 @@ class SharedCapture:
                     self._guard(run, step, *args)
             if self.runs.get(run.slot.slot) is not run:
                 continue
-            if not run.tracer.live():
+            if not run.tracer.any_alive_or_unreaped():
                 self._end(run)
             elif run.stop_requested:
                 run.status, run.error = run.stop_status

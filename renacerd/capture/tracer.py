@@ -224,7 +224,9 @@ class Tracer:
         if old is not None:
             # The pid was reused within the run: persist the old process before replacing it.
             if not old.ended:
-                self._end_process(old, span.start_mono_ns)
+                # Its exit record was lost. The pid now names the new process, which the
+                # kernel already traces (fork) or we just made a target: keep it traced.
+                self._end_process(old, span.start_mono_ns, untrace=False)
             self._flush_proc(old)
             with self.lock:
                 self.store.update_process(old.proc_id, old.span)
@@ -277,17 +279,17 @@ class Tracer:
             self.store.commit()
 
     # -- the loop ----------------------------------------------------------------------
-    def live_targets(self) -> bool:
-        """Some traced process has not exited."""
+    def any_traced_alive(self) -> bool:
+        """Some traced process has not exited (the unreaped launched command not counted)."""
         return any(not p.ended for p in self.procs.values())
 
-    def live(self) -> bool:
-        """Some target is still running."""
+    def any_alive_or_unreaped(self) -> bool:
+        """The launched command is not reaped yet, or some traced process has not exited."""
         if self.root_pid is not None and self.root_status is None:
             return True
-        return any(not p.ended for p in self.procs.values())
+        return self.any_traced_alive()
 
-    def run(self, duration: float | None = None, idle_hook: Callable[[], None] | None = None):
+    def run(self, duration: float | None = None) -> None:
         """Drain until every target exits, stop() is called, or `duration` passes."""
         deadline = None if duration is None else time.monotonic() + duration
         last_drain = time.monotonic()
@@ -297,13 +299,11 @@ class Tracer:
             self.check_writer()
             drained = self.drain_once()
             self.tick(t0)
-            if not self.live():
+            if not self.any_alive_or_unreaped():
                 break
             if deadline is not None and t0 >= deadline:
                 self.stop_requested = True
                 break
-            if idle_hook is not None:
-                idle_hook()
             wait = drain_wait(drained, capacity, t0 - last_drain, self.drain_interval)
             last_drain = t0
             spent = time.monotonic() - t0
@@ -541,7 +541,7 @@ class Tracer:
         else:
             st.thread_exit_code = code
 
-    def _end_process(self, st: ProcState, ts: int) -> None:
+    def _end_process(self, st: ProcState, ts: int, untrace: bool = True) -> None:
         st.ended = True
         st.span.end_mono_ns = ts
         if st.span.pid != self.root_pid or self.root_status is None:
@@ -557,7 +557,8 @@ class Tracer:
             elif st.thread_exit_code is not None:
                 st.span.exit_code = st.thread_exit_code
         st.dirty = True
-        self.probes.remove_target(st.span.pid)
+        if untrace:
+            self.probes.remove_target(st.span.pid)
         for cb in self.on_process_exit:
             cb(st)
 
@@ -581,8 +582,8 @@ class Tracer:
         pid = ev["pid"]
         if (pid[1:] == pid[:-1]).all():
             spid = pid
-            # copy(), not ascontiguousarray(): a one-event drain is "contiguous" and would
-            # stay a view of the ring, which the kernel reuses after release()
+            # Copies, always: `ev` may view the ring, released after this drain, and
+            # ascontiguousarray returns a one-record drain's field as that very view.
             cols = {f: ev[f].copy() for f in EVENT_COLUMNS}
             cols["s0"], cols["s1"], cols["mode"] = s0, s1, mode
             cols["flags"] = fixed
@@ -779,7 +780,7 @@ class Tracer:
         """Final flush; mark the run ended."""
         if self.root_pid is not None and self.root_status is None:
             # Stopped early (signal, --duration): never wait for, or harm, the command.
-            self._reap_root(block=not self.stop_requested and not self.live_targets())
+            self._reap_root(block=not self.stop_requested and not self.any_traced_alive())
         write_error: str | None = None
         try:
             self.flush()

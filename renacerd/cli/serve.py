@@ -10,7 +10,7 @@ import sys
 import threading
 
 from renacerd.cli.common import Parser, fail
-from renacerd.serve.span_link import DEFAULT_SOCKET
+from renacerd.serve.span_feed import DEFAULT_SOCKET
 
 PROG = "renacerd serve"
 

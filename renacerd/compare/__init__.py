@@ -95,10 +95,6 @@ def _chunks(pair: int, nb: NormTrace | None, nc: NormTrace | None) -> list[Chunk
             for th, seg in sorted(set(gb) | set(gc))]
 
 
-def _ratio(num: float, den: float, both_zero: float) -> float:
-    return both_zero if den == 0 else num / den
-
-
 def compare_runs(
     baseline: UnifiedTrace | Sequence[UnifiedTrace],
     candidate: UnifiedTrace | Sequence[UnifiedTrace],

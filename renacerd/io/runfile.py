@@ -92,15 +92,6 @@ def write_golden(path: str | os.PathLike[str], run: Any, traces: list[UnifiedTra
     return len(head) + len(body)
 
 
-def is_golden(path: str | os.PathLike[str]) -> bool:
-    """The file starts with the golden-trace magic."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(MAGIC)) == MAGIC
-    except OSError:
-        return False
-
-
 def read_golden(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[UnifiedTrace]]:
     """(run info dict, traces) from a golden trace file; GoldenError on anything wrong."""
     try:

@@ -14,7 +14,7 @@ from renacerd.trace.gpu_trace import gpu_summary
 from renacerd.trace.unified_trace import UnifiedTrace
 
 
-def syscall_table(trace: UnifiedTrace) -> dict[str, dict[str, int]]:
+def syscall_summary(trace: UnifiedTrace) -> dict[str, dict[str, int]]:
     """{name: {calls, errors, interrupted, total_ns}} over the trace, like strace -c (partial
     calls included; a call a signal interrupted is not an error)."""
     c = trace.columns
@@ -55,7 +55,7 @@ def show_data(run: RunInfo, traces: list[UnifiedTrace]) -> dict[str, Any]:
             "rank": rank_entry(p),
             "events": len(t),
             "threads": int(len(np.unique(t.columns["tid"]))) if len(t) else 0,
-            "syscalls": syscall_table(t),
+            "syscalls": syscall_summary(t),
             # keyed by absolute path; see docs/counters.md for what cannot be resolved
             "files": {
                 path: {"bytes_read": f.bytes_read, "bytes_written": f.bytes_written,

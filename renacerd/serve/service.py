@@ -2,7 +2,8 @@
 
 The syscall probes are compiled and attached once, at start (renacerd.capture.shared): a
 run is a slot of that one attachment. The front socket (bound here or handed over by
-systemd) takes only Hello, TraceMe and StatusQuery. A TraceMe claims a slot, puts the peer's
+systemd) is a SpanServer configured for it (front_server) and takes only Hello, TraceMe and
+StatusQuery. A TraceMe claims a slot, puts the peer's
 process tree in it (a few map updates), opens the run's own span socket, owned by the
 asking uid, and acks with it; the client reconnects there for its spans. Each run has its
 own Tracer, run in the store, chunk writer and counters (one store connection for all,
@@ -28,34 +29,15 @@ from typing import Optional
 
 import psutil
 
-from renacerd.capture.peer import Peer, PeerChanged, check_traceable, pin
+from renacerd.capture.peer import Peer, PeerChanged, check_traceable
 from renacerd.capture.probes.loader import ProbeError
 from renacerd.capture.shared import SharedCapture, SharedRun
 from renacerd.capture.tracer import Tracer
-from renacerd.client import protocol
-from renacerd.client.protocol import (
-    MAX_FRAME,
-    Ack,
-    Message,
-    ProtocolError,
-    ServiceStatus,
-    StatusQuery,
-    TraceMe,
-)
+from renacerd.client.protocol import Ack, Message, ServiceStatus, StatusQuery, TraceMe
 from renacerd.serve.loglimit import LimitedLog
 from renacerd.serve.notify import Notifier
-from renacerd.serve.span_link import SpanLink
-from renacerd.serve.span_ring import close_untrusted
-from renacerd.serve.span_server import (
-    ACCEPT_BACKOFF,
-    ANCILLARY,
-    AcceptBackoff,
-    TokenBucket,
-    _close_unread,
-    _descriptors,
-    bind_socket,
-    require_hello,
-)
+from renacerd.serve.span_feed import SpanFeed
+from renacerd.serve.span_server import Admit, OnMessage, PeerCred, SpanServer, bind_socket
 from renacerd.store.database import Store, StoreError
 
 log = logging.getLogger("renacerd.service")
@@ -95,7 +77,7 @@ class ServiceRun:
     failed: str = ""
     started: float = field(default_factory=time.monotonic)
     shared: Optional[SharedRun] = None
-    link: Optional[SpanLink] = None
+    feed: Optional[SpanFeed] = None
     ack_s: float = 0.0  # request to attach done: what the client waited for
     from_exec: bool = False  # records start at the root's next execve
     events: int = 0
@@ -168,157 +150,48 @@ class Service:
         self.stopping = threading.Event()
         self.store = Store(db_path, create=True, group=group)
         self.store.mark_stale_runs_incomplete()
-        self.conns: dict[int, tuple[socket.socket, Peer]] = {}
-        self.stats = {"connections": 0, "rejected": 0, "protocol_errors": 0, "messages": 0,
-                      "runs_started": 0, "runs_refused": 0, "accept_errors": 0,
-                      "descriptors_refused": 0, "limited": 0}
+        # What the service counts; the front server counts its connections (`stats` has both).
+        self.counts = {"runs_started": 0, "runs_refused": 0, "limited": 0}
         self.warnings = LimitedLog(log)
+        self.front = front_server(sock, self._handle, self._over_limit, self.warnings)
         open_runs_dir(runs_dir)
         self.capture = capture if capture is not None else load_capture()
 
+    @property
+    def stats(self) -> dict[str, int]:
+        """The front server's counters (connections, refusals, protocol errors, ...) and the
+        service's own (runs started and refused)."""
+        with self.lock:
+            return {**self.front.stats, **self.counts}
+
     # -- the front socket ------------------------------------------------------------------
     def serve_forever(self) -> None:
-        """Accept front connections until stop(); each gets a thread (the traffic is tiny)."""
-        self.sock.setblocking(True)
-        self.sock.settimeout(POLL_INTERVAL)
-        reaper = threading.Thread(target=self._reap_loop, name="renacerd-reaper", daemon=True)
-        reaper.start()
-        backoff = AcceptBackoff(self.warnings)
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError as e:
-                if self.stopping.is_set():
-                    break
-                # EMFILE and friends: keep serving what is open; wait before trying again
-                # (the pending connection is still there) and say so once in a while.
-                with self.lock:
-                    delay = backoff.failed(e, self.stats)
-                self.stopping.wait(ACCEPT_BACKOFF if delay is None else delay)
-                continue
-            backoff.accepted()
-            try:
-                peer = pin(conn)
-            except OSError as e:
-                self.warnings.warning("accept", "accepted connection unusable: %s", e)
-                _close_unread(conn)
-                continue
-            with self.lock:
-                refusal = self._over_limit(peer)
-                if refusal is None:
-                    self.conns[conn.fileno()] = (conn, peer)
-                    self.stats["connections"] += 1
-                else:
-                    self.stats["rejected"] += 1
-            if refusal is not None:
-                self.warnings.warning("limit", "refusing pid %d uid %d: %s", peer.pid,
-                                      peer.uid, refusal)
-                try:
-                    # Request id 0: the client reports the reason and goes on untraced.
-                    conn.send(protocol.encode(Ack(0, False, refusal)),
-                              socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
-                except OSError:
-                    pass
-                peer.close()
-                _close_unread(conn)
-                continue
-            threading.Thread(target=self._serve_conn, args=(conn, peer),
-                             name=f"renacerd-front-{peer.pid}", daemon=True).start()
-        reaper.join(2 * POLL_INTERVAL)
+        """Serve the front socket until stop(); this thread samples the runs meanwhile."""
+        self.front.start()
+        self._reap_loop()
 
-    def _over_limit(self, peer: Peer) -> Optional[str]:
-        """Why `peer` may not have another front connection, None if it may (lock held)."""
+    def _over_limit(self, peer: PeerCred) -> Optional[str]:
+        """Why `peer` may not have another front connection, None if it may (called on the
+        front server's thread, which alone opens and closes its connections)."""
+        peers = self.front.peers()
         if peer.uid == 0:
-            return None if len(self.conns) < MAX_CONNECTIONS else (
+            return None if len(peers) < MAX_CONNECTIONS else (
                 f"{MAX_CONNECTIONS} connections open")
-        if len(self.conns) >= MAX_CONNECTIONS - ROOT_RESERVED:
-            return f"{len(self.conns)} connections open (the last {ROOT_RESERVED} are root's)"
-        mine = sum(1 for _, p in self.conns.values() if p.uid == peer.uid)
+        if len(peers) >= MAX_CONNECTIONS - ROOT_RESERVED:
+            return f"{len(peers)} connections open (the last {ROOT_RESERVED} are root's)"
+        mine = sum(1 for p in peers if p.uid == peer.uid)
         if mine >= MAX_CONNECTIONS_PER_UID:
             return (f"limit: uid {peer.uid} has {mine} connections open (at most "
                     f"{MAX_CONNECTIONS_PER_UID} per user)")
         return None
 
-    def _serve_conn(self, conn: socket.socket, peer: Peer) -> None:
-        fd = conn.fileno()
-        reason = "closed by peer"
-        level = logging.DEBUG
-        clean = False  # read to its end (EOF): nothing can be queued on it
-        bucket = TokenBucket(RATE, BURST)
-        greeted = False
-        conn.settimeout(IDLE_TIMEOUT)
-        try:
-            while not self.stopping.is_set():
-                try:
-                    # Room for every descriptor a message may carry (span_server.ANCILLARY):
-                    # none that a client adds is closed by the kernel on this thread.
-                    frame, ancillary, flags, _ = conn.recvmsg(MAX_FRAME + 1, ANCILLARY,
-                                                              socket.MSG_CMSG_CLOEXEC)
-                except TimeoutError:
-                    reason = f"idle for {IDLE_TIMEOUT:.0f} s"
-                    break
-                except OSError as e:
-                    reason = f"receive failed: {e}"
-                    break
-                fds = _descriptors(ancillary) if ancillary else []
-                if fds or flags & socket.MSG_CTRUNC:
-                    for d in fds:
-                        close_untrusted(d)
-                    with self.lock:
-                        self.stats["descriptors_refused"] += len(fds)
-                        self.stats["protocol_errors"] += 1
-                    reason = "protocol error (descriptors on the front socket)"
-                    level = logging.WARNING
-                    break
-                if not frame:
-                    clean = True
-                    break
-                bucket.refill(time.monotonic())
-                bucket.tokens -= 1
-                if bucket.tokens < 0:
-                    reason, level = f"rate limit ({RATE:.0f} messages/s)", logging.WARNING
-                    break
-                with self.lock:
-                    self.stats["messages"] += 1
-                try:
-                    msg = protocol.decode(frame)
-                    require_hello(greeted, msg)
-                except ProtocolError as e:
-                    with self.lock:
-                        self.stats["protocol_errors"] += 1
-                    reason, level = f"protocol error ({e})", logging.WARNING
-                    break
-                greeted = True
-                reply = self._handle(peer, msg)
-                if reply is not None:
-                    try:
-                        conn.send(protocol.encode(reply), socket.MSG_NOSIGNAL)
-                    except OSError as e:
-                        reason = f"reply failed: {e}"
-                        break
-        finally:
-            if level >= logging.WARNING:
-                self.warnings.warning("client", "front client pid %d uid %d disconnected: %s",
-                                      peer.pid, peer.uid, reason)
-            else:
-                log.log(level, "front client pid %d uid %d disconnected: %s", peer.pid,
-                        peer.uid, reason)
-            with self.lock:
-                self.conns.pop(fd, None)
-            peer.close()
-            if clean:
-                conn.close()
-            else:
-                _close_unread(conn)  # unread messages may hold descriptors
-
-    def _handle(self, peer: Peer, msg: Message) -> Optional[Message]:
+    def _handle(self, peer: PeerCred, msg: Message) -> Optional[Message]:
+        assert peer.pinned is not None  # the front server pins every peer
         if isinstance(msg, TraceMe):
-            ok, reason, path = self.trace_request(peer, msg.run, msg.from_exec)
+            ok, reason, path = self.trace_request(peer.pinned, msg.run, msg.from_exec)
             return Ack(msg.request_id, ok, reason, path)
         if isinstance(msg, StatusQuery):
-            return self.status(peer)
+            return self.status(peer.pinned)
         # Spans belong on the per-run socket; here they are well-formed but meaningless.
         return None
 
@@ -337,7 +210,7 @@ class Service:
             check_traceable(peer.pid, peer.uid, peer)
         except PeerChanged as e:
             with self.lock:
-                self.stats["runs_refused"] += 1
+                self.counts["runs_refused"] += 1
             self.warnings.warning("peer", "refusing to trace pid %d for uid %d: %s", peer.pid,
                                   peer.uid, e)
             return False, f"not traced: {e}", None
@@ -346,18 +219,18 @@ class Service:
             if run is None:
                 mine = sum(1 for r in self.runs.values() if r.uid == peer.uid)
                 if peer.uid != 0 and mine >= MAX_RUNS_PER_UID:
-                    self.stats["runs_refused"] += 1
-                    self.stats["limited"] += 1
+                    self.counts["runs_refused"] += 1
+                    self.counts["limited"] += 1
                     return False, (f"limit: uid {peer.uid} has {mine} runs traced (at most "
                                    f"{MAX_RUNS_PER_UID} per user)"), None
                 clash = self._traced_by(peer.pid)
                 if clash is not None:
-                    self.stats["runs_refused"] += 1
+                    self.counts["runs_refused"] += 1
                     return False, f"this process is already traced as run {clash.name!r}", None
                 with self.store_lock:
                     exists = self.store.run_exists(name)
                 if exists:
-                    self.stats["runs_refused"] += 1
+                    self.counts["runs_refused"] += 1
                     return False, f"run {name!r} already exists in the store", None
                 # Unique, so a tracer left by an earlier service never holds the name.
                 path = os.path.join(self.runs_dir, f"{secrets.token_hex(8)}.sock")
@@ -367,10 +240,10 @@ class Service:
             else:
                 starter = False
                 if peer.uid not in (0, run.uid):
-                    self.stats["runs_refused"] += 1
+                    self.counts["runs_refused"] += 1
                     return False, f"run {name!r} belongs to another user", None
                 if not self._in_tree(peer.pid, run.root_pid):
-                    self.stats["runs_refused"] += 1
+                    self.counts["runs_refused"] += 1
                     return False, f"run {name!r} is tracing another process tree", None
         if starter:
             self._start(run, peer)
@@ -403,26 +276,26 @@ class Service:
         except ProbeError as e:
             self._fail(run, f"not traced: {e}")
             return
-        tracer = link = None
+        tracer = feed = None
         try:
             tracer = Tracer(slot, self.store, run.name, cmdline=[f"--pid={run.root_pid}"],
                             follow=True, owner_uid=run.uid, details=self.capture.details,
                             lock=self.store_lock)
             # Only the asking user (and root) may connect to the run's span socket.
-            link = SpanLink(run.socket, None)
-            link.server.start()
+            feed = SpanFeed(run.socket, None)
+            feed.server.start()
             os.chown(run.socket, run.uid, -1)
         except (OSError, StoreError) as e:
             self.capture.discard(slot)
-            self._close_parts(run, tracer, link)
+            self._close_parts(run, tracer, feed)
             self._fail(run, f"cannot start run {run.name!r}: {getattr(e, 'strerror', None) or e}")
             return
-        run.link = link
+        run.feed = feed
         # Between two drains: the first records find the run, and no drain sees it before
         # the check after the attach has passed.
         with self.capture.lock:
             try:
-                link.attach(tracer, [run.root_pid])
+                feed.attach(tracer, [run.root_pid])
                 run.shared = self.capture.add(slot, tracer, self._run_ended)
                 tracer.attach(run.root_pid)
                 if run.from_exec:
@@ -439,22 +312,22 @@ class Service:
                 failed = f"not traced: {e}" if isinstance(e, PeerChanged) else (
                     f"cannot attach to pid {run.root_pid}: {e}")
         if failed is not None:
-            self._close_parts(run, tracer, link, forget=failed)
+            self._close_parts(run, tracer, feed, forget=failed)
             self._fail(run, failed)
             return
         run.ack_s = time.monotonic() - t0
         with self.lock:
-            self.stats["runs_started"] += 1
+            self.counts["runs_started"] += 1
         log.info("run %s: tracing pid %d for uid %d (slot %d, attached in %.0f ms)", run.name,
                  run.root_pid, run.uid, slot.slot, 1000 * run.ack_s)
         run.ready.set()
         self._say_status()
 
     def _close_parts(self, run: ServiceRun, tracer: Optional[Tracer],
-                     link: Optional[SpanLink], forget: Optional[str] = None) -> None:
+                     feed: Optional[SpanFeed], forget: Optional[str] = None) -> None:
         """Undo a start that failed; `forget`: also remove what the run recorded."""
-        if link is not None:
-            link.server.stop()
+        if feed is not None:
+            feed.server.stop()
             try:
                 os.unlink(run.socket)
             except OSError:
@@ -478,8 +351,8 @@ class Service:
         with self.lock:
             run = next((r for r in self.runs.values() if r.shared is shared), None)
         tracer = shared.tracer
-        if run is not None and run.link is not None:
-            run.link.close()
+        if run is not None and run.feed is not None:
+            run.feed.close()
             try:
                 os.unlink(run.socket)
             except OSError:
@@ -505,7 +378,7 @@ class Service:
         log.warning("%s", reason)
         run.failed = reason
         with self.lock:
-            self.stats["runs_refused"] += 1
+            self.counts["runs_refused"] += 1
             self.runs.pop(run.name, None)
         run.ready.set()
 
@@ -556,13 +429,8 @@ class Service:
         processes go on untraced), and every probe detached."""
         self.stopping.set()
         self.notifier.stopping("stopping: ending every run")
-        with self.lock:
-            conns = [conn for conn, _ in self.conns.values()]
-        for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        # No request is taken, or half-served, once the runs are being closed.
+        self.front.stop()
         self.capture.close(status="incomplete", error=STOPPED_LIVE, timeout=STOP_GRACE)
         self.sock.close()
         if self.unlink_path is not None:
@@ -576,6 +444,23 @@ class Service:
                 self.store.close()
             except StoreError as e:
                 log.warning("closing the store: %s", e)
+
+
+def front_server(sock: socket.socket, on_message: OnMessage, admit: Admit,
+                 warnings: LimitedLog) -> SpanServer:
+    """The front socket's server: peers pinned at accept; per-uid limits refused with an
+    Ack (request id 0) that says why; a few messages a connection (RATE/s, BURST), closed
+    beyond them or after IDLE_TIMEOUT s of silence; no ring, no descriptor. One thread
+    serves every connection: a request is a few map updates, and only one request at a
+    time starts a run."""
+    return SpanServer(
+        sock=sock, on_message=on_message, admit=admit,
+        # Request id 0: the client reports the reason and goes on untraced.
+        refusal=lambda reason: Ack(0, False, reason),
+        pin_peers=True, rate=RATE, burst=BURST, close_over_rate=True,
+        idle_timeout=IDLE_TIMEOUT, max_connections=None, rings=False, batch_delay=0.0,
+        name="front", warnings=warnings,
+    )
 
 
 def listen(path: str, gid: Optional[int]) -> socket.socket:

@@ -22,7 +22,7 @@ from renacerd.capture.probes.syscalls import SyscallProbes
 from renacerd.capture.procfs import CallerSignals, TargetError, check_target
 from renacerd.capture.tracer import Summary, Tracer, default_run_name, install_signal_handlers
 from renacerd.escaping import escape
-from renacerd.serve.span_link import SpanLink, SpanLinkError
+from renacerd.serve.span_feed import SpanFeed, SpanFeedError
 from renacerd.store.database import Store, StoreError, default_db_path
 
 
@@ -189,7 +189,7 @@ def _once(fn: Callable[..., object], *args: object) -> Callable[[], None]:
 
 
 def _nothing() -> None:
-    """Nothing to close (no span link, no CUDA source)."""
+    """Nothing to close (no span feed, no CUDA source)."""
 
 
 class _Refused(Exception):
@@ -252,7 +252,7 @@ class Session:
         """Set everything up on `stack` (undone in reverse, whatever happens) and trace."""
         c = self.config
         env = dict(os.environ)
-        link, close_link = self._span_link(stack, env)
+        feed, close_feed = self._span_feed(stack, env)
         child = HeldChild(self.exe, self.cmd, env, self.caller) if self.cmd else None
         if child is not None:
             stack.callback(child.abort_unless_released)
@@ -286,9 +286,9 @@ class Session:
         stack.callback(close_probes)
         stack.callback(close_cuda)
         stack.callback(finish)
-        stack.callback(close_link)
+        stack.callback(close_feed)
         try:
-            self._start(tracer, link, child, out)
+            self._start(tracer, feed, child, out)
             if out.error is None and c.priority == "idle":
                 guard = self._guard(probes, cuda_src)
                 if guard is not None:
@@ -308,20 +308,20 @@ class Session:
             raise
         return child
 
-    def _span_link(self, stack: ExitStack, env: dict[str, str]
-                   ) -> tuple[SpanLink | None, Callable[[], None]]:
+    def _span_feed(self, stack: ExitStack, env: dict[str, str]
+                   ) -> tuple[SpanFeed | None, Callable[[], None]]:
         """The span server of this run (its socket in the command's environment), closed
         at most once."""
         try:
-            link = SpanLink.for_session(self.config.socket, launch=bool(self.cmd))
-        except SpanLinkError as e:
+            feed = SpanFeed.for_session(self.config.socket, launch=bool(self.cmd))
+        except SpanFeedError as e:
             raise _Refused(str(e)) from e
-        if link is None:
+        if feed is None:
             return None, _nothing
-        close_link = _once(link.close)
-        stack.callback(close_link)
-        env["RENACER_SOCKET"] = link.path
-        return link, close_link
+        close_feed = _once(feed.close)
+        stack.callback(close_feed)
+        env["RENACER_SOCKET"] = feed.path
+        return feed, close_feed
 
     def _cuda(self, tracer: Tracer, out: _Outcome, env: dict[str, str]) -> CudaSource | None:
         """The CUDA probes of this run; None when they are off or could not load (said)."""
@@ -339,11 +339,11 @@ class Session:
                 cuda_src.preload_for_command([self.exe, *self.cmd[1:]], env)
         return cuda_src
 
-    def _start(self, tracer: Tracer, link: SpanLink | None, child: HeldChild | None,
+    def _start(self, tracer: Tracer, feed: SpanFeed | None, child: HeldChild | None,
                out: _Outcome) -> None:
         """Feed spans in, then release the held command or attach to the --pid targets."""
-        if link is not None:
-            link.attach(tracer, [child.pid] if child is not None else list(self.config.pids))
+        if feed is not None:
+            feed.attach(tracer, [child.pid] if child is not None else list(self.config.pids))
         if child is not None:
             tracer.adopt_launched(child.pid)
             err = child.release()

@@ -8,6 +8,11 @@ read every RING_POLL s, and the ring is read to its end when the connection clos
 per-connection token bucket (RATE messages/s, BURST messages) throttles a flooding client by
 not reading it: its socket or ring fills and its own client library drops and counts
 messages, which it reports later.
+
+The host service's front socket is one of these servers too, configured for it
+(renacerd.serve.service): peers pinned at accept (renacerd.capture.peer.pin), an admission
+rule with a reply that says why, a flooding connection closed rather than throttled, idle
+connections closed, and no descriptors taken.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
-from renacerd.capture.peer import peer_cred
+from renacerd.capture.peer import Peer, peer_cred, pin
 from renacerd.client import protocol
 from renacerd.client.protocol import MAX_FRAME, Dropped, Hello, Message, ProtocolError, Ring
 from renacerd.serve.loglimit import LimitedLog
@@ -62,15 +67,19 @@ class SocketInUseError(OSError):
 
 @dataclass(frozen=True, slots=True)
 class PeerCred:
-    """The peer of a connection, from SO_PEERCRED; conn_id tells connections apart."""
+    """The peer of a connection, from SO_PEERCRED; conn_id tells connections apart;
+    `pinned`: the process itself, pinned at accept (a server made with pin_peers=True)."""
 
     pid: int
     uid: int
     gid: int
     conn_id: int
+    pinned: Optional[Peer] = field(default=None, compare=False, repr=False)
 
 
 OnMessage = Callable[[PeerCred, Message], Optional[Message]]
+# Why a new connection is refused (None: it is not); called on the server thread.
+Admit = Callable[[PeerCred], Optional[str]]
 
 
 @dataclass(slots=True)
@@ -129,6 +138,7 @@ class _Conn:
     greeted: bool = False
     throttled_until: float = 0.0
     ring: Optional[RingReader] = None
+    heard: float = field(default_factory=time.monotonic)  # last message, for idle_timeout
 
 
 def sockets_from_systemd(unset_environment: bool = True) -> list[socket.socket]:
@@ -204,7 +214,14 @@ def bind_socket(path: str, mode: int = 0o660, group: Union[int, str, None] = Non
 
 
 class SpanServer:
-    """Accepts span clients, decodes their frames and hands messages to `on_message`."""
+    """Accepts span clients, decodes their frames and hands messages to `on_message`.
+
+    For the front socket: `pin_peers` pins each peer's process at accept (PeerCred.pinned);
+    `admit` may refuse a connection with a reason, which `refusal` turns into the message
+    sent before the close; `close_over_rate` closes a connection that outruns its bucket
+    instead of pausing it; `idle_timeout` closes one silent that long; `rings=False` takes
+    no ring and no descriptor (a message carrying one is a protocol error); `name` and
+    `warnings` say whose lines these are ("front client pid P ...")."""
 
     def __init__(
         self,
@@ -218,8 +235,16 @@ class SpanServer:
         group: Union[int, str, None] = None,
         rate: float = RATE,
         burst: float = BURST,
-        max_connections: int = MAX_CONNECTIONS,
+        max_connections: Optional[int] = MAX_CONNECTIONS,
         batch_delay: float = BATCH_DELAY,
+        pin_peers: bool = False,
+        admit: Optional[Admit] = None,
+        refusal: Optional[Callable[[str], Message]] = None,
+        close_over_rate: bool = False,
+        idle_timeout: Optional[float] = None,
+        rings: bool = True,
+        name: str = "span",
+        warnings: Optional[LimitedLog] = None,
     ) -> None:
         if (path is None) == (sock is None):
             raise ValueError("give exactly one of path= or sock=")
@@ -239,6 +264,13 @@ class SpanServer:
         self._burst = burst
         self._max_connections = max_connections
         self._batch_delay = batch_delay
+        self._pin_peers = pin_peers
+        self._admit = admit
+        self._refusal = refusal
+        self._close_over_rate = close_over_rate
+        self._idle_timeout = idle_timeout
+        self._take_rings = rings
+        self.name = name
         self._conns: dict[int, _Conn] = {}
         self._rings: dict[int, _Conn] = {}
         self._next_ring_poll = 0.0
@@ -251,7 +283,7 @@ class SpanServer:
         self._view = memoryview(self._buf)
         self._address = path or ""
         self._accept_paused_until = 0.0
-        self.warnings = LimitedLog(log)
+        self.warnings = warnings if warnings is not None else LimitedLog(log)
         self._accept_backoff = AcceptBackoff(self.warnings)
         self.stats = {
             "connections": 0, "open": 0, "rejected": 0, "protocol_errors": 0,
@@ -282,7 +314,7 @@ class SpanServer:
         self._selector.register(self._sock, selectors.EVENT_READ, None)
         self._selector.register(self._wake_r, selectors.EVENT_READ, self._wake_r)
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="renacerd-span-server",
+        self._thread = threading.Thread(target=self._run, name=f"renacerd-server-{self.name}",
                                         daemon=True)
         self._thread.start()
 
@@ -314,6 +346,10 @@ class SpanServer:
             except FileNotFoundError:
                 pass
 
+    def peers(self) -> list[PeerCred]:
+        """The peers of the open connections (for `admit`, which runs on the server thread)."""
+        return [c.peer for c in self._conns.values()]
+
     def __enter__(self) -> SpanServer:
         self.start()
         return self
@@ -342,6 +378,8 @@ class SpanServer:
                     except BlockingIOError:
                         pass
             self._wake_throttled()
+            if self._idle_timeout is not None:
+                self._close_idle()
             if self._accept_paused_until and time.monotonic() >= self._accept_paused_until:
                 self._resume_accept()
             if self._rings and time.monotonic() >= self._next_ring_poll:
@@ -362,6 +400,8 @@ class SpanServer:
             waits.append(self._next_ring_poll)
         if self._accept_paused_until:
             waits.append(self._accept_paused_until)
+        if self._idle_timeout is not None and self._conns:
+            waits.append(min(c.heard for c in self._conns.values()) + self._idle_timeout)
         if not waits:
             return None
         return max(min(waits) - time.monotonic(), 0.0)
@@ -390,19 +430,28 @@ class SpanServer:
                 return
             self._accept_backoff.accepted()
             sock.setblocking(False)
-            pid, uid, gid = peer_cred(sock)
-            self._next_conn_id += 1
-            peer = PeerCred(pid, uid, gid, self._next_conn_id)
-            if len(self._conns) >= self._max_connections:
-                self.warnings.warning("full", "refusing pid %d uid %d: %d connections open",
-                                      pid, uid, len(self._conns))
-                self.stats["rejected"] += 1
+            try:
+                pinned = pin(sock) if self._pin_peers else None
+                pid, uid, gid = (pinned.pid, pinned.uid, pinned.gid) if pinned else peer_cred(sock)
+            except OSError as exc:
+                self.warnings.warning("accept", "accepted connection unusable: %s", exc)
                 _close_unread(sock)
                 continue
-            if self._authorize is not None and not self._authorize(peer):
-                self.warnings.warning("unauthorized", "refusing pid %d uid %d: not authorized",
-                                      pid, uid)
+            self._next_conn_id += 1
+            peer = PeerCred(pid, uid, gid, self._next_conn_id, pinned)
+            refusal = self._refuse(peer)
+            if refusal is not None:
+                self.warnings.warning("refused", "refusing pid %d uid %d: %s", pid, uid,
+                                      refusal)
                 self.stats["rejected"] += 1
+                if self._refusal is not None:
+                    try:
+                        sock.send(protocol.encode(self._refusal(refusal)),
+                                  socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+                    except OSError:
+                        pass
+                if pinned is not None:
+                    pinned.close()
                 _close_unread(sock)
                 continue
             conn = _Conn(sock, peer, TokenBucket(self._rate, self._burst))
@@ -410,6 +459,24 @@ class SpanServer:
             self._selector.register(sock, selectors.EVENT_READ, conn)
             self.stats["connections"] += 1
             self.stats["open"] = len(self._conns)
+
+    def _refuse(self, peer: PeerCred) -> Optional[str]:
+        """Why a new connection may not stay open, None if it may."""
+        if self._max_connections is not None and len(self._conns) >= self._max_connections:
+            return f"{len(self._conns)} connections open"
+        if self._admit is not None:
+            reason = self._admit(peer)
+            if reason is not None:
+                return reason
+        if self._authorize is not None and not self._authorize(peer):
+            return "not authorized"
+        return None
+
+    def _close_idle(self) -> None:
+        assert self._idle_timeout is not None
+        now = time.monotonic()
+        for conn in [c for c in self._conns.values() if now - c.heard >= self._idle_timeout]:
+            self._close(conn, f"idle for {self._idle_timeout:.0f} s", level=logging.DEBUG)
 
     def _pause_accept(self, delay: float) -> None:
         assert self._selector is not None and self._sock is not None
@@ -429,8 +496,10 @@ class SpanServer:
         return now
 
     def _read(self, conn: _Conn) -> None:
-        now = self._refill(conn)
-        budget = min(int(conn.bucket.tokens), PER_WAKE)
+        now = conn.heard = self._refill(conn)
+        bucket = conn.bucket
+        # Closing over the rate: read what is there and count each message against it.
+        budget = PER_WAKE if self._close_over_rate else min(int(bucket.tokens), PER_WAKE)
         buf = [self._buf]
         view = self._view
         recvmsg_into = conn.sock.recvmsg_into
@@ -454,8 +523,16 @@ class SpanServer:
                 try:
                     if flags & socket.MSG_CTRUNC:
                         raise ProtocolError("schema", "ancillary data truncated")
+                    if fds and not self._take_rings:
+                        raise ProtocolError("schema", f"descriptors on the {self.name} socket")
+                    if self._close_over_rate:
+                        bucket.tokens -= 1
+                        if bucket.tokens < 0:
+                            self.stats["messages"] += done - 1
+                            self._drop(conn, f"rate limit ({self._rate:.0f} messages/s)")
+                            return
                     msg = protocol.decode(view[:size])
-                    if isinstance(msg, Ring):
+                    if isinstance(msg, Ring) and self._take_rings:
                         self._take_ring(conn, msg, fds)
                         fds = []
                         continue
@@ -470,12 +547,17 @@ class SpanServer:
         except ProtocolError as exc:
             self.stats["protocol_errors"] += 1
             self.stats["messages"] += done
-            self.warnings.warning("protocol", "span client pid %d uid %d disconnected: "
-                                  "protocol error (%s)", conn.peer.pid, conn.peer.uid, exc)
-            self._close(conn, f"protocol error ({exc})", level=logging.DEBUG)
+            self._drop(conn, f"protocol error ({exc})")
             return
         self.stats["messages"] += done
-        self._spend(conn, done, now)
+        if not self._close_over_rate:
+            self._spend(conn, done, now)
+
+    def _drop(self, conn: _Conn, reason: str) -> None:
+        """Close a connection for its client's fault, with a (rate-limited) line saying why."""
+        self.warnings.warning("client", "%s client pid %d uid %d disconnected: %s", self.name,
+                              conn.peer.pid, conn.peer.uid, reason)
+        self._close(conn, reason, level=logging.DEBUG)
 
     def _fault(self, conn: _Conn, exc: Exception) -> None:
         """An unexpected error serving one connection: log it, close that connection only."""
@@ -580,7 +662,8 @@ class SpanServer:
             ring.close()
             conn.ring = None
             del self._rings[peer.conn_id]
-        log.log(level, "span client pid %d uid %d disconnected: %s", peer.pid, peer.uid, reason)
+        log.log(level, "%s client pid %d uid %d disconnected: %s", self.name, peer.pid, peer.uid,
+                reason)
         assert self._selector is not None
         if not conn.throttled_until:
             self._selector.unregister(conn.sock)
@@ -589,6 +672,8 @@ class SpanServer:
         else:
             _close_unread(conn.sock)
         del self._conns[peer.conn_id]
+        if peer.pinned is not None:
+            peer.pinned.close()
         self.stats["open"] = len(self._conns)
         # A descriptor is free again: try the pending connections now.
         self._resume_accept()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from renacerd.columns import SYSCALL_COLUMNS
-from renacerd.reports.show import syscall_table as show_syscalls
+from renacerd.reports.show import syscall_summary
 from renacerd.syscall_table import errno_name, syscall_table
 from renacerd.trace.fdtrack import (
     AT_FDCWD,
@@ -264,7 +264,7 @@ def test_restart_errnos_are_interrupted_not_errors():
     p = r.proc(10)
     p.call("nanosleep", -516).call("nanosleep", 0).call("read", -512, 0).call("read", -4, 0)
     p.call("read", -524, 0)
-    tab = show_syscalls(r.traces[0])
+    tab = syscall_summary(r.traces[0])
     assert tab["nanosleep"]["errors"] == 0 and tab["nanosleep"]["interrupted"] == 1
     assert tab["read"]["errors"] == 2 and tab["read"]["interrupted"] == 1
     assert [errno_name(e) for e in (512, 513, 514, 515, 516, 524, 4)] == [

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-import os
 import platform
 import time
 
@@ -317,9 +316,3 @@ def _cred_offsets() -> dict[str, int]:
         }
     except BTFError as e:
         raise ProbeError(f"a run of a non-root user needs the kernel's BTF: {e}") from e
-
-
-def own_pid_guard(pid: int) -> None:
-    """Refuse to trace ourselves: every syscall we make to drain would feed back."""
-    if pid == os.getpid():
-        raise ProbeError(f"pid {pid} is renacerd itself")

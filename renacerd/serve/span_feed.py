@@ -17,7 +17,7 @@ log = logging.getLogger("renacerd")
 DEFAULT_SOCKET = "/run/renacer/renacerd.sock"
 
 
-class SpanLinkError(RuntimeError):
+class SpanFeedError(RuntimeError):
     """The span socket cannot be set up (one line, exit 2)."""
 
 
@@ -44,7 +44,7 @@ class _LimitCounters:
         """Nothing to release."""
 
 
-class SpanLink:
+class SpanFeed:
     """Owns the SpanServer and SpanBook of one session and feeds the tracer's run."""
 
     def __init__(self, server_path: str, private_dir: str | None) -> None:
@@ -62,7 +62,7 @@ class SpanLink:
         )
 
     @classmethod
-    def for_session(cls, path: str | None, launch: bool) -> SpanLink | None:
+    def for_session(cls, path: str | None, launch: bool) -> SpanFeed | None:
         """Launch mode: a private socket unless --socket; attach mode: --socket or the
         default path, skipped (with a line) when a live daemon already serves it."""
         private = None
@@ -72,19 +72,19 @@ class SpanLink:
         explicit = path is not None
         path = path or DEFAULT_SOCKET
         try:
-            link = cls(path, private)
-            link.server.start()
+            feed = cls(path, private)
+            feed.server.start()
         except SocketInUseError as e:
             if explicit:
-                raise SpanLinkError(str(e)) from e
+                raise SpanFeedError(str(e)) from e
             log.warning("renacerd: %s; this run collects no experiment spans", e)
             return None
         except OSError as e:
             if explicit:
-                raise SpanLinkError(f"cannot listen on {path}: {e.strerror or e}") from e
+                raise SpanFeedError(f"cannot listen on {path}: {e.strerror or e}") from e
             log.warning("renacerd: cannot listen on %s (%s); no experiment spans", path, e)
             return None
-        return link
+        return feed
 
     def _authorize(self, peer: PeerCred) -> bool:
         """Only processes of the traced tree may open spans (pid from SO_PEERCRED)."""
