@@ -258,6 +258,12 @@ def test_losses_are_counted_in_the_run_whose_records_were_dropped(cc, tmp_path):
         for name, n in counts.items():
             p = subprocess.Popen([str(exe), str(n)], stdin=subprocess.PIPE)
             procs[name] = p
+            # attached only once blocked in read(2): on a busy machine the loader's calls
+            # could still be running, and would be counted on top of the known ones
+            deadline = time.monotonic() + 30
+            while not Path(f"/proc/{p.pid}/syscall").read_text().startswith("0 "):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
             slot = cap.claim(0)
             tracer = Tracer(slot, store, name, cmdline=[str(exe)], details=cap.details,
                             lock=lock)
