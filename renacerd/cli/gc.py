@@ -57,22 +57,29 @@ def main(argv: list[str]) -> int:
         return fail(PROG, str(e))
     if not os.path.exists(db):
         return fail(PROG, f"no store at {db}")
+    verb = "would prune" if a.dry_run else "pruned"
+
+    def say(act) -> None:
+        # as each run is done: what a pass killed midway had finished is on the screen
+        sys.stdout.write(f"{verb} {escape(act.run)} ({act.reason}): {act.chunks} chunks, "
+                         f"{act.events} events, {act.bytes} bytes\n")
+        sys.stdout.flush()
+
     try:
         # a dry run only reads; a pass upgrades an older store in place first
         store = Store(db, create=not a.dry_run)
         ret = Retention(store)
         before = store_size(db)
-        actions = ret.apply(policy, dry_run=a.dry_run)
+        actions = ret.apply(policy, dry_run=a.dry_run, on_action=say)
+        for act in actions:
+            if act.reason == "live":
+                say(act)
         converted = False if a.dry_run else ret.enable_incremental()
         after = store_size(db)
         store.close()
     except StoreError as e:
         return fail(PROG, str(e))
     w = sys.stdout.write
-    verb = "would prune" if a.dry_run else "pruned"
-    for act in actions:
-        w(f"{verb} {escape(act.run)} ({act.reason}): {act.chunks} chunks, {act.events} events, "
-          f"{act.bytes} bytes\n")
     if converted:
         w("store rewritten once to return free pages from now on (auto_vacuum)\n")
     budget = f", budget {policy.size}" if policy.size is not None else ""

@@ -13,6 +13,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from renacerd.store.aggregates import compute
@@ -122,10 +123,10 @@ class _Usage:
     first_id: int
 
 
-def store_size(path: str) -> int:
+def store_size(path: str | os.PathLike[str]) -> int:
     """Bytes of the store file and its WAL."""
     total = 0
-    for p in (path, path + "-wal"):
+    for p in (str(path), f"{path}-wal"):
         try:
             total += os.stat(p).st_size
         except FileNotFoundError:
@@ -228,7 +229,8 @@ class Retention:
         self.db.execute(
             "INSERT INTO pruned (run_id, at_wall_ns, reason, chunks, events, bytes, strings, "
             "partial) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(run_id) DO UPDATE SET "
-            "at_wall_ns=excluded.at_wall_ns, reason=CASE WHEN pruned.partial THEN "
+            "at_wall_ns=excluded.at_wall_ns, reason=CASE WHEN pruned.reason=excluded.reason "
+            "THEN pruned.reason WHEN pruned.partial THEN "
             "pruned.reason || ',' || excluded.reason ELSE excluded.reason END, "
             "chunks=pruned.chunks+excluded.chunks, events=pruned.events+excluded.events, "
             "bytes=pruned.bytes+excluded.bytes, strings=pruned.strings+excluded.strings, "
@@ -255,7 +257,8 @@ class Retention:
         """Return free pages to the file system and truncate the WAL (a reader still on
         it keeps it until the next pass)."""
         try:
-            self.db.execute("PRAGMA incremental_vacuum").fetchall()
+            # executescript steps it to the end (execute frees one page per step)
+            self.db.executescript("PRAGMA incremental_vacuum")
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         except Exception as e:  # a busy store: the next pass returns them
             log.info("reclaiming space in %s: %s", self.store.path, e)
@@ -274,11 +277,11 @@ class Retention:
         return True
 
     # -- the pass ----------------------------------------------------------------------
-    def apply(self, policy: Policy, dry_run: bool = False,
-              now_ns: int | None = None) -> list[Action]:
+    def apply(self, policy: Policy, dry_run: bool = False, now_ns: int | None = None,
+              on_action: Callable[[Action], None] | None = None) -> list[Action]:
         """One pass: runs past the age budget, then the oldest ended runs while over the
         size budget, then (last resort) the oldest chunks of live runs. `dry_run`: what
-        would be pruned, nothing written."""
+        would be pruned, nothing written; `on_action` sees each ended run as it is done."""
         now_ns = time.time_ns() if now_ns is None else now_ns
         usage = self.usage()
         runs = [r for r in self.store.runs() if r.id in usage]
@@ -291,7 +294,7 @@ class Retention:
             for r in ended:
                 when = r.end_wall_ns or r.start_wall_ns or 0
                 if when < cutoff:
-                    actions.append(self._prune(r, "age", usage[r.id], dry_run))
+                    actions.append(self._prune(r, "age", usage[r.id], dry_run, on_action))
                     done.add(r.id)
         if policy.size is None:
             return actions
@@ -303,7 +306,7 @@ class Retention:
                 return actions
             if r.id in done:
                 continue
-            actions.append(self._prune(r, "size", usage[r.id], dry_run))
+            actions.append(self._prune(r, "size", usage[r.id], dry_run, on_action))
             used = used - usage[r.id].bytes if dry_run else self.used()
         for r in live:
             u = usage[r.id]
@@ -322,11 +325,15 @@ class Retention:
                 _merge(actions, a)
         return actions
 
-    def _prune(self, r: RunInfo, reason: str, u: _Usage, dry_run: bool) -> Action:
+    def _prune(self, r: RunInfo, reason: str, u: _Usage, dry_run: bool,
+               on_action: Callable[[Action], None] | None) -> Action:
         if dry_run:
-            return Action(r.name, reason, u.chunks, u.events, u.bytes)
-        a = self.prune_run(r, reason)
-        self.reclaim()
+            a = Action(r.name, reason, u.chunks, u.events, u.bytes)
+        else:
+            a = self.prune_run(r, reason)
+            self.reclaim()
+        if on_action is not None:
+            on_action(a)
         return a
 
 
