@@ -24,7 +24,7 @@ import stat
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import psutil
 
@@ -175,6 +175,8 @@ class Service:
         self.warnings = LimitedLog(log)
         open_runs_dir(runs_dir)
         self.capture = capture if capture is not None else load_capture()
+        # called when a run has ended (the retention pass of its end)
+        self.on_run_end: Optional[Callable[[], None]] = None
 
     # -- the front socket ------------------------------------------------------------------
     def serve_forever(self) -> None:
@@ -500,6 +502,8 @@ class Service:
             if run is not None:
                 self.runs.pop(run.name, None)
         self._say_status()
+        if self.on_run_end is not None:
+            self.on_run_end()
 
     def _fail(self, run: ServiceRun, reason: str) -> None:
         log.warning("%s", reason)

@@ -388,13 +388,17 @@ class RetentionLoop:
                      a.run, a.reason, a.chunks, a.events, a.bytes)
         return acts
 
+    def pass_once_logged(self) -> None:
+        """One pass; a failure is logged (the daemon outlives a bad pass)."""
+        try:
+            self.pass_once()
+        except (StoreError, OSError) as e:
+            log.warning("retention pass on %s failed: %s", self.path, e)
+        except Exception:  # noqa: BLE001
+            log.exception("retention pass on %s failed", self.path)
+
     def _loop(self) -> None:
         while not self._stop.is_set():
-            try:
-                self.pass_once()
-            except (StoreError, OSError) as e:
-                log.warning("retention pass on %s failed: %s", self.path, e)
-            except Exception:  # noqa: BLE001 - the daemon outlives a bad pass
-                log.exception("retention pass on %s failed", self.path)
+            self.pass_once_logged()
             self._wake.wait(self.interval)
             self._wake.clear()

@@ -248,10 +248,21 @@ def test_rm_by_another_uid_is_refused(tmp_path):
     (("gc", "--retention-time", "0d"), "bad duration '0d'"),
     (("gc", "--bogus"), "unrecognized arguments"),
     (("rm",), "the following arguments are required"),
+    (("renacerd", "--retention-size", "5X", "--", "true"), "bad size '5X'"),
+    (("renacerd", "--retention-time", "3q", "--", "true"), "bad duration '3q'"),
+    (("renacerd", "serve", "--retention-size", "0%"), "bad size '0%'"),
+    (("renacerd", "serve", "--retention-time", "x"), "bad duration 'x'"),
 ])
 def test_bad_flags_exit_2_with_one_line(tmp_path, argv, msg):
-    r = subprocess.run([sys.executable, "-m", "renacerd.cli.renacer_main", *argv,
-                        "--db", str(tmp_path / "s.db")], capture_output=True, text=True,
+    main = "renacerd.cli.renacer_main"
+    if argv[0] == "renacerd":
+        main, argv = "renacerd.cli.renacerd_main", argv[1:]
+    if "--" in argv:
+        i = argv.index("--")
+        argv = (*argv[:i], "--db", str(tmp_path / "s.db"), *argv[i:])
+    else:
+        argv = (*argv, "--db", str(tmp_path / "s.db"))
+    r = subprocess.run([sys.executable, "-m", main, *argv], capture_output=True, text=True,
                        cwd=ROOT)
     assert r.returncode == 2
     assert len(r.stderr.splitlines()) == 1 and msg in r.stderr
