@@ -19,14 +19,28 @@ def add_retention(p: Parser, defaults: bool) -> None:
                    help=f"keep the store (file and WAL) under SIZE: 500M, 2G or 10%%{size}")
     p.add_argument("--retention-time", metavar="DURATION",
                    help=f"drop the events of runs that ended longer ago: 30d, 12h{age}")
+    p.add_argument("--keep-steps", metavar="N", type=int,
+                   help="in each ended run, keep full events only for the first and last N "
+                        "steps and those show --by step flags as anomalous (the others keep "
+                        "their aggregates)")
 
 
-def policy_of(size: str | None, age: str | None, db: str):
-    """The Policy of the two options; RetentionError on a bad value."""
-    from renacerd.store.retention import Policy, parse_duration, parse_size
+def _steps_of(info, traces) -> list:
+    """The steps of a run and their outlier flags, as `renacer show --by step` has them."""
+    from renacerd.reports.steps import steps_data
 
+    return steps_data(info, traces)["steps"]
+
+
+def policy_of(size: str | None, age: str | None, db: str, keep_steps: int | None = None):
+    """The Policy of the options; RetentionError on a bad value."""
+    from renacerd.store.retention import Policy, RetentionError, parse_duration, parse_size
+
+    if keep_steps is not None and keep_steps < 0:
+        raise RetentionError(f"--keep-steps must be 0 or more, not {keep_steps}")
     return Policy(size=parse_size(size, db) if size is not None else None,
-                  age_ns=parse_duration(age) if age is not None else None)
+                  age_ns=parse_duration(age) if age is not None else None,
+                  keep_steps=keep_steps, steps_of=_steps_of if keep_steps is not None else None)
 
 
 def main(argv: list[str]) -> int:
@@ -49,10 +63,10 @@ def main(argv: list[str]) -> int:
     )
 
     db = a.db or default_db_path()
-    if a.retention_size is None and a.retention_time is None:
+    if a.retention_size is None and a.retention_time is None and a.keep_steps is None:
         a.retention_size, a.retention_time = DEFAULT_SIZE, DEFAULT_TIME
     try:
-        policy = policy_of(a.retention_size, a.retention_time, db)
+        policy = policy_of(a.retention_size, a.retention_time, db, a.keep_steps)
     except RetentionError as e:
         return fail(PROG, str(e))
     if not os.path.exists(db):

@@ -138,7 +138,7 @@ def _checked(args: argparse.Namespace, cmd: list[str]):
         from renacerd.store.database import default_db_path
 
         retention = policy_of(args.retention_size, args.retention_time,
-                              args.db or default_db_path())
+                              args.db or default_db_path(), args.keep_steps)
     except (SinkError, CudaOptionError, RetentionError) as e:
         return str(e)
     config = SessionConfig(

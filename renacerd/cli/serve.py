@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
             parse_url(u)
         otlp = resolve_endpoint(a.otlp_endpoint)
         policy = policy_of(a.retention_size or DEFAULT_SIZE, a.retention_time or DEFAULT_TIME,
-                           a.db or default_db_path())
+                           a.db or default_db_path(), a.keep_steps)
     except (SinkError, RetentionError) as e:
         return fail(PROG, str(e))
     if os.geteuid() != 0:

@@ -18,6 +18,12 @@ def pruned_line(p: dict[str, Any] | None) -> str | None:
     """The one line every text report on a pruned run (RunInfo.pruned) prints, else None."""
     if not p:
         return None
+    kept = p.get("kept") or {}
+    if p["reason"] == "keep-steps" and kept:
+        steps = ", ".join(f"{k} ({'; '.join(v)})" for k, v in kept["steps"].items())
+        return (f"!! run pruned by retention: the events of steps "
+                f"{', '.join(kept['dropped_steps'])} dropped (keep-steps {kept['keep_steps']});"
+                f" full events kept for steps {steps}; reports read its stored aggregates\n")
     what = (f"its {p['chunks']} oldest event chunks ({p['events']} events) dropped while "
             "live; reports count the events kept" if p["partial"] and p["reason"] == "live"
             else f"{p['events']} events in {p['chunks']} chunks dropped ({p['reason']}); "

@@ -40,6 +40,7 @@ _STANDALONE_ONLY = (
     ("cuda", "--cuda"),
     ("retention_size", "--retention-size (the service applies its own)"),
     ("retention_time", "--retention-time (the service applies its own)"),
+    ("keep_steps", "--keep-steps (the service applies its own)"),
 )
 
 

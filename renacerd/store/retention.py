@@ -15,8 +15,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from renacerd.store.aggregates import compute
+import numpy as np
+import orjson
+
+from renacerd.columns import encode
+from renacerd.store.aggregates import STEP_KEY, compute
 from renacerd.store.database import (
     AGGREGATE_TABLES,
     RunInfo,
@@ -91,17 +96,25 @@ def parse_duration(text: str) -> int:
     return ns
 
 
+# A run's steps as `renacer show --by step` has them: [{"step", "outliers": [...]}, ...]
+# (reports.steps.steps_data, handed in by the command line: the store comes before reports).
+StepsOf = Callable[[RunInfo, list[Any]], list[dict[str, Any]]]
+STEP_CHUNK_EVENTS = 1 << 16  # the daemon's chunk size, for the chunks a step prune rewrites
+
+
 @dataclass(slots=True)
 class Policy:
     """The budgets (None: no limit of that kind)."""
 
     size: int | None = None
     age_ns: int | None = None
+    keep_steps: int | None = None  # full events for the first and last N steps, anomalies
+    steps_of: StepsOf | None = None
 
     @property
     def empty(self) -> bool:
         """No budget at all."""
-        return self.size is None and self.age_ns is None
+        return self.size is None and self.age_ns is None and self.keep_steps is None
 
 
 @dataclass(slots=True)
@@ -224,18 +237,82 @@ class Retention:
             (run_id,)).fetchone()
         return _Usage(n, ev or 0, b or 0, lo or 0)
 
-    def _record(self, run_id: int, reason: str, u: _Usage, strings: int, partial: bool) -> None:
+    def _record(self, run_id: int, reason: str, u: _Usage, strings: int, partial: bool,
+                kept: str | None = None) -> None:
         """Add to the run's `pruned` row (a live run is pruned group by group)."""
         self.db.execute(
             "INSERT INTO pruned (run_id, at_wall_ns, reason, chunks, events, bytes, strings, "
-            "partial) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(run_id) DO UPDATE SET "
+            "partial, kept) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(run_id) DO UPDATE SET "
             "at_wall_ns=excluded.at_wall_ns, reason=CASE WHEN pruned.reason=excluded.reason "
             "THEN pruned.reason WHEN pruned.partial THEN "
             "pruned.reason || ',' || excluded.reason ELSE excluded.reason END, "
             "chunks=pruned.chunks+excluded.chunks, events=pruned.events+excluded.events, "
             "bytes=pruned.bytes+excluded.bytes, strings=pruned.strings+excluded.strings, "
-            "partial=max(pruned.partial, excluded.partial)",
-            (run_id, time.time_ns(), reason, u.chunks, u.events, u.bytes, strings, int(partial)))
+            "partial=max(pruned.partial, excluded.partial), kept=excluded.kept",
+            (run_id, time.time_ns(), reason, u.chunks, u.events, u.bytes, strings, int(partial),
+             kept))
+
+    @_writes
+    def prune_steps(self, info: RunInfo, n: int, steps_of: StepsOf) -> Action | None:
+        """Keep full events for the first and last `n` steps and the anomalous ones (as
+        `steps_of` flags them), drop the other steps' syscall events (rewriting the chunks
+        of each process), in one transaction with the run's aggregates; None when every
+        step is kept."""
+        st = self.store
+        strings = st.strings(info.id)
+        spans = st.span_records(info.id)
+        procs = st.processes(info.id)
+        traces = [st._trace(info, pid, p, strings, spans) for pid, p in procs]
+        tag_spans(traces)
+        agg = compute(traces, span_summaries(traces))
+        steps = steps_of(info, traces)
+        order = [str(s["step"]) for s in steps]
+        why: dict[str, list[str]] = {}
+        for i, s in enumerate(steps):
+            key = str(s["step"])
+            if i < n:
+                why.setdefault(key, []).append("first")
+            if i >= len(steps) - n:
+                why.setdefault(key, []).append("last")
+            if s.get("outliers"):
+                why.setdefault(key, []).append("anomalous: " + ", ".join(s["outliers"]))
+        drop = {k for k in order if k not in why}
+        if not drop:
+            return None
+        # per span: does it carry a dropped step (events are tagged with their innermost)
+        dropped_span = np.array([str(sp.attributes().get(STEP_KEY)) in drop
+                                 if sp.attributes().get(STEP_KEY) is not None else False
+                                 for sp in spans] + [False])
+        kept = orjson.dumps({"keep_steps": n, "steps": {k: why[k] for k in order if k in why},
+                             "dropped_steps": [k for k in order if k in drop]}).decode()
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            before = self.usage_of(info.id)
+            st.write_aggregates(info.id, agg)
+            for (proc_id, _), t in zip(procs, traces):
+                if not len(t):
+                    continue
+                keep = ~dropped_span[t.span_index]
+                if keep.all():
+                    continue
+                self.db.execute("DELETE FROM chunks WHERE run_id=? AND proc_id=? AND "
+                                "layer='sys'", (info.id, proc_id))
+                idx = np.flatnonzero(keep)
+                for lo in range(0, len(idx), STEP_CHUNK_EVENTS):
+                    part = idx[lo:lo + STEP_CHUNK_EVENTS]
+                    cols = {k: v[part] for k, v in t.columns.items()}
+                    ts = cols["ts"]
+                    st.add_encoded_chunk(info.id, proc_id, encode(cols), len(ts), int(ts[0]),
+                                         int(ts[-1]))
+            after = self.usage_of(info.id)
+            u = _Usage(before.chunks - after.chunks, before.events - after.events,
+                       before.bytes - after.bytes, before.first_id)
+            self._record(info.id, "keep-steps", u, 0, partial=False, kept=kept)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.store._abandon()
+            raise
+        return Action(info.name, "keep-steps", u.chunks, u.events, u.bytes)
 
     @_writes
     def delete_run(self, info: RunInfo) -> None:
@@ -289,6 +366,22 @@ class Retention:
         live = [r for r in runs if r.status == "running"]
         actions: list[Action] = []
         done: set[int] = set()
+        if policy.keep_steps is not None and policy.steps_of is not None:
+            for r in ended:
+                if r.pruned is not None:
+                    continue
+                if dry_run:
+                    continue  # what would go needs the pass's own analysis
+                a = self.prune_steps(r, policy.keep_steps, policy.steps_of)
+                if a is not None:
+                    self.reclaim()
+                    actions.append(a)
+                    if on_action is not None:
+                        on_action(a)
+            usage = self.usage()
+            runs = [r for r in self.store.runs() if r.id in usage]
+            ended = [r for r in runs if r.status != "running"]
+            live = [r for r in runs if r.status == "running"]
         if policy.age_ns is not None:
             cutoff = now_ns - policy.age_ns
             for r in ended:

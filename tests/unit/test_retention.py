@@ -343,3 +343,63 @@ def test_sigkill_during_gc_leaves_no_half_pruned_run(tmp_path):
         if n:
             assert _reports(db, "r0") == before
     assert len(seen) >= 3  # killed at different points
+
+
+def test_keep_steps_keeps_the_first_last_and_anomalous_steps(tmp_path):
+    """Ten steps of 200 reads, step 5 of 2000 (show --by step flags it): with --keep-steps 2
+    the events of steps 0, 1, 8, 9 and 5 stay, the others' go; every report is the same."""
+    import numpy as np
+
+    from renacerd.trace.unified_trace import ProcessSpan
+    from tests.retention_store import TABLE, step_cols, step_span
+
+    db = tmp_path / "s.db"
+    st = Store(db, create=True)
+    run = st.begin_run("k", cmdline=["train"], version="0", syscall_table=TABLE,
+                       start_wall_ns=1, start_mono_ns=0)
+    p = st.add_process(run, ProcessSpan(pid=100, ppid=1, name="train"))
+    st.add_strings(run, [(0, b"/data/in"), (1, b"/data/out")])
+    rng = np.random.default_rng(5)
+    reads = [2000 if s == 5 else 200 for s in range(10)]
+    for s in range(10):
+        st.add_chunk(run, p, step_cols(s, rng, reads[s]))
+    st.add_spans(run, [step_span("k", s) for s in range(10)], {100: p})
+    st.update_run(run, status="complete", end_wall_ns=2, events=sum(r + 4 for r in reads))
+    st.close()
+    before = _reports(db, "k")
+    assert [s["outliers"] != [] for s in before["steps"]] == [s == 5 for s in range(10)]
+    rc, out = _cli("gc", "--db", str(db), "--keep-steps", "2")
+    assert rc == 0, out
+    dropped = sum(reads[s] + 4 for s in (2, 3, 4, 6, 7))
+    assert out.splitlines()[0].startswith("pruned k (keep-steps): ")
+    assert f" {dropped} events" in out.splitlines()[0]
+    st = Store(db)
+    assert st.db.execute("SELECT sum(n) FROM chunks").fetchone()[0] == sum(
+        reads[s] + 4 for s in (0, 1, 5, 8, 9))
+    # the events kept are exactly those of the kept steps
+    t = st.load_run("k")[0]
+    steps = sorted({int(t.spans[i].attributes()["experiment.step"]) for i in t.span_index})
+    assert steps == [0, 1, 5, 8, 9]
+    st.close()
+    assert _reports(db, "k") == before
+    show = _json(db, "show", "k")
+    assert show["pruned"] is True
+    assert show["dropped"]["reason"] == "keep-steps"
+    assert show["dropped"]["events"] == dropped
+    assert show["dropped"]["kept"] == {
+        "keep_steps": 2, "dropped_steps": ["2", "3", "4", "6", "7"],
+        "steps": {"0": ["first"], "1": ["first"], "5": ["anomalous: syscalls, syscall_ns, bytes"],
+                  "8": ["last"], "9": ["last"]}}
+    rc, text = _cli("show", "k", "--db", str(db))
+    lines = [ln for ln in text.splitlines() if "pruned by retention" in ln]
+    assert lines == ["!! run pruned by retention: the events of steps 2, 3, 4, 6, 7 dropped "
+                     "(keep-steps 2); full events kept for steps 0 (first), 1 (first), 5 "
+                     "(anomalous: syscalls, syscall_ns, bytes), 8 (last), 9 (last); reports "
+                     "read its stored aggregates"]
+    # a second pass leaves it be; a size budget later drops the rest, aggregates unchanged
+    rc, out = _cli("gc", "--db", str(db), "--keep-steps", "2")
+    assert out.startswith("0 run(s) pruned")
+    rc, out = _cli("gc", "--db", str(db), "--retention-size", "1")
+    assert out.startswith("pruned k (size)")
+    assert _reports(db, "k") == before
+    assert _json(db, "show", "k")["dropped"]["kept"] is None
