@@ -403,3 +403,14 @@ def test_keep_steps_keeps_the_first_last_and_anomalous_steps(tmp_path):
     assert out.startswith("pruned k (size)")
     assert _reports(db, "k") == before
     assert _json(db, "show", "k")["dropped"]["kept"] is None
+
+
+def test_compare_and_export_of_a_pruned_run_say_so(tmp_path):
+    db = tmp_path / "s.db"
+    _store(db, 2)
+    Retention(Store(db, create=True)).apply(Policy(size=1))
+    for argv in (("compare", "r0", "r1"), ("export", "r0", "-o", str(tmp_path / "r0.rtrace"))):
+        r = subprocess.run([sys.executable, "-m", "renacerd.cli.renacer_main", *argv, "--db",
+                            str(db)], capture_output=True, text=True, cwd=ROOT)
+        assert sum("pruned by retention" in ln for ln in r.stderr.splitlines()) == (
+            2 if argv[0] == "compare" else 1), r.stderr
