@@ -54,3 +54,30 @@ def test_the_daemon_prunes_to_its_budget_and_pruned_runs_read_the_same(renacerd,
         assert sum("pruned by retention" in ln for ln in text.splitlines()) == 1
     runs = renacer("runs").stdout
     assert "complete*" in runs and "* pruned by retention" in runs
+
+
+def test_keep_steps_on_a_real_run_keeps_first_and_last_steps_events(renacerd, renacer, db,
+                                                                     tmp_path):
+    script = tmp_path / "steps.py"
+    script.write_text(STEPS)
+    r = renacerd("-q", "--run", "k", "--", sys.executable, str(script), str(tmp_path / "k.bin"))
+    assert r.returncode == 0, r.stderr
+    before = _reports(renacer, "k")
+    flagged = {str(s["step"]) for s in before["steps"] if s["outliers"]}
+    r = renacer("gc", "--keep-steps", "1")
+    assert r.returncode == 0 and r.stdout.startswith("pruned k (keep-steps)"), r.stdout
+    after = _reports(renacer, "k")
+    for key in ("processes", "steps", "spans"):
+        assert after[key] == before[key]
+    kept = after["show"]["dropped"]["kept"]
+    assert kept["steps"]["1"][0] == "first" and kept["steps"]["5"][0] == "last"
+    assert set(kept["steps"]) == {"1", "5"} | flagged
+    assert set(kept["dropped_steps"]) == {"2", "3", "4"} - flagged
+    # the writes of the dropped steps are gone from the events, the kept ones all there
+    t = Store(db).load_run("k")[0]
+    writes = t.names() == "write"
+    per_step = {}
+    for i in set(t.span_index[writes].tolist()) - {-1}:
+        step = t.spans[i].attributes()["experiment.step"]
+        per_step[step] = int((writes & (t.span_index == i)).sum())
+    assert per_step == {k: int(k) * 10 for k in kept["steps"]}
