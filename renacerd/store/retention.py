@@ -195,7 +195,9 @@ class Retention:
         self.db.execute("BEGIN IMMEDIATE")
         try:
             u = self.usage_of(info.id)
-            if agg is not None:
+            # another pass may have pruned it meanwhile: its aggregates stand, not ours of
+            # the events it left
+            if agg is not None and not self.store.has_aggregates(info.id):
                 self.store.write_aggregates(info.id, agg)
             self.db.execute("DELETE FROM chunks WHERE run_id=?", (info.id,))
             strings = self.db.execute("DELETE FROM strings WHERE run_id=?",
@@ -287,6 +289,9 @@ class Retention:
                              "dropped_steps": [k for k in order if k in drop]}).decode()
         self.db.execute("BEGIN IMMEDIATE")
         try:
+            if st.pruned_info(info.id) is not None:  # another pass got there first
+                self.db.execute("ROLLBACK")
+                return None
             before = self.usage_of(info.id)
             st.write_aggregates(info.id, agg)
             for (proc_id, _), t in zip(procs, traces):
