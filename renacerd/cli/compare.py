@@ -31,6 +31,11 @@ def _notes(what: str, info: RunInfo | dict) -> list[str]:
                      f"{info.error or 'its trace may be partial'}")
     if info.lost:
         notes.append(f"run {what!r} lost {info.lost} events/arguments while tracing")
+    if info.pruned:
+        from renacerd.reports.show import pruned_line
+
+        # compared on the events it kept
+        notes.append(f"run {what!r}: " + pruned_line(info.pruned).removeprefix("!! ").rstrip())
     return notes
 
 

@@ -49,6 +49,11 @@ def main(argv: list[str]) -> int:
     events = sum(len(t) for t in traces)
     from renacerd.escaping import escape
 
+    if info.pruned:
+        from renacerd.reports.show import pruned_line
+
+        # the file holds the events kept
+        sys.stderr.write(f"{PROG}: warning: {pruned_line(info.pruned).removeprefix('!! ')}")
     sys.stderr.write(f"{PROG}: {escape(a.run)}: {len(traces)} processes, {events} syscalls -> "
                      f"{a.output} ({a.format}, {what})\n")
     return 0

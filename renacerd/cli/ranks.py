@@ -44,5 +44,10 @@ def main(argv: list[str]) -> int:
     if a.json:
         print_json(data)
     else:
+        from renacerd.reports.show import pruned_line
+
+        line = pruned_line(store.run(a.run).pruned)
+        if line:
+            sys.stdout.write(line)
         render_ranks(data, sys.stdout)
     return 0

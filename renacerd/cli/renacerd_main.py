@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--owner-uid", type=int, metavar="UID",
                    help="the user the run belongs to (default: the caller, root); for any "
                         "other, a process whose exec gains privilege stops being followed")
+    from renacerd.cli.gc import add_retention
+
+    add_retention(p, defaults=False)
     return p
 
 
@@ -124,19 +127,26 @@ def _checked(args: argparse.Namespace, cmd: list[str]):
     from renacerd.sinks import SinkError
     from renacerd.sinks.clickhouse import parse_url
     from renacerd.sinks.otlp import resolve_endpoint
+    from renacerd.store.retention import RetentionError
 
     try:
         for u in args.sink:
             parse_url(u)
         otlp = resolve_endpoint(args.otlp_endpoint)
         cuda = CudaOptions.parse(args.cuda, args.cuda_force)
-    except (SinkError, CudaOptionError) as e:
+        from renacerd.cli.gc import policy_of
+        from renacerd.store.database import default_db_path
+
+        retention = policy_of(args.retention_size, args.retention_time,
+                              args.db or default_db_path(), args.keep_steps)
+    except (SinkError, CudaOptionError, RetentionError) as e:
         return str(e)
     config = SessionConfig(
         cmd=tuple(cmd), pids=tuple(args.pid), db=args.db, run=args.run, socket=args.socket,
         follow=not args.no_follow, duration=args.duration, quiet=args.quiet,
         ring_mb=args.ring_mb, detail_ring_mb=args.detail_ring_mb, cuda=cuda,
         priority=args.priority, owner_uid=args.owner_uid, ready_fd=args.ready_fd,
+        retention=retention,
     )
     return config, otlp
 

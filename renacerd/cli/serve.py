@@ -32,16 +32,23 @@ def main(argv: list[str]) -> int:
                    help="stream every run to clickhouse://HOST:8123/DATABASE (repeatable)")
     p.add_argument("--otlp-endpoint", metavar="URL",
                    help="export spans over OTLP/HTTP (env OTEL_EXPORTER_OTLP_ENDPOINT)")
+    from renacerd.cli.gc import add_retention, policy_of
+
+    add_retention(p, defaults=True)
     a = p.parse_args(argv)
     from renacerd.sinks import SinkError
     from renacerd.sinks.clickhouse import ClickHouseSink, parse_url
     from renacerd.sinks.otlp import OtlpExporter, resolve_endpoint
+    from renacerd.store.database import default_db_path
+    from renacerd.store.retention import DEFAULT_SIZE, DEFAULT_TIME, RetentionError
 
     try:
         for u in a.sink:
             parse_url(u)
         otlp = resolve_endpoint(a.otlp_endpoint)
-    except SinkError as e:
+        policy = policy_of(a.retention_size or DEFAULT_SIZE, a.retention_time or DEFAULT_TIME,
+                           a.db or default_db_path(), a.keep_steps)
+    except (SinkError, RetentionError) as e:
         return fail(PROG, str(e))
     if os.geteuid() != 0:
         return fail(PROG, "must run as root (BPF needs CAP_BPF and CAP_PERFMON); try sudo")
@@ -55,7 +62,8 @@ def main(argv: list[str]) -> int:
         renacer_gid,
     )
     from renacerd.serve.span_server import sockets_from_systemd
-    from renacerd.store.database import StoreError, default_db_path
+    from renacerd.store.database import StoreError
+    from renacerd.store.retention import RetentionLoop
 
     logging.basicConfig(level=logging.INFO, format="renacerd: %(message)s")
     notifier = Notifier.from_environment()
@@ -106,11 +114,15 @@ def main(argv: list[str]) -> int:
     sinks = [ClickHouseSink(db, u).start() for u in a.sink]
     if otlp:
         sinks.append(OtlpExporter(db, otlp).start())
+    # every minute and at each run's end, on its own connection
+    retention = RetentionLoop(db, policy).start()
+    service.on_run_end = retention.poke
     notifier.ready(f"listening on {path}; store {db}")
     logging.info("serving on %s (store %s)", path, db)
     try:
         service.serve_forever()
     finally:
+        retention.stop()
         for sink in sinks:
             sink.stop(drain_s=5)
     for t in threading.enumerate():

@@ -38,6 +38,9 @@ _STANDALONE_ONLY = (
     ("owner_uid", "--owner-uid"),
     ("socket", "--socket"),
     ("cuda", "--cuda"),
+    ("retention_size", "--retention-size (the service applies its own)"),
+    ("retention_time", "--retention-time (the service applies its own)"),
+    ("keep_steps", "--keep-steps (the service applies its own)"),
 )
 
 

@@ -25,7 +25,7 @@ import stat
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import psutil
 
@@ -156,6 +156,8 @@ class Service:
         self.front = front_server(sock, self._handle, self._over_limit, self.warnings)
         open_runs_dir(runs_dir)
         self.capture = capture if capture is not None else load_capture()
+        # called when a run has ended (the retention pass of its end)
+        self.on_run_end: Optional[Callable[[], None]] = None
 
     @property
     def stats(self) -> dict[str, int]:
@@ -373,6 +375,8 @@ class Service:
             if run is not None:
                 self.runs.pop(run.name, None)
         self._say_status()
+        if self.on_run_end is not None:
+            self.on_run_end()
 
     def _fail(self, run: ServiceRun, reason: str) -> None:
         log.warning("%s", reason)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import psutil
 
@@ -162,6 +162,8 @@ class SessionConfig:
     priority: str = "idle"
     owner_uid: int | None = None
     ready_fd: int | None = None  # `renacerd serve` learns here that the probes are attached
+    # store.retention.Policy: applied every minute while tracing and once at the end
+    retention: Any = None
 
 
 @dataclass(slots=True)
@@ -239,13 +241,22 @@ class Session:
         """Attach or launch, trace until done, print the summary; returns the exit status."""
         out = _Outcome()
         child: HeldChild | None = None
+        loop = None
+        policy = self.config.retention
         try:
             with ExitStack() as stack:
                 stack.callback(self._close_store)
+                if policy is not None and not policy.empty:
+                    from renacerd.store.retention import RetentionLoop
+
+                    loop = RetentionLoop(self.store.path, policy).start()
+                    stack.callback(loop.stop)
                 child = self._trace(stack, out)
         except _Refused as e:
             sys.stderr.write(f"renacerd: error: {e}\n")
             return 2
+        if loop is not None:
+            loop.pass_once_logged()  # the run's end
         return self._exit_status(out, child)
 
     def _trace(self, stack: ExitStack, out: _Outcome) -> HeldChild | None:

@@ -21,6 +21,7 @@ import pytest
 from renacerd.client import protocol
 from renacerd.experiment_span import StatusCode
 from renacerd.store.database import Store
+from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -112,7 +113,7 @@ class Service:
     """`renacerd serve` as a process of the test; the socket optionally from systemd."""
 
     def __init__(self, tmp: Path, *, activate: bool, caps: bool = True,
-                 db: Path | None = None) -> None:
+                 db: Path | None = None, args: tuple[str, ...] = ()) -> None:
         self.tmp = tmp
         self.sock = str(tmp / "renacerd.sock")
         self.db = db or tmp / "state" / "traces.db"
@@ -123,7 +124,7 @@ class Service:
         self.messages: list[str] = []
         e = env()
         e["NOTIFY_SOCKET"] = self.notify_path
-        cmd = [PY, "-m", "renacerd.cli.renacerd_main", "serve", "--db", str(self.db)]
+        cmd = [PY, "-m", "renacerd.cli.renacerd_main", "serve", "--db", str(self.db), *args]
         if caps:
             # Exactly the unit's CapabilityBoundingSet: proves it is enough.
             cmd = ["setpriv", f"--bounding-set=-all,{CAPS}", "--inh-caps=-all", "--", *cmd]
@@ -435,6 +436,40 @@ def test_sigterm_flushes_and_detaches_within_2s(tmp_path):
         ("held", "ERROR", "client disconnected mid-span")]
     # Systemd's socket stays systemd's: the daemon never unlinks a socket it was handed.
     assert stat.S_ISSOCK(os.stat(svc.sock).st_mode)
+
+
+@needs_root
+def test_the_service_prunes_a_run_at_its_end_to_its_budget(tmp_path):
+    os.chmod(tmp_path, 0o755)
+    svc = Service(tmp_path, activate=False, args=("--retention-size", "1"))
+    try:
+        svc.wait_ready()
+        c = svc.client("svc-pruned", "hold", str(tmp_path / "p-marker"))
+        assert c.stdout.readline() == "in-span\n"
+        with _store(svc.db) as st:
+            assert st.run("svc-pruned").pruned is None  # live: only its oldest chunks, later
+        assert finish(c) == "released\n"
+        assert svc.wait_run_ended("svc-pruned").status == "complete"
+        assert wait_for(lambda: _pruned(svc.db, "svc-pruned"), timeout=30), svc.text()
+        with _store(svc.db) as st:
+            info = st.run("svc-pruned")
+            assert info.pruned["reason"] == "size" and info.pruned["events"] == info.events
+            assert [s.span_name for s in st.span_records(info.id)] == ["held"]
+            agg = st.aggregates(info.id)
+        # the marker's openat, made inside the span, is counted in its stored summary
+        assert agg["spans"][0]["calls"]["openat"] >= 1
+        r = subprocess.run([PY, "-m", "renacerd.cli.renacer_main", "show", "svc-pruned",
+                            "--db", str(svc.db), "--by", "step", "--json"], env=env(),
+                           capture_output=True, text=True, timeout=60)
+        steps = json.loads(r.stdout)
+        assert steps["pruned"] is True and [s["step"] for s in steps["steps"]] == ["7"]
+    finally:
+        svc.stop()
+
+
+def _pruned(db: Path, run: str) -> bool:
+    with _store(db) as st:
+        return st.run(run).pruned is not None
 
 
 def _as_nobody(code: str, groups: str = "--clear-groups") -> subprocess.CompletedProcess:
