@@ -19,6 +19,7 @@ import orjson
 
 from renacerd.columns import SYSCALL_COLUMNS, ChunkError, chunk_len, decode_into, encode
 from renacerd.escaping import escape, lossless_dumps, lossless_loads
+from renacerd.store.flight import FLIGHT_SCHEMA, FlightTables
 from renacerd.store.readers import StoreReaders
 from renacerd.trace.unified_trace import ProcessSpan, UnifiedTrace
 
@@ -319,7 +320,7 @@ def _writes(fn):
     return wrapper
 
 
-class Store(StoreReaders):
+class Store(StoreReaders, FlightTables):
     """SQLite store; one writer (the daemon) and any number of readers."""
 
     def __init__(self, path: str | os.PathLike[str], *, create: bool = False,
@@ -367,7 +368,7 @@ class Store(StoreReaders):
                 raise StoreError(f"store {self.path}: cannot enable WAL (journal_mode={mode})")
             self.db.execute("PRAGMA synchronous=NORMAL")
             if create:
-                self.db.executescript(SCHEMA)
+                self.db.executescript(SCHEMA + FLIGHT_SCHEMA)
                 cols = {r[1] for r in self.db.execute("PRAGMA table_info(runs)")}
                 if "source_counters" not in cols:  # stores made before the CUDA layer
                     self.db.execute("ALTER TABLE runs ADD COLUMN source_counters TEXT")
