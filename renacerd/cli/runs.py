@@ -27,7 +27,7 @@ def main(argv: list[str]) -> int:
             {"run": r.name, "status": r.status, "host": r.host, "events": r.events,
              "lost": r.lost, "truncated": r.truncated, "start_wall_ns": r.start_wall_ns,
              "end_wall_ns": r.end_wall_ns,
-             "cmdline": r.cmdline}
+             "cmdline": r.cmdline, "pruned": bool(r.pruned)}
             for r in runs
         ]
         return print_json(rows)
@@ -40,6 +40,11 @@ def main(argv: list[str]) -> int:
         secs = ((r.end_wall_ns or time.time_ns()) - (r.start_wall_ns or 0)) / 1e9
         flag = "!" if r.lost else ""
         cmd = " ".join(escape(a) for a in r.cmdline)[:60]
-        w(f"{escape(r.name):<44} {r.status:<11} {started:<19} {secs:8.2f} {r.events:>10} "
+        # a pruned run's status carries a '*' (its events dropped: see the footnote)
+        status = r.status + ("*" if r.pruned else "")
+        w(f"{escape(r.name):<44} {status:<11} {started:<19} {secs:8.2f} {r.events:>10} "
           f"{r.lost:>5}{flag or ' '} {r.truncated:>6}  {cmd}\n")
+    if any(r.pruned for r in runs):
+        w("* pruned by retention: events dropped, metadata, spans and per-step aggregates "
+          "kept\n")
     return 0

@@ -55,6 +55,11 @@ def render_text(d: dict[str, Any], out) -> None:
           "4096 bytes or 128 arguments)\n")
     else:
         w("losses: none (0 events dropped, 0 failed reads, 0 truncated)\n")
+    from renacerd.reports.show import pruned_line
+
+    line = pruned_line(d.get("dropped"))
+    if line:
+        w(line)
     if d["status"] != "complete":
         w(f"!! run is {d['status']}: {escape(d.get('error') or 'trace may be partial')}\n")
     w("\nprocess tree:\n")
@@ -116,14 +121,16 @@ def main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     from renacerd.io.load import LoadError, RunLoader
 
+    loader = RunLoader(a.db)
     try:
-        run, traces = RunLoader(a.db).load(a.run, files=False)
+        run, traces = loader.load(a.run, files=False)
+        agg = loader.aggregates(run)
     except LoadError as e:
         return fail(PROG, str(e))
     if a.by == "step":
         from renacerd.reports.steps import render_steps, steps_data
 
-        sd = steps_data(run, traces)
+        sd = steps_data(run, traces, agg)
         if a.json:
             print_json(sd)
         else:
@@ -131,7 +138,7 @@ def main(argv: list[str]) -> int:
         return 0
     from renacerd.reports.show import show_data
 
-    data = show_data(run, traces)
+    data = show_data(run, traces, agg)
     if a.json:
         print_json(data)
     else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from renacerd.cli.common import Parser, add_db, fail, open_store, print_json
+from renacerd.cli.common import Parser, add_db, fail, print_json
 from renacerd.escaping import escape
 from renacerd.store.database import StoreError
 
@@ -18,16 +18,26 @@ def main(argv: list[str]) -> int:
     add_db(p)
     p.add_argument("--json", action="store_true", help="machine-readable (stable contract)")
     a = p.parse_args(argv)
+    from renacerd.io.load import LoadError, RunLoader
+
+    loader = RunLoader(a.db)
     try:
-        traces = open_store(a.db).load_run(a.run)
-    except StoreError as e:
+        store = loader.store()
+        info = store.run(a.run)
+        traces = store.load_run(a.run)
+        agg = loader.aggregates(info)
+    except (StoreError, LoadError) as e:
         return fail(PROG, str(e))
+    from renacerd.reports.show import pruned_line
     from renacerd.reports.steps import spans_data
 
-    data = spans_data(traces)
+    data = spans_data(traces, agg)
     if a.json:
         return print_json(data)
     w = sys.stdout.write
+    line = pruned_line(info.pruned)
+    if line:
+        w(line)
     w(f"{'span':<16} {'parent':<16} {'name':<20} {'status':<6} {'ms':>9} {'calls':>7} "
       f"{'sys ms':>8} {'read':>9} {'written':>9}  attributes / top syscalls\n")
     for s in data:

@@ -51,3 +51,14 @@ class RunLoader:
             return info, self.store().load_run(what)
         except (SinkError, GoldenError, StoreError) as e:
             raise LoadError(str(e)) from None
+
+    def aggregates(self, info: RunInfo | dict[str, Any]) -> dict[str, Any] | None:
+        """A pruned stored run's aggregates (what its reports read instead of its events);
+        None for a run that has its events or did not come from the store."""
+        if not isinstance(info, RunInfo) or not info.pruned or info.pruned.get("partial") \
+                and info.pruned.get("reason") == "live":
+            return None
+        try:
+            return self.store().aggregates(info.id)
+        except StoreError as e:
+            raise LoadError(str(e)) from None

@@ -4,43 +4,41 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
-from renacerd.records import F_UNFOLLOWED
 from renacerd.reports.rank_labels import label_traces, rank_entry
+from renacerd.store.aggregates import process_summary, syscall_counts
 from renacerd.store.database import RunInfo
 from renacerd.trace.fdtrack import run_file_stats
-from renacerd.trace.gpu_trace import gpu_summary
 from renacerd.trace.unified_trace import UnifiedTrace
 
-
-def syscall_summary(trace: UnifiedTrace) -> dict[str, dict[str, int]]:
-    """{name: {calls, errors, interrupted, total_ns}} over the trace, like strace -c (partial
-    calls included; a call a signal interrupted is not an error)."""
-    c = trace.columns
-    if not len(trace):
-        return {}
-    nr = c["nr"].astype(np.int64)
-    calls = np.bincount(nr)
-    errs = np.bincount(nr, weights=trace.errors().astype(np.float64))
-    intr = np.bincount(nr, weights=trace.interrupted().astype(np.float64))
-    tot = np.bincount(nr, weights=c["dur"].astype(np.float64))
-    out = {}
-    for n in np.flatnonzero(calls):
-        name = trace.table.get(int(n), f"syscall_{int(n)}")
-        out[name] = {"calls": int(calls[n]), "errors": int(errs[n]),
-                     "interrupted": int(intr[n]), "total_ns": int(tot[n])}
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]["total_ns"]))
+# strace -c per process; a pruned run's come from its stored aggregates
+syscall_summary = syscall_counts
 
 
-def show_data(run: RunInfo, traces: list[UnifiedTrace]) -> dict[str, Any]:
-    """The `renacer show --json` contract (more keys than the contract are fine)."""
-    stats = run_file_stats(traces)
+def pruned_line(p: dict[str, Any] | None) -> str | None:
+    """The one line every text report on a pruned run (RunInfo.pruned) prints, else None."""
+    if not p:
+        return None
+    what = (f"its {p['chunks']} oldest event chunks ({p['events']} events) dropped while "
+            "live; reports count the events kept" if p["partial"] and p["reason"] == "live"
+            else f"{p['events']} events in {p['chunks']} chunks dropped ({p['reason']}); "
+            "reports read its stored aggregates")
+    if p["partial"] and p["reason"] != "live":
+        what += " (the oldest chunks were dropped while live: the aggregates miss them)"
+    return f"!! run pruned by retention: {what}\n"
+
+
+def show_data(run: RunInfo, traces: list[UnifiedTrace],
+              agg: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The `renacer show --json` contract (more keys than the contract are fine); `agg`: a
+    pruned run's stored aggregates (Store.aggregates), read instead of its events."""
+    sums = (agg or {}).get("processes")
+    if sums is None:
+        stats = run_file_stats(traces)
+        sums = [process_summary(t, stats[t.pid]) for t in traces]
     label_traces(traces)
     procs = []
-    for t in traces:
+    for t, s in zip(traces, sums):
         p = t.process
-        files = stats[t.pid]
         entry: dict[str, Any] = {
             "pid": p.pid,
             "ppid": p.ppid,
@@ -53,25 +51,17 @@ def show_data(run: RunInfo, traces: list[UnifiedTrace]) -> dict[str, Any]:
             "end_mono_ns": p.end_mono_ns,
             "attached": p.attached,
             "rank": rank_entry(p),
-            "events": len(t),
-            "threads": int(len(np.unique(t.columns["tid"]))) if len(t) else 0,
-            "syscalls": syscall_summary(t),
+            "events": s["events"],
+            "threads": s["threads"],
+            "syscalls": s["syscalls"],
             # keyed by absolute path; see docs/counters.md for what cannot be resolved
-            "files": {
-                path: {"bytes_read": f.bytes_read, "bytes_written": f.bytes_written,
-                       "created": f.created, "truncated": f.truncated,
-                       "appended": f.appended}
-                for path, f in sorted(files.items(),
-                                      key=lambda kv: (-(kv[1].bytes_read
-                                                        + kv[1].bytes_written), kv[0]))
-            },
+            "files": dict(sorted(s["files"].items(),
+                                 key=lambda kv: (-(kv[1]["bytes_read"] + kv[1]["bytes_written"]),
+                                                 kv[0]))),
         }
-        if len(t) and (t.columns["flags"] & F_UNFOLLOWED).any():
-            entry["stopped_following"] = "privilege gained at exec"
-        # null for a process with no GPU layer or no GPU calls, not a block of zeros
-        gcols = (t.gpu or {}).get("columns")
-        has_gpu = gcols is not None and len(gcols["ts"]) > 0
-        entry["gpu"] = gpu_summary(t) if has_gpu else None
+        if s.get("stopped_following"):
+            entry["stopped_following"] = s["stopped_following"]
+        entry["gpu"] = s["gpu"]
         procs.append(entry)
     return {
         "run": run.name,
@@ -96,5 +86,7 @@ def show_data(run: RunInfo, traces: list[UnifiedTrace]) -> dict[str, Any]:
             "per_cpu": run.lost_per_cpu,
         },
         "error": run.error,
+        "pruned": bool(run.pruned),
+        "dropped": run.pruned,
         "processes": procs,
     }

@@ -7,17 +7,22 @@ from typing import Any
 import numpy as np
 
 from renacerd.escaping import escape
+from renacerd.reports.show import pruned_line
+from renacerd.store.aggregates import STEP_KEY
 from renacerd.store.database import RunInfo, span_summaries
 from renacerd.trace.unified_trace import UnifiedTrace
 
 MODIFIED_Z = 3.5  # Iglewicz & Hoaglin: |0.6745 (x - median) / MAD| above this is an outlier
-STEP_KEY = "experiment.step"
 
 
-def spans_data(traces: list[UnifiedTrace]) -> list[dict[str, Any]]:
-    """The `renacer spans --json` contract: one object per span, with its syscalls."""
+def spans_data(traces: list[UnifiedTrace], agg: dict[str, Any] | None = None
+               ) -> list[dict[str, Any]]:
+    """The `renacer spans --json` contract: one object per span, with its syscalls (`agg`:
+    a pruned run's stored aggregates, read instead of its events)."""
     spans = traces[0].spans if traces else []
-    sums = span_summaries(traces)
+    sums = (agg or {}).get("spans")
+    if sums is None:
+        sums = span_summaries(traces)
     out = []
     for sp, s in zip(spans, sums):
         out.append({
@@ -56,10 +61,11 @@ def outliers(values: list[float]) -> list[bool]:
     return [bool(abs(0.6745 * (v - med) / mad) > MODIFIED_Z) for v in a]
 
 
-def steps_data(run: RunInfo, traces: list[UnifiedTrace]) -> dict[str, Any]:
+def steps_data(run: RunInfo, traces: list[UnifiedTrace],
+               agg: dict[str, Any] | None = None) -> dict[str, Any]:
     """Per step (spans carrying experiment.step, summed per step value), with outlier flags."""
     rows: dict[str, dict[str, Any]] = {}
-    for s in spans_data(traces):
+    for s in spans_data(traces, agg):
         step = s["attributes"].get(STEP_KEY)
         if step is None:
             continue
@@ -80,13 +86,17 @@ def steps_data(run: RunInfo, traces: list[UnifiedTrace]) -> dict[str, Any]:
             r.setdefault("outliers", [])
             if flag:
                 r["outliers"].append(key)
-    return {"run": run.name, "status": run.status, "steps": ordered}
+    return {"run": run.name, "status": run.status, "pruned": bool(run.pruned),
+            "dropped": run.pruned, "steps": ordered}
 
 
 def render_steps(d: dict[str, Any], out) -> None:
     """Per-step table; '!' marks robust outliers."""
     w = out.write
     w(f"run {escape(d['run'])}  status {d['status']}: {len(d['steps'])} steps\n")
+    line = pruned_line(d.get("dropped"))
+    if line:
+        w(line)
     if not d["steps"]:
         w("no spans carry experiment.step (use experiment_span(..., step=N))\n")
         return

@@ -23,10 +23,12 @@ from renacerd.store.flight import FLIGHT_SCHEMA, FlightTables
 from renacerd.store.readers import StoreReaders
 from renacerd.trace.unified_trace import ProcessSpan, UnifiedTrace
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Versions this code reads; a writer upgrades an older store in place. 2: chunks carry the
-# aux and mode columns, runs the truncated counter.
-READABLE_SCHEMAS = (1, 2)
+# aux and mode columns, runs the truncated counter. 3: runs may be pruned (their events
+# dropped, their aggregates kept): a reader of 2 would show a pruned run as one that did
+# nothing.
+READABLE_SCHEMAS = (1, 2, 3)
 log = logging.getLogger("renacerd.store.database")
 
 SCHEMA = """
@@ -85,7 +87,31 @@ CREATE TABLE IF NOT EXISTS spans (
     process_id INTEGER, thread_id INTEGER
 );
 CREATE INDEX IF NOT EXISTS spans_run ON spans(run_id, process_id, start_mono_nanos);
+CREATE TABLE IF NOT EXISTS aggregates (
+    run_id INTEGER NOT NULL, kind TEXT NOT NULL, idx INTEGER NOT NULL, data TEXT NOT NULL,
+    PRIMARY KEY (run_id, kind, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS step_syscalls (
+    run_id INTEGER NOT NULL, proc_id INTEGER NOT NULL, step TEXT NOT NULL,
+    syscall TEXT NOT NULL, calls INTEGER NOT NULL, errors INTEGER NOT NULL,
+    total_ns INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS step_syscalls_run ON step_syscalls(run_id);
+CREATE TABLE IF NOT EXISTS step_files (
+    run_id INTEGER NOT NULL, proc_id INTEGER NOT NULL, step TEXT NOT NULL,
+    path TEXT NOT NULL, bytes_read INTEGER NOT NULL, bytes_written INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS step_files_run ON step_files(run_id);
+CREATE TABLE IF NOT EXISTS pruned (
+    run_id INTEGER PRIMARY KEY,
+    at_wall_ns INTEGER NOT NULL, reason TEXT NOT NULL,
+    chunks INTEGER NOT NULL DEFAULT 0, events INTEGER NOT NULL DEFAULT 0,
+    bytes INTEGER NOT NULL DEFAULT 0, strings INTEGER NOT NULL DEFAULT 0,
+    partial INTEGER NOT NULL DEFAULT 0, kept TEXT
+);
 """
+# Tables a pruned run keeps its aggregates in (deleted with the run by `renacer rm`).
+AGGREGATE_TABLES = ("aggregates", "step_syscalls", "step_files", "pruned")
 
 # The rank columns of `processes` (DIST_COLUMNS) are nullable additions that older readers
 # ignore (no version bump, docs/store.md): a store made before them gains them (NULL) when a
@@ -172,6 +198,8 @@ class RunInfo:
     exit_code: int | None
     error: str | None
     truncated: int = 0  # records whose path or argv was cut at the capture bounds
+    # what retention dropped (Store.pruned_info), None for a run with all its events
+    pruned: dict[str, Any] | None = None
 
     @property
     def lost(self) -> int:
@@ -361,6 +389,10 @@ class Store(StoreReaders, FlightTables):
                 raise StoreError(f"{self.path} is not a renacer store (no meta table)") from None
             if found and (not found.isdigit() or int(found) not in READABLE_SCHEMAS):
                 raise StoreError(f"{self.path}: unsupported store schema {found}")
+            if create and found == "":
+                # Only before the first table: freed pages can then be handed back to the
+                # file system (PRAGMA incremental_vacuum) without rewriting the file.
+                self.db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             if create and not made:
                 _repair_store_files(self.path, gid)
             mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -625,6 +657,79 @@ class Store(StoreReaders, FlightTables):
         self.db.execute("UPDATE runs SET status='incomplete', error=?, events=0, cmdline=NULL "
                         "WHERE id=?", (error, run_id))
 
+    @_writes
+    def write_aggregates(self, run_id: int, agg: Any) -> None:
+        """Store a run's aggregates (store.aggregates.Aggregates), replacing earlier ones, in
+        the open transaction (the caller commits: with the prune they belong to)."""
+        self._tx()
+        for table in AGGREGATE_TABLES[:3]:
+            self.db.execute(f"DELETE FROM {table} WHERE run_id=?", (run_id,))
+        rows = [(run_id, "process", i, _dumps(d)) for i, d in enumerate(agg.processes)]
+        rows += [(run_id, "span", i, _dumps(d)) for i, d in enumerate(agg.spans)]
+        self.db.executemany("INSERT INTO aggregates VALUES (?,?,?,?)", rows)
+        ids = [pid for pid, _ in self.processes(run_id)]
+        self.db.executemany(
+            "INSERT INTO step_syscalls VALUES (?,?,?,?,?,?,?)",
+            [(run_id, ids[pos], _text(step), name, calls, errs, ns)
+             for pos, step, name, calls, errs, ns in agg.step_syscalls])
+        self.db.executemany(
+            "INSERT INTO step_files VALUES (?,?,?,?,?,?)",
+            [(run_id, ids[pos], _text(step), _text(path), r, w)
+             for pos, step, path, r, w in agg.step_files])
+
+    def _has_table(self, name: str) -> bool:
+        """Whether the file has the table (a store of an older schema opened to read may not)."""
+        return self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?",
+                               (name,)).fetchone() is not None
+
+    def has_aggregates(self, run_id: int) -> bool:
+        """Whether the run's aggregates are stored."""
+        return self._has_table("aggregates") and self.db.execute(
+            "SELECT 1 FROM aggregates WHERE run_id=? LIMIT 1", (run_id,)).fetchone() is not None
+
+    def aggregates(self, run_id: int) -> dict[str, list[Any]] | None:
+        """{"processes": [...], "spans": [...]} as stored (process and span order), or None."""
+        if not self.has_aggregates(run_id):
+            return None
+        out: dict[str, list[Any]] = {"processes": [], "spans": []}
+        for kind, data in self.db.execute(
+                "SELECT kind, data FROM aggregates WHERE run_id=? ORDER BY kind, idx",
+                (run_id,)):
+            out[f"{kind}es" if kind == "process" else f"{kind}s"].append(_loads(data, "{}"))
+        return out
+
+    def step_aggregates(self, run_id: int) -> dict[str, list[dict[str, Any]]]:
+        """The run's per-step rows: {"syscalls": [...], "files": [...]} with the pid."""
+        out: dict[str, list[dict[str, Any]]] = {"syscalls": [], "files": []}
+        if not self._has_table("step_syscalls"):
+            return out
+        for pid, step, name, calls, errs, ns in self.db.execute(
+                "SELECT p.pid, s.step, s.syscall, s.calls, s.errors, s.total_ns "
+                "FROM step_syscalls s JOIN processes p ON p.id=s.proc_id WHERE s.run_id=? "
+                "ORDER BY s.rowid", (run_id,)):
+            out["syscalls"].append({"pid": pid, "step": _untext(step), "syscall": name,
+                                    "calls": calls, "errors": errs, "total_ns": ns})
+        for pid, step, path, r, w in self.db.execute(
+                "SELECT p.pid, f.step, f.path, f.bytes_read, f.bytes_written "
+                "FROM step_files f JOIN processes p ON p.id=f.proc_id WHERE f.run_id=? "
+                "ORDER BY f.rowid", (run_id,)):
+            out["files"].append({"pid": pid, "step": _untext(step), "path": _untext(path),
+                                 "bytes_read": r, "bytes_written": w})
+        return out
+
+    def pruned_info(self, run_id: int) -> dict[str, Any] | None:
+        """What retention dropped of the run, or None when it has all its events."""
+        if not self._has_table("pruned"):
+            return None
+        row = self.db.execute(
+            "SELECT at_wall_ns, reason, chunks, events, bytes, strings, partial, kept "
+            "FROM pruned WHERE run_id=?", (run_id,)).fetchone()
+        if row is None:
+            return None
+        return {"at_wall_ns": row[0], "reason": row[1], "chunks": row[2], "events": row[3],
+                "bytes": row[4], "strings": row[5], "partial": bool(row[6]),
+                "kept": _loads(row[7], "null")}
+
     def close(self) -> None:
         """Commit and close."""
         try:
@@ -665,6 +770,7 @@ class Store(StoreReaders, FlightTables):
             truncated=d.get("truncated") or 0,
             # A run read as stale before anyone marked it says what marking it would say.
             error=d["error"] or (STALE_ERROR if stale else None),
+            pruned=self.pruned_info(d["id"]),
         )
 
     @property

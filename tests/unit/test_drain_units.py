@@ -98,7 +98,7 @@ def test_store_of_schema_1_reads_and_is_upgraded_by_a_writer(tmp_path):
     db.close()
     assert Store(path).run("r").truncated == 0  # a reader leaves the file as it is
     s = Store(path, create=True)
-    assert s.db.execute("SELECT value FROM meta").fetchone()[0] == "2"
+    assert s.db.execute("SELECT value FROM meta").fetchone()[0] == "3"
     assert s.run("r").truncated == 0
 
 

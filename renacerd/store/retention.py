@@ -1,0 +1,393 @@
+"""Retention: keep the store under a size and an age budget by dropping the events of the
+oldest runs (their metadata, spans and aggregates stay), and delete runs outright.
+
+Each run is pruned in one transaction (a process killed at any point leaves the run whole
+or pruned, never half), then the freed pages go back to the file system
+(incremental_vacuum) and the WAL is truncated, so the file actually shrinks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+
+from renacerd.store.aggregates import compute
+from renacerd.store.database import (
+    AGGREGATE_TABLES,
+    RunInfo,
+    Store,
+    StoreError,
+    _writes,
+    span_summaries,
+    tag_spans,
+)
+
+log = logging.getLogger("renacerd.store.retention")
+
+# A live run loses at most this many of its oldest chunks per transaction: the unit the
+# budget may be overshot by while a run writes.
+CHUNK_GROUP = 16
+INTERVAL_S = 60.0  # how often the daemon and the service apply the policy
+DEFAULT_SIZE = "10%"  # of the store's file system (the service's default)
+DEFAULT_TIME = "30d"  # the service's default
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20,
+          "MB": 1 << 20, "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30,
+          "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+_DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d|w|y)")
+_NS = {"ms": 10**6, "s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9, "d": 86400 * 10**9,
+       "w": 7 * 86400 * 10**9, "y": 365 * 86400 * 10**9}
+
+
+class RetentionError(ValueError):
+    """A size or duration that does not parse (one line for the user)."""
+
+
+def parse_size(text: str, store_path: str | None = None) -> int:
+    """Bytes of a size budget: `500M`, `2G`, `1024` (binary units) or `10%` of the file
+    system holding `store_path`."""
+    t = text.strip()
+    if t.endswith("%"):
+        try:
+            pct = float(t[:-1])
+        except ValueError:
+            raise RetentionError(f"bad size {text!r} (e.g. 500M, 2G or 10%)") from None
+        if not 0 < pct <= 100:
+            raise RetentionError(f"bad size {text!r}: a percentage is above 0 and at most 100")
+        st = os.statvfs(_existing_dir(store_path or "."))
+        return int(st.f_blocks * st.f_frsize * pct / 100)
+    m = _SIZE.match(t)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise RetentionError(f"bad size {text!r} (e.g. 500M, 2G or 10%)")
+    n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if n <= 0:
+        raise RetentionError(f"bad size {text!r}: must be above 0")
+    return n
+
+
+def _existing_dir(path: str) -> str:
+    """The nearest existing directory at or above `path` (a store not made yet)."""
+    p = os.path.abspath(path)
+    while not os.path.isdir(p):
+        p = os.path.dirname(p)
+    return p
+
+
+def parse_duration(text: str) -> int:
+    """Nanoseconds of an age budget: `30d`, `12h`, `1h30m`, `90s`, `2w`, `1y`."""
+    t = text.strip()
+    parts = _DURATION_PART.findall(t)
+    if not t or "".join(n + u for n, u in parts) != t:
+        raise RetentionError(f"bad duration {text!r} (e.g. 30d, 12h or 1h30m)")
+    ns = sum(int(n) * _NS[u] for n, u in parts)
+    if ns <= 0:
+        raise RetentionError(f"bad duration {text!r}: must be above 0")
+    return ns
+
+
+@dataclass(slots=True)
+class Policy:
+    """The budgets (None: no limit of that kind)."""
+
+    size: int | None = None
+    age_ns: int | None = None
+
+    @property
+    def empty(self) -> bool:
+        """No budget at all."""
+        return self.size is None and self.age_ns is None
+
+
+@dataclass(slots=True)
+class Action:
+    """One run pruned (or that would be): why, and what it dropped."""
+
+    run: str
+    reason: str  # "age", "size" or "live" (a live run's oldest chunks)
+    chunks: int
+    events: int
+    bytes: int
+
+
+@dataclass(slots=True)
+class _Usage:
+    chunks: int
+    events: int
+    bytes: int
+    first_id: int
+
+
+def store_size(path: str) -> int:
+    """Bytes of the store file and its WAL."""
+    total = 0
+    for p in (path, path + "-wal"):
+        try:
+            total += os.stat(p).st_size
+        except FileNotFoundError:
+            pass
+    return total
+
+
+class Retention:
+    """Retention passes over one store (its own connection: the daemon's writer goes on)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.db = store.db
+        self.path = store.path  # for the one-line StoreError of a refused write
+
+    def _abandon(self) -> None:
+        self.store._abandon()
+
+    # -- measuring ---------------------------------------------------------------------
+    def used(self) -> int:
+        """Bytes the store would take with its free pages returned: pages in use plus WAL
+        (a store made before auto_vacuum keeps its free pages for reuse instead)."""
+        pages = self.db.execute("PRAGMA page_count").fetchone()[0]
+        free = self.db.execute("PRAGMA freelist_count").fetchone()[0]
+        size = self.db.execute("PRAGMA page_size").fetchone()[0]
+        try:
+            wal = os.stat(self.store.path + "-wal").st_size
+        except FileNotFoundError:
+            wal = 0
+        return (pages - free) * size + wal
+
+    def usage(self) -> dict[int, _Usage]:
+        """Per run id: its chunks, their events and bytes, the oldest chunk id."""
+        return {rid: _Usage(n, ev or 0, b or 0, lo) for rid, n, ev, b, lo in self.db.execute(
+            "SELECT run_id, count(*), sum(n), sum(length(data)), min(id) FROM chunks "
+            "GROUP BY run_id")}
+
+    # -- pruning -----------------------------------------------------------------------
+    def _aggregates(self, info: RunInfo):
+        """The aggregates of a run, computed from its events as stored now."""
+        st = self.store
+        strings = st.strings(info.id)
+        spans = st.span_records(info.id)
+        traces = [st._trace(info, pid, p, strings, spans) for pid, p in st.processes(info.id)]
+        tag_spans(traces)
+        return compute(traces, span_summaries(traces))
+
+    @_writes
+    def prune_run(self, info: RunInfo, reason: str) -> Action:
+        """Drop every event chunk and string of an ended run in one transaction; its
+        aggregates (computed first, unless kept from an earlier partial prune) stay."""
+        agg = None if self.store.has_aggregates(info.id) else self._aggregates(info)
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            u = self.usage_of(info.id)
+            if agg is not None:
+                self.store.write_aggregates(info.id, agg)
+            self.db.execute("DELETE FROM chunks WHERE run_id=?", (info.id,))
+            strings = self.db.execute("DELETE FROM strings WHERE run_id=?",
+                                      (info.id,)).rowcount
+            self._record(info.id, reason, u, strings, partial=False)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.store._abandon()
+            raise
+        return Action(info.name, reason, u.chunks, u.events, u.bytes)
+
+    @_writes
+    def prune_oldest_chunks(self, info: RunInfo, count: int = CHUNK_GROUP) -> Action:
+        """Drop a live run's `count` oldest chunks in one transaction (its strings stay:
+        later events refer to them)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            ids = [r[0] for r in self.db.execute(
+                "SELECT id FROM chunks WHERE run_id=? ORDER BY id LIMIT ?", (info.id, count))]
+            u = _Usage(0, 0, 0, 0)
+            if ids:
+                marks = ",".join("?" * len(ids))
+                n, ev, b = self.db.execute(
+                    f"SELECT count(*), sum(n), sum(length(data)) FROM chunks WHERE id IN "
+                    f"({marks})", ids).fetchone()
+                u = _Usage(n, ev or 0, b or 0, ids[0])
+                self.db.execute(f"DELETE FROM chunks WHERE id IN ({marks})", ids)
+                self._record(info.id, "live", u, 0, partial=True)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.store._abandon()
+            raise
+        return Action(info.name, "live", u.chunks, u.events, u.bytes)
+
+    def usage_of(self, run_id: int) -> _Usage:
+        """One run's chunk usage (zero for none)."""
+        n, ev, b, lo = self.db.execute(
+            "SELECT count(*), sum(n), sum(length(data)), min(id) FROM chunks WHERE run_id=?",
+            (run_id,)).fetchone()
+        return _Usage(n, ev or 0, b or 0, lo or 0)
+
+    def _record(self, run_id: int, reason: str, u: _Usage, strings: int, partial: bool) -> None:
+        """Add to the run's `pruned` row (a live run is pruned group by group)."""
+        self.db.execute(
+            "INSERT INTO pruned (run_id, at_wall_ns, reason, chunks, events, bytes, strings, "
+            "partial) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(run_id) DO UPDATE SET "
+            "at_wall_ns=excluded.at_wall_ns, reason=CASE WHEN pruned.partial THEN "
+            "pruned.reason || ',' || excluded.reason ELSE excluded.reason END, "
+            "chunks=pruned.chunks+excluded.chunks, events=pruned.events+excluded.events, "
+            "bytes=pruned.bytes+excluded.bytes, strings=pruned.strings+excluded.strings, "
+            "partial=max(pruned.partial, excluded.partial)",
+            (run_id, time.time_ns(), reason, u.chunks, u.events, u.bytes, strings, int(partial)))
+
+    @_writes
+    def delete_run(self, info: RunInfo) -> None:
+        """Remove a run and everything it recorded, in one transaction."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            tables = ("chunks", "strings", "spans", "processes", *AGGREGATE_TABLES)
+            if self.store._has_table("sink_progress"):
+                tables += ("sink_progress",)
+            for table in tables:
+                self.db.execute(f"DELETE FROM {table} WHERE run_id=?", (info.id,))
+            self.db.execute("DELETE FROM runs WHERE id=?", (info.id,))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.store._abandon()
+            raise
+
+    def reclaim(self) -> None:
+        """Return free pages to the file system and truncate the WAL (a reader still on
+        it keeps it until the next pass)."""
+        try:
+            self.db.execute("PRAGMA incremental_vacuum").fetchall()
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except Exception as e:  # a busy store: the next pass returns them
+            log.info("reclaiming space in %s: %s", self.store.path, e)
+
+    def enable_incremental(self) -> bool:
+        """A store made before auto_vacuum: rewrite it once (VACUUM) so that freed pages are
+        returned from now on; only with no live run (the rewrite blocks writers). True if
+        done."""
+        if self.db.execute("PRAGMA auto_vacuum").fetchone()[0] != 0:
+            return False
+        if any(r.status == "running" for r in self.store.runs()):
+            return False
+        self.db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        self.db.execute("VACUUM")
+        self.reclaim()
+        return True
+
+    # -- the pass ----------------------------------------------------------------------
+    def apply(self, policy: Policy, dry_run: bool = False,
+              now_ns: int | None = None) -> list[Action]:
+        """One pass: runs past the age budget, then the oldest ended runs while over the
+        size budget, then (last resort) the oldest chunks of live runs. `dry_run`: what
+        would be pruned, nothing written."""
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        usage = self.usage()
+        runs = [r for r in self.store.runs() if r.id in usage]
+        ended = [r for r in runs if r.status != "running"]
+        live = [r for r in runs if r.status == "running"]
+        actions: list[Action] = []
+        done: set[int] = set()
+        if policy.age_ns is not None:
+            cutoff = now_ns - policy.age_ns
+            for r in ended:
+                when = r.end_wall_ns or r.start_wall_ns or 0
+                if when < cutoff:
+                    actions.append(self._prune(r, "age", usage[r.id], dry_run))
+                    done.add(r.id)
+        if policy.size is None:
+            return actions
+        used = self.used()
+        if dry_run:
+            used -= sum(a.bytes for a in actions)
+        for r in ended:
+            if used <= policy.size:
+                return actions
+            if r.id in done:
+                continue
+            actions.append(self._prune(r, "size", usage[r.id], dry_run))
+            used = used - usage[r.id].bytes if dry_run else self.used()
+        for r in live:
+            u = usage[r.id]
+            while used > policy.size and u.chunks > 0:
+                if dry_run:
+                    a = Action(r.name, "live", min(u.chunks, CHUNK_GROUP), 0, 0)
+                    u.chunks -= a.chunks
+                    used -= u.bytes // max(u.chunks + a.chunks, 1) * a.chunks
+                else:
+                    a = self.prune_oldest_chunks(r)
+                    if not a.chunks:
+                        break
+                    u.chunks -= a.chunks
+                    self.reclaim()
+                    used = self.used()
+                _merge(actions, a)
+        return actions
+
+    def _prune(self, r: RunInfo, reason: str, u: _Usage, dry_run: bool) -> Action:
+        if dry_run:
+            return Action(r.name, reason, u.chunks, u.events, u.bytes)
+        a = self.prune_run(r, reason)
+        self.reclaim()
+        return a
+
+
+def _merge(actions: list[Action], a: Action) -> None:
+    """A live run's chunk groups as one action."""
+    if actions and actions[-1].run == a.run and actions[-1].reason == a.reason:
+        prev = actions[-1]
+        prev.chunks += a.chunks
+        prev.events += a.events
+        prev.bytes += a.bytes
+    else:
+        actions.append(a)
+
+
+class RetentionLoop:
+    """Applies a policy to a store every `interval` seconds and on demand (a run's end),
+    on its own thread and connection; a failed pass is logged, never fatal."""
+
+    def __init__(self, path: str, policy: Policy, interval: float = INTERVAL_S) -> None:
+        self.path = path
+        self.policy = policy
+        self.interval = interval
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, name="renacerd-retention", daemon=True)
+
+    def start(self) -> RetentionLoop:
+        """Start the thread (a first pass at once)."""
+        self._t.start()
+        return self
+
+    def poke(self) -> None:
+        """Run a pass now (a run ended)."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Stop after the pass in progress."""
+        self._stop.set()
+        self._wake.set()
+        if self._t.is_alive():
+            self._t.join()
+
+    def pass_once(self) -> list[Action]:
+        """One pass on a fresh connection."""
+        st = Store(self.path)
+        try:
+            acts = Retention(st).apply(self.policy)
+        finally:
+            st.close()
+        for a in acts:
+            log.info("retention: pruned %s (%s): %d chunks, %d events, %d bytes",
+                     a.run, a.reason, a.chunks, a.events, a.bytes)
+        return acts
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.pass_once()
+            except (StoreError, OSError) as e:
+                log.warning("retention pass on %s failed: %s", self.path, e)
+            except Exception:  # noqa: BLE001 - the daemon outlives a bad pass
+                log.exception("retention pass on %s failed", self.path)
+            self._wake.wait(self.interval)
+            self._wake.clear()
