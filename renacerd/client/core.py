@@ -205,8 +205,8 @@ class _Client:
         "path", "run", "trace_timeout", "sock", "gen", "sent", "dropped", "unreported",
         "next_attempt_ns", "warned", "lock", "trace_lock", "needs_setup", "env_parent",
         "request_id", "hello", "wall_offset_ns", "wall_due_ns", "backlog", "full_until_ns",
-        "flusher", "use_ring", "moved", "ring", "words", "rsize", "rhead", "rseq", "rlimit",
-        "alive_due_ns",
+        "flusher", "use_ring", "flight", "moved", "ring", "words", "rsize", "rhead", "rseq",
+        "rlimit", "alive_due_ns",
     )
 
     def __init__(self) -> None:

@@ -34,12 +34,13 @@ from renacerd.capture.probes.loader import ProbeError
 from renacerd.capture.shared import SharedCapture, SharedRun
 from renacerd.capture.tracer import Tracer
 from renacerd.client.protocol import Ack, Dump, Message, ServiceStatus, StatusQuery, TraceMe
-from renacerd.serve.loglimit import LimitedLog
 from renacerd.serve.flight import TRIM_EVERY_S, FlightPolicy, FlightRun, exit_reason
+from renacerd.serve.loglimit import LimitedLog
 from renacerd.serve.notify import Notifier
 from renacerd.serve.span_feed import SpanFeed
 from renacerd.serve.span_server import Admit, OnMessage, PeerCred, SpanServer, bind_socket
 from renacerd.store.database import Store, StoreError
+from renacerd.store.flight import finish_flight, fold_events
 
 log = logging.getLogger("renacerd.service")
 
@@ -447,9 +448,8 @@ class Service:
                         log.warning("run %s: %s; its flight window is kept", run.name, why)
                 if now_s >= fl.next_trim:
                     fl.next_trim = now_s + TRIM_EVERY_S
-                    with self.store_lock:
-                        fl.trimmed_events += fold_events(self.store, run.name, fl.run_id,
-                                                         fl.cutoff(now))
+                    fl.trimmed_events += fold_events(self.store, run.name, fl.run_id,
+                                                     fl.cutoff(now), self.store_lock)
             except StoreError as e:
                 self.warnings.warning("flight", "run %s: flight recorder: %s", run.name, e)
 
@@ -461,13 +461,17 @@ class Service:
         why = exit_reason(st.span.exit_code, st.span.exit_signal) if st is not None else None
         if why is None and status != "complete":
             why = f"run {status}"
-        with self.store_lock:
-            end = time.monotonic_ns()
-            if why is not None:
+        end = time.monotonic_ns()
+        if why is not None:
+            with self.store_lock:
                 fl.keep(self.store, why, end)
-            fl.trimmed_events += fold_events(self.store, run.name, fl.run_id,
-                                             fl.cutoff(end) if fl.kept_from is not None
-                                             else end + 1)
+                self.store.commit()
+            log.warning("run %s: %s; its flight window is kept", run.name, why)
+        fl.trimmed_events += fold_events(self.store, run.name, fl.run_id,
+                                         fl.cutoff(end) if fl.kept_from is not None
+                                         else end + 1, self.store_lock)
+        with self.store_lock:
+            finish_flight(self.store, run.name, fl.run_id)
 
     def _sample(self) -> None:
         with self.lock:

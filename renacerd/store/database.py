@@ -200,6 +200,8 @@ class RunInfo:
     truncated: int = 0  # records whose path or argv was cut at the capture bounds
     # what retention dropped (Store.pruned_info), None for a run with all its events
     pruned: dict[str, Any] | None = None
+    # a flight-recorder run's window and kept windows (FlightInfo.to_json), else None
+    flight: dict[str, Any] | None = None
 
     @property
     def lost(self) -> int:
@@ -771,6 +773,8 @@ class Store(StoreReaders, FlightTables):
             # A run read as stale before anyone marked it says what marking it would say.
             error=d["error"] or (STALE_ERROR if stale else None),
             pruned=self.pruned_info(d["id"]),
+            flight=(lambda f: f.to_json() if f is not None else None)(
+                self.flight_info(d["id"])),
         )
 
     @property

@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS flight_sums (
 # The folded part of a flight run's aggregates, summed as they come (one fold a second);
 # the run's end writes them, with its kept events', as the run's aggregates.
 _PARTIAL_TABLES = ("flight_steps", "flight_files", "flight_sums")
+FLIGHT_TABLES = ("flight", "flight_windows", *_PARTIAL_TABLES)
 
 
 @dataclass(slots=True)
@@ -213,6 +214,18 @@ class FlightTables:
             "ORDER BY proc_id, step, path", (run_id,)).fetchall()
         return steps, files
 
+    def mark_flight_pruned(self, run_id: int, info: FlightInfo | None) -> None:
+        """The run reads as pruned (its reports read its aggregates), by the flight recorder,
+        with the windows it kept."""
+        if info is None:
+            return
+        self._tx()
+        kept = orjson.dumps({"flight_windows": info.to_json()["kept"]}).decode()
+        self.db.execute(
+            "INSERT OR REPLACE INTO pruned (run_id, at_wall_ns, reason, chunks, events, bytes, "
+            "strings, partial, kept) VALUES (?,?,?,?,?,0,0,0,?)",
+            (run_id, time.time_ns(), "flight recorder", info.chunks, info.events, kept))
+
     def forget_partials(self, run_id: int) -> None:
         """Drop the folded rows (written as the run's aggregates)."""
         self._tx()
@@ -327,3 +340,49 @@ def fold_events(store: Any, run: str, run_id: int, before_ns: int, lock: Any = N
                                  "WHERE run_id=?", (hi, run_id))
             if hi >= before_ns:
                 return total
+
+
+def finish_flight(store: Any, run: str, run_id: int) -> None:
+    """A flight run ended (its events before its kept windows folded): its aggregates are
+    the folded part plus its kept events', and it reads as pruned by the flight recorder."""
+    from renacerd.store.aggregates import Aggregates, compute
+    from renacerd.store.database import span_summaries
+
+    traces = store.load_run(run)  # what is left: the kept windows (if any), tagged
+    kept = compute(traces, span_summaries(traces))
+    procs = store.processes(run_id)
+    pos_of = {proc_id: pos for pos, (proc_id, _) in enumerate(procs)}
+    part_p = store.partial_sums(run_id, "process")
+    part_s = store.partial_sums(run_id, "span")
+    spans = store.span_records(run_id)
+    agg = Aggregates(spans=[
+        merge_summary(part_s.get(sp.span_id_hex()),
+                      kept.spans[i] if i < len(kept.spans) else _NO_SPAN_SUM)
+        for i, sp in enumerate(spans)])
+    agg.processes = [merge_summary(part_p.get(str(proc_id)),
+                                   kept.processes[pos] if pos < len(kept.processes) else None)
+                     or {} for pos, (proc_id, _) in enumerate(procs)]
+    steps, files = store.summed_steps(run_id)
+    sums: dict[tuple, list[int]] = {}
+    for proc_id, step, name, *v in steps:
+        sums[(pos_of[proc_id], step, name)] = list(v)
+    for pos, step, name, *v in kept.step_syscalls:
+        old = sums.setdefault((pos, str(step), name), [0, 0, 0])
+        sums[(pos, str(step), name)] = [a + b for a, b in zip(old, v)]
+    agg.step_syscalls = [(*k, *v) for k, v in sums.items()]
+    fsums: dict[tuple, list[int]] = {}
+    for proc_id, step, path, *v in files:
+        fsums[(pos_of[proc_id], step, path)] = list(v)
+    for pos, step, path, *v in kept.step_files:
+        old = fsums.setdefault((pos, str(step), path), [0, 0])
+        fsums[(pos, str(step), path)] = [a + b for a, b in zip(old, v)]
+    agg.step_files = [(*k, *v) for k, v in fsums.items()]
+    info = store.flight_info(run_id)
+    store.write_aggregates(run_id, agg)
+    store.forget_partials(run_id)
+    store.mark_flight_pruned(run_id, info)
+    store.commit()
+
+
+_NO_SPAN_SUM = {"syscalls": 0, "syscall_ns": 0, "bytes_read": 0, "bytes_written": 0,
+                "calls": {}}
