@@ -25,11 +25,14 @@ import os, sys, time
 from renacerd.client import core as client
 sock, run, mode, marker = sys.argv[1:5]
 client.configure(socket=sock, run=run, trace_timeout=60)
-open(marker, "w").close()
+with open(marker, "w") as f:
+    f.write("x" * 100)
+fd = os.open(marker, os.O_RDONLY)  # opened before any step: its reads name it all the same
 def step(i, pause=0.05):
     with client.experiment_span("step", step=i):
         for _ in range(10):
             os.stat(marker)
+        os.pread(fd, 2, 0)
         if pause > 1:
             time.sleep(pause)  # inside the step: it hangs
     time.sleep(pause if pause <= 1 else 0.05)
@@ -135,6 +138,11 @@ def _kept_events(tmp: Path, run: str) -> int:
         con.close()
 
 
+def _marker_reads(d: dict, tmp: Path, run: str) -> int:
+    (proc,) = d["processes"]
+    return proc["files"][str(tmp / f"{run}.m")]["bytes_read"]
+
+
 def _finish(p: subprocess.Popen) -> tuple[int, str]:
     out, err = p.communicate(timeout=120)
     assert out.startswith("done 0"), err
@@ -152,6 +160,7 @@ def test_a_job_that_ends_well_keeps_aggregates_only_with_every_step_exact(flight
     assert _kept_events(tmp, "fl-ok") == 0  # nothing went wrong: no full events kept
     # yet every step's calls are exact, folded second by second while it ran
     assert _steps(tmp, "fl-ok") == {i: STATS for i in range(40)}
+    assert _marker_reads(d, tmp, "fl-ok") == 40 * 2  # 2 bytes a step, before or after a fold
     (proc,) = d["processes"]
     assert proc["syscalls"]["newfstatat"]["calls"] >= 40 * STATS
     text = _cli(tmp, "show", "fl-ok")
@@ -170,6 +179,7 @@ def test_a_failed_job_keeps_its_last_window(flight):
     # the last window (1 s of a 4 s job, plus the chunk that straddles its start) is kept
     assert 0 < kept < d["events"]
     assert _steps(tmp, "fl-fail") == {i: STATS for i in range(40)}
+    assert _marker_reads(d, tmp, "fl-fail") == 40 * 2  # 2 bytes a step, before or after a fold
 
 
 def test_a_hung_step_keeps_the_window(flight):
@@ -183,6 +193,7 @@ def test_a_hung_step_keeps_the_window(flight):
     assert "over 4 x the median step" in w["reason"]
     assert _kept_events(tmp, "fl-hang") > 0
     assert _steps(tmp, "fl-hang") == {i: STATS for i in range(40)}
+    assert _marker_reads(d, tmp, "fl-hang") == 40 * 2  # 2 bytes a step, before or after a fold
 
 
 def test_dump_keeps_the_window_of_a_live_run(flight):
@@ -200,6 +211,7 @@ def test_dump_keeps_the_window_of_a_live_run(flight):
     (w,) = d["flight_recorder"]["kept"]
     assert w["reason"] == "dump by uid 0"
     assert _steps(tmp, "fl-dump") == {i: STATS for i in range(40)}
+    assert _marker_reads(d, tmp, "fl-dump") == 40 * 2  # 2 bytes a step, before or after a fold
 
 
 def test_dump_of_no_such_run_or_a_full_run_is_one_line_exit_2(flight):
