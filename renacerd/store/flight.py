@@ -138,11 +138,13 @@ class FlightTables:
         return events
 
     def set_initial_fds(self, proc_id: int, fds: dict[int, str]) -> None:
-        """A process's fd table where its remaining events start (after a trim)."""
+        """A process's fd table where its remaining events start (after a trim). Its trace
+        now starts mid-life, as an attached process's does: marked attached, so the table
+        is read as its start (not its parent's at the fork)."""
         from renacerd.store.database import _dumps
 
         self._tx()
-        self.db.execute("UPDATE processes SET initial_fds=? WHERE id=?",
+        self.db.execute("UPDATE processes SET initial_fds=?, attached=1 WHERE id=?",
                         (_dumps({str(k): v for k, v in fds.items()}), proc_id))
 
     def spans_overlapping(self, run_id: int, lo: int, hi: int) -> list[Any]:

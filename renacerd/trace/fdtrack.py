@@ -424,10 +424,7 @@ def run_files(traces: list[UnifiedTrace]) -> dict[int, ProcessFiles]:
         while t.pid not in initial:
             chain.append(t)
             parent = by_pid.get(t.process.ppid)
-            # a recorded fd table is where the process starts (attached; or its earlier
-            # events folded away by the flight recorder, which records the table there)
-            if (parent is None or t.process.attached or t.process.initial_fds or parent is t
-                    or parent in chain):
+            if parent is None or t.process.attached or parent is t or parent in chain:
                 initial[t.pid] = None
                 chain.pop()
                 break
