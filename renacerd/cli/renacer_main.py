@@ -17,6 +17,7 @@ COMMANDS = {
     "export": ("renacerd.cli.export", "golden trace file, Perfetto JSON or JSON lines"),
     "push": ("renacerd.cli.push", "send a stored run to ClickHouse"),
     "status": ("renacerd.cli.status", "what the renacerd service is tracing now"),
+    "dump": ("renacerd.cli.dump", "keep a flight-recorder run's current window whole"),
     "gc": ("renacerd.cli.gc", "prune old runs' events to fit a size and age budget"),
     "rm": ("renacerd.cli.rm", "delete runs from the store"),
 }

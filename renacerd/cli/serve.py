@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import faulthandler
 import logging
+import math
 import os
 import signal
 import sys
 import threading
 
 from renacerd.cli.common import Parser, fail
+from renacerd.serve.flight import DEFAULT_HANG_FACTOR, FlightPolicy
 from renacerd.serve.span_feed import DEFAULT_SOCKET
 
 PROG = "renacerd serve"
@@ -32,10 +34,29 @@ def main(argv: list[str]) -> int:
                    help="stream every run to clickhouse://HOST:8123/DATABASE (repeatable)")
     p.add_argument("--otlp-endpoint", metavar="URL",
                    help="export spans over OTLP/HTTP (env OTEL_EXPORTER_OTLP_ENDPOINT)")
+    p.add_argument("--flight-recorder", metavar="DURATION",
+                   help="for runs that ask (configure(flight_recorder=True) or "
+                        "RENACER_FLIGHT_RECORDER=1): keep only the last DURATION (e.g. 10m) "
+                        "of full events plus per-step aggregates, and the window whole when "
+                        "the job fails, a step hangs or on `renacer dump RUN`")
+    p.add_argument("--flight-hang-factor", type=float, default=DEFAULT_HANG_FACTOR,
+                   metavar="F", help="a step open F times the median step is a hang "
+                   f"(default {DEFAULT_HANG_FACTOR:g})")
     from renacerd.cli.gc import add_retention, policy_of
 
     add_retention(p, defaults=True)
     a = p.parse_args(argv)
+    flight = None
+    if not math.isfinite(a.flight_hang_factor) or a.flight_hang_factor <= 1:
+        return fail(PROG, f"--flight-hang-factor must be a number above 1, not "
+                    f"{a.flight_hang_factor}")
+    if a.flight_recorder is not None:
+        from renacerd.store.retention import RetentionError, parse_duration
+
+        try:
+            flight = FlightPolicy(parse_duration(a.flight_recorder), a.flight_hang_factor)
+        except RetentionError as e:
+            return fail(PROG, f"--flight-recorder: {e}")
     from renacerd.sinks import SinkError
     from renacerd.sinks.clickhouse import ClickHouseSink, parse_url
     from renacerd.sinks.otlp import OtlpExporter, resolve_endpoint
@@ -92,7 +113,7 @@ def main(argv: list[str]) -> int:
             sock, unlink = listen(path, gid), path
         runs_dir = a.runs_dir or os.path.join(os.path.dirname(path) or ".", "runs")
         service = Service(sock, db, runs_dir, notifier, unlink_path=unlink, group=a.group,
-                          capture=capture)
+                          capture=capture, flight=flight)
     except (ServiceError, StoreError, OSError) as e:
         if capture is not None:
             capture.close()

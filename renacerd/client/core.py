@@ -205,8 +205,8 @@ class _Client:
         "path", "run", "trace_timeout", "sock", "gen", "sent", "dropped", "unreported",
         "next_attempt_ns", "warned", "lock", "trace_lock", "needs_setup", "env_parent",
         "request_id", "hello", "wall_offset_ns", "wall_due_ns", "backlog", "full_until_ns",
-        "flusher", "use_ring", "moved", "ring", "words", "rsize", "rhead", "rseq", "rlimit",
-        "alive_due_ns",
+        "flusher", "use_ring", "flight", "moved", "ring", "words", "rsize", "rhead", "rseq",
+        "rlimit", "alive_due_ns",
     )
 
     def __init__(self) -> None:
@@ -232,6 +232,7 @@ class _Client:
         self.flusher: Optional[threading.Thread] = None
         # The shared-memory ring of this connection (None: frames go over the socket).
         self.use_ring = True
+        self.flight = False
         self.moved = False
         self.ring: Optional[mmap.mmap] = None
         self.words: Optional[memoryview] = None
@@ -243,11 +244,14 @@ class _Client:
         self.wall_due_ns = 0
 
     def setup(self, socket_path: Optional[str] = None, run: Optional[str] = None,
-              trace_timeout: Optional[float] = None, ring: Optional[bool] = None) -> None:
+              trace_timeout: Optional[float] = None, ring: Optional[bool] = None,
+              flight: Optional[bool] = None) -> None:
         """Read settings once (explicit values over environment over defaults)."""
         self.path = socket_path or os.environ.get("RENACER_SOCKET") or protocol.DEFAULT_SOCKET
         self.run = run or os.environ.get("RENACER_RUN") or None
         self.use_ring = ring if ring is not None else os.environ.get("RENACER_RING") != "0"
+        self.flight = flight if flight is not None else (
+            os.environ.get("RENACER_FLIGHT_RECORDER", "0") not in ("", "0"))
         if trace_timeout is not None:
             self.trace_timeout = trace_timeout
         self.wall_offset_ns = _time_ns() - _monotonic_ns()
@@ -668,7 +672,8 @@ class _Client:
                     return
 
     def reset(self, socket_path: Optional[str], run: Optional[str],
-              trace_timeout: Optional[float], ring: Optional[bool]) -> None:
+              trace_timeout: Optional[float], ring: Optional[bool],
+              flight: Optional[bool] = None) -> None:
         """Apply configure(): close the connection and take the new settings."""
         with self.lock:
             self.close_ring()
@@ -680,7 +685,7 @@ class _Client:
             self.unreported = 0
             self.backlog.clear()
             self.moved = False
-            self.setup(socket_path, run, trace_timeout, ring)
+            self.setup(socket_path, run, trace_timeout, ring, flight)
             # A run name asks the service to trace this process before its first span.
             self.needs_setup = self.run is not None
 
@@ -725,10 +730,13 @@ atexit.register(_client.flush_at_exit)
 
 
 def configure(socket: Optional[str] = None, run: Optional[str] = None,
-              trace_timeout: Optional[float] = None, ring: Optional[bool] = None) -> None:
+              trace_timeout: Optional[float] = None, ring: Optional[bool] = None,
+              flight_recorder: Optional[bool] = None) -> None:
     """Set the daemon socket and service-mode run name (None: RENACER_SOCKET / RENACER_RUN);
-    ring=False sends every frame over the socket (None: unless RENACER_RING=0)."""
-    _client.reset(socket, run, trace_timeout, ring)
+    ring=False sends every frame over the socket (None: unless RENACER_RING=0);
+    flight_recorder=True asks the service to keep only its flight-recorder window of full
+    events (None: when RENACER_FLIGHT_RECORDER=1)."""
+    _client.reset(socket, run, trace_timeout, ring, flight_recorder)
 
 
 def stats() -> dict[str, Any]:
@@ -753,7 +761,7 @@ def request_tracing(timeout: float = DEFAULT_TRACE_TIMEOUT) -> bool:
     with c.trace_lock:
         with c.lock:
             c.request_id = request_id = (c.request_id % U32_MAX) + 1
-        payload = protocol.encode(protocol.TraceMe(request_id, c.run))
+        payload = protocol.encode(protocol.TraceMe(request_id, c.run, flight=c.flight))
         gen = c.send_control(payload, _monotonic_ns() + RETRY_NS)
         sock = c.sock
         if not gen or sock is None:

@@ -197,13 +197,29 @@ class TraceMe:
     # the sender is about to exec the traced command (`renacerd -- CMD` through the
     # service): its records start at that execve, as the standalone daemon's do
     from_exec: bool = False
+    # keep only the service's flight-recorder window of full events (and aggregates)
+    flight: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         """The JSON object of this message."""
         wire: dict[str, Any] = {"t": "trace_me", "req": self.request_id, "run": self.run}
         if self.from_exec:
             wire["exec"] = True
+        if self.flight:
+            wire["flight"] = True
         return wire
+
+
+@dataclass(**SLOTS)
+class Dump:
+    """Service mode: keep a flight run's current window in full (answered by an Ack)."""
+
+    request_id: int
+    run: str
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON object of this message."""
+        return {"t": "dump", "req": self.request_id, "run": self.run}
 
 
 @dataclass(**SLOTS)
@@ -259,7 +275,7 @@ class Ring:
         return {"t": "ring", "size": self.size, "crc": self.checked}
 
 
-Message = Union[Hello, SpanStart, SpanSet, SpanEnd, Dropped, TraceMe, Ack, StatusQuery,
+Message = Union[Hello, SpanStart, SpanSet, SpanEnd, Dropped, TraceMe, Dump, Ack, StatusQuery,
                 ServiceStatus, Ring]
 
 
@@ -476,9 +492,17 @@ def _dropped(obj: dict[str, Any]) -> Dropped:
 
 def _trace_me(obj: dict[str, Any]) -> TraceMe:
     from_exec = obj.get("exec", False)
-    if type(from_exec) is not bool:
-        raise ProtocolError("schema", "exec must be a boolean")
-    return TraceMe(_uint(obj, "req", U32_MAX), _run(obj), from_exec)
+    flight = obj.get("flight", False)
+    if type(from_exec) is not bool or type(flight) is not bool:
+        raise ProtocolError("schema", "exec and flight must be booleans")
+    return TraceMe(_uint(obj, "req", U32_MAX), _run(obj), from_exec, flight)
+
+
+def _dump(obj: dict[str, Any]) -> Dump:
+    run = _run(obj)
+    if run is None:
+        raise ProtocolError("schema", "dump needs a run name")
+    return Dump(_uint(obj, "req", U32_MAX), run)
 
 
 def _ack(obj: dict[str, Any]) -> Ack:
@@ -564,6 +588,7 @@ _DECODERS = {
     "status": _status,
     "service_status": _service_status,
     "ring": _ring,
+    "dump": _dump,
 }
 
 

@@ -30,6 +30,12 @@ def pruned_line(p: dict[str, Any] | None) -> str | None:
             "reports read its stored aggregates")
     if p["partial"] and p["reason"] != "live":
         what += " (the oldest chunks were dropped while live: the aggregates miss them)"
+    if p["reason"] == "flight recorder":
+        wins = (p.get("kept") or {}).get("flight_windows") or []
+        kept = "; ".join(f"{(w['to_mono_ns'] - w['from_mono_ns']) / 1e9:.1f} s kept whole "
+                         f"({w['reason']})" for w in wins) or "no window kept (it ended well)"
+        return (f"!! flight recorder run: {p['events']} events older than its window folded "
+                f"into aggregates (reports read them); {kept}\n")
     return f"!! run pruned by retention: {what}\n"
 
 
@@ -94,5 +100,6 @@ def show_data(run: RunInfo, traces: list[UnifiedTrace],
         "error": run.error,
         "pruned": bool(run.pruned),
         "dropped": run.pruned,
+        "flight_recorder": run.flight,
         "processes": procs,
     }

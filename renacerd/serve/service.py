@@ -33,12 +33,14 @@ from renacerd.capture.peer import Peer, PeerChanged, check_traceable
 from renacerd.capture.probes.loader import ProbeError
 from renacerd.capture.shared import SharedCapture, SharedRun
 from renacerd.capture.tracer import Tracer
-from renacerd.client.protocol import Ack, Message, ServiceStatus, StatusQuery, TraceMe
+from renacerd.client.protocol import Ack, Dump, Message, ServiceStatus, StatusQuery, TraceMe
+from renacerd.serve.flight import TRIM_EVERY_S, FlightPolicy, FlightRun, exit_reason
 from renacerd.serve.loglimit import LimitedLog
 from renacerd.serve.notify import Notifier
 from renacerd.serve.span_feed import SpanFeed
 from renacerd.serve.span_server import Admit, OnMessage, PeerCred, SpanServer, bind_socket
 from renacerd.store.database import Store, StoreError
+from renacerd.store.flight import finish_flight, fold_events
 
 log = logging.getLogger("renacerd.service")
 
@@ -80,6 +82,8 @@ class ServiceRun:
     feed: Optional[SpanFeed] = None
     ack_s: float = 0.0  # request to attach done: what the client waited for
     from_exec: bool = False  # records start at the root's next execve
+    flight_asked: bool = False  # the client asked for the flight recorder
+    flight: Optional[FlightRun] = None  # what it keeps, when the service has one
     events: int = 0
     lost: int = 0
     rate: float = 0.0
@@ -134,9 +138,12 @@ class Service:
 
     def __init__(self, sock: socket.socket, db_path: str, runs_dir: str,
                  notifier: Notifier, unlink_path: Optional[str] = None, group: str = GROUP,
-                 capture: Optional[SharedCapture] = None) -> None:
-        """`capture`: the probes, loaded before READY=1 (loaded here when not given)."""
+                 capture: Optional[SharedCapture] = None,
+                 flight: Optional[FlightPolicy] = None) -> None:
+        """`capture`: the probes, loaded before READY=1 (loaded here when not given);
+        `flight`: the flight recorder runs that ask for it get (None: every run in full)."""
         self.sock = sock
+        self.flight = flight
         self.db_path = db_path
         self.runs_dir = runs_dir
         self.notifier = notifier
@@ -190,19 +197,23 @@ class Service:
     def _handle(self, peer: PeerCred, msg: Message) -> Optional[Message]:
         assert peer.pinned is not None  # the front server pins every peer
         if isinstance(msg, TraceMe):
-            ok, reason, path = self.trace_request(peer.pinned, msg.run, msg.from_exec)
+            ok, reason, path = self.trace_request(peer.pinned, msg.run, msg.from_exec,
+                                                  msg.flight)
             return Ack(msg.request_id, ok, reason, path)
+        if isinstance(msg, Dump):
+            ok, reason = self.dump(peer.pinned, msg.run)
+            return Ack(msg.request_id, ok, reason)
         if isinstance(msg, StatusQuery):
             return self.status(peer.pinned)
         # Spans belong on the per-run socket; here they are well-formed but meaningless.
         return None
 
     # -- runs --------------------------------------------------------------------------------
-    def trace_request(self, peer: Peer, name: Optional[str],
-                      from_exec: bool = False) -> tuple[bool, str, Optional[str]]:
+    def trace_request(self, peer: Peer, name: Optional[str], from_exec: bool = False,
+                      flight: bool = False) -> tuple[bool, str, Optional[str]]:
         """Trace the peer's process tree as run `name`: (ok, reason, per-run socket).
         `from_exec`: the peer is about to exec the command to trace; its records start at
-        that execve."""
+        that execve. `flight`: keep only the flight recorder's window of full events."""
         if name is None:
             return False, "no run name (configure(run=...) or RENACER_RUN)", None
         if self.stopping.is_set():
@@ -236,7 +247,8 @@ class Service:
                     return False, f"run {name!r} already exists in the store", None
                 # Unique, so a tracer left by an earlier service never holds the name.
                 path = os.path.join(self.runs_dir, f"{secrets.token_hex(8)}.sock")
-                run = ServiceRun(name, peer.uid, peer.pid, path, from_exec=from_exec)
+                run = ServiceRun(name, peer.uid, peer.pid, path, from_exec=from_exec,
+                                 flight_asked=flight)
                 self.runs[name] = run
                 starter = True
             else:
@@ -283,6 +295,11 @@ class Service:
             tracer = Tracer(slot, self.store, run.name, cmdline=[f"--pid={run.root_pid}"],
                             follow=True, owner_uid=run.uid, details=self.capture.details,
                             lock=self.store_lock)
+            if run.flight_asked and self.flight is not None:
+                run.flight = FlightRun(self.flight, tracer.run_id)
+                with self.store_lock:
+                    self.store.begin_flight(tracer.run_id, self.flight.window_ns)
+                    self.store.commit()
             # Only the asking user (and root) may connect to the run's span socket.
             feed = SpanFeed(run.socket, None)
             feed.server.start()
@@ -362,6 +379,8 @@ class Service:
         try:
             summary = tracer.finish(status=shared.status, error=shared.error)
             error = tracer.final_error
+            if run is not None and run.flight is not None and summary is not None:
+                self._flight_end(run, tracer, summary.status)
         except StoreError as e:
             summary, error = None, str(e)
         if error:
@@ -389,7 +408,74 @@ class Service:
     def _reap_loop(self) -> None:
         while not self.stopping.wait(POLL_INTERVAL):
             self._sample()
+            self._flight_tick()
             self.notifier.watchdog()
+
+    # -- the flight recorder -----------------------------------------------------------------
+    def dump(self, peer: Peer, name: str) -> tuple[bool, str]:
+        """`renacer dump RUN`: keep the flight run's current window whole (owner or root)."""
+        with self.lock:
+            run = self.runs.get(name)
+        if run is None or not run.ready.is_set() or run.shared is None:
+            return False, f"no live run {name!r} in this service"
+        if peer.uid not in (0, run.uid):
+            return False, f"run {name!r} belongs to another user"
+        if run.flight is None:
+            return False, f"run {name!r} keeps every event (it is no flight recorder run)"
+        try:
+            with self.store_lock:
+                lo, hi = run.flight.keep(self.store, f"dump by uid {peer.uid}")
+                self.store.commit()
+        except StoreError as e:
+            return False, f"run {name!r}: {e}"
+        log.info("run %s: flight window kept on request of uid %d", name, peer.uid)
+        return True, (f"run {name!r}: the last {(hi - lo) / 1e9:.1f} s are kept in full, and "
+                      "everything from now on")
+
+    def _flight_tick(self) -> None:
+        """Every flight run: a hung step keeps the window; what is older than the window
+        (and not kept) is folded into aggregates, once a second."""
+        with self.lock:
+            live = [r for r in self.runs.values()
+                    if r.flight is not None and r.ready.is_set() and r.shared is not None]
+        now_s, now = time.monotonic(), time.monotonic_ns()
+        for run in live:
+            fl = run.flight
+            book = run.feed.book if run.feed is not None else None
+            try:
+                if book is not None:
+                    why = fl.hang(book.step_ns, book.open_steps(), now)
+                    if why is not None:
+                        with self.store_lock:
+                            fl.keep(self.store, why, now)
+                            self.store.commit()
+                        log.warning("run %s: %s; its flight window is kept", run.name, why)
+                if now_s >= fl.next_trim:
+                    fl.next_trim = now_s + TRIM_EVERY_S
+                    fl.trimmed_events += fold_events(self.store, run.name, fl.run_id,
+                                                     fl.cutoff(now), self.store_lock)
+            except StoreError as e:
+                self.warnings.warning("flight", "run %s: flight recorder: %s", run.name, e)
+
+    def _flight_end(self, run: ServiceRun, tracer: Tracer, status: str) -> None:
+        """The job ended: a failure (non-zero exit, a signal, a run not complete) keeps the
+        window; the rest of what is not kept is folded into aggregates."""
+        fl = run.flight
+        st = tracer.procs.get(run.root_pid)
+        why = exit_reason(st.span.exit_code, st.span.exit_signal) if st is not None else None
+        if why is None and status != "complete":
+            why = f"run {status}"
+        end = time.monotonic_ns()
+        if why is not None:
+            with self.store_lock:
+                fl.keep(self.store, why, end)
+                self.store.commit()
+            log.warning("run %s: %s; its flight window is kept", run.name, why)
+        fl.trimmed_events += fold_events(self.store, run.name, fl.run_id,
+                                         fl.cutoff(end) if fl.kept_from is not None
+                                         else end + 1, self.store_lock)
+        with self.store_lock:
+            finish_flight(self.store, run.name, fl.run_id)
 
     def _sample(self) -> None:
         with self.lock:

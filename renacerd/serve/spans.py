@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -33,6 +34,7 @@ from renacerd.serve.span_server import PeerCred
 log = logging.getLogger("renacerd.spans")
 
 GRACE_NS = 1_000_000_000
+STEP_TIMES = 4096  # the last step durations kept: the hang check's median
 MAX_OPEN_PER_CONNECTION = 10_000
 # Per-uid and per-run limits (docs/security.md, "Limits"): what one user's processes may make
 # the tracer hold and write. Root's processes are held to none of them. A span's bytes are
@@ -129,6 +131,8 @@ class SpanBook:
         self.client_dropped = 0
         self.ended_by_exit = 0
         self.ended_by_disconnect = 0
+        # how long each step span that ended took (the flight recorder's hang check)
+        self.step_ns: deque[int] = deque(maxlen=STEP_TIMES)
 
     def counts(self) -> dict[str, int]:
         """The book's counters and how many spans are open now."""
@@ -227,6 +231,8 @@ class SpanBook:
             return
         self._forget(span, key)
         self.spans_ended += 1
+        if span.metadata.step is not None:
+            self.step_ns.append(max(0, msg.mono_ns - span.start.mono_ns))
         self._finished.append(self._record(
             span, msg.mono_ns, msg.wall_ns, msg.logical_clock, msg.status, msg.message,
             msg.exception_type))
@@ -360,6 +366,12 @@ class SpanBook:
                 self.ended_by_exit += 1
                 self._finished.append(self._abandon(span, exit_mono_ns, exit_wall_ns, EXITED))
             return len(keys)
+
+    def open_steps(self) -> list[tuple[int, int]]:
+        """(step, start CLOCK_MONOTONIC ns) of every open span that carries a step."""
+        with self._lock:
+            return [(s.metadata.step, s.start.mono_ns) for s in self._open.values()
+                    if s.metadata.step is not None]
 
     def drain(self, now_mono_ns: Optional[int] = None) -> list[SpanRecord]:
         """Finished records since the last drain, including abandoned spans past their grace."""

@@ -19,6 +19,7 @@ import orjson
 
 from renacerd.columns import SYSCALL_COLUMNS, ChunkError, chunk_len, decode_into, encode
 from renacerd.escaping import escape, lossless_dumps, lossless_loads
+from renacerd.store.flight import FLIGHT_SCHEMA, FlightTables
 from renacerd.store.readers import StoreReaders
 from renacerd.trace.unified_trace import ProcessSpan, UnifiedTrace
 
@@ -199,6 +200,8 @@ class RunInfo:
     truncated: int = 0  # records whose path or argv was cut at the capture bounds
     # what retention dropped (Store.pruned_info), None for a run with all its events
     pruned: dict[str, Any] | None = None
+    # a flight-recorder run's window and kept windows (FlightInfo.to_json), else None
+    flight: dict[str, Any] | None = None
 
     @property
     def lost(self) -> int:
@@ -347,7 +350,7 @@ def _writes(fn):
     return wrapper
 
 
-class Store(StoreReaders):
+class Store(StoreReaders, FlightTables):
     """SQLite store; one writer (the daemon) and any number of readers."""
 
     def __init__(self, path: str | os.PathLike[str], *, create: bool = False,
@@ -399,7 +402,7 @@ class Store(StoreReaders):
                 raise StoreError(f"store {self.path}: cannot enable WAL (journal_mode={mode})")
             self.db.execute("PRAGMA synchronous=NORMAL")
             if create:
-                self.db.executescript(SCHEMA)
+                self.db.executescript(SCHEMA + FLIGHT_SCHEMA)
                 cols = {r[1] for r in self.db.execute("PRAGMA table_info(runs)")}
                 if "source_counters" not in cols:  # stores made before the CUDA layer
                     self.db.execute("ALTER TABLE runs ADD COLUMN source_counters TEXT")
@@ -770,6 +773,8 @@ class Store(StoreReaders):
             # A run read as stale before anyone marked it says what marking it would say.
             error=d["error"] or (STALE_ERROR if stale else None),
             pruned=self.pruned_info(d["id"]),
+            flight=(lambda f: f.to_json() if f is not None else None)(
+                self.flight_info(d["id"])),
         )
 
     @property

@@ -31,6 +31,7 @@ from renacerd.store.database import (
     span_summaries,
     tag_spans,
 )
+from renacerd.store.flight import FLIGHT_TABLES
 
 log = logging.getLogger("renacerd.store.retention")
 
@@ -324,7 +325,8 @@ class Retention:
         """Remove a run and everything it recorded, in one transaction."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            tables = ("chunks", "strings", "spans", "processes", *AGGREGATE_TABLES)
+            tables = ("chunks", "strings", "spans", "processes", *AGGREGATE_TABLES,
+                      *FLIGHT_TABLES)
             if self.store._has_table("sink_progress"):
                 tables += ("sink_progress",)
             for table in tables:
