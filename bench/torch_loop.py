@@ -45,11 +45,10 @@ def make_shards(parent: Path) -> Path:
 
 
 def workload(shard_dir: str, steps: int, warmup: int) -> None:
-    """The training loop (runs in the traced process); prints its own median step time."""
+    """The training loop over the shards (runs in the traced process)."""
     import torch
-    from torch.utils.data import DataLoader, Dataset
+    from torch.utils.data import Dataset
 
-    torch.set_num_threads(1)
     shards = sorted(Path(shard_dir).glob("*.bin"))
 
     class Shards(Dataset):
@@ -65,9 +64,20 @@ def workload(shard_dir: str, steps: int, warmup: int) -> None:
             x = torch.frombuffer(bytearray(b"".join(chunks)[:1024]), dtype=torch.uint8)
             return x.float() / 255.0, torch.tensor(i % 10)
 
-    loader = DataLoader(Shards(), batch_size=16, num_workers=2, persistent_workers=True)
     # 2304: the regime the issue describes (strace -f makes the loop 9-11x slower)
-    hidden = int(os.environ.get("BENCH_HIDDEN", "2304"))
+    train(Shards(), steps, warmup, batch_size=16, hidden=int(os.environ.get("BENCH_HIDDEN",
+                                                                             "2304")))
+
+
+def train(dataset, steps: int, warmup: int, batch_size: int, hidden: int) -> None:
+    """A 1024 -> hidden -> 10 MLP trained on CPU over `dataset` (1024 floats, a label per
+    item) by a 2-worker DataLoader; prints its own step times (the protocol windows()
+    reads when BENCH_SECONDS is set)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    torch.set_num_threads(1)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=2, persistent_workers=True)
     model = torch.nn.Sequential(torch.nn.Linear(1024, hidden), torch.nn.ReLU(),
                                 torch.nn.Linear(hidden, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -138,7 +148,8 @@ def _run_paused(cmd: list[str], ready: Path) -> dict:
 
 
 def windows(me: list[str], db: Path, n: int, width: float, extra: list[str],
-            nice: int = 0, pause: bool = False, prefix: list[str] | None = None) -> int:
+            nice: int = 0, pause: bool = False, prefix: list[str] | None = None,
+            title: str = "PyTorch CPU loop, DataLoader(num_workers=2)") -> int:
     """One long run of the loop; renacerd attaches (--pid, all of the tree) for every other
     window of `width` seconds. Steps inside traced windows against steps inside the untraced
     windows between them: same processes, same placement on the CPUs, so the ratio is not
@@ -206,7 +217,7 @@ def windows(me: list[str], db: Path, n: int, width: float, extra: list[str],
 
     (p, pc, pw), (t, tc, tw) = inside(plain), inside(traced)
     con = sqlite3.connect(db)
-    lost = con.execute("SELECT sum(events_lost) FROM runs").fetchone()[0]
+    lost, dlost = con.execute("SELECT sum(events_lost), sum(details_lost) FROM runs").fetchone()
     evs = con.execute("SELECT sum(events) FROM runs").fetchone()[0]
     lifts = sum(json.loads(c or "{}").get("priority_escalations", 0)
                 for (c,) in con.execute("SELECT source_counters FROM runs"))
@@ -216,7 +227,7 @@ def windows(me: list[str], db: Path, n: int, width: float, extra: list[str],
     # the VM's speed across the run cancels out to first order
     bracketed = [y / ((p[i] + p[i + 1]) / 2) for i, y in enumerate(t)]
     se = statistics.stdev(bracketed) / len(bracketed) ** 0.5 if len(bracketed) > 1 else 0.0
-    print(f"PyTorch CPU loop, DataLoader(num_workers=2), one run; renacerd --pid attached for "
+    print(f"{title}, one run; renacerd --pid attached for "
           f"{n} windows of {width:g} s, untraced windows of {width:g} s between them")
     print(f"untraced windows, mean step ms: {', '.join(f'{x * 1e3:.2f}' for x in p)}")
     print(f"traced windows, mean step ms:   {', '.join(f'{x * 1e3:.2f}' for x in t)}")
@@ -233,7 +244,8 @@ def windows(me: list[str], db: Path, n: int, width: float, extra: list[str],
     busy_t = sum(c for _, c in cpu_traced) / sum(w for w, _ in cpu_traced)
     print(f"the job's processes kept {busy_p:.2f} CPUs busy untraced, {busy_t:.2f} traced "
           f"(BPF runs in their syscalls), of the {os.cpu_count()} this machine has")
-    print(f"renacerd: {evs:,} events in the traced windows, lost {lost}; lifted from idle "
+    print(f"renacerd: {evs:,} events in the traced windows, lost {lost} events and {dlost} "
+          f"detail records; lifted from idle "
           f"to normal priority {lifts} times in {n} runs")
     return 0
 
