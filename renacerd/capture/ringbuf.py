@@ -119,11 +119,18 @@ class RingReader:
         # rows of 8-byte words: one 2-D copy, ~3x faster than copying a structured field
         words = np.frombuffer(self._data, dtype=np.uint64, count=n * self.rec_size // 8,
                               offset=off).reshape(n, self.rec_size // 8)
-        out = np.ascontiguousarray(words[:, 1 : 1 + self.payload.itemsize // 8])
+        # copy(), not ascontiguousarray(): one row is "contiguous" and would stay a view of
+        # the ring, which the kernel overwrites once the space is released
+        out = words[:, 1 : 1 + self.payload.itemsize // 8].copy()
         return out.view(self.payload).reshape(n)
 
     def close(self) -> None:
         """Unmap both areas."""
         self._cons = self._prod = self._data = None  # type: ignore[assignment]
-        self._cons_map.close()
-        self._prod_map.close()
+        for m in (self._cons_map, self._prod_map):
+            try:
+                m.close()
+            except BufferError:
+                # a peek() view is still alive (a frame of an error being unwound may hold
+                # one): the area is unmapped when the last view is freed
+                pass

@@ -581,7 +581,9 @@ class Tracer:
         pid = ev["pid"]
         if (pid[1:] == pid[:-1]).all():
             spid = pid
-            cols = {f: np.ascontiguousarray(ev[f]) for f in EVENT_COLUMNS}
+            # copy(), not ascontiguousarray(): a one-event drain is "contiguous" and would
+            # stay a view of the ring, which the kernel reuses after release()
+            cols = {f: ev[f].copy() for f in EVENT_COLUMNS}
             cols["s0"], cols["s1"], cols["mode"] = s0, s1, mode
             cols["flags"] = fixed
         else:

@@ -84,6 +84,11 @@ PY_THREADS = textwrap.dedent("""\
         t.start()
     for t in ts:
         t.join()
+    # join() returns once a thread's Python state is gone, before its OS thread has blocked
+    # signals, freed its stack and called exit: without this pause exit_group may kill it
+    # in that window (seen under load: one exit, madvise and rt_sigprocmask fewer)
+    import time
+    time.sleep(0.2)
     """)
 
 SEGV = r"""

@@ -72,6 +72,28 @@ def test_drain_copies_and_releases(ring):
     r.close()
 
 
+def test_drain_of_one_record_is_a_copy_too(ring):
+    # one row counts as contiguous: a copy must still be made, or the record would change
+    # under the reader when the kernel reuses the released space
+    fd, m = ring
+    produce(m, [(5, 0)])
+    r = RingReader(fd, DATA, EVENT)
+    ev = r.drain()
+    assert not np.shares_memory(ev, r._data)
+    produce(m, [(6, 0)])  # the producer writes over the released space
+    assert ev["ts"].tolist() == [5]
+    r.close()
+
+
+def test_close_with_a_view_still_alive_does_not_fail(ring):
+    fd, m = ring
+    produce(m, [(1, 0)])
+    r = RingReader(fd, DATA, EVENT)
+    ev = r.peek()
+    r.close()  # the mapping goes when `ev` does
+    assert ev["ts"].tolist() == [1]
+
+
 def test_peek_stops_at_a_busy_record_and_skips_discarded_ones(ring):
     fd, m = ring
     produce(m, [(1, 0), (2, DISCARD), (3, 0), (4, BUSY), (5, 0)])
