@@ -9,6 +9,7 @@ the daemon in them, so only the BPF programs run: the kernel side's cost alone.
 
 Usage: sudo .venv/bin/python bench/path_loader.py [--windows 20] [--window-s 2]
        [--pause-daemon --daemon-arg=--ring-mb=256 --daemon-arg=--detail-ring-mb=64]
+       [--build TREE --build OTHER_TREE]  (traced windows alternate the two builds)
 (needs torch, like torch_loop.py)
 """
 
@@ -78,6 +79,9 @@ def main() -> int:
     ap.add_argument("--pause-daemon", action="store_true",
                     help="stop the daemon (SIGSTOP) for each traced window: BPF alone; give "
                          "it rings that hold a window")
+    ap.add_argument("--build", action="append", type=Path, default=[],
+                    help="a source tree whose renacerd traces every other window (give two, "
+                         "e.g. --build . --build /tmp/other, to compare builds in one run)")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--workload", nargs=1, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -94,7 +98,7 @@ def main() -> int:
         data = make_files(Path(d))
         me = [sys.executable, __file__, "--warmup", str(a.warmup), "--workload", str(data)]
         return windows(me, Path(d) / "t.db", a.windows, a.window_s, a.daemon_arg,
-                       pause=a.pause_daemon,
+                       pause=a.pause_daemon, builds=[b.resolve() for b in a.build] or None,
                        title=f"path-heavy loader ({FILES_PER_SAMPLE} np.load(mmap_mode='r') "
                              f"of {FILES} files a sample, batch {BATCH}, 2 workers)")
 

@@ -6,7 +6,8 @@ figure is the traced program's own ns per syscall (what a training job would fee
 bytes (a directory chain under /tmp), so each carries a path record.
 --syscall NAME makes every call NAME (raw syscall(2), so libc does not change it): getppid
 (no argument read), or openat (each followed by a close), newfstatat, statx or access on
-an existing path of --path-len bytes: a path call's kernel-side cost against a plain one's.
+an existing path of --path-len bytes: a path call's kernel-side cost against a plain one's;
+fstat is newfstatat(fd, "", AT_EMPTY_PATH), glibc's fstat (an empty path: a flag, no record).
 --rounds N alternates untraced and traced runs N times and prints each, for the spread.
 Usage: sudo .venv/bin/python bench/storm.py [--syscalls 20000000] [--strace-syscalls 1000000]
        [--paths LEN | --syscall NAME [--path-len 24]] [--rounds 1] [--no-strace]
@@ -100,7 +101,10 @@ int main(int argc, char **argv) {
         for (long i = 0; i < n; i++) syscall(SYS_newfstatat, AT_FDCWD, p, &st, 0);
     else if (!strcmp(c, "statx"))
         for (long i = 0; i < n; i++) syscall(SYS_statx, AT_FDCWD, p, 0, 0x7ff, sx);
-    else if (!strcmp(c, "access"))
+    else if (!strcmp(c, "fstat")) {  /* glibc's fstat: newfstatat(fd, "", AT_EMPTY_PATH) */
+        int fd = open(p, O_RDONLY);
+        for (long i = 0; i < n; i++) syscall(SYS_newfstatat, fd, "", &st, AT_EMPTY_PATH);
+    } else if (!strcmp(c, "access"))
         for (long i = 0; i < n; i++) syscall(SYS_access, p, F_OK);
     else
         return 2;
@@ -110,7 +114,7 @@ int main(int argc, char **argv) {
     return 0;
 }
 """
-SYSCALLS = ("getppid", "openat", "newfstatat", "statx", "access")
+SYSCALLS = ("getppid", "openat", "newfstatat", "statx", "access", "fstat")
 
 
 def build(tmp: Path, source: str = LOOP) -> Path:
@@ -232,7 +236,8 @@ def main() -> int:
                                           check=True).stdout)
     untraced = statistics.median(plain)
     if a.syscall:
-        what = a.syscall + (f" on a {a.path_len}-byte path" if a.syscall != "getppid" else "")
+        what = a.syscall + (f" on a {a.path_len}-byte path" if a.syscall not in
+                            ("getppid", "fstat") else "")
         if a.syscall == "openat":
             what += " (+ close: ns per pair)"
     elif a.paths:
@@ -248,9 +253,8 @@ def main() -> int:
     if a.strace:
         print(f"{'strace -f (' + format(ns, ',') + ')':<28} {strace:11.0f} "
               f"{strace / untraced:11.2f}x")
-    if a.rounds > 1:
-        print("rounds, untraced -> traced ns (added): " + ", ".join(
-            f"{p:.0f} -> {t:.0f} (+{t - p:.0f})" for p, t in zip(plain, traced)))
+    print("rounds, untraced -> traced ns (added): " + ", ".join(
+        f"{p:.0f} -> {t:.0f} (+{t - p:.0f})" for p, t in zip(plain, traced)))
     added = sorted(t - p for p, t in zip(plain, traced))
     print(f"added by renacerd: median {statistics.median(added):.0f} ns a call (range "
           f"{added[0]:.0f}-{added[-1]:.0f})")

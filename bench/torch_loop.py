@@ -149,13 +149,16 @@ def _run_paused(cmd: list[str], ready: Path) -> dict:
 
 def windows(me: list[str], db: Path, n: int, width: float, extra: list[str],
             nice: int = 0, pause: bool = False, prefix: list[str] | None = None,
-            title: str = "PyTorch CPU loop, DataLoader(num_workers=2)") -> int:
+            title: str = "PyTorch CPU loop, DataLoader(num_workers=2)",
+            builds: list[Path] | None = None) -> int:
     """One long run of the loop; renacerd attaches (--pid, all of the tree) for every other
     window of `width` seconds. Steps inside traced windows against steps inside the untraced
     windows between them: same processes, same placement on the CPUs, so the ratio is not
     lost in the run-to-run noise of this VM. The daemon's start-up (BPF compile) and detach
     fall between the windows and are left out. An untraced window closes the run, so every
-    traced window is also compared with the untraced windows on both sides of it."""
+    traced window is also compared with the untraced windows on both sides of it.
+    builds: source trees whose renacerd the traced windows take in turn (A, B, A, B ...),
+    each reported apart: two builds compared in one run, under the same drift."""
     ready = db.parent / "ready"
     total = 4 + n * (2 * width + 6) + width
     env = dict(os.environ, PYTHONPATH=str(ROOT), BENCH_SECONDS=str(total),
@@ -184,7 +187,8 @@ def windows(me: list[str], db: Path, n: int, width: float, extra: list[str],
                               sys.executable, "-m", "renacerd.cli.renacerd_main", "-q", "--db",
                               str(db), "--run", f"w{i}", "--pid", str(pid), "--duration",
                               str(width), "--ready-fd", str(wfd), *extra],
-                             pass_fds=(wfd,), env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                             pass_fds=(wfd,), env=dict(os.environ, PYTHONPATH=str(
+                                 builds[i % len(builds)] if builds else ROOT)))
         os.close(wfd)
         with os.fdopen(rfd) as f:
             f.readline()
@@ -244,6 +248,12 @@ def windows(me: list[str], db: Path, n: int, width: float, extra: list[str],
     busy_t = sum(c for _, c in cpu_traced) / sum(w for w, _ in cpu_traced)
     print(f"the job's processes kept {busy_p:.2f} CPUs busy untraced, {busy_t:.2f} traced "
           f"(BPF runs in their syscalls), of the {os.cpu_count()} this machine has")
+    for b, root in enumerate(builds or []):
+        mine = bracketed[b :: len(builds)]
+        err = statistics.stdev(mine) / len(mine) ** 0.5 if len(mine) > 1 else 0.0
+        print(f"build {root}: {len(mine)} traced windows, either side mean "
+              f"{statistics.mean(mine):.3f}x (standard error {err:.3f}), median "
+              f"{statistics.median(mine):.3f}x, range {min(mine):.3f}-{max(mine):.3f}")
     print(f"renacerd: {evs:,} events in the traced windows, lost {lost} events and {dlost} "
           f"detail records; lifted from idle "
           f"to normal priority {lifts} times in {n} runs")
