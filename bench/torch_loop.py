@@ -89,6 +89,8 @@ def train(dataset, steps: int, warmup: int, batch_size: int, hidden: int) -> Non
     if seconds:
         steps = 10**9
     deadline = time.monotonic() + seconds
+    stop: list[int] = []  # SIGUSR1: windows() is done (before the deadline, if it was early)
+    signal.signal(signal.SIGUSR1, lambda *_: stop.append(1))
     starts: list[int] = []
     sched: list[list[str]] = []
     for step in range(steps + warmup):
@@ -97,7 +99,7 @@ def train(dataset, steps: int, warmup: int, batch_size: int, hidden: int) -> Non
             if os.environ.get("BENCH_READY"):
                 Path(os.environ["BENCH_READY"]).write_text(str(os.getpid()))
         if seconds:
-            if time.monotonic() > deadline:
+            if stop or time.monotonic() > deadline:
                 break
             starts.append(time.monotonic_ns())
             # the main thread's CPU time and run-queue wait (ns), cumulative: where a
@@ -160,7 +162,9 @@ def windows(me: list[str], db: Path, n: int, width: float, extra: list[str],
     builds: source trees whose renacerd the traced windows take in turn (A, B, A, B ...),
     each reported apart: two builds compared in one run, under the same drift."""
     ready = db.parent / "ready"
-    total = 4 + n * (2 * width + 6) + width
+    # the job's own limit, far past the windows' expected end (start-ups on a busy machine
+    # take longer); windows() ends it with SIGUSR1 after the last window
+    total = 3 * (4 + n * (2 * width + 6) + width)
     env = dict(os.environ, PYTHONPATH=str(ROOT), BENCH_SECONDS=str(total),
                BENCH_READY=str(ready))
     w = subprocess.Popen(me, stdout=subprocess.PIPE, text=True, env=env)
@@ -206,6 +210,7 @@ def windows(me: list[str], db: Path, n: int, width: float, extra: list[str],
     time.sleep(width)
     plain.append((a, time.monotonic_ns()))
     cpu_plain.append(((plain[-1][1] - a) / 1e9, job_cpu() - c))
+    os.kill(pid, signal.SIGUSR1)
     out = json.loads(w.communicate()[0].strip().splitlines()[-1])
     starts, times, sched = out["starts"], out["times"], out["sched"]
 
@@ -214,6 +219,10 @@ def windows(me: list[str], db: Path, n: int, width: float, extra: list[str],
         for a, b in wins:
             idx = [i for i, (s, t) in enumerate(zip(starts, times))
                    if a <= s and s + t * 1e9 <= b and i + 1 < len(sched)]
+            if not idx:
+                at = [(x - starts[0]) / 1e9 for x in (a, b, starts[-1])]
+                raise RuntimeError(f"no whole step in the window {at[0]:.1f}-{at[1]:.1f} s "
+                                   f"of the run ({len(starts)} steps, the last at {at[2]:.1f} s)")
             per.append(sum(times[i] for i in idx) / len(idx))
             cpu.append(sum(sched[i + 1][0] - sched[i][0] for i in idx) / len(idx) / 1e9)
             wait.append(sum(sched[i + 1][1] - sched[i][1] for i in idx) / len(idx) / 1e9)
