@@ -12,7 +12,8 @@ fstat is newfstatat(fd, "", AT_EMPTY_PATH), glibc's fstat (an empty path: a flag
 Usage: sudo .venv/bin/python bench/storm.py [--syscalls 20000000] [--strace-syscalls 1000000]
        [--paths LEN | --syscall NAME [--path-len 24]] [--rounds 1] [--no-strace]
        [--pause-daemon --ring-mb 128 --daemon-arg=--detail-ring-mb=128]
---pause-daemon stops the daemon (SIGSTOP) while the loop runs: the kernel side's cost alone.
+--pause-daemon stops the daemon (SIGSTOP) while the loop runs: the kernel side's cost alone,
+and the kernel's own timing of the BPF programs (BPF_ENABLE_STATS) over the loop.
 """
 
 from __future__ import annotations
@@ -133,6 +134,33 @@ def long_path(tmp: Path, length: int) -> str:
     return p
 
 
+def enable_bpf_stats() -> int:
+    """BPF_ENABLE_STATS(BPF_STATS_RUN_TIME): the kernel times every BPF program run while
+    the returned fd is open (without touching the system-wide sysctl)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = ctypes.create_string_buffer(128)  # union bpf_attr; enable_stats.type = 0
+    fd = libc.syscall(321, 32, attr, 128)  # SYS_bpf, BPF_ENABLE_STATS
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "BPF_ENABLE_STATS")
+    return fd
+
+
+def program_stats(pid: int) -> dict[int, tuple[int, int]]:
+    """prog id -> (run_time_ns, run_cnt) of every BPF program process `pid` holds."""
+    out = {}
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            info = dict(line.split(":\t", 1) for line in
+                        open(f"/proc/{pid}/fdinfo/{fd}").read().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if "prog_id" in info and "run_cnt" in info:
+            out[int(info["prog_id"])] = (int(info["run_time_ns"]), int(info["run_cnt"]))
+    return out
+
+
 def traced_run(exe: Path, args: list[str], db: Path, run: str, ring_mb: str,
                extra: list[str], pause: bool = False) -> tuple[float, dict]:
     """The loop's ns per call under renacerd, and its run's counts from the store. pause:
@@ -141,6 +169,7 @@ def traced_run(exe: Path, args: list[str], db: Path, run: str, ring_mb: str,
     cmd = [sys.executable, "-m", "renacerd.cli.renacerd_main", "--db", str(db), "--run",
            run, "--ring-mb", ring_mb, *extra, "--", str(exe), *args]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    bpf_ns = None  # the programs' own run time, measured when the daemon is stopped
     if not pause:
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
         out, err = r.stdout, r.stderr
@@ -157,12 +186,19 @@ def traced_run(exe: Path, args: list[str], db: Path, run: str, ring_mb: str,
             if p.poll() is not None:
                 raise RuntimeError(f"renacerd ended: {p.stderr.read()}")
         os.kill(p.pid, signal.SIGSTOP)
+        stats_fd = enable_bpf_stats()
         try:
+            before = program_stats(p.pid)
             os.write(wfd, b"g")
             out = p.stdout.readline()
+            after = program_stats(p.pid)
         finally:
+            os.close(stats_fd)
             os.kill(p.pid, signal.SIGCONT)
             os.close(wfd)
+        # every program's time in the loop (the system's other syscalls run them too, and
+        # return at the target test: a few ns each, a small share at the loop's rate)
+        bpf_ns = sum(after[k][0] - before.get(k, (0, 0))[0] for k in after)
         rest, err = p.communicate()
         out += rest
         if p.returncode:
@@ -177,7 +213,7 @@ def traced_run(exe: Path, args: list[str], db: Path, run: str, ring_mb: str,
                        "c.run_id = r.id WHERE r.name=?", (run,)).fetchone()[0]
     con.close()
     return float(out), dict(events=events, lost=lost, dlost=dlost, cut=cut, paths=paths,
-                                 size=size, rss=rss.group(1) if rss else "?")
+                                 size=size, rss=rss.group(1) if rss else "?", bpf_ns=bpf_ns)
 
 
 def main() -> int:
@@ -221,13 +257,15 @@ def main() -> int:
             extra = [long_path(tmp, a.paths)] if a.paths else []
         args = [str(n), *extra]
         db = tmp / "storm.db"
-        plain, traced, info = [], [], {}
+        plain, traced, bpf, info = [], [], [], {}
         for r in range(a.rounds):
             plain.append(float(subprocess.run([str(exe), *args], capture_output=True, text=True,
                                               check=True).stdout))
             t, info = traced_run(exe, args, db, f"storm{r}", a.ring_mb, a.daemon_arg,
                                  a.pause_daemon)
             traced.append(t)
+            if info["bpf_ns"] is not None:
+                bpf.append(info["bpf_ns"] / n)
         ns = a.strace_syscalls
         strace = float("nan")
         if a.strace:
@@ -258,6 +296,10 @@ def main() -> int:
     added = sorted(t - p for p, t in zip(plain, traced))
     print(f"added by renacerd: median {statistics.median(added):.0f} ns a call (range "
           f"{added[0]:.0f}-{added[-1]:.0f})")
+    if bpf:
+        print(f"BPF programs' own run time (the kernel's BPF stats): median "
+              f"{statistics.median(bpf):.0f} ns a loop call; rounds: "
+              + ", ".join(f"{x:.0f}" for x in bpf))
     expected = n * (2 if a.syscall == "openat" else 1)
     print(f"renacerd events captured (last round): {info['events']:,} (loop issues "
           f"{expected:,}; the rest is process start-up), lost: {info['lost']} events, "
