@@ -25,6 +25,9 @@ from pathlib import Path
 
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.storm import enable_bpf_stats, program_stats  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARD_BYTES = 64 * 1024
 READ_BYTES = 256
@@ -180,6 +183,9 @@ def windows(me: list[str], db: Path, n: int, width: float, extra: list[str],
         return sum(sum(p.cpu_times()[:2]) for p in (tree, *workers))
 
     plain, traced = [], []
+    # (run, window, BPF programs' ns, their runs): the system's other processes run them
+    # too (to the target test), so runs per traced syscall above 2 (enter, exit) say how much
+    bpf_time: list[tuple[str, list[int], int, int]] = []
     cpu_plain, cpu_traced = [], []  # (seconds, CPU seconds) of the job per window
     for i in range(n):
         a, c = time.monotonic_ns(), job_cpu()
@@ -200,7 +206,14 @@ def windows(me: list[str], db: Path, n: int, width: float, extra: list[str],
             os.kill(d.pid, signal.SIGSTOP)
         t1, c = time.monotonic_ns(), job_cpu()
         if pause:
+            # the kernel's own timing of the BPF programs over the window
+            stats_fd = enable_bpf_stats()
+            before = program_stats(d.pid)
             time.sleep(width)
+            after = program_stats(d.pid)
+            os.close(stats_fd)
+            bpf_time.append((f"w{i}", [t1, time.monotonic_ns()], *(sum(
+                after[k][j] - before.get(k, (0, 0))[j] for k in after) for j in (0, 1))))
             os.kill(d.pid, signal.SIGCONT)
         d.wait()
         cpu_traced.append(((time.monotonic_ns() - t1) / 1e9, job_cpu() - c))
@@ -257,7 +270,18 @@ def windows(me: list[str], db: Path, n: int, width: float, extra: list[str],
     busy_t = sum(c for _, c in cpu_traced) / sum(w for w, _ in cpu_traced)
     print(f"the job's processes kept {busy_p:.2f} CPUs busy untraced, {busy_t:.2f} traced "
           f"(BPF runs in their syscalls), of the {os.cpu_count()} this machine has")
+    counted = [(ns, runs, max(1, _events_in(db, run, win))) for run, win, ns, runs in bpf_time]
+    per_call = [ns / n for ns, _, n in counted]
+    if per_call:
+        print(f"BPF programs' own time (the kernel's BPF stats) per traced syscall: median "
+              f"{statistics.median(per_call):.0f} ns (range {min(per_call):.0f}-"
+              f"{max(per_call):.0f}); program runs per traced syscall "
+              f"{sum(r for _, r, _ in counted) / sum(n for _, _, n in counted):.2f}")
     for b, root in enumerate(builds or []):
+        if per_call:
+            mine = per_call[b :: len(builds)]
+            print(f"build {root}: BPF programs' time per traced syscall median "
+                  f"{statistics.median(mine):.0f} ns (range {min(mine):.0f}-{max(mine):.0f})")
         mine = bracketed[b :: len(builds)]
         err = statistics.stdev(mine) / len(mine) ** 0.5 if len(mine) > 1 else 0.0
         print(f"build {root}: {len(mine)} traced windows, either side mean "
