@@ -25,6 +25,9 @@ from pathlib import Path
 
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.storm import enable_bpf_stats, program_stats  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARD_BYTES = 64 * 1024
 READ_BYTES = 256
@@ -45,11 +48,10 @@ def make_shards(parent: Path) -> Path:
 
 
 def workload(shard_dir: str, steps: int, warmup: int) -> None:
-    """The training loop (runs in the traced process); prints its own median step time."""
+    """The training loop over the shards (runs in the traced process)."""
     import torch
-    from torch.utils.data import DataLoader, Dataset
+    from torch.utils.data import Dataset
 
-    torch.set_num_threads(1)
     shards = sorted(Path(shard_dir).glob("*.bin"))
 
     class Shards(Dataset):
@@ -65,9 +67,20 @@ def workload(shard_dir: str, steps: int, warmup: int) -> None:
             x = torch.frombuffer(bytearray(b"".join(chunks)[:1024]), dtype=torch.uint8)
             return x.float() / 255.0, torch.tensor(i % 10)
 
-    loader = DataLoader(Shards(), batch_size=16, num_workers=2, persistent_workers=True)
     # 2304: the regime the issue describes (strace -f makes the loop 9-11x slower)
-    hidden = int(os.environ.get("BENCH_HIDDEN", "2304"))
+    train(Shards(), steps, warmup, batch_size=16, hidden=int(os.environ.get("BENCH_HIDDEN",
+                                                                             "2304")))
+
+
+def train(dataset, steps: int, warmup: int, batch_size: int, hidden: int) -> None:
+    """A 1024 -> hidden -> 10 MLP trained on CPU over `dataset` (1024 floats, a label per
+    item) by a 2-worker DataLoader; prints its own step times (the protocol windows()
+    reads when BENCH_SECONDS is set)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    torch.set_num_threads(1)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=2, persistent_workers=True)
     model = torch.nn.Sequential(torch.nn.Linear(1024, hidden), torch.nn.ReLU(),
                                 torch.nn.Linear(hidden, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -79,6 +92,8 @@ def workload(shard_dir: str, steps: int, warmup: int) -> None:
     if seconds:
         steps = 10**9
     deadline = time.monotonic() + seconds
+    stop: list[int] = []  # SIGUSR1: windows() is done (before the deadline, if it was early)
+    signal.signal(signal.SIGUSR1, lambda *_: stop.append(1))
     starts: list[int] = []
     sched: list[list[str]] = []
     for step in range(steps + warmup):
@@ -87,7 +102,7 @@ def workload(shard_dir: str, steps: int, warmup: int) -> None:
             if os.environ.get("BENCH_READY"):
                 Path(os.environ["BENCH_READY"]).write_text(str(os.getpid()))
         if seconds:
-            if time.monotonic() > deadline:
+            if stop or time.monotonic() > deadline:
                 break
             starts.append(time.monotonic_ns())
             # the main thread's CPU time and run-queue wait (ns), cumulative: where a
@@ -138,15 +153,21 @@ def _run_paused(cmd: list[str], ready: Path) -> dict:
 
 
 def windows(me: list[str], db: Path, n: int, width: float, extra: list[str],
-            nice: int = 0, pause: bool = False, prefix: list[str] | None = None) -> int:
+            nice: int = 0, pause: bool = False, prefix: list[str] | None = None,
+            title: str = "PyTorch CPU loop, DataLoader(num_workers=2)",
+            builds: list[Path] | None = None) -> int:
     """One long run of the loop; renacerd attaches (--pid, all of the tree) for every other
     window of `width` seconds. Steps inside traced windows against steps inside the untraced
     windows between them: same processes, same placement on the CPUs, so the ratio is not
     lost in the run-to-run noise of this VM. The daemon's start-up (BPF compile) and detach
     fall between the windows and are left out. An untraced window closes the run, so every
-    traced window is also compared with the untraced windows on both sides of it."""
+    traced window is also compared with the untraced windows on both sides of it.
+    builds: source trees whose renacerd the traced windows take in turn (A, B, A, B ...),
+    each reported apart: two builds compared in one run, under the same drift."""
     ready = db.parent / "ready"
-    total = 4 + n * (2 * width + 6) + width
+    # the job's own limit, far past the windows' expected end (start-ups on a busy machine
+    # take longer); windows() ends it with SIGUSR1 after the last window
+    total = 3 * (4 + n * (2 * width + 6) + width)
     env = dict(os.environ, PYTHONPATH=str(ROOT), BENCH_SECONDS=str(total),
                BENCH_READY=str(ready))
     w = subprocess.Popen(me, stdout=subprocess.PIPE, text=True, env=env)
@@ -162,6 +183,9 @@ def windows(me: list[str], db: Path, n: int, width: float, extra: list[str],
         return sum(sum(p.cpu_times()[:2]) for p in (tree, *workers))
 
     plain, traced = [], []
+    # (run, window, BPF programs' ns, their runs): the system's other processes run them
+    # too (to the target test), so runs per traced syscall above 2 (enter, exit) say how much
+    bpf_time: list[tuple[str, list[int], int, int]] = []
     cpu_plain, cpu_traced = [], []  # (seconds, CPU seconds) of the job per window
     for i in range(n):
         a, c = time.monotonic_ns(), job_cpu()
@@ -173,7 +197,8 @@ def windows(me: list[str], db: Path, n: int, width: float, extra: list[str],
                               sys.executable, "-m", "renacerd.cli.renacerd_main", "-q", "--db",
                               str(db), "--run", f"w{i}", "--pid", str(pid), "--duration",
                               str(width), "--ready-fd", str(wfd), *extra],
-                             pass_fds=(wfd,), env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                             pass_fds=(wfd,), env=dict(os.environ, PYTHONPATH=str(
+                                 builds[i % len(builds)] if builds else ROOT)))
         os.close(wfd)
         with os.fdopen(rfd) as f:
             f.readline()
@@ -181,7 +206,14 @@ def windows(me: list[str], db: Path, n: int, width: float, extra: list[str],
             os.kill(d.pid, signal.SIGSTOP)
         t1, c = time.monotonic_ns(), job_cpu()
         if pause:
+            # the kernel's own timing of the BPF programs over the window
+            stats_fd = enable_bpf_stats()
+            before = program_stats(d.pid)
             time.sleep(width)
+            after = program_stats(d.pid)
+            os.close(stats_fd)
+            bpf_time.append((f"w{i}", [t1, time.monotonic_ns()], *(sum(
+                after[k][j] - before.get(k, (0, 0))[j] for k in after) for j in (0, 1))))
             os.kill(d.pid, signal.SIGCONT)
         d.wait()
         cpu_traced.append(((time.monotonic_ns() - t1) / 1e9, job_cpu() - c))
@@ -191,6 +223,7 @@ def windows(me: list[str], db: Path, n: int, width: float, extra: list[str],
     time.sleep(width)
     plain.append((a, time.monotonic_ns()))
     cpu_plain.append(((plain[-1][1] - a) / 1e9, job_cpu() - c))
+    os.kill(pid, signal.SIGUSR1)
     out = json.loads(w.communicate()[0].strip().splitlines()[-1])
     starts, times, sched = out["starts"], out["times"], out["sched"]
 
@@ -199,6 +232,10 @@ def windows(me: list[str], db: Path, n: int, width: float, extra: list[str],
         for a, b in wins:
             idx = [i for i, (s, t) in enumerate(zip(starts, times))
                    if a <= s and s + t * 1e9 <= b and i + 1 < len(sched)]
+            if not idx:
+                at = [(x - starts[0]) / 1e9 for x in (a, b, starts[-1])]
+                raise RuntimeError(f"no whole step in the window {at[0]:.1f}-{at[1]:.1f} s "
+                                   f"of the run ({len(starts)} steps, the last at {at[2]:.1f} s)")
             per.append(sum(times[i] for i in idx) / len(idx))
             cpu.append(sum(sched[i + 1][0] - sched[i][0] for i in idx) / len(idx) / 1e9)
             wait.append(sum(sched[i + 1][1] - sched[i][1] for i in idx) / len(idx) / 1e9)
@@ -206,7 +243,7 @@ def windows(me: list[str], db: Path, n: int, width: float, extra: list[str],
 
     (p, pc, pw), (t, tc, tw) = inside(plain), inside(traced)
     con = sqlite3.connect(db)
-    lost = con.execute("SELECT sum(events_lost) FROM runs").fetchone()[0]
+    lost, dlost = con.execute("SELECT sum(events_lost), sum(details_lost) FROM runs").fetchone()
     evs = con.execute("SELECT sum(events) FROM runs").fetchone()[0]
     lifts = sum(json.loads(c or "{}").get("priority_escalations", 0)
                 for (c,) in con.execute("SELECT source_counters FROM runs"))
@@ -216,7 +253,7 @@ def windows(me: list[str], db: Path, n: int, width: float, extra: list[str],
     # the VM's speed across the run cancels out to first order
     bracketed = [y / ((p[i] + p[i + 1]) / 2) for i, y in enumerate(t)]
     se = statistics.stdev(bracketed) / len(bracketed) ** 0.5 if len(bracketed) > 1 else 0.0
-    print(f"PyTorch CPU loop, DataLoader(num_workers=2), one run; renacerd --pid attached for "
+    print(f"{title}, one run; renacerd --pid attached for "
           f"{n} windows of {width:g} s, untraced windows of {width:g} s between them")
     print(f"untraced windows, mean step ms: {', '.join(f'{x * 1e3:.2f}' for x in p)}")
     print(f"traced windows, mean step ms:   {', '.join(f'{x * 1e3:.2f}' for x in t)}")
@@ -233,7 +270,25 @@ def windows(me: list[str], db: Path, n: int, width: float, extra: list[str],
     busy_t = sum(c for _, c in cpu_traced) / sum(w for w, _ in cpu_traced)
     print(f"the job's processes kept {busy_p:.2f} CPUs busy untraced, {busy_t:.2f} traced "
           f"(BPF runs in their syscalls), of the {os.cpu_count()} this machine has")
-    print(f"renacerd: {evs:,} events in the traced windows, lost {lost}; lifted from idle "
+    counted = [(ns, runs, max(1, _events_in(db, run, win))) for run, win, ns, runs in bpf_time]
+    per_call = [ns / n for ns, _, n in counted]
+    if per_call:
+        print(f"BPF programs' own time (the kernel's BPF stats) per traced syscall: median "
+              f"{statistics.median(per_call):.0f} ns (range {min(per_call):.0f}-"
+              f"{max(per_call):.0f}); program runs per traced syscall "
+              f"{sum(r for _, r, _ in counted) / sum(n for _, _, n in counted):.2f}")
+    for b, root in enumerate(builds or []):
+        if per_call:
+            mine = per_call[b :: len(builds)]
+            print(f"build {root}: BPF programs' time per traced syscall median "
+                  f"{statistics.median(mine):.0f} ns (range {min(mine):.0f}-{max(mine):.0f})")
+        mine = bracketed[b :: len(builds)]
+        err = statistics.stdev(mine) / len(mine) ** 0.5 if len(mine) > 1 else 0.0
+        print(f"build {root}: {len(mine)} traced windows, either side mean "
+              f"{statistics.mean(mine):.3f}x (standard error {err:.3f}), median "
+              f"{statistics.median(mine):.3f}x, range {min(mine):.3f}-{max(mine):.3f}")
+    print(f"renacerd: {evs:,} events in the traced windows, lost {lost} events and {dlost} "
+          f"detail records; lifted from idle "
           f"to normal priority {lifts} times in {n} runs")
     return 0
 

@@ -27,8 +27,8 @@
 //
 // Records are fixed size so the daemon decodes a whole drained range as one numpy array:
 // struct event (48 B) in `events`, struct detail (24 B + STR_LEN) in `details`. A string
-// that fills STR_LEN is read again into a struct detail_long (24 B + LONG_LEN) in
-// `details_long` and the short record discarded: a long path costs only itself.
+// is read once, whole, into a per-CPU scratch record; one longer than STR_LEN goes to
+// `details_long` as a struct detail_long (24 B + LONG_LEN): a long path costs only itself.
 // Producers never wake the consumer (BPF_RB_NO_WAKEUP): the daemon drains on a timer.
 
 #include <uapi/linux/ptrace.h>
@@ -149,6 +149,7 @@ BPF_RINGBUF_OUTPUT(events, EVENT_PAGES);
 BPF_RINGBUF_OUTPUT(details, DETAIL_PAGES);
 BPF_RINGBUF_OUTPUT(details_long, LONG_PAGES);
 BPF_PERCPU_ARRAY(argv_buf, struct argv_scratch, 1);
+BPF_PERCPU_ARRAY(str_buf, struct detail_long, 1);  // a string read once (emit_str_pad)
 
 // The run slot of process `tgid`, 0 when it is not traced.
 static __always_inline u32 is_target(u32 tgid) {
@@ -193,68 +194,59 @@ static __always_inline int read_str(char *dst, u32 size, const void *ptr, int us
     return bpf_probe_read_kernel_str(dst, size, ptr);
 }
 
-// A string that filled the short record, read again whole (up to LONG_LEN) into the long
-// ring; the short record is discarded. With the long ring full the short one stays, cut.
-static __always_inline u16 emit_long_str(u32 run, struct detail *d, const void *ptr, int user,
-                                         int quiet) {
-    struct detail_long *l = details_long.ringbuf_reserve(sizeof(struct detail_long));
-    u16 fl = F_DETAIL;
-    if (!l) {
-        fl |= F_TRUNCATED;
-        if (!quiet)
-            count(run, C_TRUNCATED);
-        d->flags = fl;
-        details.ringbuf_submit(d, BPF_RB_NO_WAKEUP);
-        return fl;
-    }
-    l->ts = d->ts;
-    l->tid = d->tid;
-    l->nr = d->nr;
-    l->slot = d->slot;
-    l->pad = d->pad;
-    details.ringbuf_discard(d, BPF_RB_NO_WAKEUP);
-    int n = read_str(l->data, LONG_LEN, ptr, user);
-    l->len = n;
-    if (n < 0) {
-        fl |= F_READ_FAILED;
-        if (!quiet)
-            count(run, C_READ_FAILED);
-    } else if (n == LONG_LEN) {
-        fl |= F_TRUNCATED;
-        if (!quiet)
-            count(run, C_TRUNCATED);
-    }
-    l->flags = fl;
-    details_long.ringbuf_submit(l, BPF_RB_NO_WAKEUP);
-    return fl;
-}
-
+// A string read once, whole (up to LONG_LEN), into this CPU's scratch record, then copied
+// into the short ring when it fits STR_LEN and into the long ring when not; with the long
+// ring full the short one keeps it cut. empty: the flag to return for "" (no record) or 0.
 // quiet: a failed or cut read is flagged, not counted (execve: the daemon counts it unless
-// the kernel's copy made at exec replaces it)
+// the kernel's copy made at exec replaces it).
+// The scratch is safe per CPU: these programs run with preemption off and never nest.
 static __always_inline u16 emit_str_pad(u32 run, u64 ts, u32 tid, u16 nr, u8 slot, const void *ptr,
-                                        int user, u32 pad, int quiet) {
-    struct detail *d = reserve_detail(run, ts, tid, nr, slot);
-    if (!d)
+                                        int user, u32 pad, int quiet, u16 empty) {
+    u32 zero = 0;
+    struct detail_long *b = str_buf.lookup(&zero);
+    if (!b)
         return F_DETAIL_LOST;
-    d->pad = pad;
-    int n = read_str(d->data, STR_LEN, ptr, user);
-    d->len = n;
-    if (n == STR_LEN)
-        return emit_long_str(run, d, ptr, user, quiet);
+    int n = read_str(b->data, LONG_LEN, ptr, user);
+    if (empty && n == 1)
+        return empty;
+    b->ts = ts;
+    b->tid = tid;
+    b->nr = nr;
+    b->slot = slot;
+    b->pad = pad;
+    b->len = n;
     u16 fl = F_DETAIL;
     if (n < 0) {
         fl |= F_READ_FAILED;
         if (!quiet)
             count(run, C_READ_FAILED);
+    } else if (n > STR_LEN) {
+        if (n == LONG_LEN) {
+            fl |= F_TRUNCATED;
+            if (!quiet)
+                count(run, C_TRUNCATED);
+        }
+        b->flags = fl;
+        if (!details_long.ringbuf_output(b, sizeof(struct detail_long), BPF_RB_NO_WAKEUP))
+            return fl;
+        // no room in the long ring: the short record keeps what fits, cut
+        if (!(fl & F_TRUNCATED) && !quiet)
+            count(run, C_TRUNCATED);
+        fl |= F_TRUNCATED;
+        b->len = STR_LEN;
+        b->data[STR_LEN - 1] = 0;
     }
-    d->flags = fl;
-    details.ringbuf_submit(d, BPF_RB_NO_WAKEUP);
+    b->flags = fl;
+    if (details.ringbuf_output(b, sizeof(struct detail), BPF_RB_NO_WAKEUP)) {
+        count(run, C_DETAILS_LOST);
+        return F_DETAIL_LOST;
+    }
     return fl;
 }
 
 static __always_inline u16 emit_str(u32 run, u64 ts, u32 tid, u16 nr, u8 slot,
                                     const void *ptr, int user) {
-    return emit_str_pad(run, ts, tid, nr, slot, ptr, user, 0, 0);
+    return emit_str_pad(run, ts, tid, nr, slot, ptr, user, 0, 0, 0);
 }
 
 // execve's argv as one NUL-separated blob (slot SLOT_ARGV_BLOB) in the long ring: up to
@@ -338,10 +330,8 @@ static __always_inline u16 emit_path(u32 run, u64 ts, u32 tid, u16 nr, u8 slot, 
                                      u32 pad) {
     if (!ptr)
         return 0;
-    char c = 1;
-    if (bpf_probe_read_user(&c, 1, ptr) == 0 && c == 0)
-        return slot == SLOT_PATH0 ? F_EMPTY_PATH0 : F_EMPTY_PATH1;
-    return emit_str_pad(run, ts, tid, nr, slot, ptr, 1, pad, 0);
+    return emit_str_pad(run, ts, tid, nr, slot, ptr, 1, pad, 0,
+                        slot == SLOT_PATH0 ? F_EMPTY_PATH0 : F_EMPTY_PATH1);
 }
 
 static __always_inline u16 emit_addr(u32 run, u64 ts, u32 tid, u16 nr, const void *ptr, u32 len) {
@@ -604,7 +594,7 @@ ENTER_PROBE {
         const char *fname = (const char *)(nr == __NR_execve ? a[0] : a[1]);
         const char *const *argv = (const char *const *)(nr == __NR_execve ? a[1] : a[2]);
         if (fname)  // NULL: EFAULT, nothing to read
-            fl |= emit_str_pad(run, ts, tid, nr, SLOT_PATH0, fname, 1, 0, 1);
+            fl |= emit_str_pad(run, ts, tid, nr, SLOT_PATH0, fname, 1, 0, 1, 0);
         fl |= emit_argv(run, ts, tid, nr, argv);
         s->pad = fl;  // carried to the exit record's flags
     }
