@@ -430,6 +430,7 @@ def render_ranks(d: dict[str, Any], out) -> None:
         w(f"  rank {r['rank']}/{r['world_size']} local {r['local_rank']}  pid {r['pid']}  "
           f"host {escape(r['host'] or '?')}  job {escape(r['job_id'] or '?')}  "
           f"({r['source']}, {r['steps']} steps)\n")
+    _render_offsets(d.get("clock_offsets"), w)
     names = [str(r["rank"]) for r in d["ranks"]]
     w(f"\n{'step':>8} " + " ".join(f"{'r' + n + ' ms (wait)':>18}" for n in names)
       + "  straggler\n")
@@ -464,6 +465,13 @@ def render_ranks(d: dict[str, Any], out) -> None:
         first = (wt["status_message"] or "").split("\n", 1)[0][:160]
         w(f"!! rank {wt['rank']} {how} {wt['op']} #{wt['seq']} (step {wt['step']}): "
           f"{escape(first)}\n")
+
+
+def _render_offsets(offsets: list[dict[str, Any]] | None, w: Callable[[str], Any]) -> None:
+    """Per host, its clock's offset from the reference host's (a job read from ClickHouse)."""
+    for o in offsets or []:
+        what = "reference clock" if o["reference"] else f"clock {o['offset_ms']:+.3f} ms"
+        w(f"  host {escape(o['host'])}: {what} (from {o['collectives']} collective exits)\n")
 
 
 def _call(c: dict[str, Any] | None) -> str:

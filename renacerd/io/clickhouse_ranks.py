@@ -1,0 +1,341 @@
+"""`renacer ranks clickhouse://HOST:8123/DB/JOB`: the ranks report of a job whose runs several
+hosts pushed, computed as SQL in ClickHouse.
+
+The ranks are the processes whose `job_id` is JOB, on every host. Each query below runs on
+the server and returns per-step per-rank rows (or per-host ones), never events: steps
+(the outermost span of each step value), the collectives of each step, the time of each
+step's calls outside collectives on the step's thread, and, for the steps that have a
+straggler only, their profile by syscall and file. The straggler, cause, slow-step and
+desync logic is renacerd.reports.ranks's own, run on those rows. Ranks are aligned by step;
+each host's clock offset from the first rank's host is the median difference of the exit
+times of the same collective (group, seq), since ranks leave a collective together.
+
+ClickHouse 18.16 has no ASOF or range JOIN: an event (or collective) finds its step by an
+equi-join on a time bucket, each step listed under every bucket it overlaps, then the
+exact interval test; the bucket is the median step length, so a step spans about two.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import orjson
+
+from renacerd.client.dist_env import DistInfo
+from renacerd.reports.desync import Collective, desync, waiting
+from renacerd.reports.ranks import (
+    WAIT_SYSCALLS,
+    Profile,
+    RankSteps,
+    rank_entry,
+    steps_report,
+)
+from renacerd.sinks import SinkError
+from renacerd.sinks.clickhouse import ClickHouseClient, parse_url, quote
+
+_C10D = "experiment.metrics.c10d."
+_MIN_BUCKET_NS = 1_000_000
+
+
+def _attr_num(key: str) -> str:
+    """A c10d metric attribute as Int64 (-1: absent), as reports.desync reads it."""
+    k = quote(_C10D + key)
+    return (f"if(indexOf(attributes.key, {k}) = 0, toInt64(-1), "
+            f"toInt64(toFloat64OrZero(attributes.value[indexOf(attributes.key, {k})])))")
+
+
+class JobQuery:
+    """The SQL of one job: its rank processes (run, host, pid) and the step bucket width."""
+
+    def __init__(self, client: ClickHouseClient, members: list[tuple[str, str, int]]) -> None:
+        self.client = client
+        self.members = members
+        self.bucket_ns = _MIN_BUCKET_NS
+
+    @property
+    def sel(self) -> str:
+        """The rank processes, as a condition on (run, host, pid)."""
+        return ", ".join(f"({quote(r)}, {quote(h)}, {p})" for r, h, p in self.members)
+
+    def steps_sql(self, extra: str = "") -> str:
+        """One row per (process, step): the longest span of that step value (nested spans
+        of one step: the outermost is the step), collectives' spans excluded."""
+        return (
+            "SELECT run, host, process_id AS pid, assumeNotNull(step) AS step, "
+            "argMax(start_mono_nanos, end_mono_nanos - start_mono_nanos) AS s, "
+            "argMax(end_mono_nanos, end_mono_nanos - start_mono_nanos) AS e, "
+            "argMax(thread_id, end_mono_nanos - start_mono_nanos) AS tid "
+            f"FROM spans FINAL WHERE (run, host, process_id) IN ({self.sel}) "
+            "AND step IS NOT NULL AND NOT startsWith(span_name, 'c10d.') "
+            f"AND end_mono_nanos >= start_mono_nanos {extra} GROUP BY run, host, pid, step")
+
+    def _buckets(self, lo: str, hi: str) -> str:
+        b = self.bucket_ns
+        return (f"intDiv({lo}, {b}) + arrayJoin(range(toUInt64(intDiv({hi}, {b}) - "
+                f"intDiv({lo}, {b}) + 1))) AS b")
+
+    def step_buckets(self, extra: str = "") -> str:
+        """Each step under every time bucket it overlaps."""
+        return (f"SELECT run, host, pid, tid, step, s, e, {self._buckets('s', 'e')} "
+                f"FROM ({self.steps_sql(extra)})")
+
+    def coll_sql(self, extra: str = "") -> str:
+        """The c10d spans of the ranks: one row per collective call."""
+        return (
+            "SELECT run, host, process_id AS pid, start_mono_nanos AS cs, "
+            "end_mono_nanos AS ce, substring(span_name, 6) AS op, "
+            f"{_attr_num('numel')} AS numel, model AS dtype, {_attr_num('group')} AS grp, "
+            f"{_attr_num('seq')} AS seq, span_name, status_code, status_message, "
+            "attributes_json FROM spans FINAL "
+            f"WHERE (run, host, process_id) IN ({self.sel}) "
+            f"AND startsWith(span_name, 'c10d.') {extra}")
+
+    def coll_in_steps(self, cols: str, extra: str = "") -> str:
+        """Collectives joined to the step they start in (a step of their process)."""
+        return (
+            f"SELECT {cols} FROM (SELECT *, intDiv(cs, {self.bucket_ns}) AS b "
+            f"FROM ({self.coll_sql()})) ALL INNER JOIN ({self.step_buckets(extra)}) "
+            "USING (run, host, pid, b) WHERE cs >= s AND cs < e")
+
+    def events_in_steps(self, cols: str, group: str, extra: str = "") -> str:
+        """The ranks' calls in a step, on its thread, outside every collective of their
+        process (c10d spans: the collective's own time is counted apart)."""
+        b = self.bucket_ns
+        inside = (
+            "SELECT run, host, pid, chunk, ts, dup FROM (SELECT run, host, pid, chunk, ts, "
+            f"dup, intDiv(ts, {b}) AS b FROM events WHERE (run, host, pid) IN ({self.sel})) "
+            f"ALL INNER JOIN (SELECT run, host, pid, cs, ce, {self._buckets('cs', 'ce')} "
+            f"FROM ({self.coll_sql()})) USING (run, host, pid, b) "
+            "WHERE ts >= cs AND ts < ce")
+        return (
+            f"SELECT {cols} FROM (SELECT run, host, pid, tid, ts, dur, syscall, file, "
+            f"intDiv(ts, {b}) AS b FROM events WHERE (run, host, pid) IN ({self.sel}) "
+            f"AND (run, host, pid, chunk, ts, dup) NOT IN ({inside})) "
+            f"ALL INNER JOIN ({self.step_buckets(extra)}) USING (run, host, pid, tid, b) "
+            f"WHERE ts >= s AND ts < e GROUP BY {group}")
+
+
+def _members(client: ClickHouseClient, job: str, key: str) -> list[dict[str, Any]]:
+    rows = client.rows(
+        "SELECT run, host, pid, rank, local_rank, world_size, group_rank, local_world_size, "
+        "job_id, rank_host, rank_source FROM processes FINAL "
+        f"WHERE job_id = {quote(job)} AND rank IS NOT NULL ORDER BY rank, host, run, pid")
+    if not rows:
+        raise SinkError(f"no job {job!r} in {key}: no pushed process has that job id")
+    return rows
+
+
+def _grid(rows: dict[str, Any], cols: list[str]) -> dict[tuple, tuple]:
+    """(run, host, pid, step) -> the values of `cols` of a per-step result."""
+    n = len(rows.get("step", []))
+    out = {}
+    for i in range(n):
+        k = (rows["run"][i], rows["host"][i], int(rows["pid"][i]), int(rows["step"][i]))
+        out[k] = tuple(rows[c][i] for c in cols)
+    return out
+
+
+def _txt(v: Any) -> str:
+    return v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else v
+
+
+def job_ranks_data(url: str, min_late_ms: float, timeout_s: float = 600.0) -> dict[str, Any]:
+    """The `renacer ranks --json` contract for the job at `url`, plus `clock_offsets`."""
+    t = parse_url(url, with_run=True)
+    job = t.run or ""
+    client = ClickHouseClient(t, timeout_s)
+    members = _members(client, job, t.key)
+    q = JobQuery(client, [(m["run"], m["host"], m["pid"]) for m in members])
+
+    st = client.native(q.steps_sql() + " ORDER BY run, host, pid, s")
+    st = {k: [_txt(x) for x in v] if isinstance(v, list) else v for k, v in st.items()}
+    nsteps: dict[tuple[str, str, int], int] = {}
+    for r, h, p in zip(st.get("run", []), st.get("host", []), st.get("pid", np.empty(0))):
+        nsteps[(r, h, int(p))] = nsteps.get((r, h, int(p)), 0) + 1
+    # a wrapper (sh -c) and its python share a rank: the one with more steps is the rank
+    chosen: dict[int, dict[str, Any]] = {}
+    for m in members:
+        n = nsteps.get((m["run"], m["host"], m["pid"]), 0)
+        old = chosen.get(m["rank"])
+        if n and (old is None or n > nsteps[(old["run"], old["host"], old["pid"])]):
+            chosen[m["rank"]] = m
+    order = [chosen[r] for r in sorted(chosen)]
+    base: dict[str, Any] = {"run": job, "job": job, "source": t.key, "min_late_ms": min_late_ms}
+    runs = client.rows(
+        "SELECT run, host, status FROM runs FINAL WHERE (run, host) IN "
+        f"(SELECT run, host FROM processes FINAL WHERE job_id = {quote(job)}) ORDER BY host, run")
+    statuses = sorted({r["status"] for r in runs})
+    base["status"] = statuses[0] if len(statuses) == 1 else "/".join(statuses)
+    base["runs"] = runs
+    if not order:
+        return {**steps_report([], {**base, "ranks": []}, min_late_ms, None, [], [],
+                               lambda s: {}), "clock_offsets": []}
+    q.members = [(m["run"], m["host"], m["pid"]) for m in order]
+    idx = {k: i for i, k in enumerate(q.members)}
+    durs = np.asarray(st["e"], dtype=np.int64) - np.asarray(st["s"], dtype=np.int64)
+    q.bucket_ns = max(_MIN_BUCKET_NS, int(np.median(durs)) if len(durs) else 0)
+
+    coll = client.native(q.coll_in_steps(
+        "run, host, pid, step, sum(ce - cs) AS coll_ns, count() AS ncoll, groupArray(op) AS ops, "
+        "cityHash64(arrayMap(x -> tupleElement(x, 2), arraySort(groupArray((cs, "
+        "cityHash64(op, numel, dtype, grp)))))) AS sig") + " GROUP BY run, host, pid, step")
+    coll = {k: [_txt(x) for x in v] if isinstance(v, list) and k != "ops" else v
+            for k, v in coll.items()}
+    coll["ops"] = [[_txt(o) for o in ops] for ops in coll.get("ops", [])]
+    waits = "', '".join(sorted(WAIT_SYSCALLS))
+    ev = client.native(q.events_in_steps(
+        f"run, host, pid, step, sum(dur) AS sys_ns, sumIf(dur, syscall IN ('{waits}')) "
+        "AS wait_ns", "run, host, pid, step"))
+    ev = {k: [_txt(x) for x in v] if isinstance(v, list) else v for k, v in ev.items()}
+    cg = _grid(coll, ["coll_ns", "ncoll", "ops", "sig"])
+    eg = _grid(ev, ["sys_ns", "wait_ns"])
+
+    ranks: list[RankSteps] = []
+    ops: list[dict[int, dict[str, int]]] = []
+    sigs: list[dict[int, int]] = []
+    rows_of: dict[int, list[int]] = {}
+    for i, (r, h, p) in enumerate(zip(st["run"], st["host"], st["pid"].tolist())):
+        if (r, h, p) in idx:
+            rows_of.setdefault(idx[(r, h, p)], []).append(i)
+    for i, m in enumerate(order):
+        rows = rows_of[i]
+        key = q.members[i]
+        steps = np.asarray(st["step"], dtype=np.int64)[rows]
+        s = np.asarray(st["s"], dtype=np.int64)[rows]
+        e = np.asarray(st["e"], dtype=np.int64)[rows]
+        c = [cg.get((*key, int(k)), (0, 0, [], None)) for k in steps.tolist()]
+        v = [eg.get((*key, int(k)), (0, 0)) for k in steps.tolist()]
+        n = len(rows)
+        dist = DistInfo(rank=m["rank"], local_rank=m["local_rank"], world_size=m["world_size"],
+                        group_rank=m["group_rank"], local_world_size=m["local_world_size"],
+                        job_id=m["job_id"], host=m["rank_host"] or m["host"],
+                        source=m["rank_source"] or "env")
+        ranks.append(RankSteps(
+            rank=m["rank"], pid=m["pid"], dist=dist, steps=steps, step_ns=e - s,
+            coll_ns=np.array([x[0] for x in c], dtype=np.int64),
+            wait_sys_ns=np.array([x[1] for x in v], dtype=np.int64),
+            gpu_sync_ns=np.zeros(n, dtype=np.int64),
+            syscall_ns=np.array([x[0] for x in v], dtype=np.int64),
+            ncoll=np.array([x[1] for x in c], dtype=np.int64),
+            prof_step=np.empty(0, dtype=np.int64), prof_code=np.empty(0, dtype=np.int64),
+            prof_ns=np.empty(0, dtype=np.int64), prof_calls=np.empty(0, dtype=np.int64),
+            keys=[], collectives=[], comms=[]))
+        ops.append({int(k): _count(x[2]) for k, x in zip(steps.tolist(), c) if x[2]})
+        sigs.append({int(k): int(x[3]) for k, x in zip(steps.tolist(), c) if x[3] is not None})
+
+    def profiles(late: list[int]) -> dict[int, list[Profile]]:
+        res = client.native(q.events_in_steps(
+            "run, host, pid, step, syscall, file, sum(dur) AS ns, count() AS calls",
+            "run, host, pid, step, syscall, file",
+            f"AND step IN ({', '.join(str(x) for x in late)})"))
+        out: dict[int, list[Profile]] = {k: [{} for _ in order] for k in late}
+        for j in range(len(res.get("step", []))):
+            ri = idx[(_txt(res["run"][j]), _txt(res["host"][j]), int(res["pid"][j]))]
+            f = _txt(res["file"][j])
+            out[int(res["step"][j])][ri][(_txt(res["syscall"][j]), f or None)] = (
+                int(res["ns"][j]), int(res["calls"][j]))
+        return out
+
+    base["ranks"] = [{**rank_entry(rs), "run": m["run"], "run_host": m["host"]}
+                     for rs, m in zip(ranks, order)]
+    base["clock_offsets"] = _clock_offsets(q, order[0]["host"])
+    by_rank = _collectives(q, ranks, sigs)
+    return steps_report(ranks, base, min_late_ms, desync(by_rank), waiting(_failed(q, ranks)),
+                        ops, profiles)
+
+
+def _count(ops: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for o in ops:
+        out[o] = out.get(o, 0) + 1
+    return out
+
+
+class _Span:
+    """The fields of a c10d span that Collective.of reads."""
+
+    __slots__ = ("span_name", "start_mono_nanos", "end_mono_nanos", "status_code",
+                 "status_message")
+
+    def __init__(self, r: dict[str, Any]) -> None:
+        self.span_name = r["span_name"]
+        self.start_mono_nanos = r["cs"]
+        self.end_mono_nanos = r["ce"]
+        self.status_code = r["status_code"]
+        self.status_message = r["status_message"]
+
+
+def _with_steps(rows: list[dict[str, Any]], q: JobQuery, ranks: list[RankSteps],
+                starts: dict[int, tuple[np.ndarray, np.ndarray]]) -> dict[int, list[Collective]]:
+    """Collectives of rows (from coll_sql), by rank, each given the step it starts in."""
+    idx = {k: i for i, k in enumerate(q.members)}
+    out: dict[int, list[Collective]] = {rs.rank: [] for rs in ranks}
+    for r in rows:
+        i = idx[(r["run"], r["host"], r["pid"])]
+        s, e = starts[i]
+        k = int(np.searchsorted(s, r["cs"], side="right")) - 1
+        step = int(ranks[i].steps[k]) if k >= 0 and r["cs"] < e[k] else None
+        out[ranks[i].rank].append(Collective.of(_Span(r), orjson.loads(
+            r["attributes_json"] or "{}"), step))
+    for calls in out.values():
+        calls.sort(key=lambda c: c.start_ns)
+    return out
+
+
+def _step_times(q: JobQuery, ranks: list[RankSteps]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    res = q.client.rows(f"SELECT run, host, pid, s, e FROM ({q.steps_sql()}) ORDER BY s")
+    idx = {k: i for i, k in enumerate(q.members)}
+    out: dict[int, tuple[list[int], list[int]]] = {i: ([], []) for i in range(len(ranks))}
+    for r in res:
+        i = idx[(r["run"], r["host"], r["pid"])]
+        out[i][0].append(r["s"])
+        out[i][1].append(r["e"])
+    return {i: (np.array(a, dtype=np.int64), np.array(b, dtype=np.int64))
+            for i, (a, b) in out.items()}
+
+
+def _collectives(q: JobQuery, ranks: list[RankSteps], sigs: list[dict[int, int]]
+                 ) -> dict[int, list[Collective]]:
+    """What reports.desync needs: each rank's collectives of the first step where the
+    ranks' per-step signatures (a hash of the step's (op, numel, dtype, group) sequence)
+    differ, and of each rank's last step with collectives (desync skips ranks whose trace
+    ended before a step); nothing when every step agrees."""
+    last = [max(s) if s else -1 for s in sigs]
+    steps = sorted(set().union(*(s.keys() for s in sigs)))
+    first = None
+    for step in steps:
+        alive = [i for i in range(len(sigs)) if last[i] >= step]
+        if len({sigs[i].get(step) for i in alive}) > 1:
+            first = step
+            break
+    if first is None:
+        return {rs.rank: [] for rs in ranks}
+    want = sorted({first} | {x for x in last if x >= first})
+    rows = q.client.rows(q.coll_in_steps(
+        "run, host, pid, cs, ce, span_name, status_code, status_message, attributes_json",
+        f"AND step IN ({', '.join(map(str, want))})"))
+    return _with_steps(rows, q, ranks, _step_times(q, ranks))
+
+
+def _failed(q: JobQuery, ranks: list[RankSteps]) -> dict[int, list[Collective]]:
+    """Each rank's collectives that ended in error (raised, or never left)."""
+    rows = q.client.rows(
+        f"SELECT run, host, pid, cs, ce, span_name, status_code, status_message, "
+        f"attributes_json FROM ({q.coll_sql('AND status_code = 2')})")
+    if not rows:
+        return {rs.rank: [] for rs in ranks}
+    return _with_steps(rows, q, ranks, _step_times(q, ranks))
+
+
+def _clock_offsets(q: JobQuery, ref: str) -> list[dict[str, Any]]:
+    """Per host, its clock minus `ref`'s: the median, over the collectives both hosts'
+    ranks left, of the difference of their (per-host median) exit times."""
+    per = (f"SELECT host, grp, seq, medianExact(ce) AS x FROM ({q.coll_sql('AND seq > 0')}) "
+           "GROUP BY host, grp, seq")
+    rows = q.client.rows(
+        f"SELECT host, medianExact(x - xr) AS off, count() AS n FROM ({per}) ALL INNER JOIN "
+        f"(SELECT grp, seq, x AS xr FROM ({per}) WHERE host = {quote(ref)}) USING (grp, seq) "
+        "GROUP BY host ORDER BY host")
+    return [{"host": r["host"], "offset_ms": round(float(r["off"]) / 1e6, 3),
+             "collectives": int(r["n"]), "reference": r["host"] == ref} for r in rows]
