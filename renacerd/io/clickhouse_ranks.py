@@ -33,6 +33,7 @@ from renacerd.reports.ranks import (
 )
 from renacerd.sinks import SinkError
 from renacerd.sinks.clickhouse import ClickHouseClient, parse_url, quote
+from renacerd.syscall_table import syscall_table
 
 _C10D = "experiment.metrics.c10d."
 _MIN_BUCKET_NS = 1_000_000
@@ -98,22 +99,53 @@ class JobQuery:
             f"FROM ({self.coll_sql()})) ALL INNER JOIN ({self.step_buckets(extra)}) "
             "USING (run, host, pid, b) WHERE cs >= s AND cs < e")
 
-    def events_in_steps(self, cols: str, group: str, extra: str = "") -> str:
-        """The ranks' calls in a step, on its thread, outside every collective of their
-        process (c10d spans: the collective's own time is counted apart)."""
-        b = self.bucket_ns
-        inside = (
-            "SELECT run, host, pid, chunk, ts, dup FROM (SELECT run, host, pid, chunk, ts, "
-            f"dup, intDiv(ts, {b}) AS b FROM events WHERE (run, host, pid) IN ({self.sel})) "
-            f"ALL INNER JOIN (SELECT run, host, pid, cs, ce, {self._buckets('cs', 'ce')} "
-            f"FROM ({self.coll_sql()})) USING (run, host, pid, b) "
-            "WHERE ts >= cs AND ts < ce")
+    def step_windows(self, extra: str = "") -> str:
+        """Each step with the collectives of its process that overlap it (`cw`: (start, end)
+        pairs), under every bucket it overlaps."""
+        colls = (
+            "SELECT run, host, pid, step, groupUniqArray((cs, ce)) AS cw FROM (SELECT run, "
+            f"host, pid, cs, ce, {self._buckets('cs', 'ce')} FROM ({self.coll_sql()})) "
+            f"ALL INNER JOIN ({self.step_buckets(extra)}) USING (run, host, pid, b) "
+            "WHERE cs < e AND ce > s GROUP BY run, host, pid, step")
         return (
-            f"SELECT {cols} FROM (SELECT run, host, pid, tid, ts, dur, syscall, file, "
-            f"intDiv(ts, {b}) AS b FROM events WHERE (run, host, pid) IN ({self.sel}) "
-            f"AND (run, host, pid, chunk, ts, dup) NOT IN ({inside})) "
-            f"ALL INNER JOIN ({self.step_buckets(extra)}) USING (run, host, pid, tid, b) "
-            f"WHERE ts >= s AND ts < e GROUP BY {group}")
+            f"SELECT pid, tid, step, s, e, cw, "
+            f"{self._buckets('s', 'e')} FROM (SELECT * FROM ({self.steps_sql(extra)}) "
+            f"ANY LEFT JOIN ({colls}) USING (run, host, pid, step))")
+
+    def hosts(self) -> list[JobQuery]:
+        """One query per (run, host) of the members, for events_in_steps."""
+        out: dict[tuple[str, str], list[tuple[str, str, int]]] = {}
+        for m in self.members:
+            out.setdefault(m[:2], []).append(m)
+        qs = [JobQuery(self.client, ms) for ms in out.values()]
+        for q in qs:
+            q.bucket_ns = self.bucket_ns
+        return qs
+
+    def events_in_steps(self, cols: str, used: str, group: str, extra: str = "",
+                        windows: list[tuple[int, int]] | None = None) -> str:
+        """The calls of one host's ranks (a query of hosts()) in a step, on its thread,
+        outside every collective of their process (the collective's own time is counted
+        apart); `used`: the event columns `cols` reads. One (run, host) per query: the
+        events are read by their primary key's prefix and joined on numbers alone (pid,
+        tid, bucket); hashing run and host per event would cost more than the rest.
+        `windows`: [start, end) times outside which no step asked for lies (a PREWHERE:
+        the other columns are read only where it holds)."""
+        run, host = self.members[0][:2]
+        pids = ", ".join(str(m[2]) for m in self.members)
+        b = self.bucket_ns
+        pre = ""
+        if windows:
+            bs = sorted({x for lo, hi in windows for x in range(lo // b, hi // b + 1)})
+            pre = f"PREWHERE intDiv(ts, {b}) IN ({', '.join(map(str, bs))}) "
+        return (
+            f"SELECT {cols} FROM (SELECT pid, tid, ts, {used}, intDiv(ts, {b}) AS b "
+            f"FROM events {pre}WHERE run = {quote(run)} AND host = {quote(host)} "
+            f"AND pid IN ({pids})) "
+            f"ALL INNER JOIN ({self.step_windows(extra)}) USING (pid, tid, b) "
+            "WHERE ts >= s AND ts < e AND NOT arrayExists("
+            "c -> ts >= tupleElement(c, 1) AND ts < tupleElement(c, 2), cw) "
+            f"GROUP BY {group}")
 
 
 def _members(client: ClickHouseClient, job: str, key: str) -> list[dict[str, Any]]:
@@ -183,15 +215,21 @@ def job_ranks_data(url: str, min_late_ms: float, timeout_s: float = 600.0) -> di
     coll = {k: [_txt(x) for x in v] if isinstance(v, list) and k != "ops" else v
             for k, v in coll.items()}
     coll["ops"] = [[_txt(o) for o in ops] for ops in coll.get("ops", [])]
-    waits = "', '".join(sorted(WAIT_SYSCALLS))
-    ev = client.native(q.events_in_steps(
-        f"run, host, pid, step, sum(dur) AS sys_ns, sumIf(dur, syscall IN ('{waits}')) "
-        "AS wait_ns", "run, host, pid, step"))
-    ev = {k: [_txt(x) for x in v] if isinstance(v, list) else v for k, v in ev.items()}
     cg = _grid(coll, ["coll_ns", "ncoll", "ops", "sig"])
-    eg = _grid(ev, ["sys_ns", "wait_ns"])
+    eg: dict[tuple, tuple] = {}
+    tables = _syscall_tables(client, q.members)
+    for qh in q.hosts():
+        run, host = qh.members[0][:2]
+        waits = ", ".join(str(nr) for nr, name in tables[(run, host)].items()
+                          if name in WAIT_SYSCALLS) or "-1"
+        ev = client.native(qh.events_in_steps(
+            f"pid, step, sum(dur) AS sys_ns, sumIf(dur, nr IN ({waits})) AS wait_ns",
+            "dur, nr", "pid, step"))
+        for p, k, a_, b_ in zip(*(ev.get(c, []) for c in ("pid", "step", "sys_ns", "wait_ns"))):
+            eg[(run, host, int(p), int(k))] = (a_, b_)
 
     ranks: list[RankSteps] = []
+    starts: list[np.ndarray] = []
     ops: list[dict[int, dict[str, int]]] = []
     sigs: list[dict[int, int]] = []
     rows_of: dict[int, list[int]] = {}
@@ -207,6 +245,7 @@ def job_ranks_data(url: str, min_late_ms: float, timeout_s: float = 600.0) -> di
         c = [cg.get((*key, int(k)), (0, 0, [], None)) for k in steps.tolist()]
         v = [eg.get((*key, int(k)), (0, 0)) for k in steps.tolist()]
         n = len(rows)
+        starts.append(s)
         dist = DistInfo(rank=m["rank"], local_rank=m["local_rank"], world_size=m["world_size"],
                         group_rank=m["group_rank"], local_world_size=m["local_world_size"],
                         job_id=m["job_id"], host=m["rank_host"] or m["host"],
@@ -225,16 +264,29 @@ def job_ranks_data(url: str, min_late_ms: float, timeout_s: float = 600.0) -> di
         sigs.append({int(k): int(x[3]) for k, x in zip(steps.tolist(), c) if x[3] is not None})
 
     def profiles(late: list[int]) -> dict[int, list[Profile]]:
-        res = client.native(q.events_in_steps(
-            "run, host, pid, step, syscall, file, sum(dur) AS ns, count() AS calls",
-            "run, host, pid, step, syscall, file",
-            f"AND step IN ({', '.join(str(x) for x in late)})"))
         out: dict[int, list[Profile]] = {k: [{} for _ in order] for k in late}
-        for j in range(len(res.get("step", []))):
-            ri = idx[(_txt(res["run"][j]), _txt(res["host"][j]), int(res["pid"][j]))]
-            f = _txt(res["file"][j])
-            out[int(res["step"][j])][ri][(_txt(res["syscall"][j]), f or None)] = (
-                int(res["ns"][j]), int(res["calls"][j]))
+        want = set(late)
+        for qh in q.hosts():
+            run, host = qh.members[0][:2]
+            table = tables[(run, host)]
+            span: dict[int, tuple[int, int]] = {}  # step -> its window over the host's ranks
+            for m in qh.members:
+                rs = ranks[idx[m]]
+                for k, a_, b_ in zip(rs.steps.tolist(), starts[idx[m]].tolist(),
+                                     (starts[idx[m]] + rs.step_ns).tolist()):
+                    if k in want:
+                        lo, hi = span.get(k, (a_, b_))
+                        span[k] = (min(lo, a_), max(hi, b_))
+            res = client.native(qh.events_in_steps(
+                "pid, step, nr, file, sum(dur) AS ns, count() AS calls",
+                "dur, nr, file", "pid, step, nr, file",
+                f"AND step IN ({', '.join(str(x) for x in late)})", sorted(span.values())))
+            for j in range(len(res.get("step", []))):
+                ri = idx[(run, host, int(res["pid"][j]))]
+                f = _txt(res["file"][j])
+                nr = int(res["nr"][j])
+                out[int(res["step"][j])][ri][(table.get(nr, f"syscall_{nr}"), f or None)] = (
+                    int(res["ns"][j]), int(res["calls"][j]))
         return out
 
     base["ranks"] = [{**rank_entry(rs), "run": m["run"], "run_host": m["host"]}
@@ -243,6 +295,20 @@ def job_ranks_data(url: str, min_late_ms: float, timeout_s: float = 600.0) -> di
     by_rank = _collectives(q, ranks, sigs)
     return steps_report(ranks, base, min_late_ms, desync(by_rank), waiting(_failed(q, ranks)),
                         ops, profiles)
+
+
+def _syscall_tables(client: ClickHouseClient, members: list[tuple[str, str, int]]
+                    ) -> dict[tuple[str, str], dict[int, str]]:
+    """(run, host) -> the syscall names its events were pushed with (the run's table, else
+    this machine's, as the sink does)."""
+    pairs = ", ".join(f"({quote(r)}, {quote(h)})" for r, h in {m[:2] for m in members})
+    rows = client.rows("SELECT run, host, syscall_table.nr AS nr, syscall_table.name AS name "
+                       f"FROM runs FINAL WHERE (run, host) IN ({pairs})")
+    out = {(r["run"], r["host"]): dict(zip(r["nr"], r["name"])) for r in rows}
+    for key in {m[:2] for m in members}:
+        if not out.get(key):
+            out[key] = syscall_table()
+    return out
 
 
 def _count(ops: list[str]) -> dict[str, int]:
