@@ -16,7 +16,13 @@ import pytest
 
 from renacerd.columns import SYSCALL_COLUMNS, decode, encode
 from renacerd.cuda.records import GPU_LAYOUT
-from renacerd.sinks.clickhouse import SCHEMA, ClickHouseClient, ensure_schema, parse_url
+from renacerd.sinks.clickhouse import (
+    SCHEMA,
+    ClickHouseClient,
+    ClickHouseSink,
+    ensure_schema,
+    parse_url,
+)
 from tests.conftest import needs_root, run_cli
 from tests.e2e import test_clickhouse as ch
 from tests.e2e.test_ranks_torchrun import FSYNC, MIN_LATE, READ, SLEEP, _port, _trace
@@ -119,12 +125,12 @@ def late(tmp_path_factory, chdb):
                             "--late", f"{READ}:1:read:{fifo}", "--late",
                             f"{FSYNC}:0:fsync:{ckpt}")
     url = f"{chdb}/{job}"
-    return local, _ranks(url), url, fifo, ckpt
+    return local, _ranks(url), url, fifo, ckpt, d
 
 
 @needs_root
 def test_the_job_is_joined_across_hosts(late):
-    local, remote, url, _, _ = late
+    local, remote, url, _, _, _ = late
     assert [(r["rank"], r["host"], r["run_host"], r["run"]) for r in remote["ranks"]] == [
         (0, "host-a", "host-a", "late"), (1, "host-a", "host-a", "late"),
         (2, "host-b", "host-b", "late")]
@@ -138,7 +144,7 @@ def test_the_job_is_joined_across_hosts(late):
 
 @needs_root
 def test_same_answer_as_the_local_path(late):
-    local, remote, _, fifo, ckpt = late
+    local, remote, _, fifo, ckpt, _ = late
     # exact: the same step spans, the same calls, the same files, summed the same way
     for k in SAME_KEYS:
         assert remote[k] == local[k], k
@@ -152,7 +158,7 @@ def test_same_answer_as_the_local_path(late):
 
 @needs_root
 def test_clock_offsets_from_collective_exits(late):
-    _, remote, url, _, _ = late
+    _, remote, url, _, _, _ = late
     a, b = remote["clock_offsets"]
     assert (a["host"], a["offset_ms"], a["reference"]) == ("host-a", 0.0, True)
     assert (b["host"], b["reference"]) == ("host-b", False)
@@ -165,6 +171,39 @@ def test_clock_offsets_from_collective_exits(late):
     assert f"  host host-b: clock +{b['offset_ms']:.3f} ms (from 42 " in text.stdout
     line = next(ln for ln in text.stdout.splitlines() if ln.split()[:1] == [str(SLEEP)])
     assert "rank 2 late " in line and "clock_nanosleep" in line
+
+
+class _Restarting(ClickHouseSink):
+    """A sink that forgets every process's fd table before each batch, as one restarted
+    between any two batches does: it must replay the chunks already sent."""
+
+    def _files(self, store, info, procs, batch):
+        self._fds.clear()
+        return super()._files(store, info, procs, batch)
+
+
+@needs_root
+def test_a_restarted_sink_names_the_same_files(late, server):
+    _, _, url, fifo, _, d = late
+    chdb = url.rsplit("/", 1)[0]
+    again = f"clickhouse://{server}/renacer_restart_" + uuid.uuid4().hex[:10]
+    part = d / "restart.db"
+    shutil.copy(d / "host-a.db", part)
+    sink = _Restarting(str(part), again, "late", batch_rows=5000)
+    try:
+        stats = sink.flush_now()
+    finally:
+        sink._store.close()
+    sql = ("SELECT pid, ts, chunk, dup, file FROM events WHERE host = 'host-a' "
+           "ORDER BY pid, ts, chunk, dup FORMAT TSV")
+    try:
+        assert stats.batches > 10
+        want = ClickHouseClient(parse_url(chdb)).query(sql)
+        assert ClickHouseClient(parse_url(again)).query(sql) == want
+        assert f"\t{fifo}\n".encode() in want
+    finally:
+        ClickHouseClient(parse_url(again)).query(
+            f"DROP DATABASE IF EXISTS {parse_url(again).database}", database=False)
 
 
 @needs_root
