@@ -17,6 +17,7 @@ exact interval test; the bucket is the median step length, so a step spans about
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from renacerd.reports.desync import Collective, desync, waiting
 from renacerd.reports.ranks import (
     WAIT_SYSCALLS,
     Profile,
+    ProfileSource,
     RankSteps,
     rank_entry,
     steps_report,
@@ -158,18 +160,155 @@ def _members(client: ClickHouseClient, job: str, key: str) -> list[dict[str, Any
     return rows
 
 
-def _grid(rows: dict[str, Any], cols: list[str]) -> dict[tuple, tuple]:
-    """(run, host, pid, step) -> the values of `cols` of a per-step result."""
-    n = len(rows.get("step", []))
+def _grid(rows: dict[str, Any], cols: list[str], run: str | None = None,
+          host: str | None = None) -> dict[tuple, tuple]:
+    """(run, host, pid, step) -> the values of `cols` of a per-step result (run and host
+    given for a result of one host's query)."""
     out = {}
-    for i in range(n):
-        k = (rows["run"][i], rows["host"][i], int(rows["pid"][i]), int(rows["step"][i]))
+    for i in range(len(rows.get("step", []))):
+        k = (run if run is not None else _txt(rows["run"][i]),
+             host if host is not None else _txt(rows["host"][i]),
+             int(rows["pid"][i]), int(rows["step"][i]))
         out[k] = tuple(rows[c][i] for c in cols)
     return out
 
 
 def _txt(v: Any) -> str:
     return v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else v
+
+
+def _choose(members: list[dict[str, Any]], st: dict[str, Any]) -> list[dict[str, Any]]:
+    """One process per rank, by rank: a wrapper (sh -c) and its python share a rank, the
+    one with more steps is the rank."""
+    nsteps: dict[tuple[str, str, int], int] = {}
+    for r, h, p in zip(st.get("run", []), st.get("host", []), st.get("pid", np.empty(0))):
+        key = (_txt(r), _txt(h), int(p))
+        nsteps[key] = nsteps.get(key, 0) + 1
+    chosen: dict[int, dict[str, Any]] = {}
+    for m in members:
+        n = nsteps.get((m["run"], m["host"], m["pid"]), 0)
+        old = chosen.get(m["rank"])
+        if n and (old is None or n > nsteps[(old["run"], old["host"], old["pid"])]):
+            chosen[m["rank"]] = m
+    return [chosen[r] for r in sorted(chosen)]
+
+
+def _base(client: ClickHouseClient, job: str, key: str, min_late_ms: float) -> dict[str, Any]:
+    """The report's head: the job, its runs (run, host, status) and their status."""
+    runs = client.rows(
+        "SELECT run, host, status FROM runs FINAL WHERE (run, host) IN "
+        f"(SELECT run, host FROM processes FINAL WHERE job_id = {quote(job)}) ORDER BY host, run")
+    statuses = sorted({r["status"] for r in runs})
+    return {"run": job, "job": job, "source": key, "min_late_ms": min_late_ms,
+            "status": "/".join(statuses), "runs": runs}
+
+
+def _collective_steps(q: JobQuery) -> dict[tuple, tuple]:
+    """Per (run, host, pid, step): collective ns, calls, ops, and the signature hash of the
+    step's (op, numel, dtype, group) sequence in order of entry."""
+    coll = q.client.native(q.coll_in_steps(
+        "run, host, pid, step, sum(ce - cs) AS coll_ns, count() AS ncoll, groupArray(op) AS ops, "
+        "cityHash64(arrayMap(x -> tupleElement(x, 2), arraySort(groupArray((cs, "
+        "cityHash64(op, numel, dtype, grp)))))) AS sig") + " GROUP BY run, host, pid, step")
+    coll["ops"] = [[_txt(o) for o in ops] for ops in coll.get("ops", [])]
+    return _grid(coll, ["coll_ns", "ncoll", "ops", "sig"])
+
+
+def _call_steps(q: JobQuery, tables: dict[tuple[str, str], dict[int, str]]
+                ) -> dict[tuple, tuple]:
+    """Per (run, host, pid, step): ns of the calls outside collectives, and of the waiting
+    ones among them; one query per (run, host)."""
+    out: dict[tuple, tuple] = {}
+    for qh in q.hosts():
+        run, host = qh.members[0][:2]
+        waits = ", ".join(str(nr) for nr, name in tables[(run, host)].items()
+                          if name in WAIT_SYSCALLS) or "-1"
+        ev = q.client.native(qh.events_in_steps(
+            f"pid, step, sum(dur) AS sys_ns, sumIf(dur, nr IN ({waits})) AS wait_ns",
+            "dur, nr", "pid, step"))
+        out.update(_grid(ev, ["sys_ns", "wait_ns"], run, host))
+    return out
+
+
+@dataclass(slots=True)
+class _Ranks:
+    """The job's ranks as RankSteps, with what the report needs beside them."""
+
+    ranks: list[RankSteps]
+    starts: list[np.ndarray]  # per rank, its steps' start times
+    ops: list[dict[int, dict[str, int]]]  # per rank: step -> {op: calls}
+    sigs: list[dict[int, int]]  # per rank: step -> signature hash of its collectives
+
+
+def _rank_steps(q: JobQuery, order: list[dict[str, Any]], st: dict[str, Any],
+                cg: dict[tuple, tuple], eg: dict[tuple, tuple]) -> _Ranks:
+    """RankSteps of each chosen rank process from the per-step rows."""
+    idx = {k: i for i, k in enumerate(q.members)}
+    rows_of: dict[int, list[int]] = {}
+    for i, (r, h, p) in enumerate(zip(st["run"], st["host"], st["pid"].tolist())):
+        j = idx.get((_txt(r), _txt(h), p))
+        if j is not None:
+            rows_of.setdefault(j, []).append(i)
+    out = _Ranks([], [], [], [])
+    for i, m in enumerate(order):
+        rows = rows_of[i]
+        steps = np.asarray(st["step"], dtype=np.int64)[rows]
+        s = np.asarray(st["s"], dtype=np.int64)[rows]
+        e = np.asarray(st["e"], dtype=np.int64)[rows]
+        c = [cg.get((*q.members[i], k), (0, 0, [], None)) for k in steps.tolist()]
+        v = [eg.get((*q.members[i], k), (0, 0)) for k in steps.tolist()]
+        dist = DistInfo(rank=m["rank"], local_rank=m["local_rank"], world_size=m["world_size"],
+                        group_rank=m["group_rank"], local_world_size=m["local_world_size"],
+                        job_id=m["job_id"], host=m["rank_host"] or m["host"],
+                        source=m["rank_source"] or "env")
+        none = np.empty(0, dtype=np.int64)
+        out.ranks.append(RankSteps(
+            rank=m["rank"], pid=m["pid"], dist=dist, steps=steps, step_ns=e - s,
+            coll_ns=np.array([x[0] for x in c], dtype=np.int64),
+            wait_sys_ns=np.array([x[1] for x in v], dtype=np.int64),
+            gpu_sync_ns=np.zeros(len(rows), dtype=np.int64),
+            syscall_ns=np.array([x[0] for x in v], dtype=np.int64),
+            ncoll=np.array([x[1] for x in c], dtype=np.int64),
+            prof_step=none, prof_code=none, prof_ns=none, prof_calls=none,
+            keys=[], collectives=[], comms=[]))
+        out.starts.append(s)
+        out.ops.append({k: _count(x[2]) for k, x in zip(steps.tolist(), c) if x[2]})
+        out.sigs.append({k: int(x[3]) for k, x in zip(steps.tolist(), c) if x[3] is not None})
+    return out
+
+
+def _profiles(q: JobQuery, rk: _Ranks, tables: dict[tuple[str, str], dict[int, str]]
+              ) -> ProfileSource:
+    """The ProfileSource of a job in ClickHouse: per (syscall, file) time and calls of the
+    steps asked for, one query per (run, host), reading only those steps' buckets."""
+    idx = {k: i for i, k in enumerate(q.members)}
+
+    def source(late: list[int]) -> dict[int, list[Profile]]:
+        out: dict[int, list[Profile]] = {k: [{} for _ in rk.ranks] for k in late}
+        want = set(late)
+        for qh in q.hosts():
+            run, host = qh.members[0][:2]
+            table = tables[(run, host)]
+            window: dict[int, tuple[int, int]] = {}  # step -> its span over the host's ranks
+            for m in qh.members:
+                i = idx[m]
+                ends = rk.starts[i] + rk.ranks[i].step_ns
+                for k, lo, hi in zip(rk.ranks[i].steps.tolist(), rk.starts[i].tolist(),
+                                     ends.tolist()):
+                    if k in want:
+                        a, b = window.get(k, (lo, hi))
+                        window[k] = (min(a, lo), max(b, hi))
+            res = q.client.native(qh.events_in_steps(
+                "pid, step, nr, file, sum(dur) AS ns, count() AS calls",
+                "dur, nr, file", "pid, step, nr, file",
+                f"AND step IN ({', '.join(map(str, late))})", sorted(window.values())))
+            for j in range(len(res.get("step", []))):
+                nr = int(res["nr"][j])
+                key = (table.get(nr, f"syscall_{nr}"), _txt(res["file"][j]) or None)
+                out[int(res["step"][j])][idx[(run, host, int(res["pid"][j]))]][key] = (
+                    int(res["ns"][j]), int(res["calls"][j]))
+        return out
+    return source
 
 
 def job_ranks_data(url: str, min_late_ms: float, timeout_s: float = 600.0) -> dict[str, Any]:
@@ -179,122 +318,23 @@ def job_ranks_data(url: str, min_late_ms: float, timeout_s: float = 600.0) -> di
     client = ClickHouseClient(t, timeout_s)
     members = _members(client, job, t.key)
     q = JobQuery(client, [(m["run"], m["host"], m["pid"]) for m in members])
-
     st = client.native(q.steps_sql() + " ORDER BY run, host, pid, s")
-    st = {k: [_txt(x) for x in v] if isinstance(v, list) else v for k, v in st.items()}
-    nsteps: dict[tuple[str, str, int], int] = {}
-    for r, h, p in zip(st.get("run", []), st.get("host", []), st.get("pid", np.empty(0))):
-        nsteps[(r, h, int(p))] = nsteps.get((r, h, int(p)), 0) + 1
-    # a wrapper (sh -c) and its python share a rank: the one with more steps is the rank
-    chosen: dict[int, dict[str, Any]] = {}
-    for m in members:
-        n = nsteps.get((m["run"], m["host"], m["pid"]), 0)
-        old = chosen.get(m["rank"])
-        if n and (old is None or n > nsteps[(old["run"], old["host"], old["pid"])]):
-            chosen[m["rank"]] = m
-    order = [chosen[r] for r in sorted(chosen)]
-    base: dict[str, Any] = {"run": job, "job": job, "source": t.key, "min_late_ms": min_late_ms}
-    runs = client.rows(
-        "SELECT run, host, status FROM runs FINAL WHERE (run, host) IN "
-        f"(SELECT run, host FROM processes FINAL WHERE job_id = {quote(job)}) ORDER BY host, run")
-    statuses = sorted({r["status"] for r in runs})
-    base["status"] = statuses[0] if len(statuses) == 1 else "/".join(statuses)
-    base["runs"] = runs
+    order = _choose(members, st)
+    base = _base(client, job, t.key, min_late_ms)
     if not order:
-        return {**steps_report([], {**base, "ranks": []}, min_late_ms, None, [], [],
-                               lambda s: {}), "clock_offsets": []}
+        return steps_report([], {**base, "ranks": [], "clock_offsets": []}, min_late_ms,
+                            None, [], [], lambda s: {})
     q.members = [(m["run"], m["host"], m["pid"]) for m in order]
-    idx = {k: i for i, k in enumerate(q.members)}
     durs = np.asarray(st["e"], dtype=np.int64) - np.asarray(st["s"], dtype=np.int64)
-    q.bucket_ns = max(_MIN_BUCKET_NS, int(np.median(durs)) if len(durs) else 0)
-
-    coll = client.native(q.coll_in_steps(
-        "run, host, pid, step, sum(ce - cs) AS coll_ns, count() AS ncoll, groupArray(op) AS ops, "
-        "cityHash64(arrayMap(x -> tupleElement(x, 2), arraySort(groupArray((cs, "
-        "cityHash64(op, numel, dtype, grp)))))) AS sig") + " GROUP BY run, host, pid, step")
-    coll = {k: [_txt(x) for x in v] if isinstance(v, list) and k != "ops" else v
-            for k, v in coll.items()}
-    coll["ops"] = [[_txt(o) for o in ops] for ops in coll.get("ops", [])]
-    cg = _grid(coll, ["coll_ns", "ncoll", "ops", "sig"])
-    eg: dict[tuple, tuple] = {}
+    q.bucket_ns = max(_MIN_BUCKET_NS, int(np.median(durs)))
     tables = _syscall_tables(client, q.members)
-    for qh in q.hosts():
-        run, host = qh.members[0][:2]
-        waits = ", ".join(str(nr) for nr, name in tables[(run, host)].items()
-                          if name in WAIT_SYSCALLS) or "-1"
-        ev = client.native(qh.events_in_steps(
-            f"pid, step, sum(dur) AS sys_ns, sumIf(dur, nr IN ({waits})) AS wait_ns",
-            "dur, nr", "pid, step"))
-        for p, k, a_, b_ in zip(*(ev.get(c, []) for c in ("pid", "step", "sys_ns", "wait_ns"))):
-            eg[(run, host, int(p), int(k))] = (a_, b_)
-
-    ranks: list[RankSteps] = []
-    starts: list[np.ndarray] = []
-    ops: list[dict[int, dict[str, int]]] = []
-    sigs: list[dict[int, int]] = []
-    rows_of: dict[int, list[int]] = {}
-    for i, (r, h, p) in enumerate(zip(st["run"], st["host"], st["pid"].tolist())):
-        if (r, h, p) in idx:
-            rows_of.setdefault(idx[(r, h, p)], []).append(i)
-    for i, m in enumerate(order):
-        rows = rows_of[i]
-        key = q.members[i]
-        steps = np.asarray(st["step"], dtype=np.int64)[rows]
-        s = np.asarray(st["s"], dtype=np.int64)[rows]
-        e = np.asarray(st["e"], dtype=np.int64)[rows]
-        c = [cg.get((*key, int(k)), (0, 0, [], None)) for k in steps.tolist()]
-        v = [eg.get((*key, int(k)), (0, 0)) for k in steps.tolist()]
-        n = len(rows)
-        starts.append(s)
-        dist = DistInfo(rank=m["rank"], local_rank=m["local_rank"], world_size=m["world_size"],
-                        group_rank=m["group_rank"], local_world_size=m["local_world_size"],
-                        job_id=m["job_id"], host=m["rank_host"] or m["host"],
-                        source=m["rank_source"] or "env")
-        ranks.append(RankSteps(
-            rank=m["rank"], pid=m["pid"], dist=dist, steps=steps, step_ns=e - s,
-            coll_ns=np.array([x[0] for x in c], dtype=np.int64),
-            wait_sys_ns=np.array([x[1] for x in v], dtype=np.int64),
-            gpu_sync_ns=np.zeros(n, dtype=np.int64),
-            syscall_ns=np.array([x[0] for x in v], dtype=np.int64),
-            ncoll=np.array([x[1] for x in c], dtype=np.int64),
-            prof_step=np.empty(0, dtype=np.int64), prof_code=np.empty(0, dtype=np.int64),
-            prof_ns=np.empty(0, dtype=np.int64), prof_calls=np.empty(0, dtype=np.int64),
-            keys=[], collectives=[], comms=[]))
-        ops.append({int(k): _count(x[2]) for k, x in zip(steps.tolist(), c) if x[2]})
-        sigs.append({int(k): int(x[3]) for k, x in zip(steps.tolist(), c) if x[3] is not None})
-
-    def profiles(late: list[int]) -> dict[int, list[Profile]]:
-        out: dict[int, list[Profile]] = {k: [{} for _ in order] for k in late}
-        want = set(late)
-        for qh in q.hosts():
-            run, host = qh.members[0][:2]
-            table = tables[(run, host)]
-            span: dict[int, tuple[int, int]] = {}  # step -> its window over the host's ranks
-            for m in qh.members:
-                rs = ranks[idx[m]]
-                for k, a_, b_ in zip(rs.steps.tolist(), starts[idx[m]].tolist(),
-                                     (starts[idx[m]] + rs.step_ns).tolist()):
-                    if k in want:
-                        lo, hi = span.get(k, (a_, b_))
-                        span[k] = (min(lo, a_), max(hi, b_))
-            res = client.native(qh.events_in_steps(
-                "pid, step, nr, file, sum(dur) AS ns, count() AS calls",
-                "dur, nr, file", "pid, step, nr, file",
-                f"AND step IN ({', '.join(str(x) for x in late)})", sorted(span.values())))
-            for j in range(len(res.get("step", []))):
-                ri = idx[(run, host, int(res["pid"][j]))]
-                f = _txt(res["file"][j])
-                nr = int(res["nr"][j])
-                out[int(res["step"][j])][ri][(table.get(nr, f"syscall_{nr}"), f or None)] = (
-                    int(res["ns"][j]), int(res["calls"][j]))
-        return out
-
+    rk = _rank_steps(q, order, st, _collective_steps(q), _call_steps(q, tables))
     base["ranks"] = [{**rank_entry(rs), "run": m["run"], "run_host": m["host"]}
-                     for rs, m in zip(ranks, order)]
+                     for rs, m in zip(rk.ranks, order)]
     base["clock_offsets"] = _clock_offsets(q, order[0]["host"])
-    by_rank = _collectives(q, ranks, sigs)
-    return steps_report(ranks, base, min_late_ms, desync(by_rank), waiting(_failed(q, ranks)),
-                        ops, profiles)
+    by_rank = _collectives(q, rk.ranks, rk.sigs)
+    return steps_report(rk.ranks, base, min_late_ms, desync(by_rank),
+                        waiting(_failed(q, rk.ranks)), rk.ops, _profiles(q, rk, tables))
 
 
 def _syscall_tables(client: ClickHouseClient, members: list[tuple[str, str, int]]
