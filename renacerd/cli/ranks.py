@@ -6,6 +6,8 @@ import math
 import sys
 
 from renacerd.cli.common import Parser, add_db, fail, open_store, print_json
+from renacerd.io.clickhouse_source import is_clickhouse_url
+from renacerd.sinks import SinkError
 from renacerd.store.database import StoreError
 
 PROG = "renacer ranks"
@@ -17,7 +19,8 @@ def main(argv: list[str]) -> int:
 
     p = Parser(prog=PROG, description="Per step and rank: step time, time waiting for the "
                "others, the straggler and what it did; where the ranks' collectives differ.")
-    p.add_argument("run", help="run name")
+    p.add_argument("run", help="run name, or clickhouse://HOST:8123/DB/JOB: the ranks of "
+                   "job JOB on every host that pushed it, computed in ClickHouse")
     add_db(p)
     p.add_argument("--json", action="store_true", help="machine-readable (stable contract)")
     p.add_argument("--min-late-ms", type=float, default=DEFAULT_MIN_LATE_MS, metavar="MS",
@@ -29,9 +32,14 @@ def main(argv: list[str]) -> int:
     if not math.isfinite(a.min_late_ms) or a.min_late_ms < 0:
         return fail(PROG, f"--min-late-ms must be a finite number >= 0, not {a.min_late_ms}")
     try:
-        store = open_store(a.db)
-        data = ranks_data(store, store.run(a.run), a.min_late_ms)
-    except StoreError as e:
+        if is_clickhouse_url(a.run):
+            from renacerd.io.clickhouse_ranks import job_ranks_data
+
+            data = job_ranks_data(a.run, a.min_late_ms)
+        else:
+            store = open_store(a.db)
+            data = ranks_data(store, store.run(a.run), a.min_late_ms)
+    except (StoreError, SinkError) as e:
         return fail(PROG, str(e))
     if a.html:
         from renacerd.reports.compare_html import render_ranks_html

@@ -3,6 +3,7 @@ rank the others waited for) and what it did that the median rank did not."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -218,14 +219,17 @@ def _rank_steps(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan, spans:
         collectives=collectives, comms=comms)
 
 
-def load_ranks(store: Store, run: RunInfo) -> list[RankSteps]:
-    """Every rank process of the run that has step spans, one at a time, by rank."""
+def load_ranks(store: Store, run: RunInfo, strings: list[bytes] | None = None
+               ) -> list[RankSteps]:
+    """Every rank process of the run that has step spans, one at a time, by rank; files that
+    the fd replay names are added to `strings` (the run's string table)."""
     procs = store.processes(run.id)
     spans = store.span_records(run.id)
     gpu = {p.pid: store.columns(run.id, pid_, "gpu", GPU_LAYOUT) for pid_, p in procs}
     label([p for _, p in procs], spans, gpu)
     del gpu
-    strings = store.strings(run.id)
+    if strings is None:
+        strings = store.strings(run.id)
     by_pid: dict[int, list[Any]] = {}
     for sp in spans:
         by_pid.setdefault(sp.process_id, []).append(sp)
@@ -255,29 +259,49 @@ def _ms(ns: float) -> float:
     return round(float(ns) / 1e6, 3)
 
 
-def _profile(rs: RankSteps, k: int) -> dict[tuple[int, int], tuple[int, int]]:
-    """(nr, file) -> (ns, calls) of one rank's step index k."""
+Profile = dict[tuple[str, str | None], tuple[int, int]]  # (syscall, file) -> (ns, calls)
+# step values -> for each rank (in the report's order), its profile of that step
+ProfileSource = Callable[[list[int]], dict[int, list[Profile]]]
+
+
+def _profile(rs: RankSteps, k: int, table: dict[int, str], strings: list[bytes]) -> Profile:
+    """(syscall, file) -> (ns, calls) of one rank's step index k."""
     a, b = np.searchsorted(rs.prof_step, [k, k + 1])
-    return {rs.keys[int(c)]: (int(ns), int(n)) for c, ns, n in
-            zip(rs.prof_code[a:b], rs.prof_ns[a:b], rs.prof_calls[a:b])}
+    out: Profile = {}
+    for c, ns, n in zip(rs.prof_code[a:b], rs.prof_ns[a:b], rs.prof_calls[a:b]):
+        nr, sid = rs.keys[int(c)]
+        path = strings[sid].decode("utf-8", "surrogateescape") if 0 <= sid < len(
+            strings) else None
+        out[(table.get(nr, f"syscall_{nr}"), path)] = (int(ns), int(n))
+    return out
 
 
-def _causes(ranks: list[RankSteps], at: list[int], s: int, late_ns: float,
-            table: dict[int, str], strings: list[bytes]) -> list[dict[str, Any]]:
+def local_profiles(ranks: list[RankSteps], table: dict[int, str], strings: list[bytes]
+                   ) -> ProfileSource:
+    """The ProfileSource of ranks loaded from the local store (their sparse profiles)."""
+    def source(steps: list[int]) -> dict[int, list[Profile]]:
+        out = {}
+        for step in steps:
+            profs = []
+            for rs in ranks:
+                k = np.flatnonzero(rs.steps == step)
+                profs.append(_profile(rs, int(k[0]), table, strings) if len(k) else {})
+            out[step] = profs
+        return out
+    return source
+
+
+def _causes(profs: list[Profile], resid: list[int], s: int, late_ns: float
+            ) -> list[dict[str, Any]]:
     """What rank s did in its step that the median of the others did not, largest first."""
-    profs = [_profile(rs, k) for rs, k in zip(ranks, at)]
-    resid = [int(rs.step_ns[k] - rs.coll_ns[k] - rs.syscall_ns[k] - rs.gpu_sync_ns[k])
-             for rs, k in zip(ranks, at)]
-    others = [i for i in range(len(ranks)) if i != s]
+    others = [i for i in range(len(profs)) if i != s]
     floor = max(1e6, CAUSE_SHARE * late_ns)
     out = []
     for key, (ns, calls) in profs[s].items():
         excess = ns - float(np.median([profs[i].get(key, (0, 0))[0] for i in others]))
         if excess >= floor:
-            nr, sid = key
-            path = strings[sid].decode("utf-8", "surrogateescape") if 0 <= sid < len(
-                strings) else None
-            out.append({"syscall": table.get(nr, f"syscall_{nr}"), "path": path,
+            syscall, path = key
+            out.append({"syscall": syscall, "path": path,
                         "ms": _ms(excess), "calls": calls, "total_ms": _ms(ns)})
     excess = resid[s] - float(np.median([resid[i] for i in others]))
     if excess >= floor:
@@ -287,20 +311,36 @@ def _causes(ranks: list[RankSteps], at: list[int], s: int, late_ns: float,
     return out[:MAX_CAUSES]
 
 
+def rank_entry(rs: RankSteps) -> dict[str, Any]:
+    """The `ranks` item of one rank."""
+    return {"rank": rs.rank, "local_rank": rs.dist.local_rank,
+            "world_size": rs.dist.world_size, "pid": rs.pid, "host": rs.dist.host,
+            "job_id": rs.dist.job_id, "group_rank": rs.dist.group_rank,
+            "source": rs.dist.source, "steps": len(rs.steps),
+            "comms": [{"comm_id": c.comm_id, "rank": c.rank, "nranks": c.nranks,
+                       "group": c.group} for c in rs.comms]}
+
+
 def ranks_data(store: Store, run: RunInfo, min_late_ms: float = DEFAULT_MIN_LATE_MS
                ) -> dict[str, Any]:
     """The `renacer ranks --json` contract (more keys than the contract are fine)."""
-    ranks = load_ranks(store, run)
     strings = store.strings(run.id)
-    table = run.syscall_table
-    entries = [{"rank": rs.rank, "local_rank": rs.dist.local_rank,
-                "world_size": rs.dist.world_size, "pid": rs.pid, "host": rs.dist.host,
-                "job_id": rs.dist.job_id, "group_rank": rs.dist.group_rank,
-                "source": rs.dist.source, "steps": len(rs.steps),
-                "comms": [{"comm_id": c.comm_id, "rank": c.rank, "nranks": c.nranks,
-                           "group": c.group} for c in rs.comms]} for rs in ranks]
+    ranks = load_ranks(store, run, strings)
     base = {"run": run.name, "status": run.status, "min_late_ms": min_late_ms,
-            "ranks": entries}
+            "ranks": [rank_entry(rs) for rs in ranks]}
+    by_rank = {rs.rank: rs.collectives for rs in ranks}
+    return steps_report(ranks, base, min_late_ms, desync(by_rank), waiting(by_rank),
+                        [_ops_by_step(rs.collectives) for rs in ranks],
+                        local_profiles(ranks, run.syscall_table, strings))
+
+
+def steps_report(ranks: list[RankSteps], base: dict[str, Any], min_late_ms: float,
+                 ds: dict[str, Any] | None, waits: list[dict[str, Any]],
+                 ops: list[dict[int, dict[str, int]]], profiles: ProfileSource
+                 ) -> dict[str, Any]:
+    """Stragglers, causes and slow steps from per-step per-rank aggregates (RankSteps, from
+    the local store or ClickHouse's SQL); `ds`, `waits` and `ops` (per rank: step -> {op:
+    calls}) come with them, `profiles` gives the per-step syscall profiles asked for."""
     if not ranks:
         return {**base, "steps": [], "stragglers": [], "slow_steps": [], "desync": None,
                 "waiting": []}
@@ -339,13 +379,12 @@ def ranks_data(store: Store, run: RunInfo, min_late_ms: float = DEFAULT_MIN_LATE
     med_work = np.nanmedian(work_g, axis=1, keepdims=True)
     slow = (at >= 0).all(axis=0) & (np.nan_to_num(work_g - med_work, nan=-1) >=
                                      min_late_ms * 1e6).all(axis=0) & ~is_late
-    by_rank = {rs.rank: rs.collectives for rs in ranks}
-    ds = desync(by_rank)
     # From a desync on, the ranks pair the wrong calls: who waited for whom means nothing.
     after = all_steps >= ds["step"] if ds is not None else np.zeros(S, dtype=bool)
     is_late &= ~after
     slow &= ~after
-    ops = [_ops_by_step(rs.collectives) for rs in ranks]
+    late_steps = [int(all_steps[j]) for j in np.flatnonzero(is_late).tolist()]
+    profs = profiles(late_steps) if late_steps else {}
     steps_out = []
     for j, step in enumerate(all_steps.tolist()):
         per = {}
@@ -362,9 +401,10 @@ def ranks_data(store: Store, run: RunInfo, min_late_ms: float = DEFAULT_MIN_LATE
         straggler = None
         if is_late[j]:
             s = int(strag[j])
+            resid = [int(rs.step_ns[k] - rs.coll_ns[k] - rs.syscall_ns[k] - rs.gpu_sync_ns[k])
+                     for rs, k in zip(ranks, at[:, j].tolist())]
             straggler = {"rank": ranks[s].rank, "late_ms": _ms(late[j]),
-                         "causes": _causes(ranks, at[:, j].tolist(), s, float(late[j]),
-                                           table, strings)}
+                         "causes": _causes(profs[step], resid, s, float(late[j]))}
         steps_out.append({"step": step, "ranks": per, "straggler": straggler,
                           "everyone_slow": bool(slow[j]), "after_desync": bool(after[j])})
     counts = np.bincount(strag[is_late], minlength=R)
@@ -374,7 +414,7 @@ def ranks_data(store: Store, run: RunInfo, min_late_ms: float = DEFAULT_MIN_LATE
                    "repeat": bool(counts[r] >= 2 and counts[r] / n_full >= REPEAT_SHARE)}
                   for r in np.argsort(-counts, kind="stable").tolist() if counts[r]]
     return {**base, "steps": steps_out, "stragglers": stragglers,
-            "slow_steps": all_steps[slow].tolist(), "desync": ds, "waiting": waiting(by_rank)}
+            "slow_steps": all_steps[slow].tolist(), "desync": ds, "waiting": waits}
 
 
 def render_ranks(d: dict[str, Any], out) -> None:
@@ -390,6 +430,7 @@ def render_ranks(d: dict[str, Any], out) -> None:
         w(f"  rank {r['rank']}/{r['world_size']} local {r['local_rank']}  pid {r['pid']}  "
           f"host {escape(r['host'] or '?')}  job {escape(r['job_id'] or '?')}  "
           f"({r['source']}, {r['steps']} steps)\n")
+    _render_offsets(d.get("clock_offsets"), w)
     names = [str(r["rank"]) for r in d["ranks"]]
     w(f"\n{'step':>8} " + " ".join(f"{'r' + n + ' ms (wait)':>18}" for n in names)
       + "  straggler\n")
@@ -424,6 +465,13 @@ def render_ranks(d: dict[str, Any], out) -> None:
         first = (wt["status_message"] or "").split("\n", 1)[0][:160]
         w(f"!! rank {wt['rank']} {how} {wt['op']} #{wt['seq']} (step {wt['step']}): "
           f"{escape(first)}\n")
+
+
+def _render_offsets(offsets: list[dict[str, Any]] | None, w: Callable[[str], Any]) -> None:
+    """Per host, its clock's offset from the reference host's (a job read from ClickHouse)."""
+    for o in offsets or []:
+        what = "reference clock" if o["reference"] else f"clock {o['offset_ms']:+.3f} ms"
+        w(f"  host {escape(o['host'])}: {what} (from {o['collectives']} collective exits)\n")
 
 
 def _call(c: dict[str, Any] | None) -> str:

@@ -34,7 +34,9 @@ from renacerd.sinks import (
     ready_spans,
     ready_summaries,
 )
-from renacerd.store.database import RunInfo, Store
+from renacerd.store.database import DIST_COLUMNS, RunInfo, Store
+from renacerd.trace.fdtrack import FdState, process_files
+from renacerd.trace.unified_trace import UnifiedTrace
 
 DEFAULT_PORT = 8123
 BATCH_ROWS = 262_144  # well under max_insert_block_size (1,048,576): one block, one part
@@ -298,13 +300,16 @@ SCHEMA = (
     nspid Nullable(UInt32), comm String, exe String, argv Array(String),
     start_mono_ns Int64, end_mono_ns Nullable(Int64),
     exit_code Nullable(Int32), exit_signal Nullable(Int32), attached UInt8,
-    initial_fds Nested(fd Int32, path String), pushed_ns UInt64
+    initial_fds Nested(fd Int32, path String), pushed_ns UInt64,
+    rank Nullable(UInt32), local_rank Nullable(UInt32), world_size Nullable(UInt32),
+    group_rank Nullable(UInt32), local_world_size Nullable(UInt32),
+    job_id Nullable(String), rank_host Nullable(String), rank_source Nullable(String)
 ) ENGINE = ReplacingMergeTree(pushed_ns) PARTITION BY toYYYYMM(day)
   ORDER BY (run, host, pid, proc)""",
     """CREATE TABLE IF NOT EXISTS events (
     day Date, run String, host String, pid UInt32, proc UInt32, chunk UInt64, dup UInt32,
     ts Int64, dur UInt64, ret Int64, a0 UInt64, tid UInt32, nr UInt16, syscall String,
-    flags UInt16, s0 Int32, s1 Int32, aux UInt32, mode UInt32
+    flags UInt16, s0 Int32, s1 Int32, aux UInt32, mode UInt32, file String
 ) ENGINE = MergeTree PARTITION BY toYYYYMM(day) ORDER BY (run, host, pid, ts)""",
 
     """CREATE TABLE IF NOT EXISTS strings (
@@ -329,19 +334,32 @@ SCHEMA = (
 )
 
 
+# Columns added to tables after their first release, for databases made before them: 18.16
+# has no ADD COLUMN IF NOT EXISTS, so system.columns says which are missing. Rows written
+# before read the defaults (0, '', NULL: no rank).
+ADDED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
+    "events": (("aux", "UInt32"), ("mode", "UInt32"), ("file", "String")),
+    "processes": (("rank", "Nullable(UInt32)"), ("local_rank", "Nullable(UInt32)"),
+                  ("world_size", "Nullable(UInt32)"), ("group_rank", "Nullable(UInt32)"),
+                  ("local_world_size", "Nullable(UInt32)"), ("job_id", "Nullable(String)"),
+                  ("rank_host", "Nullable(String)"), ("rank_source", "Nullable(String)")),
+}
+
+
 def ensure_schema(client: ClickHouseClient) -> None:
-    """Create the database and tables if missing."""
+    """Create the database and tables if missing; add the columns an older schema lacks."""
     client.query(f"CREATE DATABASE IF NOT EXISTS `{client.target.database}`", database=False)
     for ddl in SCHEMA:
         client.query(ddl)
-    # events tables made before the open flags were captured (no ADD COLUMN IF NOT EXISTS
-    # in older servers)
-    have = {r["name"] for r in client.rows(
-        "SELECT name FROM system.columns WHERE database = currentDatabase() "
-        "AND table = 'events'")}
-    for name in ("aux", "mode"):
-        if name not in have:
-            client.query(f"ALTER TABLE events ADD COLUMN {name} UInt32")
+    have: dict[str, set[str]] = {}
+    for r in client.rows(
+            "SELECT table, name FROM system.columns WHERE database = currentDatabase() "
+            "AND table IN ('events', 'processes')"):
+        have.setdefault(r["table"], set()).add(r["name"])
+    for table, cols in ADDED_COLUMNS.items():
+        for name, ctype in cols:
+            if name not in have.get(table, set()):
+                client.query(f"ALTER TABLE {table} ADD COLUMN {name} {ctype}")
 
 
 # -- the sink -----------------------------------------------------------------------------
@@ -425,6 +443,8 @@ class ClickHouseSink(StoreTailer):
         self._sent_rows: dict[tuple[str, int, int], tuple] = {}
         self._span_seen: dict[tuple[int, int], float] = {}
         self._luts: dict[int, np.ndarray] = {}
+        # (run id, proc id) -> its fd table after the last chunk sent, files as bytes
+        self._fds: dict[tuple[int, int], tuple[dict[int, bytes | None], set[int]] | None] = {}
 
     @property
     def stats(self) -> SinkStats:
@@ -476,7 +496,7 @@ class ClickHouseSink(StoreTailer):
             pos.string_id = rows[-1][0]
             progress.set(info.id, pos)
             idle = False
-        idle &= self._push_events(store, progress, info, host, day, pids, pos)
+        idle &= self._push_events(store, progress, info, host, day, pids, pos, dict(procs))
         idle &= self._push_spans(store, progress, info, host, day, procs, pos)
         # A last look: rows committed between the reads above and the status read.
         if (idle and info.status != "running"
@@ -496,7 +516,8 @@ class ClickHouseSink(StoreTailer):
 
     @staticmethod
     def _proc_tuple(p: Any) -> tuple:
-        return (p.name, p.exe, tuple(p.argv), p.end_mono_ns, p.exit_code, p.exit_signal)
+        return (p.name, p.exe, tuple(p.argv), p.end_mono_ns, p.exit_code, p.exit_signal,
+                p.dist)
 
     def _send_run(self, info: RunInfo, day: int) -> None:
         table = sorted(info.syscall_table.items())
@@ -549,6 +570,11 @@ class ClickHouseSink(StoreTailer):
             ("initial_fds.path", "Array(String)", [[v for _, v in f] for f in fds]),
             ("pushed_ns", "UInt64", [time.time_ns()] * n),
         ]
+        dist = [p.dist for p in ps]  # the rank the store keeps (the exec-time environment)
+        for name in DIST_COLUMNS:
+            ctype = dict(ADDED_COLUMNS["processes"])[name]
+            attr = {"rank_host": "host", "rank_source": "source"}.get(name, name)
+            cols.append((name, ctype, [None if d is None else getattr(d, attr) for d in dist]))
         self.client.insert("processes", cols, n)
         self._stats.processes += n
 
@@ -573,7 +599,8 @@ class ClickHouseSink(StoreTailer):
             f"{quote(host)} AND chunk >= {lo} AND chunk <= {hi}"))
 
     def _push_events(self, store: Store, progress: Progress, info: RunInfo,
-                     host: str, day: int, pids: dict[int, int], pos: Position) -> bool:
+                     host: str, day: int, pids: dict[int, int], pos: Position,
+                     procs: dict[int, Any]) -> bool:
         if pos.pending is not None:
             lo, hi = pos.pending
             want = store.chunk_events(info.id, lo, hi)
@@ -603,7 +630,8 @@ class ClickHouseSink(StoreTailer):
             lo, hi = batch[0][0], batch[-1][0]
             pos.pending = (lo, hi)
             progress.set(info.id, pos)
-            self._send_events(info, host, day, pids, lut, batch, rows)
+            files = self._files(store, info, procs, batch)
+            self._send_events(info, host, day, pids, lut, batch, rows, files)
             pos.chunk_id, pos.pending = hi, None
             progress.set(info.id, pos)
             self._stats.events += rows
@@ -624,7 +652,7 @@ class ClickHouseSink(StoreTailer):
         return lut
 
     def _send_events(self, info: RunInfo, host: str, day: int, pids: dict[int, int],
-                     lut: np.ndarray, batch: list, n: int) -> None:
+                     lut: np.ndarray, batch: list, n: int, files: bytes) -> None:
         def cat(name: str) -> np.ndarray:
             return np.concatenate([c[name] for _, _, c in batch])
 
@@ -645,9 +673,63 @@ class ClickHouseSink(StoreTailer):
             ("syscall", "String", b"".join(lut[nr].tolist())),
             ("flags", "UInt16", cat("flags")), ("s0", "Int32", cat("s0")),
             ("s1", "Int32", cat("s1")), ("aux", "UInt32", cat("aux")),
-            ("mode", "UInt32", cat("mode")),
+            ("mode", "UInt32", cat("mode")), ("file", "String", files),
         ]
         self.client.insert("events", cols, n)
+
+    def _files(self, store: Store, info: RunInfo, procs: dict[int, Any], batch: list) -> bytes:
+        """The `file` column of a batch: per event, the file its fd argument named (fdtrack's
+        replay, carried from chunk to chunk of each process), else its path argument as
+        stored, else ''; what `renacer ranks` groups a step's calls by."""
+        strings = store.strings(info.id)
+        ids = {s: i for i, s in enumerate(strings)}
+        sids = []
+        for cid, proc_id, cols in batch:
+            key = (info.id, proc_id)
+            proc = procs.get(proc_id)
+            if key not in self._fds:  # the first chunk sent of this process: replay the rest
+                self._fds[key] = None
+                for blob in store.proc_chunks_before(info.id, proc_id, cid):
+                    self._replay(key, proc, decode(blob), strings, ids, info.syscall_table)
+            fd = self._replay(key, proc, cols, strings, ids, info.syscall_table)
+            sids.append(np.where(fd >= 0, fd, cols["s0"]))
+        names = [_varint(len(b)) + b for b in strings]
+        empty = _varint(0)
+        return b"".join(names[i] if 0 <= i < len(names) else empty
+                        for i in np.concatenate(sids).tolist())
+
+    def _replay(self, key: tuple[int, int], proc: Any, cols: dict[str, np.ndarray],
+                strings: list[bytes], ids: dict[bytes, int], table: dict[int, str]
+                ) -> np.ndarray:
+        """One chunk's fd files as string ids (new names appended to `strings`), replayed
+        from the process's fd table after its previous chunk; the table after it is kept."""
+        def sid(b: bytes | None) -> int:
+            if b is None:
+                return -1
+            if b not in ids:
+                ids[b] = len(strings)
+                strings.append(b)
+            return ids[b]
+
+        state = self._fds.get(key)
+        t = UnifiedTrace(proc.pid if proc is not None else 0, proc.name if proc else "")
+        if proc is not None:
+            t.process = proc
+        t.columns = cols
+        t.strings = strings
+        if table:
+            t.table = table
+        initial = None  # the process's first chunk: its table read from /proc
+        if state is not None or proc is None:
+            fds, cloexec = state or ({}, set())
+            initial = FdState({fd: sid(b) for fd, b in fds.items()}, set(cloexec))
+        before = len(strings)
+        pf = process_files(t, initial)
+        for i in range(before, len(strings)):
+            ids.setdefault(strings[i], i)
+        self._fds[key] = ({fd: (strings[i] if i >= 0 else None)
+                           for fd, i in pf.final.table.items()}, set(pf.final.cloexec))
+        return pf.fd
 
     # -- spans ----------------------------------------------------------------------------
     def _push_spans(self, store: Store, progress: Progress, info: RunInfo, host: str,

@@ -83,6 +83,14 @@ class StoreReaders:
             "SELECT id, proc_id, n, data FROM chunks WHERE run_id=? AND layer='sys' "
             "AND id>? ORDER BY id LIMIT ?", (run_id, after_id, limit))
 
+    def proc_chunks_before(self, run_id: int, proc_id: int, before_id: int
+                           ) -> Iterator[bytes]:
+        """The encoded syscall chunks of one process with ids below `before_id`, in order."""
+        for (blob,) in self.db.execute(
+                "SELECT data FROM chunks WHERE run_id=? AND proc_id=? AND layer='sys' AND id<? "
+                "ORDER BY id", (run_id, proc_id, before_id)):
+            yield blob
+
     def events_until(self, run_id: int) -> int:
         """The latest event timestamp the run's stored syscall chunks reach, 0 for none."""
         return self.db.execute("SELECT max(last_ts) FROM chunks WHERE run_id=? AND layer='sys'",

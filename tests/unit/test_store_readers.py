@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from renacerd.columns import SYSCALL_COLUMNS
+from renacerd.columns import SYSCALL_COLUMNS, decode
 from renacerd.sinks import ready_summaries
 from renacerd.store.database import Store
 from renacerd.store.readers import Position, Progress
@@ -53,6 +53,10 @@ def test_reads_after_a_position(tmp_path):
     assert st.chunk_events(run, 2, 3) == 6
     assert [(cid, n) for cid, _, n, _ in st.chunks_after(run, 1)] == [(2, 2), (3, 4)]
     assert st.events_until(run) == 50
+    assert [decode(b)["ts"].tolist() for b in st.proc_chunks_before(run, 1, 3)] == [
+        [5, 12, 21], [23, 40]]
+    assert [decode(b)["ts"].tolist() for b in st.proc_chunks_before(run, 1, 2)] == [[5, 12, 21]]
+    assert list(st.proc_chunks_before(run, 2, 3)) == []
     window = [(p, c["ts"].tolist()) for p, c in st.window_columns(run, [1, 2], 20, 30)]
     assert window == [(1, [21]), (1, [23]), (2, [21, 23, 24])]
     spans = st.spans_after(run, 1)
