@@ -31,6 +31,7 @@ def main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     if not math.isfinite(a.min_late_ms) or a.min_late_ms < 0:
         return fail(PROG, f"--min-late-ms must be a finite number >= 0, not {a.min_late_ms}")
+    pruned = None  # what retention dropped of a stored run (a ClickHouse job: nothing)
     try:
         if is_clickhouse_url(a.run):
             from renacerd.io.clickhouse_ranks import job_ranks_data
@@ -38,7 +39,9 @@ def main(argv: list[str]) -> int:
             data = job_ranks_data(a.run, a.min_late_ms)
         else:
             store = open_store(a.db)
-            data = ranks_data(store, store.run(a.run), a.min_late_ms)
+            info = store.run(a.run)
+            pruned = info.pruned
+            data = ranks_data(store, info, a.min_late_ms)
     except (StoreError, SinkError) as e:
         return fail(PROG, str(e))
     if a.html:
@@ -54,7 +57,7 @@ def main(argv: list[str]) -> int:
     else:
         from renacerd.reports.show import pruned_line
 
-        line = pruned_line(store.run(a.run).pruned)
+        line = pruned_line(pruned)
         if line:
             sys.stdout.write(line)
         render_ranks(data, sys.stdout)
