@@ -19,8 +19,9 @@ from pathlib import Path
 import orjson
 import pytest
 
+from renacerd.client import connection, protocol
 from renacerd.client import core as client
-from renacerd.client import protocol
+from renacerd.client import ring as client_ring
 from renacerd.client.core import experiment_span
 from renacerd.client.protocol import (
     RING_HEADER,
@@ -96,7 +97,7 @@ def test_full_ring_backlog_then_drops_and_the_count_comes_through_the_ring(liste
             pass
         n += 1
     stats = client.stats()
-    assert stats["queued"] >= client.BACKLOG and stats["connected"] and stats["ring"]
+    assert stats["queued"] >= connection.BACKLOG and stats["connected"] and stats["ring"]
     t0 = time.perf_counter()
     for _ in range(100):
         with experiment_span("more"):
@@ -336,7 +337,7 @@ def test_flusher_moves_the_backlog_into_the_ring_as_it_drains(listener, small_ri
     client.configure(socket=path)
     base = client.stats()
     n = burst_into_backlog(100_000)
-    assert 0 < client.stats()["queued"] < client.BACKLOG
+    assert 0 < client.stats()["queued"] < connection.BACKLOG
     peer = RawPeer(sock)
     try:
         frames = peer.read_until(lambda got: client.stats()["queued"] == 0 and len(got) == (
@@ -381,7 +382,7 @@ def test_reader_refuses_before_mapping():
 def test_crc_records_end_to_end(span_daemon, small_ring, monkeypatch):
     # What a weakly ordered CPU (arm64) runs: the client adds a CRC to every record and the
     # daemon checks it; forced here on x86, across wraps of a small ring.
-    monkeypatch.setattr(client, "_CRC", True)
+    monkeypatch.setattr(client_ring, "CRC", True)
     server, book = span_daemon
     client.configure(socket=server.address)
     try:
