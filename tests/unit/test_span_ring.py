@@ -492,3 +492,42 @@ def test_an_oversized_frame_is_dropped_and_counted_not_sent(span_daemon):
         assert server.stats["protocol_errors"] == 0 and server.stats["open"] == 1
     finally:
         client.configure(socket="/nonexistent/gone.sock")
+
+
+@pytest.mark.parametrize("crc", [False, True])
+def test_the_inlined_span_write_puts_the_bytes_ringwriter_puts(listener, small_ring, crc,
+                                                               monkeypatch):
+    # Span.__enter__ and __exit__ inline RingWriter.write's common case for speed: the ring
+    # they leave must be the one RingWriter.write leaves for the same frames.
+    monkeypatch.setattr(client_ring, "CRC", crc)
+    calls = []
+    write = client_ring.RingWriter.write
+    monkeypatch.setattr(client_ring.RingWriter, "write",
+                        lambda self, payload: calls.append(len(payload)) or write(self, payload))
+    path, sock = listener
+    client.configure(socket=path)
+    for i in range(60):
+        with experiment_span("s" * (1 + i % 37), step=i, metrics={"m": i / 3}):
+            pass
+    with pytest.raises(KeyError), experiment_span("fails"):
+        raise KeyError("k")
+    ring = client._client.ring
+    assert ring is not None and ring.crc is crc
+    data = bytes(ring.mm[RING_HEADER:RING_HEADER + small_ring])
+    head, seq = ring.head, ring.seq
+    peer = RawPeer(sock)
+    try:
+        frames = peer.read()
+    finally:
+        peer.close()
+    assert isinstance(protocol.decode(frames[0]), Hello) and len(frames) == 1 + 122
+    # Only the first frame took RingWriter.write (the limit is 0 until it looks at the tail).
+    assert len(calls) == 1 and seq == 122
+    ref, fd = client_ring.RingWriter.create(small_ring)
+    os.close(fd)
+    try:
+        assert all(ref.write(f) for f in frames[1:])
+        assert (ref.head, ref.seq, ref.words[W_HEAD]) == (head, seq, head)
+        assert bytes(ref.mm[RING_HEADER:RING_HEADER + small_ring]) == data
+    finally:
+        ref.close()
