@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from renacerd.client import connection
 from renacerd.client import core as client
 from renacerd.client.core import experiment_span
 from renacerd.client.protocol import (
@@ -342,7 +343,7 @@ def test_full_socket_backlog_then_drops_and_reports_count(listener):
         with experiment_span("flood", metrics={"x": 1.0}):
             pass
         n += 1
-    assert client.stats()["queued"] >= client.BACKLOG
+    assert client.stats()["queued"] >= connection.BACKLOG
     t0 = time.perf_counter()
     for _ in range(100):
         with experiment_span("more"):
@@ -668,7 +669,7 @@ def test_backlog_tail_is_sent_without_further_spans(listener):
     client.configure(socket=path, ring=False)
     base = client.stats()
     n = burst_into_backlog(200_000)
-    assert 0 < client.stats()["queued"] < client.BACKLOG
+    assert 0 < client.stats()["queued"] < connection.BACKLOG
     assert client.stats()["dropped"] == base["dropped"]
     conn, _ = sock.accept()
     conn.setblocking(False)

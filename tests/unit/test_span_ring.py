@@ -19,8 +19,9 @@ from pathlib import Path
 import orjson
 import pytest
 
+from renacerd.client import connection, protocol
 from renacerd.client import core as client
-from renacerd.client import protocol
+from renacerd.client import ring as client_ring
 from renacerd.client.core import experiment_span
 from renacerd.client.protocol import (
     RING_HEADER,
@@ -96,7 +97,7 @@ def test_full_ring_backlog_then_drops_and_the_count_comes_through_the_ring(liste
             pass
         n += 1
     stats = client.stats()
-    assert stats["queued"] >= client.BACKLOG and stats["connected"] and stats["ring"]
+    assert stats["queued"] >= connection.BACKLOG and stats["connected"] and stats["ring"]
     t0 = time.perf_counter()
     for _ in range(100):
         with experiment_span("more"):
@@ -336,7 +337,7 @@ def test_flusher_moves_the_backlog_into_the_ring_as_it_drains(listener, small_ri
     client.configure(socket=path)
     base = client.stats()
     n = burst_into_backlog(100_000)
-    assert 0 < client.stats()["queued"] < client.BACKLOG
+    assert 0 < client.stats()["queued"] < connection.BACKLOG
     peer = RawPeer(sock)
     try:
         frames = peer.read_until(lambda got: client.stats()["queued"] == 0 and len(got) == (
@@ -381,7 +382,7 @@ def test_reader_refuses_before_mapping():
 def test_crc_records_end_to_end(span_daemon, small_ring, monkeypatch):
     # What a weakly ordered CPU (arm64) runs: the client adds a CRC to every record and the
     # daemon checks it; forced here on x86, across wraps of a small ring.
-    monkeypatch.setattr(client, "_CRC", True)
+    monkeypatch.setattr(client_ring, "CRC", True)
     server, book = span_daemon
     client.configure(socket=server.address)
     try:
@@ -491,3 +492,42 @@ def test_an_oversized_frame_is_dropped_and_counted_not_sent(span_daemon):
         assert server.stats["protocol_errors"] == 0 and server.stats["open"] == 1
     finally:
         client.configure(socket="/nonexistent/gone.sock")
+
+
+@pytest.mark.parametrize("crc", [False, True])
+def test_the_inlined_span_write_puts_the_bytes_ringwriter_puts(listener, small_ring, crc,
+                                                               monkeypatch):
+    # Span.__enter__ and __exit__ inline RingWriter.write's common case for speed: the ring
+    # they leave must be the one RingWriter.write leaves for the same frames.
+    monkeypatch.setattr(client_ring, "CRC", crc)
+    calls = []
+    write = client_ring.RingWriter.write
+    monkeypatch.setattr(client_ring.RingWriter, "write",
+                        lambda self, payload: calls.append(len(payload)) or write(self, payload))
+    path, sock = listener
+    client.configure(socket=path)
+    for i in range(60):
+        with experiment_span("s" * (1 + i % 37), step=i, metrics={"m": i / 3}):
+            pass
+    with pytest.raises(KeyError), experiment_span("fails"):
+        raise KeyError("k")
+    ring = client._client.ring
+    assert ring is not None and ring.crc is crc
+    data = bytes(ring.mm[RING_HEADER:RING_HEADER + small_ring])
+    head, seq = ring.head, ring.seq
+    peer = RawPeer(sock)
+    try:
+        frames = peer.read()
+    finally:
+        peer.close()
+    assert isinstance(protocol.decode(frames[0]), Hello) and len(frames) == 1 + 122
+    # Only the first frame took RingWriter.write (the limit is 0 until it looks at the tail).
+    assert len(calls) == 1 and seq == 122
+    ref, fd = client_ring.RingWriter.create(small_ring)
+    os.close(fd)
+    try:
+        assert all(ref.write(f) for f in frames[1:])
+        assert (ref.head, ref.seq, ref.words[W_HEAD]) == (head, seq, head)
+        assert bytes(ref.mm[RING_HEADER:RING_HEADER + small_ring]) == data
+    finally:
+        ref.close()
