@@ -109,9 +109,8 @@ def _latest_start(starts: np.ndarray, ts: np.ndarray) -> np.ndarray:
     return np.cumsum(marks[: len(ts)]) - 1
 
 
-def _rank_steps(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan, spans: list[Any],
-                strings: list[bytes], cache: dict[str, dict]) -> RankSteps | None:
-    """Per-step totals and profile of one rank process (None: it has no step spans)."""
+def _step_spans(spans: list[Any], cache: dict[str, dict]) -> tuple[list[Any], list[Any]]:
+    """(the step spans in order of start, the collective spans) of one rank's spans."""
     best: dict[int, Any] = {}
     colls = []
     for sp in spans:
@@ -127,18 +126,41 @@ def _rank_steps(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan, spans:
         if old is None or sp.end_mono_nanos - sp.start_mono_nanos > (
                 old.end_mono_nanos - old.start_mono_nanos):
             best[step] = sp  # nested spans of one step: the outermost is the step
-    if not best:
-        return None
-    order = sorted(best.values(), key=lambda s: s.start_mono_nanos)
-    steps = np.array([_step_value(_attrs(s, cache)[STEP_KEY]) for s in order], dtype=np.int64)
-    starts = np.array([s.start_mono_nanos for s in order], dtype=np.int64)
-    ends = np.array([s.end_mono_nanos for s in order], dtype=np.int64)
-    tids = np.array([s.thread_id or 0 for s in order], dtype=np.int64)
-    n = len(order)
+    return sorted(best.values(), key=lambda s: s.start_mono_nanos), colls
 
+
+@dataclass(slots=True)
+class _Windows:
+    """A rank's step spans and collective calls, to place its events in them."""
+
+    starts: np.ndarray
+    ends: np.ndarray
+    tids: np.ndarray
+    coll_starts: np.ndarray
+    coll_reach: np.ndarray  # the latest end of a collective so far: async ones may overlap
+
+    def outside_collectives(self, ts: np.ndarray) -> np.ndarray:
+        """Which of the sorted ts fall outside every collective call."""
+        if not len(self.coll_starts):
+            return np.ones(len(ts), dtype=bool)
+        j = _latest_start(self.coll_starts, ts)
+        return ~((j >= 0) & (ts < self.coll_reach[np.maximum(j, 0)]))
+
+    def on_step_thread(self, ts: np.ndarray, tid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(step index, inside that step on its own thread) of each event."""
+        k = _latest_start(self.starts, ts)
+        kk = np.maximum(k, 0)
+        return kk, (k >= 0) & (ts < self.ends[kk]) & (tid.astype(np.int64) == self.tids[kk])
+
+
+def _collectives(colls: list[Any], gcols: dict[str, np.ndarray], cache: dict[str, dict],
+                 steps: np.ndarray, starts: np.ndarray, ends: np.ndarray
+                 ) -> tuple[list[Collective], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(the rank's collectives with their steps set, their starts, their reach, time in
+    collectives per step, collectives per step)."""
+    n = len(steps)
     colls.sort(key=lambda s: s.start_mono_nanos)
     calls = [Collective.of(s, _attrs(s, cache), None) for s in colls]
-    gcols = store.columns(run.id, proc_id, "gpu", GPU_LAYOUT)
     # NCCL calls outside c10d spans (DDP's reducer, a C++ or NCCL-only program) are
     # collectives of their own; inside one, the span already is the collective.
     calls.extend(nccl_collectives(gcols, [(c.start_ns, c.end_ns) for c in calls]))
@@ -151,30 +173,26 @@ def _rank_steps(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan, spans:
     ncoll = np.bincount(ck[cin], minlength=n).astype(np.int64)
     for c, k, ok in zip(calls, ck.tolist(), cin.tolist()):
         c.step = int(steps[k]) if ok else None
-    collectives = calls
     ce_reach = np.maximum.accumulate(ce) if len(ce) else ce  # async collectives may overlap
+    return calls, cs, ce_reach, coll_ns, ncoll
 
-    def outside_collectives(ts: np.ndarray) -> np.ndarray:
-        if not len(cs):
-            return np.ones(len(ts), dtype=bool)
-        j = _latest_start(cs, ts)
-        return ~((j >= 0) & (ts < ce_reach[np.maximum(j, 0)]))
 
-    def on_step_thread(ts: np.ndarray, tid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        k = _latest_start(starts, ts)
-        kk = np.maximum(k, 0)
-        return kk, (k >= 0) & (ts < ends[kk]) & (tid.astype(np.int64) == tids[kk])
+def _gpu_sync_ns(gcols: dict[str, np.ndarray], win: _Windows, n: int) -> np.ndarray:
+    """Time per step in GPU synchronisation calls on the step's thread, outside collectives."""
+    if not len(gcols["ts"]):
+        return np.zeros(n, dtype=np.int64)
+    fn = gcols["fn"].astype(np.int64)
+    gk, gsel = win.on_step_thread(gcols["ts"], gcols["tid"])
+    gsel &= _GPU_SYNC[np.minimum(fn, len(_GPU_SYNC) - 1)] & win.outside_collectives(gcols["ts"])
+    return np.bincount(gk[gsel], weights=gcols["dur"][gsel].astype(np.float64),
+                       minlength=n).astype(np.int64)
 
-    gpu_sync_ns = np.zeros(n, dtype=np.int64)
-    if len(gcols["ts"]):
-        fn = gcols["fn"].astype(np.int64)
-        gk, gsel = on_step_thread(gcols["ts"], gcols["tid"])
-        gsel &= _GPU_SYNC[np.minimum(fn, len(_GPU_SYNC) - 1)] & outside_collectives(gcols["ts"])
-        gpu_sync_ns = np.bincount(gk[gsel], weights=gcols["dur"][gsel].astype(np.float64),
-                                  minlength=n).astype(np.int64)
-    comms = comm_inits(gcols)
-    del gcols
 
+def _step_syscalls(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan,
+                   strings: list[bytes], win: _Windows
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(step index, duration, syscall nr, file or string id) of each call on a step's
+    thread outside collectives."""
     t = UnifiedTrace(p.pid, p.name)
     t.process = p
     t.columns = store.columns(run.id, proc_id)
@@ -183,23 +201,26 @@ def _rank_steps(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan, spans:
         t.table = run.syscall_table
     c = t.columns
     ts, dur = c["ts"], c["dur"].astype(np.int64)
-    k, sel = on_step_thread(ts, c["tid"])
-    sel &= outside_collectives(ts)
+    k, sel = win.on_step_thread(ts, c["tid"])
+    sel &= win.outside_collectives(ts)
     idx = np.flatnonzero(sel)
-    k = k[idx]
-    dur = dur[idx]
     nr = c["nr"][idx].astype(np.int64)
     fdp = fd_path_ids(t)[idx]  # files named as everywhere else: fdtrack's replay
-    s0 = c["s0"][idx]
-    path = np.where(fdp >= 0, fdp, s0).astype(np.int64)
-    del t, c, fdp, s0
-    wait_lut = np.zeros(max(max(run.syscall_table, default=0), int(nr.max(initial=0))) + 1,
-                        dtype=bool)
-    wait_lut[[n_ for n_, name in run.syscall_table.items() if name in WAIT_SYSCALLS]] = True
-    is_wait = wait_lut[nr]
-    wait_sys_ns = np.bincount(k[is_wait], weights=dur[is_wait], minlength=n).astype(np.int64)
-    syscall_ns = np.bincount(k, weights=dur, minlength=n).astype(np.int64)
+    path = np.where(fdp >= 0, fdp, c["s0"][idx]).astype(np.int64)
+    return k[idx], dur[idx], nr, path
 
+
+def _wait_lut(table: dict[int, str], nr: np.ndarray) -> np.ndarray:
+    """Per syscall nr (every one in the table or in nr): is it a waiting call?"""
+    lut = np.zeros(max(max(table, default=0), int(nr.max(initial=0))) + 1, dtype=bool)
+    lut[[n_ for n_, name in table.items() if name in WAIT_SYSCALLS]] = True
+    return lut
+
+
+def _sparse_profile(k: np.ndarray, dur: np.ndarray, nr: np.ndarray, path: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                               list[tuple[int, int]]]:
+    """(step index, code, ns, calls) rows of the per-step profile, and the codes' keys."""
     # (nr, file) -> code through compact path ids, then (step, code) -> profile row
     upath, cpath = _factorize(path + 1)
     span = int(nr.max()) + 1 if len(nr) else 1
@@ -209,12 +230,37 @@ def _rank_steps(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan, spans:
     ustep, row = _factorize(k * ncode + code)
     ns = np.bincount(row, weights=dur).astype(np.int64)
     calls = np.bincount(row).astype(np.int64)
-    step_ns = ends - starts
+    return ustep // ncode, ustep % ncode, ns, calls, keys
+
+
+def _rank_steps(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan, spans: list[Any],
+                strings: list[bytes], cache: dict[str, dict]) -> RankSteps | None:
+    """Per-step totals and profile of one rank process (None: it has no step spans)."""
+    order, colls = _step_spans(spans, cache)
+    if not order:
+        return None
+    steps = np.array([_step_value(_attrs(s, cache)[STEP_KEY]) for s in order], dtype=np.int64)
+    starts = np.array([s.start_mono_nanos for s in order], dtype=np.int64)
+    ends = np.array([s.end_mono_nanos for s in order], dtype=np.int64)
+    tids = np.array([s.thread_id or 0 for s in order], dtype=np.int64)
+    n = len(order)
+    gcols = store.columns(run.id, proc_id, "gpu", GPU_LAYOUT)
+    collectives, cs, ce_reach, coll_ns, ncoll = _collectives(colls, gcols, cache, steps,
+                                                             starts, ends)
+    win = _Windows(starts, ends, tids, cs, ce_reach)
+    gpu_sync_ns = _gpu_sync_ns(gcols, win, n)
+    comms = comm_inits(gcols)
+    del gcols
+    k, dur, nr, path = _step_syscalls(store, run, proc_id, p, strings, win)
+    is_wait = _wait_lut(run.syscall_table, nr)[nr]
+    wait_sys_ns = np.bincount(k[is_wait], weights=dur[is_wait], minlength=n).astype(np.int64)
+    syscall_ns = np.bincount(k, weights=dur, minlength=n).astype(np.int64)
+    prof_step, prof_code, prof_ns, prof_calls, keys = _sparse_profile(k, dur, nr, path)
     return RankSteps(
-        rank=p.dist.rank, pid=p.pid, dist=p.dist, steps=steps, step_ns=step_ns,
+        rank=p.dist.rank, pid=p.pid, dist=p.dist, steps=steps, step_ns=ends - starts,
         coll_ns=coll_ns, wait_sys_ns=wait_sys_ns, gpu_sync_ns=gpu_sync_ns,
-        syscall_ns=syscall_ns, ncoll=ncoll, prof_step=ustep // ncode,
-        prof_code=ustep % ncode, prof_ns=ns, prof_calls=calls, keys=keys,
+        syscall_ns=syscall_ns, ncoll=ncoll, prof_step=prof_step,
+        prof_code=prof_code, prof_ns=prof_ns, prof_calls=prof_calls, keys=keys,
         collectives=collectives, comms=comms)
 
 
@@ -287,43 +333,44 @@ def _causes(ranks: list[RankSteps], at: list[int], s: int, late_ns: float,
     return out[:MAX_CAUSES]
 
 
-def ranks_data(store: Store, run: RunInfo, min_late_ms: float = DEFAULT_MIN_LATE_MS
-               ) -> dict[str, Any]:
-    """The `renacer ranks --json` contract (more keys than the contract are fine)."""
-    ranks = load_ranks(store, run)
-    strings = store.strings(run.id)
-    table = run.syscall_table
-    entries = [{"rank": rs.rank, "local_rank": rs.dist.local_rank,
-                "world_size": rs.dist.world_size, "pid": rs.pid, "host": rs.dist.host,
-                "job_id": rs.dist.job_id, "group_rank": rs.dist.group_rank,
-                "source": rs.dist.source, "steps": len(rs.steps),
-                "comms": [{"comm_id": c.comm_id, "rank": c.rank, "nranks": c.nranks,
-                           "group": c.group} for c in rs.comms]} for rs in ranks]
-    base = {"run": run.name, "status": run.status, "min_late_ms": min_late_ms,
-            "ranks": entries}
-    if not ranks:
-        return {**base, "steps": [], "stragglers": [], "slow_steps": [], "desync": None,
-                "waiting": []}
-    all_steps = np.unique(np.concatenate([rs.steps for rs in ranks]))
-    R, S = len(ranks), len(all_steps)
-    # at[r, j]: index of step all_steps[j] in rank r's arrays, -1 where the rank lacks it
-    at = np.full((R, S), -1, dtype=np.int64)
+def _rank_entry(rs: RankSteps) -> dict[str, Any]:
+    """Who one rank is: its place in the job, its process, its communicators."""
+    return {"rank": rs.rank, "local_rank": rs.dist.local_rank,
+            "world_size": rs.dist.world_size, "pid": rs.pid, "host": rs.dist.host,
+            "job_id": rs.dist.job_id, "group_rank": rs.dist.group_rank,
+            "source": rs.dist.source, "steps": len(rs.steps),
+            "comms": [{"comm_id": c.comm_id, "rank": c.rank, "nranks": c.nranks,
+                       "group": c.group} for c in rs.comms]}
+
+
+def _step_index(ranks: list[RankSteps], all_steps: np.ndarray) -> np.ndarray:
+    """at[r, j]: index of step all_steps[j] in rank r's arrays, -1 where the rank lacks it."""
+    at = np.full((len(ranks), len(all_steps)), -1, dtype=np.int64)
     for r, rs in enumerate(ranks):
         order = np.argsort(rs.steps, kind="stable")
         pos = np.searchsorted(rs.steps[order], all_steps)
         pos = np.minimum(pos, len(order) - 1)
         hit = rs.steps[order][pos] == all_steps
         at[r, hit] = order[pos[hit]]
+    return at
 
-    def grid(name: str) -> np.ndarray:
-        g = np.full((R, S), np.nan)
-        for r, rs in enumerate(ranks):
-            ok = at[r] >= 0
-            g[r, ok] = getattr(rs, name)[at[r, ok]]
-        return g
 
-    step_g, wait_g, coll_g, ncoll_g = grid("step_ns"), grid("wait_ns"), grid("coll_ns"), \
-        grid("ncoll")
+def _grid(ranks: list[RankSteps], at: np.ndarray, name: str) -> np.ndarray:
+    """One per-step field of every rank as a (rank, step) grid, NaN where a rank lacks it."""
+    g = np.full(at.shape, np.nan)
+    for r, rs in enumerate(ranks):
+        ok = at[r] >= 0
+        g[r, ok] = getattr(rs, name)[at[r, ok]]
+    return g
+
+
+def _late_and_slow(ranks: list[RankSteps], at: np.ndarray, min_late_ms: float
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per step: (every rank has it with collectives, the straggler's row, how late it was,
+    is it late enough to tell, was everyone slow)."""
+    R, S = at.shape
+    step_g, wait_g, coll_g, ncoll_g = (_grid(ranks, at, name) for name in
+                                       ("step_ns", "wait_ns", "coll_ns", "ncoll"))
     work_g = step_g - wait_g
     # The straggler: the rank that waited least in the step's collectives; the others'
     # median wait beyond its own is how late it was.
@@ -339,26 +386,54 @@ def ranks_data(store: Store, run: RunInfo, min_late_ms: float = DEFAULT_MIN_LATE
     med_work = np.nanmedian(work_g, axis=1, keepdims=True)
     slow = (at >= 0).all(axis=0) & (np.nan_to_num(work_g - med_work, nan=-1) >=
                                      min_late_ms * 1e6).all(axis=0) & ~is_late
+    return full, strag, late, is_late, slow
+
+
+def _step_cells(rs: RankSteps, k: int, ops: dict[str, int]) -> dict[str, Any]:
+    """One rank's figures for its step index k."""
+    return {"step_ms": _ms(rs.step_ns[k]), "wait_ms": _ms(rs.wait_ns[k]),
+            "work_ms": _ms(rs.step_ns[k] - rs.wait_ns[k]),
+            "collective_ms": _ms(rs.coll_ns[k]), "wait_syscall_ms": _ms(rs.wait_sys_ns[k]),
+            "gpu_sync_ms": _ms(rs.gpu_sync_ns[k]), "collectives": int(rs.ncoll[k]),
+            "ops": ops}
+
+
+def _stragglers(ranks: list[RankSteps], strag: np.ndarray, is_late: np.ndarray,
+                full: np.ndarray) -> list[dict[str, Any]]:
+    """The ranks that were stragglers, most often first, and whether it repeats."""
+    counts = np.bincount(strag[is_late], minlength=len(ranks))
+    n_full = max(int(full.sum()), 1)
+    return [{"rank": ranks[r].rank, "steps": int(counts[r]),
+             "share": round(float(counts[r]) / n_full, 4),
+             "repeat": bool(counts[r] >= 2 and counts[r] / n_full >= REPEAT_SHARE)}
+            for r in np.argsort(-counts, kind="stable").tolist() if counts[r]]
+
+
+def ranks_data(store: Store, run: RunInfo, min_late_ms: float = DEFAULT_MIN_LATE_MS
+               ) -> dict[str, Any]:
+    """The `renacer ranks --json` contract (more keys than the contract are fine)."""
+    ranks = load_ranks(store, run)
+    strings = store.strings(run.id)
+    table = run.syscall_table
+    base = {"run": run.name, "status": run.status, "min_late_ms": min_late_ms,
+            "ranks": [_rank_entry(rs) for rs in ranks]}
+    if not ranks:
+        return {**base, "steps": [], "stragglers": [], "slow_steps": [], "desync": None,
+                "waiting": []}
+    all_steps = np.unique(np.concatenate([rs.steps for rs in ranks]))
+    at = _step_index(ranks, all_steps)
+    full, strag, late, is_late, slow = _late_and_slow(ranks, at, min_late_ms)
     by_rank = {rs.rank: rs.collectives for rs in ranks}
     ds = desync(by_rank)
     # From a desync on, the ranks pair the wrong calls: who waited for whom means nothing.
-    after = all_steps >= ds["step"] if ds is not None else np.zeros(S, dtype=bool)
+    after = all_steps >= ds["step"] if ds is not None else np.zeros(len(all_steps), dtype=bool)
     is_late &= ~after
     slow &= ~after
     ops = [_ops_by_step(rs.collectives) for rs in ranks]
     steps_out = []
     for j, step in enumerate(all_steps.tolist()):
-        per = {}
-        for r, rs in enumerate(ranks):
-            if at[r, j] < 0:
-                continue
-            k = int(at[r, j])
-            per[str(rs.rank)] = {
-                "step_ms": _ms(rs.step_ns[k]), "wait_ms": _ms(rs.wait_ns[k]),
-                "work_ms": _ms(rs.step_ns[k] - rs.wait_ns[k]),
-                "collective_ms": _ms(rs.coll_ns[k]), "wait_syscall_ms": _ms(rs.wait_sys_ns[k]),
-                "gpu_sync_ms": _ms(rs.gpu_sync_ns[k]), "collectives": int(rs.ncoll[k]),
-                "ops": ops[r].get(step, {})}
+        per = {str(rs.rank): _step_cells(rs, int(at[r, j]), ops[r].get(step, {}))
+               for r, rs in enumerate(ranks) if at[r, j] >= 0}
         straggler = None
         if is_late[j]:
             s = int(strag[j])
@@ -367,13 +442,7 @@ def ranks_data(store: Store, run: RunInfo, min_late_ms: float = DEFAULT_MIN_LATE
                                            table, strings)}
         steps_out.append({"step": step, "ranks": per, "straggler": straggler,
                           "everyone_slow": bool(slow[j]), "after_desync": bool(after[j])})
-    counts = np.bincount(strag[is_late], minlength=R)
-    n_full = max(int(full.sum()), 1)
-    stragglers = [{"rank": ranks[r].rank, "steps": int(counts[r]),
-                   "share": round(float(counts[r]) / n_full, 4),
-                   "repeat": bool(counts[r] >= 2 and counts[r] / n_full >= REPEAT_SHARE)}
-                  for r in np.argsort(-counts, kind="stable").tolist() if counts[r]]
-    return {**base, "steps": steps_out, "stragglers": stragglers,
+    return {**base, "steps": steps_out, "stragglers": _stragglers(ranks, strag, is_late, full),
             "slow_steps": all_steps[slow].tolist(), "desync": ds, "waiting": waiting(by_rank)}
 
 
