@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from renacerd.cli.common import Parser, add_db, fail, print_json
@@ -105,6 +106,16 @@ def _render_gpu(g: dict[str, Any], w) -> None:
         w(f"  {n:>8} x {op}\n")
 
 
+def _emit(data: dict[str, Any], as_json: bool, render: Callable[[dict[str, Any], Any], None]
+          ) -> int:
+    """Print the data as JSON or through its text renderer; the exit code 0."""
+    if as_json:
+        print_json(data)
+    else:
+        render(data, sys.stdout)
+    return 0
+
+
 def main(argv: list[str]) -> int:
     """Entry point."""
     p = Parser(prog=PROG, description="Show a run: process tree, syscall tables, files.")
@@ -123,17 +134,7 @@ def main(argv: list[str]) -> int:
     if a.by == "step":
         from renacerd.reports.steps import render_steps, steps_data
 
-        sd = steps_data(run, traces)
-        if a.json:
-            print_json(sd)
-        else:
-            render_steps(sd, sys.stdout)
-        return 0
+        return _emit(steps_data(run, traces), a.json, render_steps)
     from renacerd.reports.show import show_data
 
-    data = show_data(run, traces)
-    if a.json:
-        print_json(data)
-    else:
-        render_text(data, sys.stdout)
-    return 0
+    return _emit(show_data(run, traces), a.json, render_text)
