@@ -39,8 +39,8 @@ def _notes(what: str, info: RunInfo | dict) -> list[str]:
     return notes
 
 
-def main(argv: list[str]) -> int:
-    """Entry point: 0 equivalent, 1 not equivalent, 2 usage or input error."""
+def _parser() -> Parser:
+    """The command line of `renacer compare`."""
     p = Parser(prog=PROG, description="Compare two runs for behavioural equivalence "
                "(run names in the store, or golden trace files).")
     p.add_argument("baseline", help="run name or golden trace file")
@@ -57,7 +57,35 @@ def main(argv: list[str]) -> int:
     p.add_argument("--map", action="append", default=[], metavar="OLD=NEW",
                    help="pair the baseline's path OLD (and everything under it) with the "
                    "candidate's NEW; repeatable")
-    a = p.parse_args(argv)
+    return p
+
+
+def _write(data: dict, baseline: str, candidate: str, html: str | None,
+           as_json: bool) -> int | None:
+    """Write the HTML report (if asked) and the result to stdout; an exit code on failure."""
+    if html:
+        from renacerd.reports.compare_html import render_html
+
+        try:
+            with open(html, "w", encoding="utf-8") as f:
+                f.write(render_html(data, baseline, candidate))
+        except OSError as e:
+            return fail(PROG, f"cannot write {html}: {e.strerror}")
+    if as_json:
+        from renacerd.escaping import json_safe
+
+        sys.stdout.buffer.write(orjson.dumps(json_safe(data), option=orjson.OPT_INDENT_2)
+                                + b"\n")
+    else:
+        from renacerd.reports.compare_text import render_text
+
+        render_text(data, sys.stdout, baseline, candidate)
+    return None
+
+
+def main(argv: list[str]) -> int:
+    """Entry point: 0 equivalent, 1 not equivalent, 2 usage or input error."""
+    a = _parser().parse_args(argv)
     if not 0.0 <= a.threshold <= 1.0:
         return fail(PROG, f"--threshold must be between 0 and 1, not {a.threshold}")
     if a.budget <= 0:
@@ -88,23 +116,9 @@ def main(argv: list[str]) -> int:
     for side, n in (("baseline", comp.events[0]), ("candidate", comp.events[1])):
         if n == 0:
             sys.stderr.write(f"{PROG}: note: the {side} has no syscalls to compare\n")
-    if a.html:
-        from renacerd.reports.compare_html import render_html
-
-        try:
-            with open(a.html, "w", encoding="utf-8") as f:
-                f.write(render_html(data, a.baseline, a.candidate))
-        except OSError as e:
-            return fail(PROG, f"cannot write {a.html}: {e.strerror}")
-    if a.json:
-        from renacerd.escaping import json_safe
-
-        sys.stdout.buffer.write(orjson.dumps(json_safe(data), option=orjson.OPT_INDENT_2)
-                                + b"\n")
-    else:
-        from renacerd.reports.compare_text import render_text
-
-        render_text(data, sys.stdout, a.baseline, a.candidate)
+    failed = _write(data, a.baseline, a.candidate, a.html, a.json)
+    if failed is not None:
+        return failed
     return EXIT_EQUIVALENT if data["equivalent"] else EXIT_DIFFERENT
 
 

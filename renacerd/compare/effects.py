@@ -77,13 +77,8 @@ def _nrs(trace: UnifiedTrace, names: frozenset[str]) -> np.ndarray:
     return np.array([nr for nr, n in trace.table.items() if n in names], dtype=np.uint16)
 
 
-def run_effects(traces: list[UnifiedTrace], ids: dict[int, np.ndarray] | None = None) -> Effects:
-    """Effects of a whole run (every process), with canonical names."""
-    e = Effects()
-    if not traces:
-        return e
-    files = _files(traces, ids)
-    made = created_opens(traces, files)
+def _std_names(traces: list[UnifiedTrace]) -> dict[str, str]:
+    """What the run's root processes started with as stdout and stderr -> "stdout"/"stderr"."""
     pids = {t.pid for t in traces}
     std: dict[str, str] = {}
     for t in traces:
@@ -91,48 +86,56 @@ def run_effects(traces: list[UnifiedTrace], ids: dict[int, np.ndarray] | None = 
             for fd, name in ((2, "stderr"), (1, "stdout")):
                 if fd in t.process.initial_fds:
                     std[t.process.initial_fds[fd]] = name
-    renames: list[tuple[int, str, str]] = []
-    for t in traces:
-        pf = files[t.pid]
-        for path, fs in file_stats(t, pf, made.get(t.pid, set())).items():
-            got, wrote = fs.bytes_read, fs.bytes_written
-            if fs.created:
-                e.created[canonical_path(path)] += 1
-            if path.startswith("socket:") and got:
-                e.net_recv[_endpoint(path)] += got
-            if path in std:
-                e.stdio[std[path]] += wrote
-            elif path.startswith("socket:"):
-                e.net_sent[_endpoint(path)] += wrote
-            elif wrote:
-                e.written[canonical_path(path)] += wrote
-        c = t.columns
-        if not len(t):
-            continue
-        ok = c["ret"] >= 0
-        nr = c["nr"]
+    return std
 
-        def path(col: np.ndarray, i: int, t: UnifiedTrace = t) -> str:
-            return t.string(int(col[i])) or ""
 
-        for i in np.flatnonzero(ok & np.isin(nr, _nrs(t, CREATES))):
-            e.created[canonical_path(path(pf.path1 if _two(t, i) else pf.path0, i))] += 1
-        for i in np.flatnonzero(ok & np.isin(nr, _nrs(t, REMOVES))):
-            e.removed[canonical_path(path(pf.path0, i))] += 1
-        for i in np.flatnonzero(ok & np.isin(nr, _nrs(t, RENAMES))):
-            renames.append((int(c["ts"][i]), path(pf.path0, i), path(pf.path1, i)))
-        for i in np.flatnonzero(ok & np.isin(nr, _nrs(t, EXECS))):
-            e.execs[canonical_path(path(pf.path0, i) or "?")] += 1
-        # connect may legitimately return -EINPROGRESS on a non-blocking socket
-        cok = ok | (c["ret"] == -115)
-        for i in np.flatnonzero(cok & np.isin(nr, _nrs(t, frozenset({"connect", "bind"})))):
-            if c["s0"][i] >= 0:
-                e.connects[canonical_endpoint(t.string(int(c["s0"][i])) or "")] += 1
-        for i in np.flatnonzero((c["ret"] > 0) & np.isin(nr, _nrs(t, frozenset({"sendto"})))
-                                & (c["s0"] >= 0)):
-            e.net_sent[canonical_endpoint(t.string(int(c["s0"][i])) or "")] += int(c["ret"][i])
-        if t.gpu:
-            _gpu(t, e)
+def _file_effects(e: Effects, t: UnifiedTrace, pf: ProcessFiles, made: set,
+                  std: dict[str, str]) -> None:
+    """Bytes one process wrote to files, sockets and stdio, and the files it created."""
+    for path, fs in file_stats(t, pf, made).items():
+        got, wrote = fs.bytes_read, fs.bytes_written
+        if fs.created:
+            e.created[canonical_path(path)] += 1
+        if path.startswith("socket:") and got:
+            e.net_recv[_endpoint(path)] += got
+        if path in std:
+            e.stdio[std[path]] += wrote
+        elif path.startswith("socket:"):
+            e.net_sent[_endpoint(path)] += wrote
+        elif wrote:
+            e.written[canonical_path(path)] += wrote
+
+
+def _call_effects(e: Effects, t: UnifiedTrace, pf: ProcessFiles,
+                  renames: list[tuple[int, str, str]]) -> None:
+    """Creates, removes, execs, connects and sends of one process; its renames to renames."""
+    c = t.columns
+    ok = c["ret"] >= 0
+    nr = c["nr"]
+
+    def path(col: np.ndarray, i: int) -> str:
+        return t.string(int(col[i])) or ""
+
+    for i in np.flatnonzero(ok & np.isin(nr, _nrs(t, CREATES))):
+        e.created[canonical_path(path(pf.path1 if _two(t, i) else pf.path0, i))] += 1
+    for i in np.flatnonzero(ok & np.isin(nr, _nrs(t, REMOVES))):
+        e.removed[canonical_path(path(pf.path0, i))] += 1
+    for i in np.flatnonzero(ok & np.isin(nr, _nrs(t, RENAMES))):
+        renames.append((int(c["ts"][i]), path(pf.path0, i), path(pf.path1, i)))
+    for i in np.flatnonzero(ok & np.isin(nr, _nrs(t, EXECS))):
+        e.execs[canonical_path(path(pf.path0, i) or "?")] += 1
+    # connect may legitimately return -EINPROGRESS on a non-blocking socket
+    cok = ok | (c["ret"] == -115)
+    for i in np.flatnonzero(cok & np.isin(nr, _nrs(t, frozenset({"connect", "bind"})))):
+        if c["s0"][i] >= 0:
+            e.connects[canonical_endpoint(t.string(int(c["s0"][i])) or "")] += 1
+    for i in np.flatnonzero((c["ret"] > 0) & np.isin(nr, _nrs(t, frozenset({"sendto"})))
+                            & (c["s0"] >= 0)):
+        e.net_sent[canonical_endpoint(t.string(int(c["s0"][i])) or "")] += int(c["ret"][i])
+
+
+def _apply_renames(e: Effects, renames: list[tuple[int, str, str]]) -> None:
+    """Move written and created counts to each file's final name, renames in time order."""
     for _, old, new in sorted(renames):
         # write-to-temp-then-rename: the bytes end up under the final name
         o, n = canonical_path(old), canonical_path(new)
@@ -140,6 +143,25 @@ def run_effects(traces: list[UnifiedTrace], ids: dict[int, np.ndarray] | None = 
             e.written[n] += e.written.pop(o)
         if o in e.created:
             e.created[n] += e.created.pop(o)
+
+
+def run_effects(traces: list[UnifiedTrace], ids: dict[int, np.ndarray] | None = None) -> Effects:
+    """Effects of a whole run (every process), with canonical names."""
+    e = Effects()
+    if not traces:
+        return e
+    files = _files(traces, ids)
+    made = created_opens(traces, files)
+    std = _std_names(traces)
+    renames: list[tuple[int, str, str]] = []
+    for t in traces:
+        _file_effects(e, t, files[t.pid], made.get(t.pid, set()), std)
+        if not len(t):
+            continue
+        _call_effects(e, t, files[t.pid], renames)
+        if t.gpu:
+            _gpu(t, e)
+    _apply_renames(e, renames)
     return e
 
 

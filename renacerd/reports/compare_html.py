@@ -83,13 +83,11 @@ def _table(head: list[str], rows: list[list[Any]]) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def render_html(d: dict[str, Any], baseline: str = "baseline", candidate: str = "candidate") -> str:
-    """The whole page as one string."""
+def _summary(d: dict[str, Any], baseline: str, candidate: str) -> list[str]:
+    """The title, the verdict and the table of scores."""
     verdict = "EQUIVALENT" if d["equivalent"] else "NOT EQUIVALENT"
     cls = "ok" if d["equivalent"] else "bad"
     approx = "" if d["exact"] else " (bound: not exact)"
-    steps = d["steps"]
-    labels = [f"{s['process'].split(' ')[0]}:{s['step']}" for s in steps]
     sections = [
         f"<h1>renacer compare: {_e(baseline)} vs {_e(candidate)}</h1>",
         f'<p class="{cls} verdict">{verdict}{_e(approx)} &mdash; overall {d["overall"]:.4f} '
@@ -105,42 +103,64 @@ def render_html(d: dict[str, Any], baseline: str = "baseline", candidate: str = 
     if d["hard_differences"]:
         items = "".join(f"<li>{_e(h)}</li>" for h in d["hard_differences"])
         sections.append(f'<h2>Hard differences</h2><ul class="bad">{items}</ul>')
-    sections.append("<h2>Per step</h2>")
-    sections.append(_paired_bars("syscalls per step", labels,
-                                 [s["baseline_calls"] for s in steps],
-                                 [s["candidate_calls"] for s in steps], "calls"))
-    sections.append(_paired_bars("syscall time per step", labels,
-                                 [s["baseline_ns"] / 1e6 for s in steps],
-                                 [s["candidate_ns"] / 1e6 for s in steps], "ms"))
+    return sections
+
+
+def _per_step(d: dict[str, Any]) -> list[str]:
+    """Calls and syscall time of each step, side by side."""
+    steps = d["steps"]
+    labels = [f"{s['process'].split(' ')[0]}:{s['step']}" for s in steps]
+    return ["<h2>Per step</h2>",
+            _paired_bars("syscalls per step", labels,
+                         [s["baseline_calls"] for s in steps],
+                         [s["candidate_calls"] for s in steps], "calls"),
+            _paired_bars("syscall time per step", labels,
+                         [s["baseline_ns"] / 1e6 for s in steps],
+                         [s["candidate_ns"] / 1e6 for s in steps], "ms")]
+
+
+def _syscall_deltas(d: dict[str, Any]) -> list[str]:
+    """The syscalls whose total time and call count changed most."""
     timing = d["timing"]
-    sections.append("<h2>Top syscall deltas</h2>")
-    sections.append(_delta_bars("change in total time per syscall (ms)",
-                                [(t["syscall"], t["delta_ns"] / 1e6) for t in timing], "ms"))
-    sections.append(_delta_bars(
-        "change in calls per syscall",
-        [(t["syscall"], float(t["candidate_calls"] - t["baseline_calls"])) for t in timing],
-        "calls"))
+    return ["<h2>Top syscall deltas</h2>",
+            _delta_bars("change in total time per syscall (ms)",
+                        [(t["syscall"], t["delta_ns"] / 1e6) for t in timing], "ms"),
+            _delta_bars("change in calls per syscall",
+                        [(t["syscall"], float(t["candidate_calls"] - t["baseline_calls"]))
+                         for t in timing], "calls")]
+
+
+def _effects(d: dict[str, Any]) -> list[str]:
+    """The files, programs, network and output that differ."""
     eff = [x for x in d["differences"] if x["kind"] == "effect"]
-    sections.append("<h2>Effects diff</h2>")
-    if eff:
-        sections.append(_delta_bars("effects that differ (candidate - baseline)",
-                                    [(x["item"], float(x["candidate"] - x["baseline"]))
-                                     for x in eff[:30]], "units"))
-        sections.append(_table(["effect", "baseline", "candidate"],
-                               [[x["item"], x["baseline"], x["candidate"]] for x in eff]))
-    else:
-        sections.append("<p>none: same files, programs, network and output</p>")
+    sections = ["<h2>Effects diff</h2>"]
+    if not eff:
+        return sections + ["<p>none: same files, programs, network and output</p>"]
+    return sections + [_delta_bars("effects that differ (candidate - baseline)",
+                                   [(x["item"], float(x["candidate"] - x["baseline"]))
+                                    for x in eff[:30]], "units"),
+                       _table(["effect", "baseline", "candidate"],
+                              [[x["item"], x["baseline"], x["candidate"]] for x in eff])]
+
+
+def _first_divergence(d: dict[str, Any]) -> list[str]:
+    """Where the compared syscall sequences first part, with the calls around it."""
     first = next((x for x in d["differences"] if x["kind"] == "first_divergence"), None)
-    sections.append("<h2>First divergence</h2>")
+    sections = ["<h2>First divergence</h2>"]
     if first is None:
-        sections.append("<p>none: the compared syscall sequences are identical</p>")
-    else:
-        sections.append(f"<p>process {_e(first['process'])}, thread {first['thread']}, "
-                        f"{_e(first['step'])}, call #{first['index']}</p>")
-        for side in ("baseline", "candidate"):
-            lines = "\n".join(f"{'>' if e['at'] else ' '} {e['index']:>7}  {e['event']}"
-                              for e in first[side])
-            sections.append(f"<h3>{side}</h3><pre>{_e(lines)}</pre>")
+        return sections + ["<p>none: the compared syscall sequences are identical</p>"]
+    sections.append(f"<p>process {_e(first['process'])}, thread {first['thread']}, "
+                    f"{_e(first['step'])}, call #{first['index']}</p>")
+    for side in ("baseline", "candidate"):
+        lines = "\n".join(f"{'>' if e['at'] else ' '} {e['index']:>7}  {e['event']}"
+                          for e in first[side])
+        sections.append(f"<h3>{side}</h3><pre>{_e(lines)}</pre>")
+    return sections
+
+
+def _pairings(d: dict[str, Any]) -> list[str]:
+    """The paths and the processes paired between the two runs."""
+    sections = []
     if d["path_map"]:
         sections.append("<h2>Paths paired</h2>")
         sections.append(_table(["baseline", "", "candidate", "why"],
@@ -150,6 +170,13 @@ def render_html(d: dict[str, Any], baseline: str = "baseline", candidate: str = 
     sections.append(_table(["position", "comm", "baseline pid", "candidate pid", "paired"],
                            [[p["position"], p["comm"], p["baseline_pid"], p["candidate_pid"],
                              p["paired"]] for p in d["pairs"]]))
+    return sections
+
+
+def render_html(d: dict[str, Any], baseline: str = "baseline", candidate: str = "candidate") -> str:
+    """The whole page as one string."""
+    sections = (_summary(d, baseline, candidate) + _per_step(d) + _syscall_deltas(d)
+                + _effects(d) + _first_divergence(d) + _pairings(d))
     return _page(f"renacer compare {baseline} vs {candidate}", sections)
 
 

@@ -253,47 +253,16 @@ class _Replay:
                 opens.append(int(i))
                 flags_out.append(fl)
                 self.set(ret, sid, ts, fl >= 0 and bool(fl & O_CLOEXEC))
-            elif name in DUPS:
-                cx = name == "dup3" and x is not None and bool(x & O_CLOEXEC)
-                self.set(ret, self.table.get(fd, -1), ts, cx)
-            elif name == "fcntl":
-                if x is None:
-                    continue  # without the command, a return value is not known to be an fd
-                cmd, arg = x & 0xFFFF, x >> 16
-                if cmd in (F_DUPFD, F_DUPFD_CLOEXEC):
-                    self.set(ret, self.table.get(fd, -1), ts, cmd == F_DUPFD_CLOEXEC)
-                elif cmd == F_SETFD and fd in self.table:
-                    (self.cloexec.add if arg & FD_CLOEXEC else self.cloexec.discard)(fd)
+            elif name in DUPS or name == "fcntl":
+                self._dup(name, fd, ret, ts, x)
             elif name in PAIRS:
                 self._pair(name, i, ts, x)
-            elif name == "socket":
-                self.set(ret, self.intern("socket:"), ts, x is not None and bool(x & O_CLOEXEC))
-            elif name in ("accept", "accept4"):
-                peer = t.string(int(c["s0"][i])) if c["s0"][i] >= 0 else ""
-                cx = name == "accept4" and x is not None and bool(x & O_CLOEXEC)
-                self.set(ret, self.intern(f"socket:{peer}"), ts, cx)
-            elif name in CONNECTS:
-                if c["s0"][i] >= 0:
-                    self.set(fd, self.intern(f"socket:{t.string(int(c['s0'][i]))}"), ts,
-                             fd in self.cloexec)
-            elif name in CLOSES:
-                self.drop(fd, ts)
-            elif name == "close_range":
-                # close_range(first, last, flags): only `first` is captured; Python's
-                # subprocess and most callers close everything from `first` up
-                for f in [f for f in self.table if f >= fd >= 0]:
-                    self.drop(f, ts)
-            elif name == "memfd_create":
-                label = t.string(int(c["s0"][i])) if c["s0"][i] >= 0 else ""
-                self.set(ret, self.intern(f"/memfd:{label} (deleted)"), ts,
-                         x is not None and bool(x & 1))  # MFD_CLOEXEC
-            elif name in ANON:
-                label, where, bit = ANON[name]
-                cx = (where == "always" or (where == "a0" and bool(a0 & bit))
-                      or (where == "aux" and x is not None and bool(x & bit)))
-                self.set(ret, self.intern(label), ts, cx)
-            elif name in UNNAMED:
-                self.set(ret, -1, ts)
+            elif name in ("socket", "accept", "accept4") or name in CONNECTS:
+                self._socket(name, i, fd, ret, ts, x)
+            elif name in CLOSES or name == "close_range":
+                self._close(name, fd, ts)
+            elif name == "memfd_create" or name in ANON or name in UNNAMED:
+                self._anonymous(name, i, a0, ret, ts, x)
             elif name == "chdir":
                 sid = self.paths.resolve(self.table.get(AT_FDCWD, -1), int(c["s0"][i]))
                 r0[i] = sid
@@ -304,6 +273,58 @@ class _Replay:
                 for f in sorted(self.cloexec):
                     self.drop(f, ts)
         return opens, flags_out
+
+    def _dup(self, name: str, fd: int, ret: int, ts: int, x: int | None) -> None:
+        """dup, dup2, dup3 and fcntl's F_DUPFD and F_SETFD."""
+        if name in DUPS:
+            cx = name == "dup3" and x is not None and bool(x & O_CLOEXEC)
+            self.set(ret, self.table.get(fd, -1), ts, cx)
+            return
+        if x is None:
+            return  # without the command, a return value is not known to be an fd
+        cmd, arg = x & 0xFFFF, x >> 16
+        if cmd in (F_DUPFD, F_DUPFD_CLOEXEC):
+            self.set(ret, self.table.get(fd, -1), ts, cmd == F_DUPFD_CLOEXEC)
+        elif cmd == F_SETFD and fd in self.table:
+            (self.cloexec.add if arg & FD_CLOEXEC else self.cloexec.discard)(fd)
+
+    def _socket(self, name: str, i: int, fd: int, ret: int, ts: int, x: int | None) -> None:
+        """socket, accept, accept4 and the connects: the fd names its peer when known."""
+        t, c = self.trace, self.trace.columns
+        if name == "socket":
+            self.set(ret, self.intern("socket:"), ts, x is not None and bool(x & O_CLOEXEC))
+        elif name in ("accept", "accept4"):
+            peer = t.string(int(c["s0"][i])) if c["s0"][i] >= 0 else ""
+            cx = name == "accept4" and x is not None and bool(x & O_CLOEXEC)
+            self.set(ret, self.intern(f"socket:{peer}"), ts, cx)
+        elif c["s0"][i] >= 0:
+            self.set(fd, self.intern(f"socket:{t.string(int(c['s0'][i]))}"), ts,
+                     fd in self.cloexec)
+
+    def _close(self, name: str, fd: int, ts: int) -> None:
+        """close and close_range."""
+        if name in CLOSES:
+            self.drop(fd, ts)
+            return
+        # close_range(first, last, flags): only `first` is captured; Python's
+        # subprocess and most callers close everything from `first` up
+        for f in [f for f in self.table if f >= fd >= 0]:
+            self.drop(f, ts)
+
+    def _anonymous(self, name: str, i: int, a0: int, ret: int, ts: int, x: int | None) -> None:
+        """memfd_create, the anonymous-inode fds (eventfd, timerfd, ...) and unnamed ones."""
+        if name == "memfd_create":
+            c = self.trace.columns
+            label = self.trace.string(int(c["s0"][i])) if c["s0"][i] >= 0 else ""
+            self.set(ret, self.intern(f"/memfd:{label} (deleted)"), ts,
+                     x is not None and bool(x & 1))  # MFD_CLOEXEC
+        elif name in ANON:
+            label, where, bit = ANON[name]
+            cx = (where == "always" or (where == "a0" and bool(a0 & bit))
+                  or (where == "aux" and x is not None and bool(x & bit)))
+            self.set(ret, self.intern(label), ts, cx)
+        else:
+            self.set(ret, -1, ts)
 
     def _pair(self, name: str, i: int, ts: int, x: int | None) -> None:
         c = self.trace.columns

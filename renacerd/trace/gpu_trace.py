@@ -169,31 +169,37 @@ def load_gpu(store, run_id: int, proc_id: int, strings: list[bytes]) -> dict[str
     return decode_gpu(cols, strings)
 
 
-def decode_gpu(cols: dict[str, np.ndarray], strings: list[bytes]) -> dict[str, Any]:
-    """Columns -> {"columns", "kernels", "transfers", "allocations", "syncs", "collectives"}."""
-    kind = _KIND[cols["fn"].astype(np.int64)]
-    ok = cols["ret"] == 0
-    sym = _SYMBOL[cols["fn"].astype(np.int64)]
-    ts, dur, tid, ret = cols["ts"], cols["dur"], cols["tid"], cols["ret"]
-    a0, a1, a2, a3, a4 = (cols[f"a{i}"] for i in range(5))
+def _name_of(strings: list[bytes], sid: int) -> str:
+    """A string id of the layer as text ("?" where the run has no such string)."""
+    if 0 <= sid < len(strings):
+        return strings[sid].decode("utf-8", "backslashreplace")
+    return "?"
 
-    def name_of(sid: int) -> str:
-        if 0 <= sid < len(strings):
-            return strings[sid].decode("utf-8", "backslashreplace")
-        return "?"
 
+def _kernels(cols: dict[str, np.ndarray], kind: np.ndarray, sym: np.ndarray,
+             strings: list[bytes]) -> list[GpuKernel]:
+    """The kernel launches."""
+    ts, dur, tid, ret, a1, a2 = (cols[k] for k in ("ts", "dur", "tid", "ret", "a1", "a2"))
     kernels = []
     for i in np.flatnonzero(kind == LAUNCH):
         g = (int(cols["gx"][i]), int(cols["gy"][i]), int(cols["gz"][i]))
         b = (int(cols["bx"][i]), int(cols["by"][i]), int(cols["bz"][i]))
         kernels.append(GpuKernel(
-            kernel=name_of(int(cols["name"][i])), duration_us=int(dur[i]) / 1e3,
+            kernel=_name_of(strings, int(cols["name"][i])), duration_us=int(dur[i]) / 1e3,
             backend="cuda", workgroup_size=f"[{b[0]},{b[1]},{b[2]}]",
             grid_size=f"[{g[0]},{g[1]},{g[2]}]",
             elements=g[0] * g[1] * g[2] * b[0] * b[1] * b[2], shared_mem=int(a1[i]),
             stream=int(a2[i]), timestamp_nanos=int(ts[i]), tid=int(tid[i]), api=sym[i],
             return_code=int(ret[i]),
         ))
+    return kernels
+
+
+def _transfers(cols: dict[str, np.ndarray], kind: np.ndarray, sym: np.ndarray
+               ) -> list[GpuMemoryTransfer]:
+    """The memory copies."""
+    ts, dur, tid, ret, a2, a3, a4 = (cols[k] for k in
+                                     ("ts", "dur", "tid", "ret", "a2", "a3", "a4"))
     transfers = []
     for i in np.flatnonzero(kind == MEMCPY):
         us = int(dur[i]) / 1e3
@@ -202,9 +208,16 @@ def decode_gpu(cols: dict[str, np.ndarray], strings: list[bytes]) -> dict[str, A
             bandwidth_mbps=bandwidth_mbps(int(a2[i]), us), backend="cuda", stream=int(a4[i]),
             timestamp_nanos=int(ts[i]), tid=int(tid[i]), api=sym[i], return_code=int(ret[i]),
         ))
+    return transfers
+
+
+def _allocations(cols: dict[str, np.ndarray], kind: np.ndarray, sym: np.ndarray
+                 ) -> list[GpuAllocation]:
+    """The successful allocations, each with the time of its free if one was seen."""
+    ts, a0, a1 = cols["ts"], cols["a0"], cols["a1"]
     allocations: list[GpuAllocation] = []
     live: dict[int, GpuAllocation] = {}
-    for i in np.flatnonzero(((kind == MALLOC) | (kind == FREE)) & ok):
+    for i in np.flatnonzero(((kind == MALLOC) | (kind == FREE)) & (cols["ret"] == 0)):
         if kind[i] == MALLOC:
             al = GpuAllocation(int(a0[i]), int(a1[i]), int(ts[i]), sym[i])
             allocations.append(al)
@@ -214,10 +227,13 @@ def decode_gpu(cols: dict[str, np.ndarray], strings: list[bytes]) -> dict[str, A
             al = live.pop(int(a0[i]), None)
             if al is not None:
                 al.freed_nanos = int(ts[i])
-    syncs = [
-        GpuSync(sym[i], int(a0[i]), int(ts[i]), int(dur[i]), int(tid[i]))
-        for i in np.flatnonzero(kind == SYNC)
-    ]
+    return allocations
+
+
+def _collectives(cols: dict[str, np.ndarray], kind: np.ndarray) -> list[GpuCollective]:
+    """The NCCL collectives, with rank and size from their communicator's init."""
+    ts, dur, ret = cols["ts"], cols["dur"], cols["ret"]
+    a0, a1, a2, a3, a4 = (cols[f"a{i}"] for i in range(5))
     comms = {c.comm: c for c in comm_inits(cols)}
     collectives = []
     for i in np.flatnonzero(kind == COLLECTIVE):
@@ -234,9 +250,22 @@ def decode_gpu(cols: dict[str, np.ndarray], strings: list[bytes]) -> dict[str, A
             timestamp_nanos=int(ts[i]), duration_nanos=int(dur[i]), return_code=int(ret[i]),
             comm_id=ci.comm_id if ci else None,
         ))
-    return {"columns": cols, "kernels": kernels, "transfers": transfers,
-            "allocations": allocations, "syncs": syncs, "collectives": collectives,
-            "strings": strings}
+    return collectives
+
+
+def decode_gpu(cols: dict[str, np.ndarray], strings: list[bytes]) -> dict[str, Any]:
+    """Columns -> {"columns", "kernels", "transfers", "allocations", "syncs", "collectives"}."""
+    kind = _KIND[cols["fn"].astype(np.int64)]
+    sym = _SYMBOL[cols["fn"].astype(np.int64)]
+    ts, dur, tid, a0 = cols["ts"], cols["dur"], cols["tid"], cols["a0"]
+    syncs = [
+        GpuSync(sym[i], int(a0[i]), int(ts[i]), int(dur[i]), int(tid[i]))
+        for i in np.flatnonzero(kind == SYNC)
+    ]
+    return {"columns": cols, "kernels": _kernels(cols, kind, sym, strings),
+            "transfers": _transfers(cols, kind, sym),
+            "allocations": _allocations(cols, kind, sym), "syncs": syncs,
+            "collectives": _collectives(cols, kind), "strings": strings}
 
 
 def summarize(cols: dict[str, np.ndarray], strings: list[bytes],
