@@ -3,34 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 from renacerd.cli.common import Parser, fail
+from renacerd.cli.status import Refused, ask
 from renacerd.client import protocol
 
 PROG = "renacer dump"
 TIMEOUT = 10.0
-
-
-def ask(path: str, run: str, timeout: float = TIMEOUT) -> protocol.Ack:
-    """Send Dump(run) to the service on `path`; its Ack (OSError or ProtocolError when no
-    service answers)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        try:
-            s.send(protocol.encode(protocol.Hello(pid=os.getpid(), client=PROG)))
-            s.send(protocol.encode(protocol.Dump(1, run)))
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # refused at accept: the reason waits to be read
-        while True:
-            frame = s.recv(protocol.MAX_FRAME)
-            if not frame:
-                raise ConnectionResetError("the service closed the connection")
-            msg = protocol.decode(frame)
-            if isinstance(msg, protocol.Ack) and msg.request_id in (0, 1):
-                return msg
 
 
 def main(argv: list[str]) -> int:
@@ -48,7 +28,10 @@ def main(argv: list[str]) -> int:
     except protocol.ProtocolError as e:
         return fail(PROG, f"bad run name {a.run!r}: {e}")
     try:
-        ack = ask(path, a.run)
+        ack = ask(path, protocol.Dump(1, a.run), PROG,
+                  lambda m: isinstance(m, protocol.Ack) and m.request_id == 1, TIMEOUT)
+    except Refused as e:
+        return fail(PROG, f"the service on {path} refused: {e}")
     except (OSError, protocol.ProtocolError) as e:
         reason = getattr(e, "strerror", None) or str(e)
         return fail(PROG, f"no renacerd service answers on {path}: {reason}")

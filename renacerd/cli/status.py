@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from typing import Callable
 
 import orjson
 
@@ -19,15 +20,17 @@ class Refused(Exception):
     """The service refused the connection (a per-user limit); the message says why."""
 
 
-def query(path: str, timeout: float = TIMEOUT) -> protocol.ServiceStatus:
-    """Ask the service on `path`; OSError or ProtocolError when it cannot answer, Refused
-    when it will not."""
+def ask(path: str, request: protocol.Message, client: str,
+        answers: Callable[[protocol.Message], bool],
+        timeout: float = TIMEOUT) -> protocol.Message:
+    """Send hello and `request` to the service on `path`; the first message `answers`
+    accepts. OSError or ProtocolError when it cannot answer, Refused when it will not."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
         s.settimeout(timeout)
         s.connect(path)
         try:
-            s.send(protocol.encode(protocol.Hello(pid=os.getpid(), client="renacer status")))
-            s.send(protocol.encode(protocol.StatusQuery()))
+            s.send(protocol.encode(protocol.Hello(pid=os.getpid(), client=client)))
+            s.send(protocol.encode(request))
         except (BrokenPipeError, ConnectionResetError):
             pass  # refused at accept: the reason waits to be read
         while True:
@@ -35,10 +38,16 @@ def query(path: str, timeout: float = TIMEOUT) -> protocol.ServiceStatus:
             if not frame:
                 raise ConnectionResetError("the service closed the connection")
             msg = protocol.decode(frame)
-            if isinstance(msg, protocol.ServiceStatus):
-                return msg
             if isinstance(msg, protocol.Ack) and msg.request_id == 0 and not msg.ok:
                 raise Refused(msg.reason)
+            if answers(msg):
+                return msg
+
+
+def query(path: str, timeout: float = TIMEOUT) -> protocol.ServiceStatus:
+    """Ask the service on `path` what it traces (see ask)."""
+    return ask(path, protocol.StatusQuery(), PROG,
+               lambda m: isinstance(m, protocol.ServiceStatus), timeout)
 
 
 def _duration(seconds: float) -> str:
