@@ -14,14 +14,15 @@ tracer's flush at the recorded cadence. Process CPU time per event, per stage, m
 --repeat replays with the spread (max - min):
 
   .venv/bin/python bench/daemon_replay.py replay DRAINS.npz --repeat 7 [--skip-s 3]
-      [--merge K] [--profile OUT.prof] [--digest]
+      [--merge K] [--profile OUT.prof] [--digest] [--numpy]
 
 --skip-s leaves out the start-up (the torch loop's imports stat thousands of distinct
 paths in its first ~3 s): those drains are replayed, so the state is the real one, and
 not counted. --merge K reads K consecutive drains as one: the daemon drained K times less
 often (what a drain costs whatever its size, against what each event costs). --digest
 prints a SHA-256 of every replay's stored chunks and strings: two builds that store the
-same bytes print the same digest.
+same bytes print the same digest. --numpy replays through the numpy reference of the
+compiled hot path (renacerd/_hot.c): the daemon as it runs where the extension is not built.
 
 CPU time, not wall time: the figure holds on a busy, shared machine.
 """
@@ -370,6 +371,8 @@ def main() -> int:
                    help="replay the drains of the first SKIP_S s uncounted (start-up)")
     p.add_argument("--merge", type=int, default=1,
                    help="read MERGE recorded drains as one (a longer drain interval)")
+    p.add_argument("--numpy", action="store_true",
+                   help="the numpy path instead of the compiled one (renacerd/_hot.c)")
     p.add_argument("--digest", action="store_true",
                    help="print a SHA-256 of each replay's stored chunks and strings")
     a = ap.parse_args()
@@ -378,6 +381,10 @@ def main() -> int:
             print("bench/daemon_replay.py: record must run as root", file=sys.stderr)
             return 2
         return record(a.out, a.workload, a.steps, a.samples)
+    if a.numpy:
+        from renacerd.capture import assembly
+
+        assembly.hot = None
     if a.merge < 1:
         print("bench/daemon_replay.py: --merge must be at least 1", file=sys.stderr)
         return 2
