@@ -422,19 +422,65 @@ static const struct { size_t off; int width, code; } COLS[NCOLS] = {
     {offsetof(row_t, s1), 4, C_I4},    {offsetof(row_t, aux), 4, C_U4},
     {offsetof(row_t, mode), 4, C_U4},
 };
+/* v[i] byte j <-> v[j] byte i (little-endian words: byte 0 the lowest) */
+static inline void transpose8(uint64_t v[8]) {
+    for (int i = 0; i < 4; i++) {
+        uint64_t t = ((v[i] >> 32) ^ v[i + 4]) & 0x00000000FFFFFFFFull;
+        v[i] ^= t << 32;
+        v[i + 4] ^= t;
+    }
+    static const int two[4] = {0, 1, 4, 5};
+    for (int q = 0; q < 4; q++) {
+        int i = two[q];
+        uint64_t t = ((v[i] >> 16) ^ v[i + 2]) & 0x0000FFFF0000FFFFull;
+        v[i] ^= t << 16;
+        v[i + 2] ^= t;
+    }
+    for (int i = 0; i < 8; i += 2) {
+        uint64_t t = ((v[i] >> 8) ^ v[i + 1]) & 0x00FF00FF00FF00FFull;
+        v[i] ^= t << 8;
+        v[i + 1] ^= t;
+    }
+}
+
+/* Scratch kept between calls (grown, never freed): fresh pages for every chunk cost a
+ * page fault each 4 KiB, more than the work. Used only while the GIL is held. */
+static void *scratch_keys, *scratch_tmp, *scratch_rows;
+static Py_ssize_t scratch_n;
+
+static int scratch_reserve(Py_ssize_t n) {
+    if (n <= scratch_n)
+        return 0;
+    void *k = realloc(scratch_keys, 3 * n * sizeof(tskey_t)), *t, *r;
+    if (k)
+        scratch_keys = k;
+    t = realloc(scratch_tmp, n * sizeof(tskey_t));
+    if (t)
+        scratch_tmp = t;
+    r = realloc(scratch_rows, n * sizeof(row_t));
+    if (r)
+        scratch_rows = r;
+    if (!k || !t || !r) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    scratch_n = n;
+    return 0;
+}
+
 #define BLOCK 2048 /* rows transposed at a time: they stay in the cache for every column */
 
-/* prepare(rows) -> (n, first_ts, last_ts, [(code, bytes)] in SYSCALL_COLUMNS order): a
- * chunk's rows sorted by enter ts (stable), each column as encode() hands it to zstd:
- * ts as deltas (the first from 0), 8-byte columns narrowed by their range, every column
- * byte-transposed (every value's byte 0, then every byte 1, ...). */
+/* prepare(rows, out) -> (n, first_ts, last_ts, [(code, offset, size)] in SYSCALL_COLUMNS
+ * order): a chunk's rows sorted by enter ts (stable), each column as encode() hands it to
+ * zstd, written into the bytearray `out` (grown when too small, kept by the caller to
+ * be reused) at `offset`: ts as deltas (the first from 0), 8-byte columns narrowed by their
+ * range, every column byte-transposed (every value's byte 0, then every byte 1, ...). */
 static PyObject *prepare(PyObject *self, PyObject *args) {
     Py_buffer in;
-    if (!PyArg_ParseTuple(args, "y*", &in))
+    PyObject *outbuf;
+    if (!PyArg_ParseTuple(args, "y*O!", &in, &PyByteArray_Type, &outbuf))
         return NULL;
-    PyObject *result = NULL, *cols = NULL, *outs[NCOLS] = {0};
-    tskey_t *keys = NULL, *tmp = NULL;
-    row_t *sorted = NULL;
+    PyObject *result = NULL, *cols = NULL;
     if (in.len % ROW_SIZE) {
         PyErr_SetString(PyExc_ValueError, "prepare: not a whole number of rows");
         goto out;
@@ -449,18 +495,33 @@ static PyObject *prepare(PyObject *self, PyObject *args) {
     while (i < n && rows[i].ts >= rows[i - 1].ts)
         i++;
     if (i < n) {
-        keys = malloc(n * sizeof *keys);
-        tmp = malloc(n * sizeof *tmp);
-        sorted = malloc(n * sizeof *sorted);
-        if (!keys || !tmp || !sorted) {
-            PyErr_NoMemory();
+        if (scratch_reserve(n) < 0)
             goto out;
-        }
+        /* The rows in order of a running maximum stay where they are (A); the rest, the
+         * calls entered before rows already seen (B, few: calls that crossed a drain or
+         * overlapped others), are sorted alone and merged in (ties by place: stable). */
+        tskey_t *a = scratch_keys, *b = a + n, *t = b + n, *keys = scratch_tmp;
+        Py_ssize_t na = 0, nb = 0;
+        int64_t top = INT64_MIN;
         for (Py_ssize_t k = 0; k < n; k++) {
-            keys[k].ts = rows[k].ts;
-            keys[k].at = (uint32_t)k;
+            tskey_t e = {rows[k].ts, (uint32_t)k, 0};
+            if (e.ts >= top) {
+                top = e.ts;
+                a[na++] = e;
+            } else {
+                b[nb++] = e;
+            }
         }
-        sort_keys(keys, n, tmp);
+        sort_keys(b, nb, t);
+        Py_ssize_t x = 0, y = 0, o = 0;
+        while (x < na && y < nb)
+            keys[o++] = (b[y].ts < a[x].ts || (b[y].ts == a[x].ts && b[y].at < a[x].at))
+                            ? b[y++] : a[x++];
+        while (x < na)
+            keys[o++] = a[x++];
+        while (y < nb)
+            keys[o++] = b[y++];
+        row_t *sorted = scratch_rows;
         for (Py_ssize_t k = 0; k < n; k++)
             sorted[k] = rows[keys[k].at];
         rows = sorted;
@@ -495,12 +556,15 @@ static PyObject *prepare(PyObject *self, PyObject *args) {
         width[3] = narrow_unsigned(a0hi, &code[3]);
     }
     uint8_t *dst[NCOLS];
+    Py_ssize_t offset[NCOLS], total = 0;
     for (int c = 0; c < NCOLS; c++) {
-        outs[c] = PyBytes_FromStringAndSize(NULL, n * width[c]);
-        if (!outs[c])
-            goto out;
-        dst[c] = (uint8_t *)PyBytes_AS_STRING(outs[c]);
+        offset[c] = total;
+        total += n * width[c];
     }
+    if (PyByteArray_GET_SIZE(outbuf) < total && PyByteArray_Resize(outbuf, total) < 0)
+        goto out;
+    for (int c = 0; c < NCOLS; c++)
+        dst[c] = (uint8_t *)PyByteArray_AS_STRING(outbuf) + offset[c];
     /* transposed a block of rows at a time (ts: its deltas, in place of the value) */
     int64_t prev = 0;
     int64_t delta[BLOCK];
@@ -515,11 +579,39 @@ static PyObject *prepare(PyObject *self, PyObject *args) {
             const uint8_t *src = c ? (const uint8_t *)(rows + lo) + COLS[c].off
                                    : (const uint8_t *)delta;
             Py_ssize_t stride = c ? ROW_SIZE : 8;
-            for (int b = 0; b < width[c]; b++) {
+            int w = width[c], size = COLS[c].width;
+            Py_ssize_t k = 0;
+            /* 8 values at a time: an 8x8 byte transpose in registers, one 8-byte store
+             * per byte plane */
+            for (; k + 8 <= m; k += 8) {
+                uint64_t v[8];
+                const uint8_t *at = src + k * stride;
+                if (size == 8) {
+                    for (int r = 0; r < 8; r++)
+                        memcpy(&v[r], at + r * stride, 8);
+                } else if (size == 4) {
+                    for (int r = 0; r < 8; r++) {
+                        uint32_t x;
+                        memcpy(&x, at + r * stride, 4);
+                        v[r] = x;
+                    }
+                } else {
+                    for (int r = 0; r < 8; r++) {
+                        uint16_t x;
+                        memcpy(&x, at + r * stride, 2);
+                        v[r] = x;
+                    }
+                }
+                transpose8(v);
+                uint8_t *out = dst[c] + lo + k;
+                for (int b = 0; b < w; b++, out += n)
+                    memcpy(out, &v[b], 8);
+            }
+            for (int b = 0; b < w; b++) {
                 uint8_t *p = dst[c] + (Py_ssize_t)b * n + lo;
                 const uint8_t *s = src + b;
-                for (Py_ssize_t k = 0; k < m; k++)
-                    p[k] = s[k * stride];
+                for (Py_ssize_t j = k; j < m; j++)
+                    p[j] = s[j * stride];
             }
         }
     }
@@ -527,7 +619,7 @@ static PyObject *prepare(PyObject *self, PyObject *args) {
     if (!cols)
         goto out;
     for (int c = 0; c < NCOLS; c++) {
-        PyObject *t = Py_BuildValue("(iO)", code[c], outs[c]);
+        PyObject *t = Py_BuildValue("(inn)", code[c], offset[c], n * width[c]);
         if (!t)
             goto out;
         PyList_SET_ITEM(cols, c, t);
@@ -536,11 +628,6 @@ static PyObject *prepare(PyObject *self, PyObject *args) {
                            n ? (long long)rows[n - 1].ts : 0LL, cols);
 out:
     Py_XDECREF(cols);
-    for (int c = 0; c < NCOLS; c++)
-        Py_XDECREF(outs[c]);
-    free(keys);
-    free(tmp);
-    free(sorted);
     PyBuffer_Release(&in);
     return result;
 }
