@@ -615,6 +615,10 @@ static PyObject *prepare(PyObject *self, PyObject *args) {
             }
         }
     }
+    /* read before any allocation below: a collection it starts may run Python code that
+     * lets another thread's prepare() reuse the scratch `rows` may point into */
+    long long first_ts = n ? (long long)rows[0].ts : 0LL;
+    long long last_ts = n ? (long long)rows[n - 1].ts : 0LL;
     cols = PyList_New(NCOLS);
     if (!cols)
         goto out;
@@ -624,8 +628,7 @@ static PyObject *prepare(PyObject *self, PyObject *args) {
             goto out;
         PyList_SET_ITEM(cols, c, t);
     }
-    result = Py_BuildValue("(nLLO)", n, n ? (long long)rows[0].ts : 0LL,
-                           n ? (long long)rows[n - 1].ts : 0LL, cols);
+    result = Py_BuildValue("(nLLO)", n, first_ts, last_ts, cols);
 out:
     Py_XDECREF(cols);
     PyBuffer_Release(&in);

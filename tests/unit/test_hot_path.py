@@ -94,6 +94,13 @@ def test_interleaved_processes_calls_crossing_drains_and_pid_reuse(tmp_path, mon
     con.close()
 
 
+def test_hundreds_of_processes_in_one_drain(tmp_path, monkeypatch):
+    rows = [(4_190_100 + (i * 37) % 300, 4_190_100, 10**9 + i, 0) for i in range(3000)]
+    rec = _recording([(_events(rows), np.zeros(0, detail_dtype()))])
+    a, b = _digests(rec, tmp_path, monkeypatch)
+    assert a == b
+
+
 def test_a_chunk_filled_inside_a_drain(tmp_path, monkeypatch):
     rows = [(P1 if i % 3 else P2, P1, 10**9 + i * 10, 1) for i in range(assembly.CHUNK_EVENTS
                                                                         + 100)]
