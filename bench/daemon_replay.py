@@ -14,12 +14,15 @@ tracer's flush at the recorded cadence. Process CPU time per event, per stage, m
 --repeat replays with the spread (max - min):
 
   .venv/bin/python bench/daemon_replay.py replay DRAINS.npz --repeat 7 [--skip-s 3]
-      [--merge K] [--profile OUT.prof]
+      [--merge K] [--profile OUT.prof] [--digest] [--numpy]
 
 --skip-s leaves out the start-up (the torch loop's imports stat thousands of distinct
 paths in its first ~3 s): those drains are replayed, so the state is the real one, and
 not counted. --merge K reads K consecutive drains as one: the daemon drained K times less
-often (what a drain costs whatever its size, against what each event costs).
+often (what a drain costs whatever its size, against what each event costs). --digest
+prints a SHA-256 of every replay's stored chunks and strings: two builds that store the
+same bytes print the same digest. --numpy replays through the numpy reference of the
+compiled hot path (renacerd/_hot.c): the daemon as it runs where the extension is not built.
 
 CPU time, not wall time: the figure holds on a busy, shared machine.
 """
@@ -28,9 +31,11 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import hashlib
 import mmap
 import os
 import pstats
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -246,10 +251,11 @@ def replay_once(rec: dict[str, np.ndarray], db: Path, profile: cProfile.Profile 
     store = Store(db, create=True)
     probes = ReplayProbes(set(np.unique(rec["ev"]["pid"]).tolist()))
     saved = (tracer_mod.Tracer._attach_details, writer_mod.encode,
-             writer_mod.ChunkWriter.submit)
+             writer_mod.ChunkWriter.submit, writer_mod.encode_rows)
     # the writer inline (its thread's CPU counted in this one's) and every stage timed
     tracer_mod.Tracer._attach_details = clock.wrap("join", saved[0])
     writer_mod.encode = clock.wrap("encode", saved[1])
+    writer_mod.encode_rows = clock.wrap("encode", saved[3])
     writer_mod.ChunkWriter.submit = lambda self, pid, cols: self._write(pid, cols)
     try:
         tr = tracer_mod.Tracer(probes, store, "replay", cmdline=["replay"])
@@ -280,11 +286,27 @@ def replay_once(rec: dict[str, np.ndarray], db: Path, profile: cProfile.Profile 
             profile.disable()
     finally:
         (tracer_mod.Tracer._attach_details, writer_mod.encode,
-         writer_mod.ChunkWriter.submit) = saved
+         writer_mod.ChunkWriter.submit, writer_mod.encode_rows) = saved
     clock.ns["decode"] = probes.cpu_ns
     clock.ns["group"] -= probes.cpu_ns  # drain_once's own time included the ring reads
     store.close()
     return tr.events - counted_from, sum(clock.ns.values()), clock.ns
+
+
+def store_digest(db: Path) -> str:
+    """SHA-256 of a store's chunks (process, layer, count, time range, bytes) and strings,
+    in the order they were written."""
+    h = hashlib.sha256()
+    con = sqlite3.connect(db)
+    try:
+        for row in con.execute("SELECT proc_id, layer, n, first_ts, last_ts, data FROM chunks "
+                               "ORDER BY id"):
+            h.update(repr(row[:5]).encode() + bytes(row[5]))
+        for sid, s in con.execute("SELECT id, s FROM strings ORDER BY id"):
+            h.update(repr(sid).encode() + bytes(s))
+    finally:
+        con.close()
+    return h.hexdigest()
 
 
 def merged(rec: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
@@ -298,7 +320,7 @@ def merged(rec: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
 
 
 def replay(path: Path, repeat: int, profile_out: Path | None, skip_s: float,
-           merge: int) -> int:
+           merge: int, digest: bool = False) -> int:
     """Replay `repeat` times; print ns per event per stage (min, spread)."""
     with np.load(path) as z:
         rec = {k: z[k] for k in z.files}
@@ -308,12 +330,15 @@ def replay(path: Path, repeat: int, profile_out: Path | None, skip_s: float,
     print(f"{path}: {len(rec['t'])} drains, {nev:,} records, {len(rec['de']):,} short + "
           f"{len(rec['dl']):,} long details")
     runs = []
+    digests: set[str] = set()
     prof = cProfile.Profile() if profile_out else None
     with tempfile.TemporaryDirectory() as d:
         for r in range(repeat):
             db = Path(d) / f"r{r}.db"
             events, total, ns = replay_once(rec, db, prof if r == 0 else None, skip_s)
             runs.append((total, ns))
+            if digest:
+                digests.add(store_digest(db))
             os.unlink(db)
     print(f"{events:,} events stored; CPU ns per event, min of {repeat} (spread max-min):")
     for stage in STAGES:
@@ -321,6 +346,8 @@ def replay(path: Path, repeat: int, profile_out: Path | None, skip_s: float,
         print(f"  {stage:7s} {v.min():7.1f}  ({v.max() - v.min():.1f})")
     tot = np.array([t for t, _ in runs]) / events
     print(f"  {'total':7s} {tot.min():7.1f}  ({tot.max() - tot.min():.1f})")
+    if digest:
+        print(f"store digest: {' '.join(sorted(digests))}")
     if prof is not None:
         prof.dump_stats(str(profile_out))
         pstats.Stats(str(profile_out)).sort_stats("tottime").print_stats(25)
@@ -344,16 +371,24 @@ def main() -> int:
                    help="replay the drains of the first SKIP_S s uncounted (start-up)")
     p.add_argument("--merge", type=int, default=1,
                    help="read MERGE recorded drains as one (a longer drain interval)")
+    p.add_argument("--numpy", action="store_true",
+                   help="the numpy path instead of the compiled one (renacerd/_hot.c)")
+    p.add_argument("--digest", action="store_true",
+                   help="print a SHA-256 of each replay's stored chunks and strings")
     a = ap.parse_args()
     if a.cmd == "record":
         if os.geteuid() != 0:
             print("bench/daemon_replay.py: record must run as root", file=sys.stderr)
             return 2
         return record(a.out, a.workload, a.steps, a.samples)
+    if a.numpy:
+        from renacerd.capture import assembly
+
+        assembly.hot = None
     if a.merge < 1:
         print("bench/daemon_replay.py: --merge must be at least 1", file=sys.stderr)
         return 2
-    return replay(a.recording, a.repeat, a.profile, a.skip_s, a.merge)
+    return replay(a.recording, a.repeat, a.profile, a.skip_s, a.merge, a.digest)
 
 
 if __name__ == "__main__":

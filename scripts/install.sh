@@ -11,7 +11,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
-PKGS="python3 python3-venv python3-bpfcc bpfcc-tools libbpfcc linux-headers-amd64 gcc libc6-dev make strace git xz-utils bpftool chromium systemd util-linux"
+PKGS="python3 python3-venv python3-dev python3-bpfcc bpfcc-tools libbpfcc linux-headers-amd64 gcc libc6-dev make strace git xz-utils bpftool chromium systemd util-linux"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
@@ -51,6 +51,7 @@ fi
 if [ ! -x .venv/bin/python ]; then
     /usr/bin/python3 -m venv --system-site-packages .venv
 fi
+# -e builds renacerd/_hot.c in place (setup.py; python3-dev has its headers)
 .venv/bin/pip install -q --disable-pip-version-check -e ".[daemon,test]" ${RENACER_EXTRA_PIP:-}
 getent group renacer >/dev/null || groupadd --system renacer
 echo "install.sh: ok ($(.venv/bin/renacerd doctor --brief 2>&1 | tail -n 1))"

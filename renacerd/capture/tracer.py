@@ -15,6 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from renacerd import __version__
+from renacerd.capture import assembly
 from renacerd.capture.details import DetailRings, Joined, detail_bytes, split_argv
 from renacerd.capture.peer import PeerChanged, check_traceable
 from renacerd.capture.procfs import descendants, snapshot
@@ -62,10 +63,7 @@ log = logging.getLogger("renacerd")
 FATAL_BY_DEFAULT = frozenset({1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 24, 25,
                               26, 27, 29, 30, 31, *range(34, 65)})
 
-CHUNK_EVENTS = 1 << 16
 MIN_DRAIN_INTERVAL = 0.005
-# Event fields kept as columns (pid is the process the chunk belongs to; aux: open flags)
-EVENT_COLUMNS = ("ts", "dur", "ret", "a0", "tid", "nr", "flags", "aux")
 # Why a process stopped being followed before it ended (renacer show prints it).
 STOPPED_PRIVILEGE = "privilege gained at exec"
 
@@ -76,7 +74,8 @@ class ProcState:
 
     proc_id: int
     span: ProcessSpan
-    buf: list[dict[str, np.ndarray]] = field(default_factory=list)  # column slices
+    buf: bytearray | list[dict[str, np.ndarray]] = field(
+        default_factory=assembly.new_buffer)  # rows, or column slices (numpy path)
     buffered: int = 0
     events: int = 0
     gated: bool = False
@@ -576,48 +575,9 @@ class Tracer:
         fixed = flags
         if len(has):
             fixed = self._attach_details(ev, has, s0, s1, mode, flags)
-        # One stable sort by pid, then one gather per column: each process's events come
-        # out as contiguous column slices, in exit order. The writer sorts each chunk by
-        # enter ts once (calls that cross a drain need that anyway).
-        pid = ev["pid"]
-        if (pid[1:] == pid[:-1]).all():
-            spid = pid
-            # Copies, always: `ev` may view the ring, released after this drain, and
-            # ascontiguousarray returns a one-record drain's field as that very view.
-            cols = {f: ev[f].copy() for f in EVENT_COLUMNS}
-            cols["s0"], cols["s1"], cols["mode"] = s0, s1, mode
-            cols["flags"] = fixed
-        else:
-            order = np.argsort(pid, kind="stable")
-            spid = pid.take(order)
-            cols = {f: ev[f].take(order) for f in EVENT_COLUMNS}
-            cols["s0"] = s0.take(order)
-            cols["s1"] = s1.take(order)
-            cols["mode"] = mode.take(order)
-            cols["flags"] = fixed.take(order)
-        cols["ts"] = cols["ts"].view(np.int64)
-        cuts = np.flatnonzero(spid[1:] != spid[:-1]) + 1
-        for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), n]):
-            piece = {k: v[a:b] for k, v in cols.items()}
-            st = self._proc(int(spid[a]), int(piece["ts"][0]))
-            if st is None:
-                self.foreign_events += b - a - 1
-                continue
-            if st.gated:
-                nrs = piece["nr"]
-                hit = np.flatnonzero((nrs == NR_EXECVE) | (nrs == NR_EXECVEAT))
-                if not len(hit):
-                    continue
-                k = int(hit[0])
-                piece = {key: v[k:] for key, v in piece.items()}
-                st.gated = False
-            m = len(piece["ts"])
-            st.buf.append(piece)
-            st.buffered += m
-            st.events += m
-            self.events += m
-            if st.buffered >= CHUNK_EVENTS:
-                self._flush_proc(st)
+        # Each process's events appended to its buffer in ring order; the writer sorts each
+        # chunk by enter ts once (calls that cross a drain need that anyway).
+        assembly.group(self, ev, fixed, s0, s1, mode)
         return s0
 
     def _attach_details(self, ev: np.ndarray, has: np.ndarray, s0: np.ndarray,
@@ -709,13 +669,7 @@ class Tracer:
     def _flush_proc(self, st: ProcState) -> None:
         if not st.buffered:
             return
-        parts = st.buf
-        st.buf, st.buffered = [], 0
-        if len(parts) == 1:
-            cols = parts[0]
-        else:
-            cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        self.writer.submit(st.proc_id, cols)
+        self.writer.submit(st.proc_id, assembly.take_chunk(st))
 
     def counters(self) -> dict[str, int]:
         """Kernel-side loss counters of the syscall probes and of every other source."""

@@ -7,7 +7,7 @@ import threading
 
 import numpy as np
 
-from renacerd.columns import encode
+from renacerd.columns import EventRows, encode, encode_rows
 from renacerd.store.database import Store, StoreError
 
 MAX_PENDING = 8  # chunks in flight; beyond that the drain loop writes itself (backpressure)
@@ -29,26 +29,30 @@ class ChunkWriter:
         self._t = threading.Thread(target=self._loop, name="renacerd-writer", daemon=True)
         self._t.start()
 
-    def submit(self, proc_id: int, cols: dict[str, np.ndarray]) -> None:
+    def submit(self, proc_id: int, cols: dict[str, np.ndarray] | EventRows) -> None:
         """Queue one chunk (equal-length columns); writes it inline when the queue is full."""
         try:
             self._q.put_nowait((proc_id, cols))
         except queue.Full:
             self._write(proc_id, cols)
 
-    def _write(self, proc_id: int, cols: dict[str, np.ndarray]) -> None:
-        ts = cols["ts"]
-        if len(ts) > 1 and (np.diff(ts) < 0).any():
-            # sorted per drain; a call that spans a drain (entered before the previous
-            # drain's last event, exited after) lands behind it. The store keeps enter order.
-            order = np.argsort(ts, kind="stable")
-            cols = {k: v.take(order) for k, v in cols.items()}
+    def _write(self, proc_id: int, cols: dict[str, np.ndarray] | EventRows) -> None:
+        if isinstance(cols, EventRows):
+            blob, n, first, last = encode_rows(cols)  # sorted there
+        else:
             ts = cols["ts"]
-        blob = encode(cols)
-        with self.lock:
+            if len(ts) > 1 and (np.diff(ts) < 0).any():
+                # sorted per drain; a call that spans a drain (entered before the previous
+                # drain's last event, exited after) lands behind it. The store keeps enter
+                # order.
+                order = np.argsort(ts, kind="stable")
+                cols = {k: v.take(order) for k, v in cols.items()}
+                ts = cols["ts"]
+            blob = encode(cols)
             # sorted: the ends are the extremes
-            self.store.add_encoded_chunk(self.run_id, proc_id, blob, len(ts),
-                                         int(ts[0]), int(ts[-1]))
+            n, first, last = len(ts), int(ts[0]), int(ts[-1])
+        with self.lock:
+            self.store.add_encoded_chunk(self.run_id, proc_id, blob, n, first, last)
             # committed at once: a write transaction left open until the next flush would
             # keep other writers of the file (a sink's progress) waiting on the lock
             self.store.commit()

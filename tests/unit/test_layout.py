@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "renacerd"
 # (the shared definitions first: escaping, the record layout, the chunk columns, syscall
 # names and the CUDA hook table are used by every stage).
 LAYERS: list[set[str]] = [
-    {"", "escaping", "records", "columns", "syscall_table", "cuda"},
+    {"", "escaping", "records", "columns", "syscall_table", "cuda", "_hot"},
     {"client"},
     {"trace"},
     {"store"},
