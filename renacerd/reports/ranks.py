@@ -110,9 +110,8 @@ def _latest_start(starts: np.ndarray, ts: np.ndarray) -> np.ndarray:
     return np.cumsum(marks[: len(ts)]) - 1
 
 
-def _rank_steps(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan, spans: list[Any],
-                strings: list[bytes], cache: dict[str, dict]) -> RankSteps | None:
-    """Per-step totals and profile of one rank process (None: it has no step spans)."""
+def _step_spans(spans: list[Any], cache: dict[str, dict]) -> tuple[dict[int, Any], list[Any]]:
+    """The outermost span of each step (step value -> span), and the collective spans."""
     best: dict[int, Any] = {}
     colls = []
     for sp in spans:
@@ -128,6 +127,85 @@ def _rank_steps(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan, spans:
         if old is None or sp.end_mono_nanos - sp.start_mono_nanos > (
                 old.end_mono_nanos - old.start_mono_nanos):
             best[step] = sp  # nested spans of one step: the outermost is the step
+    return best, colls
+
+
+def _collectives(store: Store, run: RunInfo, proc_id: int, colls: list[Any],
+                 cache: dict[str, dict]) -> tuple[list[Collective], dict[str, np.ndarray]]:
+    """The process's collectives by start (c10d spans and bare NCCL calls), and its GPU
+    columns."""
+    colls.sort(key=lambda s: s.start_mono_nanos)
+    calls = [Collective.of(s, _attrs(s, cache), None) for s in colls]
+    gcols = store.columns(run.id, proc_id, "gpu", GPU_LAYOUT)
+    # NCCL calls outside c10d spans (DDP's reducer, a C++ or NCCL-only program) are
+    # collectives of their own; inside one, the span already is the collective.
+    calls.extend(nccl_collectives(gcols, [(c.start_ns, c.end_ns) for c in calls]))
+    calls.sort(key=lambda c: c.start_ns)
+    return calls, gcols
+
+
+def _gpu_sync_ns(gcols: dict[str, np.ndarray], n: int,
+                 on_step_thread: Callable[..., tuple[np.ndarray, np.ndarray]],
+                 outside_collectives: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Per step, the time its thread spent in GPU synchronisation outside collectives."""
+    gpu_sync_ns = np.zeros(n, dtype=np.int64)
+    if len(gcols["ts"]):
+        fn = gcols["fn"].astype(np.int64)
+        gk, gsel = on_step_thread(gcols["ts"], gcols["tid"])
+        gsel &= _GPU_SYNC[np.minimum(fn, len(_GPU_SYNC) - 1)] & outside_collectives(gcols["ts"])
+        gpu_sync_ns = np.bincount(gk[gsel], weights=gcols["dur"][gsel].astype(np.float64),
+                                  minlength=n).astype(np.int64)
+    return gpu_sync_ns
+
+
+def _step_syscalls(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan,
+                   strings: list[bytes],
+                   on_step_thread: Callable[..., tuple[np.ndarray, np.ndarray]],
+                   outside_collectives: Callable[[np.ndarray], np.ndarray]
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(step index, ns, syscall nr, file's string id) of each call on a step's thread
+    outside collectives."""
+    t = UnifiedTrace(p.pid, p.name)
+    t.process = p
+    t.columns = store.columns(run.id, proc_id)
+    t.strings = strings
+    if run.syscall_table:
+        t.table = run.syscall_table
+    c = t.columns
+    ts, dur = c["ts"], c["dur"].astype(np.int64)
+    k, sel = on_step_thread(ts, c["tid"])
+    sel &= outside_collectives(ts)
+    idx = np.flatnonzero(sel)
+    k = k[idx]
+    dur = dur[idx]
+    nr = c["nr"][idx].astype(np.int64)
+    fdp = fd_path_ids(t)[idx]  # files named as everywhere else: fdtrack's replay
+    s0 = c["s0"][idx]
+    path = np.where(fdp >= 0, fdp, s0).astype(np.int64)
+    del t, c, fdp, s0
+    return k, dur, nr, path
+
+
+def _syscall_profile(k: np.ndarray, dur: np.ndarray, nr: np.ndarray, path: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[int, int]],
+                                int]:
+    """The sparse (step, code) profile: (rows, ns, calls, keys, codes per step)."""
+    # (nr, file) -> code through compact path ids, then (step, code) -> profile row
+    upath, cpath = _factorize(path + 1)
+    span = int(nr.max()) + 1 if len(nr) else 1
+    ukey, code = _factorize(cpath * span + nr)
+    keys = [(int(u % span), int(upath[u // span]) - 1) for u in ukey.tolist()]
+    ncode = max(len(keys), 1)
+    ustep, row = _factorize(k * ncode + code)
+    ns = np.bincount(row, weights=dur).astype(np.int64)
+    calls = np.bincount(row).astype(np.int64)
+    return ustep, ns, calls, keys, ncode
+
+
+def _rank_steps(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan, spans: list[Any],
+                strings: list[bytes], cache: dict[str, dict]) -> RankSteps | None:
+    """Per-step totals and profile of one rank process (None: it has no step spans)."""
+    best, colls = _step_spans(spans, cache)
     if not best:
         return None
     order = sorted(best.values(), key=lambda s: s.start_mono_nanos)
@@ -137,13 +215,7 @@ def _rank_steps(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan, spans:
     tids = np.array([s.thread_id or 0 for s in order], dtype=np.int64)
     n = len(order)
 
-    colls.sort(key=lambda s: s.start_mono_nanos)
-    calls = [Collective.of(s, _attrs(s, cache), None) for s in colls]
-    gcols = store.columns(run.id, proc_id, "gpu", GPU_LAYOUT)
-    # NCCL calls outside c10d spans (DDP's reducer, a C++ or NCCL-only program) are
-    # collectives of their own; inside one, the span already is the collective.
-    calls.extend(nccl_collectives(gcols, [(c.start_ns, c.end_ns) for c in calls]))
-    calls.sort(key=lambda c: c.start_ns)
+    calls, gcols = _collectives(store, run, proc_id, colls, cache)
     cs = np.array([c.start_ns for c in calls], dtype=np.int64)
     ce = np.array([c.end_ns for c in calls], dtype=np.int64)
     ck = np.searchsorted(starts, cs, side="right") - 1
@@ -166,34 +238,12 @@ def _rank_steps(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan, spans:
         kk = np.maximum(k, 0)
         return kk, (k >= 0) & (ts < ends[kk]) & (tid.astype(np.int64) == tids[kk])
 
-    gpu_sync_ns = np.zeros(n, dtype=np.int64)
-    if len(gcols["ts"]):
-        fn = gcols["fn"].astype(np.int64)
-        gk, gsel = on_step_thread(gcols["ts"], gcols["tid"])
-        gsel &= _GPU_SYNC[np.minimum(fn, len(_GPU_SYNC) - 1)] & outside_collectives(gcols["ts"])
-        gpu_sync_ns = np.bincount(gk[gsel], weights=gcols["dur"][gsel].astype(np.float64),
-                                  minlength=n).astype(np.int64)
+    gpu_sync_ns = _gpu_sync_ns(gcols, n, on_step_thread, outside_collectives)
     comms = comm_inits(gcols)
     del gcols
 
-    t = UnifiedTrace(p.pid, p.name)
-    t.process = p
-    t.columns = store.columns(run.id, proc_id)
-    t.strings = strings
-    if run.syscall_table:
-        t.table = run.syscall_table
-    c = t.columns
-    ts, dur = c["ts"], c["dur"].astype(np.int64)
-    k, sel = on_step_thread(ts, c["tid"])
-    sel &= outside_collectives(ts)
-    idx = np.flatnonzero(sel)
-    k = k[idx]
-    dur = dur[idx]
-    nr = c["nr"][idx].astype(np.int64)
-    fdp = fd_path_ids(t)[idx]  # files named as everywhere else: fdtrack's replay
-    s0 = c["s0"][idx]
-    path = np.where(fdp >= 0, fdp, s0).astype(np.int64)
-    del t, c, fdp, s0
+    k, dur, nr, path = _step_syscalls(store, run, proc_id, p, strings, on_step_thread,
+                                      outside_collectives)
     wait_lut = np.zeros(max(max(run.syscall_table, default=0), int(nr.max(initial=0))) + 1,
                         dtype=bool)
     wait_lut[[n_ for n_, name in run.syscall_table.items() if name in WAIT_SYSCALLS]] = True
@@ -201,15 +251,7 @@ def _rank_steps(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan, spans:
     wait_sys_ns = np.bincount(k[is_wait], weights=dur[is_wait], minlength=n).astype(np.int64)
     syscall_ns = np.bincount(k, weights=dur, minlength=n).astype(np.int64)
 
-    # (nr, file) -> code through compact path ids, then (step, code) -> profile row
-    upath, cpath = _factorize(path + 1)
-    span = int(nr.max()) + 1 if len(nr) else 1
-    ukey, code = _factorize(cpath * span + nr)
-    keys = [(int(u % span), int(upath[u // span]) - 1) for u in ukey.tolist()]
-    ncode = max(len(keys), 1)
-    ustep, row = _factorize(k * ncode + code)
-    ns = np.bincount(row, weights=dur).astype(np.int64)
-    calls = np.bincount(row).astype(np.int64)
+    ustep, ns, calls, keys, ncode = _syscall_profile(k, dur, nr, path)
     step_ns = ends - starts
     return RankSteps(
         rank=p.dist.rank, pid=p.pid, dist=p.dist, steps=steps, step_ns=step_ns,
