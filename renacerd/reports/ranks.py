@@ -376,19 +376,9 @@ def ranks_data(store: Store, run: RunInfo, min_late_ms: float = DEFAULT_MIN_LATE
                         local_profiles(ranks, run.syscall_table, strings))
 
 
-def steps_report(ranks: list[RankSteps], base: dict[str, Any], min_late_ms: float,
-                 ds: dict[str, Any] | None, waits: list[dict[str, Any]],
-                 ops: list[dict[int, dict[str, int]]], profiles: ProfileSource
-                 ) -> dict[str, Any]:
-    """Stragglers, causes and slow steps from per-step per-rank aggregates (RankSteps, from
-    the local store or ClickHouse's SQL); `ds`, `waits` and `ops` (per rank: step -> {op:
-    calls}) come with them, `profiles` gives the per-step syscall profiles asked for."""
-    if not ranks:
-        return {**base, "steps": [], "stragglers": [], "slow_steps": [], "desync": None,
-                "waiting": []}
-    all_steps = np.unique(np.concatenate([rs.steps for rs in ranks]))
+def _step_index(ranks: list[RankSteps], all_steps: np.ndarray) -> np.ndarray:
+    """at[r, j]: index of step all_steps[j] in rank r's arrays, -1 where the rank lacks it."""
     R, S = len(ranks), len(all_steps)
-    # at[r, j]: index of step all_steps[j] in rank r's arrays, -1 where the rank lacks it
     at = np.full((R, S), -1, dtype=np.int64)
     for r, rs in enumerate(ranks):
         order = np.argsort(rs.steps, kind="stable")
@@ -396,16 +386,25 @@ def steps_report(ranks: list[RankSteps], base: dict[str, Any], min_late_ms: floa
         pos = np.minimum(pos, len(order) - 1)
         hit = rs.steps[order][pos] == all_steps
         at[r, hit] = order[pos[hit]]
+    return at
 
-    def grid(name: str) -> np.ndarray:
-        g = np.full((R, S), np.nan)
-        for r, rs in enumerate(ranks):
-            ok = at[r] >= 0
-            g[r, ok] = getattr(rs, name)[at[r, ok]]
-        return g
 
-    step_g, wait_g, coll_g, ncoll_g = grid("step_ns"), grid("wait_ns"), grid("coll_ns"), \
-        grid("ncoll")
+def _grid(ranks: list[RankSteps], at: np.ndarray, name: str) -> np.ndarray:
+    """(rank, step) grid of one RankSteps array, NaN where the rank lacks the step."""
+    g = np.full(at.shape, np.nan)
+    for r, rs in enumerate(ranks):
+        ok = at[r] >= 0
+        g[r, ok] = getattr(rs, name)[at[r, ok]]
+    return g
+
+
+def _late_steps(ranks: list[RankSteps], at: np.ndarray, all_steps: np.ndarray,
+                min_late_ms: float, ds: dict[str, Any] | None
+                ) -> tuple[np.ndarray, ...]:
+    """(full, straggler, late ns, is late, everyone slow, after desync), one per step."""
+    R, S = at.shape
+    step_g, wait_g, coll_g, ncoll_g = _grid(ranks, at, "step_ns"), _grid(ranks, at, "wait_ns"), \
+        _grid(ranks, at, "coll_ns"), _grid(ranks, at, "ncoll")
     work_g = step_g - wait_g
     # The straggler: the rank that waited least in the step's collectives; the others'
     # median wait beyond its own is how late it was.
@@ -425,21 +424,57 @@ def steps_report(ranks: list[RankSteps], base: dict[str, Any], min_late_ms: floa
     after = all_steps >= ds["step"] if ds is not None else np.zeros(S, dtype=bool)
     is_late &= ~after
     slow &= ~after
+    return full, strag, late, is_late, slow, after
+
+
+def _step_ranks(ranks: list[RankSteps], at: np.ndarray, j: int, step: int,
+                ops: list[dict[int, dict[str, int]]]) -> dict[str, dict[str, Any]]:
+    """The `ranks` of one step's entry: per rank, its times in the step."""
+    per = {}
+    for r, rs in enumerate(ranks):
+        if at[r, j] < 0:
+            continue
+        k = int(at[r, j])
+        per[str(rs.rank)] = {
+            "step_ms": _ms(rs.step_ns[k]), "wait_ms": _ms(rs.wait_ns[k]),
+            "work_ms": _ms(rs.step_ns[k] - rs.wait_ns[k]),
+            "collective_ms": _ms(rs.coll_ns[k]), "wait_syscall_ms": _ms(rs.wait_sys_ns[k]),
+            "gpu_sync_ms": _ms(rs.gpu_sync_ns[k]), "collectives": int(rs.ncoll[k]),
+            "ops": ops[r].get(step, {})}
+    return per
+
+
+def _straggler_list(ranks: list[RankSteps], strag: np.ndarray, is_late: np.ndarray,
+                    full: np.ndarray) -> list[dict[str, Any]]:
+    """The `stragglers`: ranks by the number of steps they were late on."""
+    R = len(ranks)
+    counts = np.bincount(strag[is_late], minlength=R)
+    n_full = max(int(full.sum()), 1)
+    return [{"rank": ranks[r].rank, "steps": int(counts[r]),
+             "share": round(float(counts[r]) / n_full, 4),
+             "repeat": bool(counts[r] >= 2 and counts[r] / n_full >= REPEAT_SHARE)}
+            for r in np.argsort(-counts, kind="stable").tolist() if counts[r]]
+
+
+def steps_report(ranks: list[RankSteps], base: dict[str, Any], min_late_ms: float,
+                 ds: dict[str, Any] | None, waits: list[dict[str, Any]],
+                 ops: list[dict[int, dict[str, int]]], profiles: ProfileSource
+                 ) -> dict[str, Any]:
+    """Stragglers, causes and slow steps from per-step per-rank aggregates (RankSteps, from
+    the local store or ClickHouse's SQL); `ds`, `waits` and `ops` (per rank: step -> {op:
+    calls}) come with them, `profiles` gives the per-step syscall profiles asked for."""
+    if not ranks:
+        return {**base, "steps": [], "stragglers": [], "slow_steps": [], "desync": None,
+                "waiting": []}
+    all_steps = np.unique(np.concatenate([rs.steps for rs in ranks]))
+    at = _step_index(ranks, all_steps)
+    full, strag, late, is_late, slow, after = _late_steps(ranks, at, all_steps, min_late_ms,
+                                                          ds)
     late_steps = [int(all_steps[j]) for j in np.flatnonzero(is_late).tolist()]
     profs = profiles(late_steps) if late_steps else {}
     steps_out = []
     for j, step in enumerate(all_steps.tolist()):
-        per = {}
-        for r, rs in enumerate(ranks):
-            if at[r, j] < 0:
-                continue
-            k = int(at[r, j])
-            per[str(rs.rank)] = {
-                "step_ms": _ms(rs.step_ns[k]), "wait_ms": _ms(rs.wait_ns[k]),
-                "work_ms": _ms(rs.step_ns[k] - rs.wait_ns[k]),
-                "collective_ms": _ms(rs.coll_ns[k]), "wait_syscall_ms": _ms(rs.wait_sys_ns[k]),
-                "gpu_sync_ms": _ms(rs.gpu_sync_ns[k]), "collectives": int(rs.ncoll[k]),
-                "ops": ops[r].get(step, {})}
+        per = _step_ranks(ranks, at, j, step, ops)
         straggler = None
         if is_late[j]:
             s = int(strag[j])
@@ -449,12 +484,7 @@ def steps_report(ranks: list[RankSteps], base: dict[str, Any], min_late_ms: floa
                          "causes": _causes(profs[step], resid, s, float(late[j]))}
         steps_out.append({"step": step, "ranks": per, "straggler": straggler,
                           "everyone_slow": bool(slow[j]), "after_desync": bool(after[j])})
-    counts = np.bincount(strag[is_late], minlength=R)
-    n_full = max(int(full.sum()), 1)
-    stragglers = [{"rank": ranks[r].rank, "steps": int(counts[r]),
-                   "share": round(float(counts[r]) / n_full, 4),
-                   "repeat": bool(counts[r] >= 2 and counts[r] / n_full >= REPEAT_SHARE)}
-                  for r in np.argsort(-counts, kind="stable").tolist() if counts[r]]
+    stragglers = _straggler_list(ranks, strag, is_late, full)
     return {**base, "steps": steps_out, "stragglers": stragglers,
             "slow_steps": all_steps[slow].tolist(), "desync": ds, "waiting": waits}
 
