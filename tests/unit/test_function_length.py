@@ -15,7 +15,6 @@ KNOWN: frozenset[tuple[str, str]] = frozenset({
     ("capture/tracer.py", "_lifecycle"),
     ("cli/serve.py", "main"),
     ("client/core.py", "__enter__"),  # the span hot path: a call less per span
-    ("reports/show.py", "show_data"),
     ("serve/span_server.py", "__init__"),
     ("store/database.py", "__init__"),
     ("store/retention.py", "apply"),
