@@ -18,7 +18,6 @@ KNOWN: frozenset[tuple[str, str]] = frozenset({
     ("serve/span_server.py", "__init__"),
     ("store/database.py", "__init__"),
     ("store/retention.py", "apply"),
-    ("store/retention.py", "prune_steps"),
 })
 
 
