@@ -372,17 +372,7 @@ class Retention:
         actions: list[Action] = []
         done: set[int] = set()
         if policy.keep_steps is not None and policy.steps_of is not None:
-            for r in ended:
-                if r.pruned is not None:
-                    continue
-                if dry_run:
-                    continue  # what would go needs the pass's own analysis
-                a = self.prune_steps(r, policy.keep_steps, policy.steps_of)
-                if a is not None:
-                    self.reclaim()
-                    actions.append(a)
-                    if on_action is not None:
-                        on_action(a)
+            self._prune_steps_of(ended, policy, dry_run, actions, on_action)
             usage = self.usage()
             runs = [r for r in self.store.runs() if r.id in usage]
             ended = [r for r in runs if r.status != "running"]
@@ -406,9 +396,31 @@ class Retention:
                 continue
             actions.append(self._prune(r, "size", usage[r.id], dry_run, on_action))
             used = used - usage[r.id].bytes if dry_run else self.used()
+        self._prune_live(live, usage, used, policy.size, dry_run, actions)
+        return actions
+
+    def _prune_steps_of(self, ended: list[RunInfo], policy: Policy, dry_run: bool,
+                        actions: list[Action],
+                        on_action: Callable[[Action], None] | None) -> None:
+        """The keep-steps pass over the ended runs not pruned yet (none in a dry run)."""
+        for r in ended:
+            if r.pruned is not None:
+                continue
+            if dry_run:
+                continue  # what would go needs the pass's own analysis
+            a = self.prune_steps(r, policy.keep_steps, policy.steps_of)
+            if a is not None:
+                self.reclaim()
+                actions.append(a)
+                if on_action is not None:
+                    on_action(a)
+
+    def _prune_live(self, live: list[RunInfo], usage: dict[int, _Usage], used: int, size: int,
+                    dry_run: bool, actions: list[Action]) -> None:
+        """Last resort: the oldest chunk groups of live runs while the store is over `size`."""
         for r in live:
             u = usage[r.id]
-            while used > policy.size and u.chunks > 0:
+            while used > size and u.chunks > 0:
                 if dry_run:
                     a = Action(r.name, "live", min(u.chunks, CHUNK_GROUP), 0, 0)
                     u.chunks -= a.chunks
@@ -421,7 +433,6 @@ class Retention:
                     self.reclaim()
                     used = self.used()
                 _merge(actions, a)
-        return actions
 
     def _prune(self, r: RunInfo, reason: str, u: _Usage, dry_run: bool,
                on_action: Callable[[Action], None] | None) -> Action:

@@ -17,7 +17,6 @@ KNOWN: frozenset[tuple[str, str]] = frozenset({
     ("client/core.py", "__enter__"),  # the span hot path: a call less per span
     ("serve/span_server.py", "__init__"),
     ("store/database.py", "__init__"),
-    ("store/retention.py", "apply"),
 })
 
 
