@@ -13,7 +13,6 @@ MAX_LINES = 60
 KNOWN: frozenset[tuple[str, str]] = frozenset({
     ("capture/tracer.py", "__init__"),
     ("capture/tracer.py", "_lifecycle"),
-    ("cli/serve.py", "main"),
     ("client/core.py", "__enter__"),  # the span hot path: a call less per span
     ("serve/span_server.py", "__init__"),
     ("store/database.py", "__init__"),
