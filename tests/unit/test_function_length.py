@@ -14,7 +14,6 @@ KNOWN: frozenset[tuple[str, str]] = frozenset({
     ("capture/tracer.py", "__init__"),
     ("capture/tracer.py", "_lifecycle"),
     ("client/core.py", "__enter__"),  # the span hot path: a call less per span
-    ("store/database.py", "__init__"),
 })
 
 
