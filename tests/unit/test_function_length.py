@@ -12,7 +12,6 @@ MAX_LINES = 60
 # the limit must leave this list.
 KNOWN: frozenset[tuple[str, str]] = frozenset({
     ("capture/tracer.py", "__init__"),
-    ("capture/tracer.py", "_lifecycle"),
     ("client/core.py", "__enter__"),  # the span hot path: a call less per span
 })
 
