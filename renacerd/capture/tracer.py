@@ -199,6 +199,10 @@ class Tracer:
             )
         self._last_flush = self._last_check = time.monotonic()
         self.writer = ChunkWriter(store, self.run_id, self.lock)
+        self._init_counters()
+
+    def _init_counters(self) -> None:
+        """The callbacks, other event sources, the counters of what was lost or left, the host."""
         self.on_process_exit: list[Callable[[ProcState], None]] = []
         self.on_flush: list[Callable[[], None]] = []
         # Other event sources (CUDA uprobes, ...): see the Source protocol below.
