@@ -198,6 +198,10 @@ class Tracer:
             )
         self._last_flush = self._last_check = time.monotonic()
         self.writer = ChunkWriter(store, self.run_id, self.lock)
+        self._init_counters()
+
+    def _init_counters(self) -> None:
+        """The callbacks, other event sources, the counters of what was lost or left, the host."""
         self.on_process_exit: list[Callable[[ProcState], None]] = []
         self.on_flush: list[Callable[[], None]] = []
         # Other event sources (CUDA uprobes, ...): see the Source protocol below.
@@ -459,64 +463,80 @@ class Tracer:
         kind = int(e["nr"])
         pid, tid, ts = int(e["pid"]), int(e["tid"]), int(e["ts"])
         if kind == EV_FORK:
-            child = int(e["a0"])
-            det = self._details_for(child, ts)
-            if int(e["flags"]) & F_THREAD or not self.follow:
-                return
-            parent = self._proc(pid, ts)
-            if parent is None:
-                return
-            comm = decode(next((d for s, _, d in det if s == SLOT_COMM), b""))
-            span = ProcessSpan(
-                pid=child,
-                ppid=pid,
-                name=comm or parent.span.name,
-                exe=parent.span.exe,
-                argv=list(parent.span.argv),
-                start_mono_ns=ts,
-                nspid=None,
-            )
-            self._new_proc(span)
+            self._on_fork(e, pid, ts)
         elif kind == EV_EXEC:
-            st = self._proc(pid, ts, read_dist=False)
-            if st is None:
-                return
-            # exec kills the other threads with SIGKILL: that is not how the process ends
-            st.fatal_signal = st.exit_group = st.thread_exit_code = None
-            path = argv = None
-            for slot, _, data in self._details_for(tid, ts):
-                if slot == SLOT_PATH0:
-                    st.span.exe = decode(data)
-                    path = data
-                elif slot == SLOT_COMM:
-                    st.span.name = decode(data)
-                elif slot == SLOT_ARGV_BLOB and data:
-                    args = split_argv(data)
-                    argv = b"\0".join(args)
-                    st.span.argv = [decode(a) for a in args]
-            flags = int(e["flags"])
-            st.execs.append((ts, path, argv, bool(flags & F_TRUNCATED)))
-            st.dirty = True
-            if flags & F_UNFOLLOWED:
-                # The kernel stopped following it at this exec: it ends here for the run.
-                log.warning("process %d: stopped following: %s", pid, STOPPED_PRIVILEGE)
-                self.unfollowed += 1
-                self._end_process(st, ts)
-            else:
-                self._read_dist(st)
+            self._on_exec(e, pid, tid, ts)
         elif kind == EV_EXIT:
-            st = self.procs.get(pid)
-            if st is None:
-                return
-            if int(e["a0"]) and not st.ended:
-                if int(e["ret"]) >= 0:
-                    st.wait_status = int(e["ret"])
-                self._end_process(st, ts)
+            self._on_exit(e, pid, ts)
         elif kind == EV_SIGNAL:
-            st = self.procs.get(pid)
-            sig = int(e["aux"])
-            if st is not None and sig in FATAL_BY_DEFAULT and st.fatal_signal is None:
-                st.fatal_signal = (ts, sig)
+            self._on_signal(e, pid, ts)
+
+    def _on_fork(self, e: np.void, pid: int, ts: int) -> None:
+        """A fork record: the child process, named after the parent until its exec."""
+        child = int(e["a0"])
+        det = self._details_for(child, ts)
+        if int(e["flags"]) & F_THREAD or not self.follow:
+            return
+        parent = self._proc(pid, ts)
+        if parent is None:
+            return
+        comm = decode(next((d for s, _, d in det if s == SLOT_COMM), b""))
+        span = ProcessSpan(
+            pid=child,
+            ppid=pid,
+            name=comm or parent.span.name,
+            exe=parent.span.exe,
+            argv=list(parent.span.argv),
+            start_mono_ns=ts,
+            nspid=None,
+        )
+        self._new_proc(span)
+
+    def _on_exec(self, e: np.void, pid: int, tid: int, ts: int) -> None:
+        """An exec record: the new image's path, name and argv, or the end of following."""
+        st = self._proc(pid, ts, read_dist=False)
+        if st is None:
+            return
+        # exec kills the other threads with SIGKILL: that is not how the process ends
+        st.fatal_signal = st.exit_group = st.thread_exit_code = None
+        path = argv = None
+        for slot, _, data in self._details_for(tid, ts):
+            if slot == SLOT_PATH0:
+                st.span.exe = decode(data)
+                path = data
+            elif slot == SLOT_COMM:
+                st.span.name = decode(data)
+            elif slot == SLOT_ARGV_BLOB and data:
+                args = split_argv(data)
+                argv = b"\0".join(args)
+                st.span.argv = [decode(a) for a in args]
+        flags = int(e["flags"])
+        st.execs.append((ts, path, argv, bool(flags & F_TRUNCATED)))
+        st.dirty = True
+        if flags & F_UNFOLLOWED:
+            # The kernel stopped following it at this exec: it ends here for the run.
+            log.warning("process %d: stopped following: %s", pid, STOPPED_PRIVILEGE)
+            self.unfollowed += 1
+            self._end_process(st, ts)
+        else:
+            self._read_dist(st)
+
+    def _on_exit(self, e: np.void, pid: int, ts: int) -> None:
+        """An exit record: the process ends when its last thread does (a0 set)."""
+        st = self.procs.get(pid)
+        if st is None:
+            return
+        if int(e["a0"]) and not st.ended:
+            if int(e["ret"]) >= 0:
+                st.wait_status = int(e["ret"])
+            self._end_process(st, ts)
+
+    def _on_signal(self, e: np.void, pid: int, ts: int) -> None:
+        """A signal record: the first fatal-by-default signal delivered is kept."""
+        st = self.procs.get(pid)
+        sig = int(e["aux"])
+        if st is not None and sig in FATAL_BY_DEFAULT and st.fatal_signal is None:
+            st.fatal_signal = (ts, sig)
 
     def _read_dist(self, st: ProcState) -> None:
         """The rank variables of a new process image (once per exec or attach, never per

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import faulthandler
 import logging
 import math
@@ -9,16 +10,22 @@ import os
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from renacerd.cli.common import Parser, fail
 from renacerd.serve.flight import DEFAULT_HANG_FACTOR, FlightPolicy
 from renacerd.serve.span_feed import DEFAULT_SOCKET
 
+if TYPE_CHECKING:  # imported where used: the CLI starts fast
+    from renacerd.serve.notify import Notifier
+    from renacerd.serve.service import Service
+    from renacerd.store.retention import Policy
+
 PROG = "renacerd serve"
 
 
-def main(argv: list[str]) -> int:
-    """Entry point of `renacerd serve`."""
+def _parser() -> Parser:
+    """The options of `renacerd serve`."""
     p = Parser(prog=PROG, description="Serve trace requests of experiment-span clients: "
                "the probes are attached once, and each run is a slot of them "
                "(see docs/security.md).")
@@ -42,10 +49,17 @@ def main(argv: list[str]) -> int:
     p.add_argument("--flight-hang-factor", type=float, default=DEFAULT_HANG_FACTOR,
                    metavar="F", help="a step open F times the median step is a hang "
                    f"(default {DEFAULT_HANG_FACTOR:g})")
-    from renacerd.cli.gc import add_retention, policy_of
+    from renacerd.cli.gc import add_retention
 
     add_retention(p, defaults=True)
-    a = p.parse_args(argv)
+    return p
+
+
+def _settings(a: argparse.Namespace) -> tuple[FlightPolicy | None, str | None, Policy] | int:
+    """(flight recorder policy, OTLP endpoint, retention policy) of the options, or the exit
+    status of a bad one."""
+    from renacerd.cli.gc import policy_of
+
     flight = None
     if not math.isfinite(a.flight_hang_factor) or a.flight_hang_factor <= 1:
         return fail(PROG, f"--flight-hang-factor must be a number above 1, not "
@@ -58,8 +72,8 @@ def main(argv: list[str]) -> int:
         except RetentionError as e:
             return fail(PROG, f"--flight-recorder: {e}")
     from renacerd.sinks import SinkError
-    from renacerd.sinks.clickhouse import ClickHouseSink, parse_url
-    from renacerd.sinks.otlp import OtlpExporter, resolve_endpoint
+    from renacerd.sinks.clickhouse import parse_url
+    from renacerd.sinks.otlp import resolve_endpoint
     from renacerd.store.database import default_db_path
     from renacerd.store.retention import DEFAULT_SIZE, DEFAULT_TIME, RetentionError
 
@@ -71,28 +85,27 @@ def main(argv: list[str]) -> int:
                            a.db or default_db_path(), a.keep_steps)
     except (SinkError, RetentionError) as e:
         return fail(PROG, str(e))
-    if os.geteuid() != 0:
-        return fail(PROG, "must run as root (BPF needs CAP_BPF and CAP_PERFMON); try sudo")
-    from renacerd.serve.notify import Notifier
+    return flight, otlp, policy
+
+
+def _start(a: argparse.Namespace, flight: FlightPolicy | None, notifier: Notifier, db: str
+           ) -> tuple[Service, str] | int:
+    """(the service, its front socket's path): the probes loaded and the front socket open,
+    or the exit status of a failure."""
     from renacerd.serve.service import (
         Service,
         ServiceError,
-        check_handed_socket,
-        listen,
         load_capture,
+        open_front,
         renacer_gid,
     )
     from renacerd.serve.span_server import sockets_from_systemd
     from renacerd.store.database import StoreError
-    from renacerd.store.retention import RetentionLoop
 
-    logging.basicConfig(level=logging.INFO, format="renacerd: %(message)s")
-    notifier = Notifier.from_environment()
     gid = renacer_gid(a.group)
     # Sockets and anything else made here: never open to every user. (The store sets its
     # own modes whatever the umask: renacerd.store.database.)
     os.umask(0o027)
-    db = a.db or default_db_path()
     handed = sockets_from_systemd()
     capture = None
     try:
@@ -101,16 +114,7 @@ def main(argv: list[str]) -> int:
         # The one compile: every run is a slot of these probes.
         notifier.status("checking that BPF programs load")
         capture = load_capture()
-        if handed:
-            sock, unlink = handed[0], None
-            check_handed_socket(sock)
-            path = sock.getsockname()
-            path = path.decode() if isinstance(path, bytes) else path
-        else:
-            path = a.socket or DEFAULT_SOCKET
-            if gid is None:
-                logging.warning("group %r does not exist: only root can connect", a.group)
-            sock, unlink = listen(path, gid), path
+        sock, unlink, path = open_front(handed, a.socket, gid, a.group)
         runs_dir = a.runs_dir or os.path.join(os.path.dirname(path) or ".", "runs")
         service = Service(sock, db, runs_dir, notifier, unlink_path=unlink, group=a.group,
                           capture=capture, flight=flight)
@@ -122,6 +126,15 @@ def main(argv: list[str]) -> int:
             return fail(PROG, f"{e.strerror or e}: {getattr(e, 'filename', '') or ''}"
                         .rstrip(": "))
         return fail(PROG, str(e))
+    return service, path
+
+
+def _serve(service: Service, a: argparse.Namespace, db: str, otlp: str | None,
+           policy: Policy, notifier: Notifier, path: str) -> int:
+    """Serve until SIGTERM or SIGINT, with the sinks and the retention loop alongside."""
+    from renacerd.sinks.clickhouse import ClickHouseSink
+    from renacerd.sinks.otlp import OtlpExporter
+    from renacerd.store.retention import RetentionLoop
 
     def _stop(signum: int, frame: object) -> None:
         # The handler runs in the main thread; stopping joins children, so do it elsewhere.
@@ -152,6 +165,27 @@ def main(argv: list[str]) -> int:
     logging.info("stopped")
     return 0
 
+
+def main(argv: list[str]) -> int:
+    """Entry point of `renacerd serve`."""
+    a = _parser().parse_args(argv)
+    settings = _settings(a)
+    if isinstance(settings, int):
+        return settings
+    flight, otlp, policy = settings
+    if os.geteuid() != 0:
+        return fail(PROG, "must run as root (BPF needs CAP_BPF and CAP_PERFMON); try sudo")
+    from renacerd.serve.notify import Notifier
+    from renacerd.store.database import default_db_path
+
+    logging.basicConfig(level=logging.INFO, format="renacerd: %(message)s")
+    notifier = Notifier.from_environment()
+    db = a.db or default_db_path()
+    started = _start(a, flight, notifier, db)
+    if isinstance(started, int):
+        return started
+    service, path = started
+    return _serve(service, a, db, otlp, policy, notifier, path)
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

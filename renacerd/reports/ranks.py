@@ -110,9 +110,8 @@ def _latest_start(starts: np.ndarray, ts: np.ndarray) -> np.ndarray:
     return np.cumsum(marks[: len(ts)]) - 1
 
 
-def _rank_steps(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan, spans: list[Any],
-                strings: list[bytes], cache: dict[str, dict]) -> RankSteps | None:
-    """Per-step totals and profile of one rank process (None: it has no step spans)."""
+def _step_spans(spans: list[Any], cache: dict[str, dict]) -> tuple[dict[int, Any], list[Any]]:
+    """The outermost span of each step (step value -> span), and the collective spans."""
     best: dict[int, Any] = {}
     colls = []
     for sp in spans:
@@ -128,6 +127,85 @@ def _rank_steps(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan, spans:
         if old is None or sp.end_mono_nanos - sp.start_mono_nanos > (
                 old.end_mono_nanos - old.start_mono_nanos):
             best[step] = sp  # nested spans of one step: the outermost is the step
+    return best, colls
+
+
+def _collectives(store: Store, run: RunInfo, proc_id: int, colls: list[Any],
+                 cache: dict[str, dict]) -> tuple[list[Collective], dict[str, np.ndarray]]:
+    """The process's collectives by start (c10d spans and bare NCCL calls), and its GPU
+    columns."""
+    colls.sort(key=lambda s: s.start_mono_nanos)
+    calls = [Collective.of(s, _attrs(s, cache), None) for s in colls]
+    gcols = store.columns(run.id, proc_id, "gpu", GPU_LAYOUT)
+    # NCCL calls outside c10d spans (DDP's reducer, a C++ or NCCL-only program) are
+    # collectives of their own; inside one, the span already is the collective.
+    calls.extend(nccl_collectives(gcols, [(c.start_ns, c.end_ns) for c in calls]))
+    calls.sort(key=lambda c: c.start_ns)
+    return calls, gcols
+
+
+def _gpu_sync_ns(gcols: dict[str, np.ndarray], n: int,
+                 on_step_thread: Callable[..., tuple[np.ndarray, np.ndarray]],
+                 outside_collectives: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Per step, the time its thread spent in GPU synchronisation outside collectives."""
+    gpu_sync_ns = np.zeros(n, dtype=np.int64)
+    if len(gcols["ts"]):
+        fn = gcols["fn"].astype(np.int64)
+        gk, gsel = on_step_thread(gcols["ts"], gcols["tid"])
+        gsel &= _GPU_SYNC[np.minimum(fn, len(_GPU_SYNC) - 1)] & outside_collectives(gcols["ts"])
+        gpu_sync_ns = np.bincount(gk[gsel], weights=gcols["dur"][gsel].astype(np.float64),
+                                  minlength=n).astype(np.int64)
+    return gpu_sync_ns
+
+
+def _step_syscalls(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan,
+                   strings: list[bytes],
+                   on_step_thread: Callable[..., tuple[np.ndarray, np.ndarray]],
+                   outside_collectives: Callable[[np.ndarray], np.ndarray]
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(step index, ns, syscall nr, file's string id) of each call on a step's thread
+    outside collectives."""
+    t = UnifiedTrace(p.pid, p.name)
+    t.process = p
+    t.columns = store.columns(run.id, proc_id)
+    t.strings = strings
+    if run.syscall_table:
+        t.table = run.syscall_table
+    c = t.columns
+    ts, dur = c["ts"], c["dur"].astype(np.int64)
+    k, sel = on_step_thread(ts, c["tid"])
+    sel &= outside_collectives(ts)
+    idx = np.flatnonzero(sel)
+    k = k[idx]
+    dur = dur[idx]
+    nr = c["nr"][idx].astype(np.int64)
+    fdp = fd_path_ids(t)[idx]  # files named as everywhere else: fdtrack's replay
+    s0 = c["s0"][idx]
+    path = np.where(fdp >= 0, fdp, s0).astype(np.int64)
+    del t, c, fdp, s0
+    return k, dur, nr, path
+
+
+def _syscall_profile(k: np.ndarray, dur: np.ndarray, nr: np.ndarray, path: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[int, int]],
+                                int]:
+    """The sparse (step, code) profile: (rows, ns, calls, keys, codes per step)."""
+    # (nr, file) -> code through compact path ids, then (step, code) -> profile row
+    upath, cpath = _factorize(path + 1)
+    span = int(nr.max()) + 1 if len(nr) else 1
+    ukey, code = _factorize(cpath * span + nr)
+    keys = [(int(u % span), int(upath[u // span]) - 1) for u in ukey.tolist()]
+    ncode = max(len(keys), 1)
+    ustep, row = _factorize(k * ncode + code)
+    ns = np.bincount(row, weights=dur).astype(np.int64)
+    calls = np.bincount(row).astype(np.int64)
+    return ustep, ns, calls, keys, ncode
+
+
+def _rank_steps(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan, spans: list[Any],
+                strings: list[bytes], cache: dict[str, dict]) -> RankSteps | None:
+    """Per-step totals and profile of one rank process (None: it has no step spans)."""
+    best, colls = _step_spans(spans, cache)
     if not best:
         return None
     order = sorted(best.values(), key=lambda s: s.start_mono_nanos)
@@ -137,13 +215,7 @@ def _rank_steps(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan, spans:
     tids = np.array([s.thread_id or 0 for s in order], dtype=np.int64)
     n = len(order)
 
-    colls.sort(key=lambda s: s.start_mono_nanos)
-    calls = [Collective.of(s, _attrs(s, cache), None) for s in colls]
-    gcols = store.columns(run.id, proc_id, "gpu", GPU_LAYOUT)
-    # NCCL calls outside c10d spans (DDP's reducer, a C++ or NCCL-only program) are
-    # collectives of their own; inside one, the span already is the collective.
-    calls.extend(nccl_collectives(gcols, [(c.start_ns, c.end_ns) for c in calls]))
-    calls.sort(key=lambda c: c.start_ns)
+    calls, gcols = _collectives(store, run, proc_id, colls, cache)
     cs = np.array([c.start_ns for c in calls], dtype=np.int64)
     ce = np.array([c.end_ns for c in calls], dtype=np.int64)
     ck = np.searchsorted(starts, cs, side="right") - 1
@@ -166,34 +238,12 @@ def _rank_steps(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan, spans:
         kk = np.maximum(k, 0)
         return kk, (k >= 0) & (ts < ends[kk]) & (tid.astype(np.int64) == tids[kk])
 
-    gpu_sync_ns = np.zeros(n, dtype=np.int64)
-    if len(gcols["ts"]):
-        fn = gcols["fn"].astype(np.int64)
-        gk, gsel = on_step_thread(gcols["ts"], gcols["tid"])
-        gsel &= _GPU_SYNC[np.minimum(fn, len(_GPU_SYNC) - 1)] & outside_collectives(gcols["ts"])
-        gpu_sync_ns = np.bincount(gk[gsel], weights=gcols["dur"][gsel].astype(np.float64),
-                                  minlength=n).astype(np.int64)
+    gpu_sync_ns = _gpu_sync_ns(gcols, n, on_step_thread, outside_collectives)
     comms = comm_inits(gcols)
     del gcols
 
-    t = UnifiedTrace(p.pid, p.name)
-    t.process = p
-    t.columns = store.columns(run.id, proc_id)
-    t.strings = strings
-    if run.syscall_table:
-        t.table = run.syscall_table
-    c = t.columns
-    ts, dur = c["ts"], c["dur"].astype(np.int64)
-    k, sel = on_step_thread(ts, c["tid"])
-    sel &= outside_collectives(ts)
-    idx = np.flatnonzero(sel)
-    k = k[idx]
-    dur = dur[idx]
-    nr = c["nr"][idx].astype(np.int64)
-    fdp = fd_path_ids(t)[idx]  # files named as everywhere else: fdtrack's replay
-    s0 = c["s0"][idx]
-    path = np.where(fdp >= 0, fdp, s0).astype(np.int64)
-    del t, c, fdp, s0
+    k, dur, nr, path = _step_syscalls(store, run, proc_id, p, strings, on_step_thread,
+                                      outside_collectives)
     wait_lut = np.zeros(max(max(run.syscall_table, default=0), int(nr.max(initial=0))) + 1,
                         dtype=bool)
     wait_lut[[n_ for n_, name in run.syscall_table.items() if name in WAIT_SYSCALLS]] = True
@@ -201,15 +251,7 @@ def _rank_steps(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan, spans:
     wait_sys_ns = np.bincount(k[is_wait], weights=dur[is_wait], minlength=n).astype(np.int64)
     syscall_ns = np.bincount(k, weights=dur, minlength=n).astype(np.int64)
 
-    # (nr, file) -> code through compact path ids, then (step, code) -> profile row
-    upath, cpath = _factorize(path + 1)
-    span = int(nr.max()) + 1 if len(nr) else 1
-    ukey, code = _factorize(cpath * span + nr)
-    keys = [(int(u % span), int(upath[u // span]) - 1) for u in ukey.tolist()]
-    ncode = max(len(keys), 1)
-    ustep, row = _factorize(k * ncode + code)
-    ns = np.bincount(row, weights=dur).astype(np.int64)
-    calls = np.bincount(row).astype(np.int64)
+    ustep, ns, calls, keys, ncode = _syscall_profile(k, dur, nr, path)
     step_ns = ends - starts
     return RankSteps(
         rank=p.dist.rank, pid=p.pid, dist=p.dist, steps=steps, step_ns=step_ns,
@@ -334,19 +376,9 @@ def ranks_data(store: Store, run: RunInfo, min_late_ms: float = DEFAULT_MIN_LATE
                         local_profiles(ranks, run.syscall_table, strings))
 
 
-def steps_report(ranks: list[RankSteps], base: dict[str, Any], min_late_ms: float,
-                 ds: dict[str, Any] | None, waits: list[dict[str, Any]],
-                 ops: list[dict[int, dict[str, int]]], profiles: ProfileSource
-                 ) -> dict[str, Any]:
-    """Stragglers, causes and slow steps from per-step per-rank aggregates (RankSteps, from
-    the local store or ClickHouse's SQL); `ds`, `waits` and `ops` (per rank: step -> {op:
-    calls}) come with them, `profiles` gives the per-step syscall profiles asked for."""
-    if not ranks:
-        return {**base, "steps": [], "stragglers": [], "slow_steps": [], "desync": None,
-                "waiting": []}
-    all_steps = np.unique(np.concatenate([rs.steps for rs in ranks]))
+def _step_index(ranks: list[RankSteps], all_steps: np.ndarray) -> np.ndarray:
+    """at[r, j]: index of step all_steps[j] in rank r's arrays, -1 where the rank lacks it."""
     R, S = len(ranks), len(all_steps)
-    # at[r, j]: index of step all_steps[j] in rank r's arrays, -1 where the rank lacks it
     at = np.full((R, S), -1, dtype=np.int64)
     for r, rs in enumerate(ranks):
         order = np.argsort(rs.steps, kind="stable")
@@ -354,16 +386,25 @@ def steps_report(ranks: list[RankSteps], base: dict[str, Any], min_late_ms: floa
         pos = np.minimum(pos, len(order) - 1)
         hit = rs.steps[order][pos] == all_steps
         at[r, hit] = order[pos[hit]]
+    return at
 
-    def grid(name: str) -> np.ndarray:
-        g = np.full((R, S), np.nan)
-        for r, rs in enumerate(ranks):
-            ok = at[r] >= 0
-            g[r, ok] = getattr(rs, name)[at[r, ok]]
-        return g
 
-    step_g, wait_g, coll_g, ncoll_g = grid("step_ns"), grid("wait_ns"), grid("coll_ns"), \
-        grid("ncoll")
+def _grid(ranks: list[RankSteps], at: np.ndarray, name: str) -> np.ndarray:
+    """(rank, step) grid of one RankSteps array, NaN where the rank lacks the step."""
+    g = np.full(at.shape, np.nan)
+    for r, rs in enumerate(ranks):
+        ok = at[r] >= 0
+        g[r, ok] = getattr(rs, name)[at[r, ok]]
+    return g
+
+
+def _late_steps(ranks: list[RankSteps], at: np.ndarray, all_steps: np.ndarray,
+                min_late_ms: float, ds: dict[str, Any] | None
+                ) -> tuple[np.ndarray, ...]:
+    """(full, straggler, late ns, is late, everyone slow, after desync), one per step."""
+    R, S = at.shape
+    step_g, wait_g, coll_g, ncoll_g = _grid(ranks, at, "step_ns"), _grid(ranks, at, "wait_ns"), \
+        _grid(ranks, at, "coll_ns"), _grid(ranks, at, "ncoll")
     work_g = step_g - wait_g
     # The straggler: the rank that waited least in the step's collectives; the others'
     # median wait beyond its own is how late it was.
@@ -383,21 +424,57 @@ def steps_report(ranks: list[RankSteps], base: dict[str, Any], min_late_ms: floa
     after = all_steps >= ds["step"] if ds is not None else np.zeros(S, dtype=bool)
     is_late &= ~after
     slow &= ~after
+    return full, strag, late, is_late, slow, after
+
+
+def _step_ranks(ranks: list[RankSteps], at: np.ndarray, j: int, step: int,
+                ops: list[dict[int, dict[str, int]]]) -> dict[str, dict[str, Any]]:
+    """The `ranks` of one step's entry: per rank, its times in the step."""
+    per = {}
+    for r, rs in enumerate(ranks):
+        if at[r, j] < 0:
+            continue
+        k = int(at[r, j])
+        per[str(rs.rank)] = {
+            "step_ms": _ms(rs.step_ns[k]), "wait_ms": _ms(rs.wait_ns[k]),
+            "work_ms": _ms(rs.step_ns[k] - rs.wait_ns[k]),
+            "collective_ms": _ms(rs.coll_ns[k]), "wait_syscall_ms": _ms(rs.wait_sys_ns[k]),
+            "gpu_sync_ms": _ms(rs.gpu_sync_ns[k]), "collectives": int(rs.ncoll[k]),
+            "ops": ops[r].get(step, {})}
+    return per
+
+
+def _straggler_list(ranks: list[RankSteps], strag: np.ndarray, is_late: np.ndarray,
+                    full: np.ndarray) -> list[dict[str, Any]]:
+    """The `stragglers`: ranks by the number of steps they were late on."""
+    R = len(ranks)
+    counts = np.bincount(strag[is_late], minlength=R)
+    n_full = max(int(full.sum()), 1)
+    return [{"rank": ranks[r].rank, "steps": int(counts[r]),
+             "share": round(float(counts[r]) / n_full, 4),
+             "repeat": bool(counts[r] >= 2 and counts[r] / n_full >= REPEAT_SHARE)}
+            for r in np.argsort(-counts, kind="stable").tolist() if counts[r]]
+
+
+def steps_report(ranks: list[RankSteps], base: dict[str, Any], min_late_ms: float,
+                 ds: dict[str, Any] | None, waits: list[dict[str, Any]],
+                 ops: list[dict[int, dict[str, int]]], profiles: ProfileSource
+                 ) -> dict[str, Any]:
+    """Stragglers, causes and slow steps from per-step per-rank aggregates (RankSteps, from
+    the local store or ClickHouse's SQL); `ds`, `waits` and `ops` (per rank: step -> {op:
+    calls}) come with them, `profiles` gives the per-step syscall profiles asked for."""
+    if not ranks:
+        return {**base, "steps": [], "stragglers": [], "slow_steps": [], "desync": None,
+                "waiting": []}
+    all_steps = np.unique(np.concatenate([rs.steps for rs in ranks]))
+    at = _step_index(ranks, all_steps)
+    full, strag, late, is_late, slow, after = _late_steps(ranks, at, all_steps, min_late_ms,
+                                                          ds)
     late_steps = [int(all_steps[j]) for j in np.flatnonzero(is_late).tolist()]
     profs = profiles(late_steps) if late_steps else {}
     steps_out = []
     for j, step in enumerate(all_steps.tolist()):
-        per = {}
-        for r, rs in enumerate(ranks):
-            if at[r, j] < 0:
-                continue
-            k = int(at[r, j])
-            per[str(rs.rank)] = {
-                "step_ms": _ms(rs.step_ns[k]), "wait_ms": _ms(rs.wait_ns[k]),
-                "work_ms": _ms(rs.step_ns[k] - rs.wait_ns[k]),
-                "collective_ms": _ms(rs.coll_ns[k]), "wait_syscall_ms": _ms(rs.wait_sys_ns[k]),
-                "gpu_sync_ms": _ms(rs.gpu_sync_ns[k]), "collectives": int(rs.ncoll[k]),
-                "ops": ops[r].get(step, {})}
+        per = _step_ranks(ranks, at, j, step, ops)
         straggler = None
         if is_late[j]:
             s = int(strag[j])
@@ -407,12 +484,7 @@ def steps_report(ranks: list[RankSteps], base: dict[str, Any], min_late_ms: floa
                          "causes": _causes(profs[step], resid, s, float(late[j]))}
         steps_out.append({"step": step, "ranks": per, "straggler": straggler,
                           "everyone_slow": bool(slow[j]), "after_desync": bool(after[j])})
-    counts = np.bincount(strag[is_late], minlength=R)
-    n_full = max(int(full.sum()), 1)
-    stragglers = [{"rank": ranks[r].rank, "steps": int(counts[r]),
-                   "share": round(float(counts[r]) / n_full, 4),
-                   "repeat": bool(counts[r] >= 2 and counts[r] / n_full >= REPEAT_SHARE)}
-                  for r in np.argsort(-counts, kind="stable").tolist() if counts[r]]
+    stragglers = _straggler_list(ranks, strag, is_late, full)
     return {**base, "steps": steps_out, "stragglers": stragglers,
             "slow_steps": all_steps[slow].tolist(), "desync": ds, "waiting": waits}
 

@@ -39,6 +39,35 @@ def pruned_line(p: dict[str, Any] | None) -> str | None:
     return f"!! run pruned by retention: {what}\n"
 
 
+def _process_entry(t: UnifiedTrace, s: dict[str, Any]) -> dict[str, Any]:
+    """One item of `processes`: the process and its summary."""
+    p = t.process
+    entry: dict[str, Any] = {
+        "pid": p.pid,
+        "ppid": p.ppid,
+        "comm": p.name,
+        "exe": p.exe,
+        "argv": p.argv,
+        "exit_code": p.exit_code,
+        "exit_signal": p.exit_signal,
+        "start_mono_ns": p.start_mono_ns,
+        "end_mono_ns": p.end_mono_ns,
+        "attached": p.attached,
+        "rank": rank_entry(p),
+        "events": s["events"],
+        "threads": s["threads"],
+        "syscalls": s["syscalls"],
+        # keyed by absolute path; see docs/counters.md for what cannot be resolved
+        "files": dict(sorted(s["files"].items(),
+                             key=lambda kv: (-(kv[1]["bytes_read"] + kv[1]["bytes_written"]),
+                                             kv[0]))),
+    }
+    if s.get("stopped_following"):
+        entry["stopped_following"] = s["stopped_following"]
+    entry["gpu"] = s["gpu"]
+    return entry
+
+
 def show_data(run: RunInfo, traces: list[UnifiedTrace],
               agg: dict[str, Any] | None = None) -> dict[str, Any]:
     """The `renacer show --json` contract (more keys than the contract are fine); `agg`: a
@@ -50,31 +79,7 @@ def show_data(run: RunInfo, traces: list[UnifiedTrace],
     label_traces(traces)
     procs = []
     for t, s in zip(traces, sums):
-        p = t.process
-        entry: dict[str, Any] = {
-            "pid": p.pid,
-            "ppid": p.ppid,
-            "comm": p.name,
-            "exe": p.exe,
-            "argv": p.argv,
-            "exit_code": p.exit_code,
-            "exit_signal": p.exit_signal,
-            "start_mono_ns": p.start_mono_ns,
-            "end_mono_ns": p.end_mono_ns,
-            "attached": p.attached,
-            "rank": rank_entry(p),
-            "events": s["events"],
-            "threads": s["threads"],
-            "syscalls": s["syscalls"],
-            # keyed by absolute path; see docs/counters.md for what cannot be resolved
-            "files": dict(sorted(s["files"].items(),
-                                 key=lambda kv: (-(kv[1]["bytes_read"] + kv[1]["bytes_written"]),
-                                                 kv[0]))),
-        }
-        if s.get("stopped_following"):
-            entry["stopped_following"] = s["stopped_following"]
-        entry["gpu"] = s["gpu"]
-        procs.append(entry)
+        procs.append(_process_entry(t, s))
     return {
         "run": run.name,
         "status": run.status,

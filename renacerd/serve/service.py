@@ -37,7 +37,7 @@ from renacerd.client.protocol import Ack, Dump, Message, ServiceStatus, StatusQu
 from renacerd.serve.flight import TRIM_EVERY_S, FlightPolicy, FlightRun, exit_reason
 from renacerd.serve.loglimit import LimitedLog
 from renacerd.serve.notify import Notifier
-from renacerd.serve.span_feed import SpanFeed
+from renacerd.serve.span_feed import DEFAULT_SOCKET, SpanFeed
 from renacerd.serve.span_server import Admit, OnMessage, PeerCred, SpanServer, bind_socket
 from renacerd.store.database import Store, StoreError
 from renacerd.store.flight import finish_flight, fold_events
@@ -573,3 +573,20 @@ def check_handed_socket(sock: socket.socket) -> None:
         st = os.stat(name)
         if not stat.S_ISSOCK(st.st_mode):
             raise ServiceError(f"{name} is not a socket")
+
+
+def open_front(handed: list[socket.socket], path: Optional[str], gid: Optional[int],
+               group: str) -> tuple[socket.socket, Optional[str], str]:
+    """The front socket: the one systemd handed over (checked), else one bound at `path`
+    (default DEFAULT_SOCKET) for `gid`; (socket, path to unlink at stop or None, its path)."""
+    if handed:
+        sock, unlink = handed[0], None
+        check_handed_socket(sock)
+        path = sock.getsockname()
+        path = path.decode() if isinstance(path, bytes) else path
+    else:
+        path = path or DEFAULT_SOCKET
+        if gid is None:
+            log.warning("group %r does not exist: only root can connect", group)
+        sock, unlink = listen(path, gid), path
+    return sock, unlink, path

@@ -271,6 +271,10 @@ class SpanServer:
         self._idle_timeout = idle_timeout
         self._take_rings = rings
         self.name = name
+        self._init_state(path, warnings)
+
+    def _init_state(self, path: Optional[str], warnings: Optional[LimitedLog]) -> None:
+        """The connections, selector, buffers and counters of a server not started yet."""
         self._conns: dict[int, _Conn] = {}
         self._rings: dict[int, _Conn] = {}
         self._next_ring_poll = 0.0

@@ -366,19 +366,7 @@ class Store(StoreReaders, FlightTables):
         if not create and not exists:
             raise StoreError(f"no store at {self.path}")
         if create:
-            gid = _store_gid(group)
-            try:
-                _make_store_dir(p.parent, gid)
-            except OSError as e:
-                raise StoreError(f"cannot create {p.parent}: {e.strerror}") from e
-            if p.exists() and not os.access(self.path, os.W_OK):
-                raise StoreError(f"store {self.path} is not writable")
-            if not p.exists() and not os.access(p.parent, os.W_OK):
-                raise StoreError(f"cannot write in {p.parent}")
-            try:
-                made = _make_store_file(self.path, gid)
-            except OSError as e:
-                raise StoreError(f"cannot create {self.path}: {e.strerror}") from e
+            gid, made = self._make_files(p, group)
         try:
             self.db = sqlite3.connect(self.path, timeout=10.0, check_same_thread=False,
                                       isolation_level=None)
@@ -402,28 +390,7 @@ class Store(StoreReaders, FlightTables):
                 raise StoreError(f"store {self.path}: cannot enable WAL (journal_mode={mode})")
             self.db.execute("PRAGMA synchronous=NORMAL")
             if create:
-                self.db.executescript(SCHEMA + FLIGHT_SCHEMA)
-                cols = {r[1] for r in self.db.execute("PRAGMA table_info(runs)")}
-                if "source_counters" not in cols:  # stores made before the CUDA layer
-                    self.db.execute("ALTER TABLE runs ADD COLUMN source_counters TEXT")
-                if "truncated" not in cols:  # schema 1
-                    self.db.execute(
-                        "ALTER TABLE runs ADD COLUMN truncated INTEGER NOT NULL DEFAULT 0")
-                pcols = {r[1] for r in self.db.execute("PRAGMA table_info(processes)")}
-                for c in DIST_COLUMNS:  # stores made before ranks
-                    if c not in pcols:
-                        self.db.execute(f"ALTER TABLE processes ADD COLUMN {c} "
-                                        f"{_DIST_TYPES.get(c, 'INTEGER')}")
-                self.db.execute(
-                    "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
-                    (str(SCHEMA_VERSION),),
-                )
-                old = self.db.execute(
-                    "SELECT value FROM meta WHERE key='schema_version'").fetchone()
-                if old is not None and old[0].isdigit() and int(old[0]) in READABLE_SCHEMAS:
-                    # chunks of schema 1 read as they are (aux and mode 0)
-                    self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'",
-                                    (str(SCHEMA_VERSION),))
+                self._create_schema()
             ver = self.db.execute(
                 "SELECT value FROM meta WHERE key='schema_version'"
             ).fetchone()
@@ -431,6 +398,49 @@ class Store(StoreReaders, FlightTables):
             raise StoreError(f"{self.path} is not a renacer store ({e})") from e
         if ver is None or not ver[0].isdigit() or int(ver[0]) not in READABLE_SCHEMAS:
             raise StoreError(f"{self.path}: unsupported store schema {ver and ver[0]}")
+
+    def _make_files(self, p: Path, group: str) -> tuple[int | None, bool]:
+        """Make the store's directory and file if missing: (their group id, whether the file
+        was made here)."""
+        gid = _store_gid(group)
+        try:
+            _make_store_dir(p.parent, gid)
+        except OSError as e:
+            raise StoreError(f"cannot create {p.parent}: {e.strerror}") from e
+        if p.exists() and not os.access(self.path, os.W_OK):
+            raise StoreError(f"store {self.path} is not writable")
+        if not p.exists() and not os.access(p.parent, os.W_OK):
+            raise StoreError(f"cannot write in {p.parent}")
+        try:
+            made = _make_store_file(self.path, gid)
+        except OSError as e:
+            raise StoreError(f"cannot create {self.path}: {e.strerror}") from e
+        return gid, made
+
+    def _create_schema(self) -> None:
+        """The tables, the columns added since schema 1 and the schema version."""
+        self.db.executescript(SCHEMA + FLIGHT_SCHEMA)
+        cols = {r[1] for r in self.db.execute("PRAGMA table_info(runs)")}
+        if "source_counters" not in cols:  # stores made before the CUDA layer
+            self.db.execute("ALTER TABLE runs ADD COLUMN source_counters TEXT")
+        if "truncated" not in cols:  # schema 1
+            self.db.execute(
+                "ALTER TABLE runs ADD COLUMN truncated INTEGER NOT NULL DEFAULT 0")
+        pcols = {r[1] for r in self.db.execute("PRAGMA table_info(processes)")}
+        for c in DIST_COLUMNS:  # stores made before ranks
+            if c not in pcols:
+                self.db.execute(f"ALTER TABLE processes ADD COLUMN {c} "
+                                f"{_DIST_TYPES.get(c, 'INTEGER')}")
+        self.db.execute(
+            "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+            (str(SCHEMA_VERSION),),
+        )
+        old = self.db.execute(
+            "SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if old is not None and old[0].isdigit() and int(old[0]) in READABLE_SCHEMAS:
+            # chunks of schema 1 read as they are (aux and mode 0)
+            self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'",
+                            (str(SCHEMA_VERSION),))
 
     # -- writing ---------------------------------------------------------------------
     def _tx(self) -> None:

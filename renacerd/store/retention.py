@@ -269,16 +269,7 @@ class Retention:
         tag_spans(traces)
         agg = compute(traces, span_summaries(traces))
         steps = steps_of(info, traces)
-        order = [str(s["step"]) for s in steps]
-        why: dict[str, list[str]] = {}
-        for i, s in enumerate(steps):
-            key = str(s["step"])
-            if i < n:
-                why.setdefault(key, []).append("first")
-            if i >= len(steps) - n:
-                why.setdefault(key, []).append("last")
-            if s.get("outliers"):
-                why.setdefault(key, []).append("anomalous: " + ", ".join(s["outliers"]))
+        order, why = _kept_steps(steps, n)
         drop = {k for k in order if k not in why}
         if not drop:
             return None
@@ -295,21 +286,7 @@ class Retention:
                 return None
             before = self.usage_of(info.id)
             st.write_aggregates(info.id, agg)
-            for (proc_id, _), t in zip(procs, traces):
-                if not len(t):
-                    continue
-                keep = ~dropped_span[t.span_index]
-                if keep.all():
-                    continue
-                self.db.execute("DELETE FROM chunks WHERE run_id=? AND proc_id=? AND "
-                                "layer='sys'", (info.id, proc_id))
-                idx = np.flatnonzero(keep)
-                for lo in range(0, len(idx), STEP_CHUNK_EVENTS):
-                    part = idx[lo:lo + STEP_CHUNK_EVENTS]
-                    cols = {k: v[part] for k, v in t.columns.items()}
-                    ts = cols["ts"]
-                    st.add_encoded_chunk(info.id, proc_id, encode(cols), len(ts), int(ts[0]),
-                                         int(ts[-1]))
+            self._rewrite_kept(info, procs, traces, dropped_span)
             after = self.usage_of(info.id)
             u = _Usage(before.chunks - after.chunks, before.events - after.events,
                        before.bytes - after.bytes, before.first_id)
@@ -319,6 +296,27 @@ class Retention:
             self.store._abandon()
             raise
         return Action(info.name, "keep-steps", u.chunks, u.events, u.bytes)
+
+    def _rewrite_kept(self, info: RunInfo, procs: list[tuple[int, Any]], traces: list[Any],
+                      dropped_span: np.ndarray) -> None:
+        """Rewrite each process's syscall chunks with only the events of kept steps (inside
+        the caller's transaction)."""
+        st = self.store
+        for (proc_id, _), t in zip(procs, traces):
+            if not len(t):
+                continue
+            keep = ~dropped_span[t.span_index]
+            if keep.all():
+                continue
+            self.db.execute("DELETE FROM chunks WHERE run_id=? AND proc_id=? AND "
+                            "layer='sys'", (info.id, proc_id))
+            idx = np.flatnonzero(keep)
+            for lo in range(0, len(idx), STEP_CHUNK_EVENTS):
+                part = idx[lo:lo + STEP_CHUNK_EVENTS]
+                cols = {k: v[part] for k, v in t.columns.items()}
+                ts = cols["ts"]
+                st.add_encoded_chunk(info.id, proc_id, encode(cols), len(ts), int(ts[0]),
+                                     int(ts[-1]))
 
     @_writes
     def delete_run(self, info: RunInfo) -> None:
@@ -374,17 +372,7 @@ class Retention:
         actions: list[Action] = []
         done: set[int] = set()
         if policy.keep_steps is not None and policy.steps_of is not None:
-            for r in ended:
-                if r.pruned is not None:
-                    continue
-                if dry_run:
-                    continue  # what would go needs the pass's own analysis
-                a = self.prune_steps(r, policy.keep_steps, policy.steps_of)
-                if a is not None:
-                    self.reclaim()
-                    actions.append(a)
-                    if on_action is not None:
-                        on_action(a)
+            self._prune_steps_of(ended, policy, dry_run, actions, on_action)
             usage = self.usage()
             runs = [r for r in self.store.runs() if r.id in usage]
             ended = [r for r in runs if r.status != "running"]
@@ -408,9 +396,31 @@ class Retention:
                 continue
             actions.append(self._prune(r, "size", usage[r.id], dry_run, on_action))
             used = used - usage[r.id].bytes if dry_run else self.used()
+        self._prune_live(live, usage, used, policy.size, dry_run, actions)
+        return actions
+
+    def _prune_steps_of(self, ended: list[RunInfo], policy: Policy, dry_run: bool,
+                        actions: list[Action],
+                        on_action: Callable[[Action], None] | None) -> None:
+        """The keep-steps pass over the ended runs not pruned yet (none in a dry run)."""
+        for r in ended:
+            if r.pruned is not None:
+                continue
+            if dry_run:
+                continue  # what would go needs the pass's own analysis
+            a = self.prune_steps(r, policy.keep_steps, policy.steps_of)
+            if a is not None:
+                self.reclaim()
+                actions.append(a)
+                if on_action is not None:
+                    on_action(a)
+
+    def _prune_live(self, live: list[RunInfo], usage: dict[int, _Usage], used: int, size: int,
+                    dry_run: bool, actions: list[Action]) -> None:
+        """Last resort: the oldest chunk groups of live runs while the store is over `size`."""
         for r in live:
             u = usage[r.id]
-            while used > policy.size and u.chunks > 0:
+            while used > size and u.chunks > 0:
                 if dry_run:
                     a = Action(r.name, "live", min(u.chunks, CHUNK_GROUP), 0, 0)
                     u.chunks -= a.chunks
@@ -423,7 +433,6 @@ class Retention:
                     self.reclaim()
                     used = self.used()
                 _merge(actions, a)
-        return actions
 
     def _prune(self, r: RunInfo, reason: str, u: _Usage, dry_run: bool,
                on_action: Callable[[Action], None] | None) -> Action:
@@ -446,6 +455,21 @@ def _merge(actions: list[Action], a: Action) -> None:
         prev.bytes += a.bytes
     else:
         actions.append(a)
+
+
+def _kept_steps(steps: list[dict[str, Any]], n: int) -> tuple[list[str], dict[str, list[str]]]:
+    """(every step in order, step -> why it is kept: first, last, anomalous)."""
+    order = [str(s["step"]) for s in steps]
+    why: dict[str, list[str]] = {}
+    for i, s in enumerate(steps):
+        key = str(s["step"])
+        if i < n:
+            why.setdefault(key, []).append("first")
+        if i >= len(steps) - n:
+            why.setdefault(key, []).append("last")
+        if s.get("outliers"):
+            why.setdefault(key, []).append("anomalous: " + ", ".join(s["outliers"]))
+    return order, why
 
 
 class RetentionLoop:
