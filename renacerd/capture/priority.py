@@ -88,7 +88,8 @@ def ensure_liftable() -> None:
 
 
 class PriorityGuard:
-    """A tracer Source: lowers the daemon to SCHED_IDLE and runs the guard process."""
+    """Lowers the daemon to SCHED_IDLE and runs the guard process; hooked to a tracer by
+    attach() (a heartbeat at each flush, its counters with the run's)."""
 
     def __init__(self, rings: list[tuple[int, int]]) -> None:
         """`rings`: (map fd, data size) of each BPF ring buffer to watch. Start the traced
@@ -136,15 +137,14 @@ class PriorityGuard:
         self._final = struct.unpack_from("<Q", self._counter_map)[0]
         return self._final
 
-    def on_syscalls(self, tracer, ev, s0) -> None:
-        """Nothing to do per batch."""
+    def attach(self, tracer) -> None:
+        """Beat at each of the tracer's flushes; count with its run."""
+        tracer.on_flush.append(self.beat)
+        tracer.counter_sources.append(self.counters)
 
-    def drain(self, tracer) -> None:
-        """Nothing to drain."""
-
-    def flush(self, tracer) -> None:
-        """A heartbeat for the guard. Never idle without a guard: if it died, back to
-        normal priority for good."""
+    def beat(self) -> None:
+        """A heartbeat for the guard (at each flush). Never idle without a guard: if it
+        died, back to normal priority for good."""
         self.heartbeat()
         if not (self.guard_died or self._stopped) and self._proc.poll() is not None:
             self.guard_died = True

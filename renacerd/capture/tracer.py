@@ -204,6 +204,8 @@ class Tracer:
         """The callbacks, other event sources, the counters of what was lost or left, the host."""
         self.on_process_exit: list[Callable[[ProcState], None]] = []
         self.on_flush: list[Callable[[], None]] = []
+        # counters kept by others (the priority guard), persisted with the run's
+        self.counter_sources: list[Callable[[], dict[str, int]]] = []
         # Other event sources (CUDA uprobes, ...): see the Source protocol below.
         self.sources: list[Source] = []
         self.source_errors: list[str] = []
@@ -717,6 +719,8 @@ class Tracer:
         }
         for src in self.sources:
             out.update(src.counters())
+        for counters in self.counter_sources:
+            out.update(counters())
         return out
 
     def flush(self) -> None:

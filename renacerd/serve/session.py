@@ -303,7 +303,7 @@ class Session:
             if out.error is None and c.priority == "idle":
                 guard = self._guard(probes, cuda_src)
                 if guard is not None:
-                    tracer.sources.append(guard)
+                    guard.attach(tracer)
                     stack.callback(guard.close)  # first: normal priority for the final flush
             if c.ready_fd is not None and not out.gone:
                 # Probes attached, the first commit done, the daemon at its priority:
