@@ -27,7 +27,6 @@ from tests.conftest import needs_root, run_cli
 from tests.e2e import test_clickhouse as ch
 from tests.e2e.test_ranks_torchrun import FSYNC, MIN_LATE, READ, SLEEP, _port, _trace
 
-SERVER = ch.SERVER
 HOSTS = {"host-a": (0, 1), "host-b": (2,)}
 # host-b's clock runs this far ahead of host-a's (ns): what its clock offset must come to
 SHIFT_NS = 1_000_250_000_000
@@ -38,16 +37,7 @@ OFFSET_TOL_MS = 20.0
 SAME_KEYS = ("steps", "stragglers", "slow_steps", "desync", "waiting")
 
 
-@pytest.fixture(scope="module")
-def server():
-    """The loopback server (scripts/clickhouse.sh), as test_clickhouse starts it."""
-    if not ch._ping():
-        ch._script("start")
-    if not ch._ping():
-        if ch.IN_CI:
-            pytest.fail("scripts/clickhouse.sh could not start ClickHouse under CI")
-        pytest.skip("no ClickHouse server (scripts/clickhouse.sh start failed)")
-    return SERVER
+server = ch.server  # the loopback server fixture (scripts/clickhouse.sh), one definition
 
 
 @pytest.fixture(scope="module")
