@@ -20,6 +20,7 @@ Usage: sudo .venv/bin/python bench/service.py [--rounds 20,5,3] [--storm]
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -207,7 +208,7 @@ def storm(sock: str, tmp: Path, n: int, windows: int) -> dict:
     """The storm traced with 1, 4 and 16 runs live; untraced with 0 and 16 live."""
     exe = build_storm(tmp)
     out: dict = {"syscalls": n, "windows": windows, "traced": {}}
-    count = iter(range(10**6))
+    count = itertools.count()
     for k in LEVELS:
         idle = sleepers(sock, tmp, k - 1, f"idle{k}")
         try:

@@ -35,7 +35,7 @@ class FlightRun:
     reasons: list[str] = field(default_factory=list)
     hung: set[Any] = field(default_factory=set)  # steps already reported hung
     next_trim: float = 0.0
-    trimmed_events: int = 0
+    strings: list[bytes] = field(default_factory=list)  # the run's string table, as folded
 
     def cutoff(self, now_ns: int) -> int:
         """Events that ended before this are folded into aggregates."""
@@ -52,7 +52,7 @@ class FlightRun:
         self.reasons.append(reason)
         return lo, now
 
-    def hang(self, step_ns: Any, open_steps: list[tuple[Any, int]],
+    def hang(self, step_ns: list[int], open_steps: list[tuple[Any, int]],
              now_ns: int) -> Optional[str]:
         """Why a step hangs (open longer than hang_factor x the median step), None if none
         does; each step is reported once."""

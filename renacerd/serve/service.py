@@ -444,7 +444,7 @@ class Service:
             book = run.feed.book if run.feed is not None else None
             try:
                 if book is not None:
-                    why = fl.hang(book.step_ns, book.open_steps(), now)
+                    why = fl.hang(*book.steps(), now)
                     if why is not None:
                         with self.store_lock:
                             fl.keep(self.store, why, now)
@@ -452,10 +452,11 @@ class Service:
                         log.warning("run %s: %s; its flight window is kept", run.name, why)
                 if now_s >= fl.next_trim:
                     fl.next_trim = now_s + TRIM_EVERY_S
-                    fl.trimmed_events += fold_events(self.store, run.name, fl.run_id,
-                                                     fl.cutoff(now), self.store_lock)
-            except StoreError as e:
-                self.warnings.warning("flight", "run %s: flight recorder: %s", run.name, e)
+                    fold_events(self.store, run.name, fl.run_id, fl.cutoff(now),
+                                self.store_lock, fl.strings)
+            except Exception as e:  # the reaper goes on (the run too: traced in full)
+                self.warnings.warning("flight", "run %s: flight recorder: %s: %s", run.name,
+                                      type(e).__name__, e)
 
     def _flight_end(self, run: ServiceRun, tracer: Tracer, status: str) -> None:
         """The job ended: a failure (non-zero exit, a signal, a run not complete) keeps the
@@ -471,9 +472,10 @@ class Service:
                 fl.keep(self.store, why, end)
                 self.store.commit()
             log.warning("run %s: %s; its flight window is kept", run.name, why)
-        fl.trimmed_events += fold_events(self.store, run.name, fl.run_id,
-                                         fl.cutoff(end) if fl.kept_from is not None
-                                         else end + 1, self.store_lock)
+        # a kept window keeps everything from its start; else every event is folded
+        fold_events(self.store, run.name, fl.run_id,
+                    fl.kept_from if fl.kept_from is not None else end + 1, self.store_lock,
+                    fl.strings)
         with self.store_lock:
             finish_flight(self.store, run.name, fl.run_id)
 

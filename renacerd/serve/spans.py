@@ -132,7 +132,7 @@ class SpanBook:
         self.ended_by_exit = 0
         self.ended_by_disconnect = 0
         # how long each step span that ended took (the flight recorder's hang check)
-        self.step_ns: deque[int] = deque(maxlen=STEP_TIMES)
+        self._step_ns: deque[int] = deque(maxlen=STEP_TIMES)
 
     def counts(self) -> dict[str, int]:
         """The book's counters and how many spans are open now."""
@@ -232,7 +232,7 @@ class SpanBook:
         self._forget(span, key)
         self.spans_ended += 1
         if span.metadata.step is not None:
-            self.step_ns.append(max(0, msg.mono_ns - span.start.mono_ns))
+            self._step_ns.append(max(0, msg.mono_ns - span.start.mono_ns))
         self._finished.append(self._record(
             span, msg.mono_ns, msg.wall_ns, msg.logical_clock, msg.status, msg.message,
             msg.exception_type))
@@ -367,11 +367,14 @@ class SpanBook:
                 self._finished.append(self._abandon(span, exit_mono_ns, exit_wall_ns, EXITED))
             return len(keys)
 
-    def open_steps(self) -> list[tuple[int, int]]:
-        """(step, start CLOCK_MONOTONIC ns) of every open span that carries a step."""
+    def steps(self) -> tuple[list[int], list[tuple[int, int]]]:
+        """The durations of the last STEP_TIMES step spans that ended, and (step, start
+        CLOCK_MONOTONIC ns) of every open one: one snapshot (the socket thread adds to
+        both)."""
         with self._lock:
-            return [(s.metadata.step, s.start.mono_ns) for s in self._open.values()
-                    if s.metadata.step is not None]
+            return list(self._step_ns), [(s.metadata.step, s.start.mono_ns)
+                                         for s in self._open.values()
+                                         if s.metadata.step is not None]
 
     def drain(self, now_mono_ns: Optional[int] = None) -> list[SpanRecord]:
         """Finished records since the last drain, including abandoned spans past their grace."""

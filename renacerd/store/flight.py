@@ -270,14 +270,25 @@ def _fd_paths(t: Any) -> dict[int, str]:
             for fd, sid in files.final.table.items() if sid >= 0}
 
 
-def _fold_slice(store: Any, info: Any, todo: dict[int, list[int]], lo: int, hi: int) -> int:
+def _grown(store: Any, run_id: int, known: list[bytes]) -> list[bytes]:
+    """`known` (the run's string table as last read) with the strings added since, in
+    place: a fold a second reads only the new ones."""
+    for i, s in store.strings_after(run_id, len(known) - 1):
+        known.extend([b""] * (i - len(known)))
+        known.append(s)
+    return known
+
+
+def _fold_slice(store: Any, info: Any, todo: dict[int, list[int]], lo: int, hi: int,
+                known: list[bytes]) -> int:
     """Fold the chunks `todo` (per proc id) into the partial aggregates and delete them, in
     one transaction; returns the events folded."""
     from renacerd.store.aggregates import compute
     from renacerd.store.database import span_summaries, tag_spans
     from renacerd.trace.unified_trace import UnifiedTrace
 
-    strings = store.strings(info.id)
+    # a copy: the fd replay appends the resolved paths to the traces' table
+    strings = list(_grown(store, info.id, known))
     spans = store.spans_overlapping(info.id, lo, hi)
     procs = store.processes(info.id)
     traces = []
@@ -308,10 +319,13 @@ def _fold_slice(store: Any, info: Any, todo: dict[int, list[int]], lo: int, hi: 
     return events
 
 
-def fold_events(store: Any, run: str, run_id: int, before_ns: int, lock: Any = None) -> int:
+def fold_events(store: Any, run: str, run_id: int, before_ns: int, lock: Any = None,
+                strings: list[bytes] | None = None) -> int:
     """Fold a flight run's syscall events that ended before `before_ns` into its partial
     aggregates and delete them, a slice (SLICE_NS) per transaction, `lock` held for each
-    (the store's writers wait one slice at most). Returns the events folded."""
+    (the store's writers wait one slice at most). `strings`: the run's string table as a
+    caller keeps it between folds (grown here). Returns the events folded."""
+    known = [] if strings is None else strings
     from contextlib import nullcontext
 
     guard = lock if lock is not None else nullcontext()
@@ -333,7 +347,7 @@ def fold_events(store: Any, run: str, run_id: int, before_ns: int, lock: Any = N
                     "SELECT MIN(first_ts) FROM chunks WHERE run_id=? AND layer='sys' AND "
                     "last_ts<?", (run_id, hi)).fetchone()[0]
                 try:
-                    total += _fold_slice(store, info, todo, lo, hi)
+                    total += _fold_slice(store, info, todo, lo, hi, known)
                 except BaseException:
                     store._abandon()
                     raise
