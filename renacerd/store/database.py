@@ -865,6 +865,11 @@ class Store(StoreReaders, FlightTables):
             "AND layer=? ORDER BY id",
             (run_id, proc_id, layer),
         ).fetchall()
+        return self.decode_chunks(rows, layout, layer != "sys")
+
+    def decode_chunks(self, rows: list[tuple], layout: Any, resort: bool = False):
+        """Chunk rows (n, first_ts, last_ts, data) of one process, in id order, decoded into
+        one set of columns sorted by ts (`resort`: their order is not known to be so)."""
         total = sum(r[0] for r in rows)
         cols = {name: np.empty(total, dtype=dt) for name, dt in layout}
         pos = 0
@@ -877,7 +882,7 @@ class Store(StoreReaders, FlightTables):
                 raise StoreError(f"{self.path}: {e}") from e
         # Chunks are sorted inside; only overlapping chunks can leave the whole out of order.
         overlap = any(rows[i][1] < rows[i - 1][2] for i in range(1, len(rows)))
-        if overlap or layer != "sys":
+        if overlap or resort:
             ts = cols["ts"]
             if len(ts) > 1 and (np.diff(ts.view(np.int64)) < 0).any():
                 order = np.argsort(ts, kind="stable")

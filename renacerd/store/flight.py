@@ -158,27 +158,15 @@ class FlightTables:
 
     def chunk_columns(self, ids: list[int]) -> dict[str, np.ndarray]:
         """The syscall columns of the chunks `ids` (one process's, in order), sorted by ts."""
-        from renacerd.columns import SYSCALL_COLUMNS, chunk_len, decode_into
-        from renacerd.store.database import StoreError
+        from renacerd.columns import SYSCALL_COLUMNS
 
-        blobs: list[tuple[int, bytes]] = []
+        rows: list[tuple] = []
         for i in range(0, len(ids), 500):
             part = ids[i:i + 500]
-            blobs += self.db.execute(f"SELECT n, data FROM chunks WHERE id IN "
-                                     f"({','.join('?' * len(part))}) ORDER BY id",
-                                     part).fetchall()
-        total = sum(n for n, _ in blobs)
-        cols = {name: np.empty(total, dtype=dt) for name, dt in SYSCALL_COLUMNS}
-        pos = 0
-        for n, blob in blobs:
-            if chunk_len(blob) != n:
-                raise StoreError(f"{self.path}: chunk says {chunk_len(blob)} events, its row {n}")
-            pos += decode_into(blob, cols, pos, SYSCALL_COLUMNS)
-        ts = cols["ts"]
-        if len(ts) > 1 and (np.diff(ts.view(np.int64)) < 0).any():
-            order = np.argsort(ts, kind="stable")
-            cols = {k: v[order] for k, v in cols.items()}
-        return cols
+            rows += self.db.execute(f"SELECT n, first_ts, last_ts, data FROM chunks WHERE id IN "
+                                    f"({','.join('?' * len(part))}) ORDER BY id",
+                                    part).fetchall()
+        return self.decode_chunks(rows, SYSCALL_COLUMNS)
 
     def partial_sums(self, run_id: int, kind: str) -> dict[str, Any]:
         """The folded summaries of one kind ('process' by proc id, 'span' by span id)."""
