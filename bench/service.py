@@ -14,7 +14,7 @@ is the median of its window ratios, each traced window against the mean of the u
 windows on either side.
 
 Usage: sudo .venv/bin/python bench/service.py [--rounds 20,5,3] [--storm]
-       [--storm-syscalls 2000000] [--storm-windows 5] [--json]
+       [--storm-syscalls 2000000] [--storm-windows 5] [--short-runs 10] [--json]
 """
 
 from __future__ import annotations
@@ -228,6 +228,26 @@ def storm(sock: str, tmp: Path, n: int, windows: int) -> dict:
     return out
 
 
+def short_job(sock: str, runs: int) -> dict:
+    """`renacerd -- true` end to end through the running service, `runs` times: the wall
+    time, CPU (user + system) and peak RSS of the renacerd process tree, each run alone."""
+    wall, cpu, rss = [], [], []
+    for i in range(runs):
+        t0 = time.perf_counter()
+        p = subprocess.Popen([sys.executable, "-m", "renacerd.cli.renacerd_main", "-q",
+                              "--service-socket", sock, "--run", f"true-{i}", "--", "true"],
+                             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, code, ru = os.wait4(p.pid, 0)
+        wall.append(time.perf_counter() - t0)
+        if code:
+            raise RuntimeError(f"renacerd -- true: exit {code}: {p.stderr.read().decode()}")
+        p.stderr.close()
+        cpu.append(ru.ru_utime + ru.ru_stime)
+        rss.append(ru.ru_maxrss / 1024)  # KiB on Linux
+    return {"runs": runs, "wall_p50_s": pct(wall, 0.5), "wall_max_s": max(wall),
+            "cpu_p50_s": pct(cpu, 0.5), "rss_p50_mb": pct(rss, 0.5)}
+
+
 def pct(xs: list[float], q: float) -> float:
     """The q-quantile of xs (nearest rank)."""
     s = sorted(xs)
@@ -245,11 +265,13 @@ def main() -> int:
                     help="syscalls per storm window (default 2,000,000)")
     ap.add_argument("--storm-windows", type=int, default=5, metavar="W",
                     help="traced windows per level, each between two untraced (default 5)")
+    ap.add_argument("--short-runs", type=int, default=10, metavar="N",
+                    help="times `renacerd -- true` runs through the service (default 10)")
     ap.add_argument("--json", action="store_true", help="also print the figures as JSON")
     a = ap.parse_args()
-    if a.storm_syscalls < 1000 or a.storm_windows < 1:
-        print("bench/service.py: --storm-syscalls must be >= 1000 and --storm-windows >= 1",
-              file=sys.stderr)
+    if a.storm_syscalls < 1000 or a.storm_windows < 1 or a.short_runs < 1:
+        print("bench/service.py: --storm-syscalls must be >= 1000, --storm-windows and "
+              "--short-runs >= 1", file=sys.stderr)
         return 2
     if os.geteuid() != 0:
         print("bench/service.py: must run as root", file=sys.stderr)
@@ -281,6 +303,7 @@ def main() -> int:
                                      sample if i == 0 else None)
                 out["levels"][n] = {"requests": len(acks), "p50_s": pct(acks, 0.5),
                                     "p99_s": pct(acks, 0.99), "max_s": max(acks), **sample}
+            out["short_job"] = short_job(sock, a.short_runs)
             if a.storm:
                 out["storm"] = storm(sock, tmp, a.storm_syscalls, a.storm_windows)
         finally:
@@ -295,6 +318,10 @@ def main() -> int:
     for n, f in out["levels"].items():
         print(f"| {n} | {f['requests']} | {1000 * f['p50_s']:.1f} ms | "
               f"{1000 * f['p99_s']:.1f} ms | {f['rss_mb']:.0f} MB | {f['progs']} |")
+    sj = out["short_job"]
+    print(f"\n`renacerd -- true` through the service, {sj['runs']} runs: wall "
+          f"{sj['wall_p50_s']:.3f} s (median; slowest {sj['wall_max_s']:.3f} s), CPU "
+          f"{sj['cpu_p50_s']:.3f} s, peak RSS {sj['rss_p50_mb']:.0f} MB")
     if a.storm:
         st = out["storm"]
         print(f"\nstorm through the service ({st['syscalls']:,} syscalls of getppid + 4 KiB "

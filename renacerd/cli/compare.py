@@ -34,7 +34,7 @@ def _notes(what: str, info: RunInfo | dict) -> list[str]:
     if info.pruned:
         from renacerd.reports.show import pruned_line
 
-        # compared on the events it kept
+        # its syscalls compared on the events it kept, its effects from its aggregates
         notes.append(f"run {what!r}: " + pruned_line(info.pruned).removeprefix("!! ").rstrip())
     return notes
 
@@ -110,8 +110,16 @@ def main(argv: list[str]) -> int:
     from renacerd.compare import Budget, compare_runs
     from renacerd.compare.report import report_data
 
+    try:
+        kept = (loader.effects(info_b), loader.effects(info_c))
+    except LoadError as e:
+        return fail(PROG, str(e))
+    for what, info, eff in ((a.baseline, info_b, kept[0]), (a.candidate, info_c, kept[1])):
+        if eff is None and isinstance(info, RunInfo) and loader.aggregates(info) is not None:
+            sys.stderr.write(f"{PROG}: warning: run {what!r} was pruned before its effects "
+                             "were kept: they come from its remaining events\n")
     comp = compare_runs(base, cand, raw=a.raw, threshold=a.threshold,
-                        budget=Budget(seconds=a.budget), path_maps=maps)
+                        budget=Budget(seconds=a.budget), path_maps=maps, effects=kept)
     data = report_data(comp)
     for side, n in (("baseline", comp.events[0]), ("candidate", comp.events[1])):
         if n == 0:

@@ -21,8 +21,8 @@ def add_retention(p: Parser, defaults: bool) -> None:
                    help=f"drop the events of runs that ended longer ago: 30d, 12h{age}")
     p.add_argument("--keep-steps", metavar="N", type=int,
                    help="in each ended run, keep full events only for the first and last N "
-                        "steps and those show --by step flags as anomalous (the others keep "
-                        "their aggregates)")
+                        "steps, those show --by step flags as anomalous and a sample of N "
+                        "others (the rest keep their aggregates)")
 
 
 def _steps_of(info, traces) -> list:

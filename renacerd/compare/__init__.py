@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from renacerd.compare.effects import EffectsDiff, compare_effects, run_effects
+from renacerd.compare.effects import EffectsDiff, compare_effects
 from renacerd.compare.lcs import Budget, LcsResult, chunked_lcs
 from renacerd.compare.normalize import NormTrace, Vocab, normalize
 from renacerd.compare.pairing import ProcessPair, pair_processes
@@ -19,6 +19,7 @@ from renacerd.compare.score import (
     W_TIMING,
     EquivalenceScore,
 )
+from renacerd.trace.effects import Effects, run_effects
 from renacerd.trace.fdtrack import run_fd_path_ids
 from renacerd.trace.unified_trace import UnifiedTrace
 
@@ -103,9 +104,12 @@ def compare_runs(
     threshold: float = EQUIVALENCE_THRESHOLD,
     budget: Budget | None = None,
     path_maps: Sequence[tuple[str, str]] = (),
+    effects: tuple[Effects | None, Effects | None] = (None, None),
 ) -> Comparison:
     """Compare two traces (or two runs' lists of traces) and keep the details for reports;
-    `path_maps` are (baseline prefix, candidate prefix) pairs added to the inferred ones."""
+    `path_maps` are (baseline prefix, candidate prefix) pairs added to the inferred ones;
+    `effects` the runs' effects where the store keeps them (a pruned run's), else None:
+    from their events."""
 
     single = isinstance(baseline, UnifiedTrace) and isinstance(candidate, UnifiedTrace)
     bl, cl = _as_run(baseline), _as_run(candidate)
@@ -134,7 +138,8 @@ def compare_runs(
     t_c = sum(int(nc.dur().sum()) for _, nc in norms if nc is not None)
     tv = 0.0 if t_b == 0 and t_c == 0 else min(abs(t_b - t_c) / max(t_b, t_c), 1.0)
     ids_b, ids_c = run_fd_path_ids(bl), run_fd_path_ids(cl)
-    eff_b, eff_c = run_effects(bl, ids_b), run_effects(cl, ids_c)
+    eff_b = effects[0] if effects[0] is not None else run_effects(bl, ids_b)
+    eff_c = effects[1] if effects[1] is not None else run_effects(cl, ids_c)
     pmap = infer_path_map(eff_b, eff_c, pairs, path_maps,
                           (bl[0].run if bl else None, cl[0].run if cl else None))
     eff = compare_effects(eff_b, pmap.apply_effects(eff_c), pairs)

@@ -19,8 +19,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from renacerd.compare.effects import TMP_DIRS, Effects
 from renacerd.compare.pairing import ProcessPair
+from renacerd.trace.effects import TMP_DIRS, Effects
 
 PATH_KINDS = ("written", "created", "removed", "execs")
 # endpoints that are paths: a unix socket in a per-run directory is named like a file

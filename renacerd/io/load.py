@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 from renacerd.io.runfile import SUFFIX, GoldenError, read_golden
 from renacerd.store.database import RunInfo, Store, StoreError, default_db_path
+from renacerd.trace.effects import Effects
 from renacerd.trace.unified_trace import UnifiedTrace
 
 
@@ -55,10 +56,27 @@ class RunLoader:
     def aggregates(self, info: RunInfo | dict[str, Any]) -> dict[str, Any] | None:
         """A pruned stored run's aggregates (what its reports read instead of its events);
         None for a run that has its events or did not come from the store."""
-        if not isinstance(info, RunInfo) or not info.pruned or info.pruned.get("partial") \
-                and info.pruned.get("reason") == "live":
+        if not _reads_aggregates(info):
             return None
         try:
             return self.store().aggregates(info.id)
         except StoreError as e:
             raise LoadError(str(e)) from None
+
+    def effects(self, info: RunInfo | dict[str, Any]) -> Effects | None:
+        """A pruned stored run's effects as kept when it was pruned (compare's semantic
+        part); None where they come from the run's events."""
+        if not _reads_aggregates(info):
+            return None
+        try:
+            items = self.store().stored_effects(info.id)  # type: ignore[union-attr]
+        except StoreError as e:
+            raise LoadError(str(e)) from None
+        return None if items is None else Effects.from_items(items)
+
+
+def _reads_aggregates(info: RunInfo | dict[str, Any]) -> bool:
+    """Whether reports read the run's stored aggregates: a stored run pruned whole or by
+    steps (one pruned while live, oldest chunks first, has none yet)."""
+    return isinstance(info, RunInfo) and bool(info.pruned) and not (
+        info.pruned.get("partial") and info.pruned.get("reason") == "live")

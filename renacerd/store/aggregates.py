@@ -1,5 +1,5 @@
 """What a pruned run keeps of its events: per-process syscall and file tables, per-span
-summaries, and per-step syscall calls, errors and time and bytes per file."""
+summaries, its effects, and per-step syscall calls, errors and time and bytes per file."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from renacerd.records import F_UNFOLLOWED
+from renacerd.trace.effects import Effects, apply_renames, run_effects
 from renacerd.trace.fdtrack import FileStat, created_opens, file_stats, run_files
 from renacerd.trace.gpu_trace import gpu_summary
 from renacerd.trace.unified_trace import READ_FAMILY, WRITE_FAMILY, UnifiedTrace
@@ -73,6 +74,16 @@ class Aggregates:
     step_syscalls: list[tuple[int, str, str, int, int, int]] = field(default_factory=list)
     # (process position, step, path, bytes_read, bytes_written)
     step_files: list[tuple[int, str, str, int, int]] = field(default_factory=list)
+    # the run's effects (compare's semantic part) before its renames, which
+    # final_effects applies: a run folded part by part sums the parts' first
+    effects: Effects = field(default_factory=Effects)
+    renames: list[tuple[int, str, str]] = field(default_factory=list)
+
+    def final_effects(self) -> dict[str, int]:
+        """The run's effects with every rename applied, as items() (what is stored)."""
+        e = Effects.from_items(self.effects.items())
+        apply_renames(e, self.renames)
+        return e.items()
 
 
 def _step_of_span(spans: list[Any]) -> tuple[np.ndarray, list[str]]:
@@ -86,13 +97,17 @@ def _step_of_span(spans: list[Any]) -> tuple[np.ndarray, list[str]]:
     return idx, list(values)
 
 
-def compute(traces: list[UnifiedTrace], span_sums: list[dict[str, Any]]) -> Aggregates:
-    """The aggregates of a loaded run (span_sums: store.database.span_summaries)."""
+def compute(traces: list[UnifiedTrace], span_sums: list[dict[str, Any]],
+            exists: dict[str, int] | None = None) -> Aggregates:
+    """The aggregates of a loaded run (span_sums: store.database.span_summaries); `exists`
+    carries which paths the run has seen exist from part to part of a run folded part by
+    part (trace.fdtrack.created_opens)."""
     agg = Aggregates(spans=span_sums)
     if not traces:
         return agg
     files = run_files(traces)
-    made = created_opens(traces, files)
+    made = created_opens(traces, files, exists)
+    agg.effects = run_effects(traces, files=files, renames=agg.renames, made=made)
     step_idx, steps = _step_of_span(traces[0].spans)
     for pos, t in enumerate(traces):
         pf = files[t.pid]

@@ -678,6 +678,7 @@ class Store(StoreReaders, FlightTables):
             self.db.execute(f"DELETE FROM {table} WHERE run_id=?", (run_id,))
         rows = [(run_id, "process", i, _dumps(d)) for i, d in enumerate(agg.processes)]
         rows += [(run_id, "span", i, _dumps(d)) for i, d in enumerate(agg.spans)]
+        rows.append((run_id, "effects", 0, _dumps(agg.final_effects())))
         self.db.executemany("INSERT INTO aggregates VALUES (?,?,?,?)", rows)
         ids = [pid for pid, _ in self.processes(run_id)]
         self.db.executemany(
@@ -705,10 +706,19 @@ class Store(StoreReaders, FlightTables):
             return None
         out: dict[str, list[Any]] = {"processes": [], "spans": []}
         for kind, data in self.db.execute(
-                "SELECT kind, data FROM aggregates WHERE run_id=? ORDER BY kind, idx",
-                (run_id,)):
+                "SELECT kind, data FROM aggregates WHERE run_id=? AND kind IN "
+                "('process', 'span') ORDER BY kind, idx", (run_id,)):
             out[f"{kind}es" if kind == "process" else f"{kind}s"].append(_loads(data, "{}"))
         return out
+
+    def stored_effects(self, run_id: int) -> dict[str, int] | None:
+        """The run's effects as its aggregates keep them (trace.effects.Effects.items()), or
+        None (not pruned, or pruned before effects were kept)."""
+        if not self._has_table("aggregates"):
+            return None
+        row = self.db.execute("SELECT data FROM aggregates WHERE run_id=? AND kind='effects'",
+                              (run_id,)).fetchone()
+        return None if row is None else _loads(row[0], "{}")
 
     def step_aggregates(self, run_id: int) -> dict[str, list[dict[str, Any]]]:
         """The run's per-step rows: {"syscalls": [...], "files": [...]} with the pid."""

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from renacerd.escaping import lossless_dumps, lossless_loads
+
 FLIGHT_SCHEMA = """
 CREATE TABLE IF NOT EXISTS flight (
     run_id INTEGER PRIMARY KEY, window_ns INTEGER NOT NULL,
@@ -111,13 +113,14 @@ class FlightTables:
             "ORDER BY from_ns", (run_id,))]
         return FlightInfo(row[0], row[1], row[2], row[3], wins)
 
-    def chunks_to_trim(self, run_id: int, before_ns: int) -> dict[int, list[int]]:
-        """Per process, the ids of its syscall chunks that ended before `before_ns`, oldest
-        first (a process's chunks are in time order: a prefix of them)."""
+    def chunks_to_trim(self, run_id: int, before_ns: int, layer: str = "sys"
+                       ) -> dict[int, list[int]]:
+        """Per process, the ids of its chunks of `layer` that ended before `before_ns`,
+        oldest first (a process's chunks are in time order: a prefix of them)."""
         out: dict[int, list[int]] = {}
         for cid, proc in self.db.execute(
-                "SELECT id, proc_id FROM chunks WHERE run_id=? AND layer='sys' AND last_ts<? "
-                "ORDER BY id", (run_id, before_ns)):
+                "SELECT id, proc_id FROM chunks WHERE run_id=? AND layer=? AND last_ts<? "
+                "ORDER BY id", (run_id, layer, before_ns)):
             out.setdefault(proc, []).append(cid)
         return out
 
@@ -156,9 +159,11 @@ class FlightTables:
             "end_mono_nanos>=? AND start_mono_nanos<=? ORDER BY start_mono_nanos, rowid",
             (run_id, lo, hi))]
 
-    def chunk_columns(self, ids: list[int]) -> dict[str, np.ndarray]:
-        """The syscall columns of the chunks `ids` (one process's, in order), sorted by ts."""
+    def chunk_columns(self, ids: list[int], layer: str = "sys") -> dict[str, np.ndarray]:
+        """The columns of the chunks `ids` of `layer` (one process's, in order), sorted by
+        ts."""
         from renacerd.columns import SYSCALL_COLUMNS
+        from renacerd.cuda.records import GPU_LAYOUT
 
         rows: list[tuple] = []
         for i in range(0, len(ids), 500):
@@ -166,12 +171,20 @@ class FlightTables:
             rows += self.db.execute(f"SELECT n, first_ts, last_ts, data FROM chunks WHERE id IN "
                                     f"({','.join('?' * len(part))}) ORDER BY id",
                                     part).fetchall()
+        if layer == "gpu":  # uprobe records from several CPUs: not known to be in order
+            return self.decode_chunks(rows, GPU_LAYOUT, True)
         return self.decode_chunks(rows, SYSCALL_COLUMNS)
 
     def partial_sums(self, run_id: int, kind: str) -> dict[str, Any]:
         """The folded summaries of one kind ('process' by proc id, 'span' by span id)."""
-        return {k: orjson.loads(d) for k, d in self.db.execute(
+        return {k: lossless_loads(d) for k, d in self.db.execute(
             "SELECT key, data FROM flight_sums WHERE run_id=? AND kind=?", (run_id, kind))}
+
+    def path_existence(self, run_id: int) -> dict[str, int]:
+        """Path -> whether the run's folded part last saw it exist (1) or not (0)."""
+        # a list per path: merge_summary keeps the later list, where it would add numbers
+        return {p: v[0] for p, v in (self.partial_sums(run_id, "exists").get("run")
+                                     or {}).items()}
 
     def add_partial(self, run_id: int, kind: str, sums: dict[str, Any]) -> None:
         """Add summaries to the folded ones (counts summed: merge_summary)."""
@@ -180,20 +193,25 @@ class FlightTables:
         old = self.partial_sums(run_id, kind)
         self._tx()
         self.db.executemany("INSERT OR REPLACE INTO flight_sums VALUES (?,?,?,?)",
-                            [(run_id, kind, k, orjson.dumps(merge_summary(old.get(k), v))
+                            [(run_id, kind, k, lossless_dumps(merge_summary(old.get(k), v))
                               .decode()) for k, v in sums.items()])
 
     def add_partial_steps(self, run_id: int, steps: list[tuple], files: list[tuple]) -> None:
         """Append per-step rows (proc_id, step, syscall, calls, errors, ns) and (proc_id,
         step, path, bytes read, bytes written): summed when the run ends."""
+        from renacerd.store.database import _text
+
         self._tx()
         self.db.executemany("INSERT INTO flight_steps VALUES (?,?,?,?,?,?,?)",
-                            [(run_id, *r) for r in steps])
+                            [(run_id, p, _text(st), *r) for p, st, *r in steps])
         self.db.executemany("INSERT INTO flight_files VALUES (?,?,?,?,?,?)",
-                            [(run_id, *r) for r in files])
+                            [(run_id, p, _text(st), _text(path), *r)
+                             for p, st, path, *r in files])
 
     def summed_steps(self, run_id: int) -> tuple[list[tuple], list[tuple]]:
         """The folded per-step rows, summed per (process, step, syscall or path)."""
+        from renacerd.store.database import _untext
+
         steps = self.db.execute(
             "SELECT proc_id, step, syscall, SUM(calls), SUM(errors), SUM(total_ns) FROM "
             "flight_steps WHERE run_id=? GROUP BY proc_id, step, syscall "
@@ -202,7 +220,8 @@ class FlightTables:
             "SELECT proc_id, step, path, SUM(bytes_read), SUM(bytes_written) FROM "
             "flight_files WHERE run_id=? GROUP BY proc_id, step, path "
             "ORDER BY proc_id, step, path", (run_id,)).fetchall()
-        return steps, files
+        return ([(p, _untext(st), *r) for p, st, *r in steps],
+                [(p, _untext(st), _untext(path), *r) for p, st, path, *r in files])
 
     def mark_flight_pruned(self, run_id: int, info: FlightInfo | None) -> None:
         """The run reads as pruned (its reports read its aggregates), by the flight recorder,
@@ -267,12 +286,38 @@ def _grown(store: Any, run_id: int, known: list[bytes]) -> list[bytes]:
     return known
 
 
-def _fold_slice(store: Any, info: Any, todo: dict[int, list[int]], lo: int, hi: int,
-                known: list[bytes]) -> int:
-    """Fold the chunks `todo` (per proc id) into the partial aggregates and delete them, in
-    one transaction; returns the events folded."""
+def _outstanding(store: Any, run_id: int, procs: list[tuple[int, Any]], traces: list[Any],
+                 processes: list[dict[str, Any]]) -> None:
+    """Each process summary's GPU `outstanding` made the change this part brings to the
+    allocations still live from the parts before (kept as a partial): summed part by part,
+    the run's outstanding allocations, where a part alone cannot tell which of its frees
+    free an earlier part's allocations."""
+    from renacerd.trace.gpu_trace import carry_allocations
+
+    state = store.partial_sums(run_id, "gpu_live")
+    new = {}
+    for (proc_id, _), t, d in zip(procs, traces, processes):
+        cols = (t.gpu or {}).get("columns")
+        if cols is None or not len(cols["ts"]) or not (d or {}).get("gpu"):
+            continue
+        old = state.get(str(proc_id)) or {"live": [], "orphans": [0, 0]}
+        live = {int(p): int(b) for p, b in old["live"]}
+        orphans = list(old["orphans"])
+        n0, b0 = len(live) + orphans[0], sum(live.values()) + orphans[1]
+        n1, b1 = carry_allocations(cols, live, orphans)
+        d["gpu"]["outstanding"] = {"allocations": n1 - n0, "bytes": b1 - b0}
+        # lists: merge_summary keeps the later state whole
+        new[str(proc_id)] = {"live": [[p, b] for p, b in live.items()], "orphans": orphans}
+    store.add_partial(run_id, "gpu_live", new)
+
+
+def _fold_slice(store: Any, info: Any, todo: dict[int, list[int]],
+                gtodo: dict[int, list[int]], lo: int, hi: int, known: list[bytes]) -> int:
+    """Fold the syscall chunks `todo` and GPU chunks `gtodo` (per proc id) into the partial
+    aggregates and delete them, in one transaction; returns the events folded."""
     from renacerd.store.aggregates import compute
     from renacerd.store.database import span_summaries, tag_spans
+    from renacerd.trace.gpu_trace import decode_gpu
     from renacerd.trace.unified_trace import UnifiedTrace
 
     # a copy: the fd replay appends the resolved paths to the traces' table
@@ -286,15 +331,26 @@ def _fold_slice(store: Any, info: Any, todo: dict[int, list[int]], lo: int, hi: 
         if info.syscall_table:
             t.table = info.syscall_table
         t.columns = store.chunk_columns(todo.get(proc_id, []))
+        if proc_id in gtodo:
+            t.gpu = decode_gpu(store.chunk_columns(gtodo[proc_id], "gpu"), strings)
         traces.append(t)
     tag_spans(traces)
-    agg = compute(traces, span_summaries(traces))
+    exists = store.path_existence(info.id)
+    agg = compute(traces, span_summaries(traces), exists)
+    _outstanding(store, info.id, procs, traces, agg.processes)
     ids = [proc_id for proc_id, _ in procs]
     store.add_partial(info.id, "process", {
-        str(ids[pos]): d for pos, d in enumerate(agg.processes) if ids[pos] in todo})
+        str(ids[pos]): d for pos, d in enumerate(agg.processes)
+        if ids[pos] in todo or ids[pos] in gtodo})
     store.add_partial(info.id, "span", {
         sp.span_id_hex(): d for sp, d in zip(spans, agg.spans)
         if d["syscalls"] or d.get("gpu")})
+    # effects sum slice by slice; renames apply at the end, over the whole run's sums
+    store.add_partial(info.id, "exists", {"run": {p: [v] for p, v in exists.items()}})
+    store.add_partial(info.id, "effects", {"run": agg.effects.items()})
+    # keyed by time and place in the slice: a path may not be valid text for a key
+    store.add_partial(info.id, "rename", {f"{ts:020d}.{i}": [ts, old, new]
+                                          for i, (ts, old, new) in enumerate(agg.renames)})
     store.add_partial_steps(
         info.id, [(ids[pos], str(step), *rest) for pos, step, *rest in agg.step_syscalls],
         [(ids[pos], str(step), *rest) for pos, step, *rest in agg.step_files])
@@ -302,14 +358,15 @@ def _fold_slice(store: Any, info: Any, todo: dict[int, list[int]], lo: int, hi: 
         if proc_id in todo:
             # where the process's remaining events start: its files as they are now
             store.set_initial_fds(proc_id, _fd_paths(t))
-    events = store.trim_chunks(info.id, [i for v in todo.values() for i in v], hi)
+    events = store.trim_chunks(info.id, [i for d in (todo, gtodo) for v in d.values()
+                                         for i in v], hi)
     store.commit()
     return events
 
 
 def fold_events(store: Any, run: str, run_id: int, before_ns: int, lock: Any = None,
                 strings: list[bytes] | None = None) -> int:
-    """Fold a flight run's syscall events that ended before `before_ns` into its partial
+    """Fold a flight run's events (both layers) that ended before `before_ns` into its partial
     aggregates and delete them, a slice (SLICE_NS) per transaction, `lock` held for each
     (the store's writers wait one slice at most). `strings`: the run's string table as a
     caller keeps it between folds (grown here). Returns the events folded."""
@@ -323,19 +380,19 @@ def fold_events(store: Any, run: str, run_id: int, before_ns: int, lock: Any = N
             info = store.run(run)
             fl = store.flight_info(run_id)
             start = fl.trimmed_to_ns if fl is not None and fl.trimmed_to_ns else 0
-            first = store.db.execute(
-                "SELECT MIN(last_ts) FROM chunks WHERE run_id=? AND layer='sys'",
-                (run_id,)).fetchone()[0]
+            first = store.db.execute("SELECT MIN(last_ts) FROM chunks WHERE run_id=?",
+                                     (run_id,)).fetchone()[0]
             if first is None or first >= before_ns:
                 return total
             hi = min(before_ns, max(start, first) + SLICE_NS)
             todo = store.chunks_to_trim(run_id, hi)
-            if todo:
+            gtodo = store.chunks_to_trim(run_id, hi, "gpu")
+            if todo or gtodo:
                 lo = store.db.execute(
-                    "SELECT MIN(first_ts) FROM chunks WHERE run_id=? AND layer='sys' AND "
-                    "last_ts<?", (run_id, hi)).fetchone()[0]
+                    "SELECT MIN(first_ts) FROM chunks WHERE run_id=? AND last_ts<?",
+                    (run_id, hi)).fetchone()[0]
                 try:
-                    total += _fold_slice(store, info, todo, lo, hi, known)
+                    total += _fold_slice(store, info, todo, gtodo, lo, hi, known)
                 except BaseException:
                     store._abandon()
                     raise
@@ -351,10 +408,12 @@ def finish_flight(store: Any, run: str, run_id: int) -> None:
     the folded part plus its kept events', and it reads as pruned by the flight recorder."""
     from renacerd.store.aggregates import Aggregates, compute
     from renacerd.store.database import span_summaries
+    from renacerd.trace.effects import Effects
 
     traces = store.load_run(run)  # what is left: the kept windows (if any), tagged
-    kept = compute(traces, span_summaries(traces))
+    kept = compute(traces, span_summaries(traces), store.path_existence(run_id))
     procs = store.processes(run_id)
+    _outstanding(store, run_id, procs, traces, kept.processes)
     pos_of = {proc_id: pos for pos, (proc_id, _) in enumerate(procs)}
     part_p = store.partial_sums(run_id, "process")
     part_s = store.partial_sums(run_id, "span")
@@ -381,6 +440,10 @@ def finish_flight(store: Any, run: str, run_id: int) -> None:
         old = fsums.setdefault((pos, str(step), path), [0, 0])
         fsums[(pos, str(step), path)] = [a + b for a, b in zip(old, v)]
     agg.step_files = [(*k, *v) for k, v in fsums.items()]
+    agg.effects = Effects.from_items(merge_summary(
+        store.partial_sums(run_id, "effects").get("run"), kept.effects.items()) or {})
+    agg.renames = kept.renames + [tuple(r) for r in store.partial_sums(run_id, "rename")
+                                  .values()]
     info = store.flight_info(run_id)
     store.write_aggregates(run_id, agg)
     store.forget_partials(run_id)

@@ -109,7 +109,7 @@ class Policy:
 
     size: int | None = None
     age_ns: int | None = None
-    keep_steps: int | None = None  # full events for the first and last N steps, anomalies
+    keep_steps: int | None = None  # full events: first, last N steps, anomalies, N sampled
     steps_of: StepsOf | None = None
 
     @property
@@ -257,10 +257,10 @@ class Retention:
 
     @_writes
     def prune_steps(self, info: RunInfo, n: int, steps_of: StepsOf) -> Action | None:
-        """Keep full events for the first and last `n` steps and the anomalous ones (as
-        `steps_of` flags them), drop the other steps' syscall events (rewriting the chunks
-        of each process), in one transaction with the run's aggregates; None when every
-        step is kept."""
+        """Keep full events for the first and last `n` steps, the anomalous ones (as
+        `steps_of` flags them) and `n` sampled, drop the other steps' syscall events
+        (rewriting the chunks of each process), in one transaction with the run's
+        aggregates; None when every step is kept."""
         st = self.store
         strings = st.strings(info.id)
         spans = st.span_records(info.id)
@@ -458,7 +458,7 @@ def _merge(actions: list[Action], a: Action) -> None:
 
 
 def _kept_steps(steps: list[dict[str, Any]], n: int) -> tuple[list[str], dict[str, list[str]]]:
-    """(every step in order, step -> why it is kept: first, last, anomalous)."""
+    """(every step in order, step -> why it is kept: first, last, anomalous, sample)."""
     order = [str(s["step"]) for s in steps]
     why: dict[str, list[str]] = {}
     for i, s in enumerate(steps):
@@ -469,6 +469,11 @@ def _kept_steps(steps: list[dict[str, Any]], n: int) -> tuple[list[str], dict[st
             why.setdefault(key, []).append("last")
         if s.get("outliers"):
             why.setdefault(key, []).append("anomalous: " + ", ".join(s["outliers"]))
+    # and n ordinary steps evenly spread over the rest: what a normal step looked like in
+    # the middle of the run, the same steps on every pass (no randomness)
+    rest = [k for k in order if k not in why]
+    for j in range(min(n, len(rest))):
+        why[rest[int((j + 0.5) * len(rest) / n)]] = ["sample"]
     return order, why
 
 

@@ -559,14 +559,16 @@ REMOVING = frozenset({"unlink", "unlinkat", "rmdir"})
 MOVING = frozenset({"rename", "renameat", "renameat2"})
 
 
-def created_opens(traces: list[UnifiedTrace],
-                  files: dict[int, ProcessFiles]) -> dict[int, set[int]]:
+def created_opens(traces: list[UnifiedTrace], files: dict[int, ProcessFiles],
+                  exists: dict[str, int] | None = None) -> dict[int, set[int]]:
     """pid -> indices of its successful O_CREAT opens that made a new file.
 
     The kernel does not say whether O_CREAT created the file, so: O_CREAT|O_EXCL always
     did; plain O_CREAT did unless the run had seen the path exist before (a successful
     call on it, not since undone by unlink/rename). A file that existed before the run and
-    is first opened with O_CREAT counts as created.
+    is first opened with O_CREAT counts as created. `exists` (path -> 1 seen existing, 0
+    seen absent) carries what the run's earlier part saw, for a run folded part by part;
+    it is updated to the end of these traces.
     """
     cand: dict[int, list[tuple[int, int, int, bool]]] = defaultdict(list)  # sid -> opens
     for t in traces:
@@ -576,39 +578,67 @@ def created_opens(traces: list[UnifiedTrace],
             if fl >= 0 and fl & O_CREAT and sid >= 0:
                 cand[sid].append((int(t.columns["ts"][i]), t.pid, i, bool(fl & O_EXCL)))
     out: dict[int, set[int]] = defaultdict(set)
-    if not cand:
+    name = traces[0].string if traces else None
+    if exists is not None and name is not None:
+        ts, sids, seen = _existence(traces, files, None)
+        keep = np.isin(sids, np.array(sorted(cand), dtype=np.int64))
+        ev = list(zip(ts[keep].tolist(), sids[keep].tolist(), seen[keep].tolist()))
+    elif cand:
+        ev = list(zip(*(a.tolist() for a in _existence(traces, files, sorted(cand)))))
+    else:
         return out
-    keys = np.array(sorted(cand), dtype=np.int32)
-    ev: list[tuple[int, int, int]] = []  # (ts, sid, +1 exists / 0 absent)
-    for t in traces:
-        pf, c = files[t.pid], t.columns
-        if not len(t):
-            continue
-        ret, names = c["ret"], t.table
-        for col, r in ((0, pf.path0), (1, pf.path1)):
-            for i in np.flatnonzero(np.isin(r, keys)):
-                name = names.get(int(c["nr"][i]), "")
-                if col == 0 and name in TEXT_PATH0:
-                    continue
-                ok = ret[i] >= 0
-                if not ok:
-                    if col == 0 and ret[i] == -ENOENT:
-                        ev.append((int(c["ts"][i]), int(r[i]), 0))
-                    continue
-                gone = col == 0 and (name in REMOVING or name in MOVING)
-                ev.append((int(c["ts"][i]), int(r[i]), 0 if gone else 1))
-    ev.sort()
     opens = sorted((o[0], sid, o[1], o[2], o[3]) for sid, os_ in cand.items() for o in os_)
-    state: dict[int, int] = {}
+    state = {sid: exists[p] for sid in cand
+             if exists and (p := name(sid)) is not None and p in exists}
     k = 0
-    for ts, sid, pid, i, excl in opens:
-        while k < len(ev) and ev[k][0] < ts:
+    for ts_, sid, pid, i, excl in opens:
+        while k < len(ev) and ev[k][0] < ts_:
             state[ev[k][1]] = ev[k][2]
             k += 1
         if excl or state.get(sid) != 1:
             out[pid].add(i)
         state[sid] = 1
+    if exists is not None and name is not None and len(sids):
+        # the last call on each path says whether it exists where these traces end
+        last, at = np.unique(sids[::-1], return_index=True)
+        for sid, v in zip(last.tolist(), seen[::-1][at].tolist()):
+            if (p := name(sid)) is not None:
+                exists[p] = v
     return out
+
+
+def _existence(traces: list[UnifiedTrace], files: dict[int, ProcessFiles],
+               keys: list[int] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ts, path sid, 1 seen existing / 0 seen absent) of the calls on paths `keys` (every
+    path when None), in time order: a successful call says it exists (unlink and rename
+    say their path is gone), ENOENT on the first path says it does not."""
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    want = None if keys is None else np.array(keys, dtype=np.int64)
+    for t in traces:
+        if not len(t):
+            continue
+        pf, c = files[t.pid], t.columns
+        nr, ret = c["nr"], c["ret"]
+        nrs = np.unique(nr).tolist()
+        text0 = np.isin(nr, [n for n in nrs if t.table.get(n, "") in TEXT_PATH0])
+        gone0 = np.isin(nr, [n for n in nrs if t.table.get(n, "") in REMOVING | MOVING])
+        ok = ret >= 0
+        for col, r in ((0, pf.path0), (1, pf.path1)):
+            sel = (r >= 0) if want is None else np.isin(r, want)
+            if col == 0:
+                sel &= ~text0 & (ok | (ret == -ENOENT))
+                seen = ok & ~gone0
+            else:
+                sel &= ok
+                seen = ok
+            idx = np.flatnonzero(sel)
+            parts.append((c["ts"][idx].astype(np.int64), r[idx].astype(np.int64),
+                          seen[idx].astype(np.int64)))
+    if not parts:
+        return (np.zeros(0, np.int64),) * 3
+    ts, sid, seen = (np.concatenate(x) for x in zip(*parts))
+    order = np.lexsort((seen, sid, ts))  # the order of sorting (ts, sid, seen) tuples
+    return ts[order], sid[order], seen[order]
 
 
 def run_file_stats(traces: list[UnifiedTrace]) -> dict[int, dict[str, FileStat]]:

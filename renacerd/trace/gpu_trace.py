@@ -230,6 +230,27 @@ def _allocations(cols: dict[str, np.ndarray], kind: np.ndarray, sym: np.ndarray
     return allocations
 
 
+def carry_allocations(cols: dict[str, np.ndarray], live: dict[int, int],
+                      orphans: list[int]) -> tuple[int, int]:
+    """Apply a part of a layer's allocations and frees, in order, to the state of the parts
+    before it (`live`: pointer -> bytes; `orphans`: [count, bytes] of allocations whose
+    pointer was allocated again unfreed, which never free); returns the outstanding
+    (allocations, bytes) after it, as `summarize` counts them over the whole layer."""
+    kind = _KIND[cols["fn"].astype(np.int64)]
+    sym = _SYMBOL[cols["fn"].astype(np.int64)]
+    a0, a1 = cols["a0"], cols["a1"]
+    for i in np.flatnonzero(((kind == MALLOC) | (kind == FREE)) & (cols["ret"] == 0)):
+        ptr = int(a0[i])
+        if kind[i] == FREE:
+            live.pop(ptr, None)
+        elif sym[i] != "cuMemCreate":  # a physical handle: never outstanding
+            if ptr in live:
+                orphans[0] += 1
+                orphans[1] += live[ptr]
+            live[ptr] = int(a1[i])
+    return len(live) + orphans[0], sum(live.values()) + orphans[1]
+
+
 def _collectives(cols: dict[str, np.ndarray], kind: np.ndarray) -> list[GpuCollective]:
     """The NCCL collectives, with rank and size from their communicator's init."""
     ts, dur, ret = cols["ts"], cols["dur"], cols["ret"]

@@ -28,15 +28,23 @@ client.configure(socket=sock, run=run, trace_timeout=60)
 with open(marker, "w") as f:
     f.write("x" * 100)
 fd = os.open(marker, os.O_RDONLY)  # opened before any step: its reads name it all the same
+n = int(os.environ.get("STEPS", "40"))
 def step(i, pause=0.05):
     with client.experiment_span("step", step=i):
         for _ in range(10):
             os.stat(marker)
         os.pread(fd, 2, 0)
+        if mode == "effects":  # bytes written under a temp name, renamed seconds later
+            with open(marker + ".tmp", "a") as f:
+                f.write("y" * 10)
+            if i == 3:
+                with open(os.fsencode(marker) + b".\xff", "wb") as f:
+                    f.write(b"z" * 5)  # a name that is no UTF-8
+            if i == n - 1:
+                os.rename(marker + ".tmp", marker + ".out")
         if pause > 1:
             time.sleep(pause)  # inside the step: it hangs
     time.sleep(pause if pause <= 1 else 0.05)
-n = int(os.environ.get("STEPS", "40"))
 for i in range(n):
     if mode == "hang" and i == 20:
         step(i, 2.0)
@@ -212,6 +220,40 @@ def test_dump_keeps_the_window_of_a_live_run(flight):
     assert w["reason"] == "dump by uid 0"
     assert _steps(tmp, "fl-dump") == {i: STATS for i in range(40)}
     assert _marker_reads(d, tmp, "fl-dump") == 40 * 2  # 2 bytes a step, before or after a fold
+
+
+def _effects(tmp: Path, run: str) -> dict[str, int]:
+    """The run's effects as compare reads them, the run's own name taken out of its paths."""
+    from renacerd.store.database import Store
+    from renacerd.trace.effects import run_effects
+
+    st = Store(tmp / "traces.db")
+    try:
+        kept = st.stored_effects(st.run(run).id)
+        items = kept if kept is not None else run_effects(st.load_run(run)).items()
+    finally:
+        st.close()
+    # the client's own socket is the run's (its name and hello differ from run to run)
+    return {k.replace(run, "RUN"): v for k, v in items.items() if "/runs/" not in k}
+
+
+def test_a_flight_run_keeps_the_same_effects_as_a_full_run(flight):
+    tmp, sock = flight
+    full, fl = _job(tmp, sock, "fe-full", "effects", flight=False), _job(
+        tmp, sock, "fe-fl", "effects")
+    for p in (full, fl):
+        code, _ = _finish(p)
+        assert code == 0
+    _ended(tmp, "fe-fl")
+    assert _kept_events(tmp, "fe-fl") == 0  # every event folded, the rename seconds after
+    m = str(tmp / "RUN.m")
+    # tracing starts at the first step: the marker's own write is before it
+    want = {f"written:{m}.out": 400, f"created:{m}.out": 1, f"written:{m}.\udcff": 5,
+            f"created:{m}.\udcff": 1, "stdio:stdout": len("done 0\n")}
+    got = _effects(tmp, "fe-fl")
+    assert got == _effects(tmp, "fe-full")
+    # the client's replies from the service (their size is the service's, not the job's)
+    assert {k: v for k, v in got.items() if not k.startswith("net_recv:")} == want
 
 
 def test_dump_of_no_such_run_or_a_full_run_is_one_line_exit_2(flight):

@@ -8,9 +8,9 @@ from collections import defaultdict
 import pytest
 
 from renacerd.compare import compare_runs
-from renacerd.compare.effects import canonical_path
 from renacerd.io.runfile import load_golden_trace
 from renacerd.store.database import Store
+from renacerd.trace.effects import canonical_path
 from tests.conftest import needs_root, run_cli
 
 pytestmark = needs_root

@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 
 from renacerd.columns import SYSCALL_COLUMNS
 from renacerd.compare import Budget, compare_runs, compare_traces
-from renacerd.compare.effects import canonical_endpoint, canonical_path
 from renacerd.compare.lcs import chunked_lcs
 from renacerd.io.runfile import GoldenError, read_golden, write_golden
 from renacerd.syscall_table import syscall_table
+from renacerd.trace.effects import canonical_endpoint, canonical_path
 from renacerd.trace.unified_trace import UnifiedTrace
 
 NR = {name: nr for nr, name in syscall_table().items()}

@@ -275,7 +275,7 @@ def test_restart_errnos_are_interrupted_not_errors():
 def test_compare_effects_use_created_files_and_absolute_paths():
     """Two runs writing the same relative name from different directories differ; a file
     created only in one run is an effect of that run."""
-    from renacerd.compare.effects import run_effects
+    from renacerd.trace.effects import run_effects
 
     def one(cwd: str) -> dict[str, int]:
         r = Run()

@@ -347,7 +347,8 @@ def test_sigkill_during_gc_leaves_no_half_pruned_run(tmp_path):
 
 def test_keep_steps_keeps_the_first_last_and_anomalous_steps(tmp_path):
     """Ten steps of 200 reads, step 5 of 2000 (show --by step flags it): with --keep-steps 2
-    the events of steps 0, 1, 8, 9 and 5 stay, the others' go; every report is the same."""
+    the events of steps 0, 1, 8, 9, 5 and a sample of 2 of the others (3 and 6, evenly
+    spread over 2, 3, 4, 6, 7) stay, the others' go; every report is the same."""
     import numpy as np
 
     from renacerd.trace.unified_trace import ProcessSpan
@@ -370,16 +371,16 @@ def test_keep_steps_keeps_the_first_last_and_anomalous_steps(tmp_path):
     assert [s["outliers"] != [] for s in before["steps"]] == [s == 5 for s in range(10)]
     rc, out = _cli("gc", "--db", str(db), "--keep-steps", "2")
     assert rc == 0, out
-    dropped = sum(reads[s] + 4 for s in (2, 3, 4, 6, 7))
+    dropped = sum(reads[s] + 4 for s in (2, 4, 7))
     assert out.splitlines()[0].startswith("pruned k (keep-steps): ")
     assert f" {dropped} events" in out.splitlines()[0]
     st = Store(db)
     assert st.db.execute("SELECT sum(n) FROM chunks").fetchone()[0] == sum(
-        reads[s] + 4 for s in (0, 1, 5, 8, 9))
+        reads[s] + 4 for s in (0, 1, 3, 5, 6, 8, 9))
     # the events kept are exactly those of the kept steps
     t = st.load_run("k")[0]
     steps = sorted({int(t.spans[i].attributes()["experiment.step"]) for i in t.span_index})
-    assert steps == [0, 1, 5, 8, 9]
+    assert steps == [0, 1, 3, 5, 6, 8, 9]
     st.close()
     assert _reports(db, "k") == before
     show = _json(db, "show", "k")
@@ -387,15 +388,16 @@ def test_keep_steps_keeps_the_first_last_and_anomalous_steps(tmp_path):
     assert show["dropped"]["reason"] == "keep-steps"
     assert show["dropped"]["events"] == dropped
     assert show["dropped"]["kept"] == {
-        "keep_steps": 2, "dropped_steps": ["2", "3", "4", "6", "7"],
-        "steps": {"0": ["first"], "1": ["first"], "5": ["anomalous: syscalls, syscall_ns, bytes"],
+        "keep_steps": 2, "dropped_steps": ["2", "4", "7"],
+        "steps": {"0": ["first"], "1": ["first"], "3": ["sample"],
+                  "5": ["anomalous: syscalls, syscall_ns, bytes"], "6": ["sample"],
                   "8": ["last"], "9": ["last"]}}
     rc, text = _cli("show", "k", "--db", str(db))
     lines = [ln for ln in text.splitlines() if "pruned by retention" in ln]
-    assert lines == ["!! run pruned by retention: the events of steps 2, 3, 4, 6, 7 dropped "
-                     "(keep-steps 2); full events kept for steps 0 (first), 1 (first), 5 "
-                     "(anomalous: syscalls, syscall_ns, bytes), 8 (last), 9 (last); reports "
-                     "read its stored aggregates"]
+    assert lines == ["!! run pruned by retention: the events of steps 2, 4, 7 dropped "
+                     "(keep-steps 2); full events kept for steps 0 (first), 1 (first), 3 "
+                     "(sample), 5 (anomalous: syscalls, syscall_ns, bytes), 6 (sample), 8 "
+                     "(last), 9 (last); reports read its stored aggregates"]
     # a second pass leaves it be; a size budget later drops the rest, aggregates unchanged
     rc, out = _cli("gc", "--db", str(db), "--keep-steps", "2")
     assert out.startswith("0 run(s) pruned")
@@ -414,3 +416,26 @@ def test_compare_and_export_of_a_pruned_run_say_so(tmp_path):
                             str(db)], capture_output=True, text=True, cwd=ROOT)
         assert sum("pruned by retention" in ln for ln in r.stderr.splitlines()) == (
             2 if argv[0] == "compare" else 1), r.stderr
+
+
+def test_the_effects_part_of_compare_reads_the_same_after_pruning(tmp_path):
+    db = tmp_path / "s.db"
+    st = Store(db, create=True)
+    add_run(st, "a", 1)
+    add_run(st, "b", 2, reads=1000, steps=3)
+    st.close()
+
+    def effects() -> dict:
+        r = subprocess.run([sys.executable, "-m", "renacerd.cli.renacer_main", "compare", "a",
+                            "b", "--db", str(db), "--json"], capture_output=True, cwd=ROOT)
+        d = orjson.loads(r.stdout)
+        return {k: d[k] for k in ("effects", "effects_match", "semantic_equiv")}
+
+    before = effects()
+    # 4 steps x 10 bytes written against 3 x 10; /data/out created once in each
+    assert before["effects"] == {
+        "baseline": {"written:/data/out": 40, "created:/data/out": 1},
+        "candidate": {"written:/data/out": 30, "created:/data/out": 1}}
+    assert Retention(Store(db)).apply(Policy(size=1))
+    assert _chunks(db) == {"a": 0, "b": 0}
+    assert effects() == before
