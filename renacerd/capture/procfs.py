@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-from dataclasses import dataclass
 
 import psutil
 
@@ -43,45 +41,6 @@ def check_target(pid: int) -> None:
         raise TargetError(f"no process with pid {pid}") from e
     if is_kernel_thread(pid):
         raise TargetError(f"pid {pid} is a kernel thread; only user processes can be traced")
-
-
-def signal_set(field: str, pid: int | str = "self") -> frozenset[int]:
-    """The signals in a mask line of /proc/PID/status (SigIgn, SigBlk, SigCgt, ...)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                bits = int(line.split()[1], 16)
-                return frozenset(n + 1 for n in range(bits.bit_length()) if bits >> n & 1)
-    return frozenset()
-
-
-# Python ignores these two at start-up whatever its caller did; their caller's state is
-# lost before any Python code runs, so the command gets the default, as from a shell.
-_PYTHON_IGNORES = frozenset({signal.SIGPIPE, signal.SIGXFSZ})
-
-
-@dataclass(slots=True, frozen=True)
-class CallerSignals:
-    """The signal dispositions and mask renacerd's own caller gave it."""
-
-    ignored: frozenset[int]
-    blocked: frozenset[int]
-
-    @classmethod
-    def capture(cls) -> CallerSignals:
-        """Read them now: call before anything installs a handler or blocks a signal.
-        Python keeps a caller's SIG_IGN of SIGINT and only catches a default one, and
-        exec resets caught signals, so SigIgn minus what Python forces is the caller's."""
-        return cls(signal_set("SigIgn") - _PYTHON_IGNORES,
-                   frozenset(signal.pthread_sigmask(signal.SIG_BLOCK, ())))
-
-    def restore(self) -> None:
-        """Give this process (a child about to exec) exactly the caller's dispositions and
-        mask: every signal ignored by the caller ignored, every other one default."""
-        for sig in signal.valid_signals():
-            if sig not in (signal.SIGKILL, signal.SIGSTOP):
-                signal.signal(sig, signal.SIG_IGN if sig in self.ignored else signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, self.blocked)
 
 
 def nspid(pid: int) -> int | None:

@@ -854,12 +854,6 @@ def _proc_alive(pid: int) -> bool | None:
     return False
 
 
-def default_run_name(cmd: list[str] | None) -> str:
-    """host-command-YYYYmmdd-HHMMSS-pid: unique, sortable, readable."""
-    base = os.path.basename(cmd[0]) if cmd else "attach"
-    return f"{_socket.gethostname()}-{base}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-
-
 def install_signal_handlers(tracer: Tracer) -> None:
     """SIGINT/SIGTERM end the run cleanly."""
 

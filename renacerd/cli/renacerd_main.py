@@ -7,7 +7,7 @@ import math
 import os
 import sys
 
-from renacerd.capture.procfs import CallerSignals
+from renacerd.capture.command import CallerSignals
 from renacerd.cli.common import Parser, fail
 
 # Before any handler is installed: the launched command gets what renacerd's caller gave it.
@@ -88,18 +88,20 @@ def main(argv: list[str] | None = None) -> int:
 
         sys.stdout.write(SyscallProbes(follow=not args.no_follow).source())
         return 0
+    if cmd and not args.pid:
+        from renacerd.serve.launch import run_through_service
+
+        # A running service traces the command with no compile (and for a member of the
+        # renacer group too); otherwise, or when it declines, the standalone daemon. Before
+        # the standalone options are checked: the service path takes none of them (so it
+        # does not import what checks them: a short job's start is mostly imports).
+        code = run_through_service(args, cmd, CALLER)
+        if code is not None:
+            return code
     checked = _checked(args, cmd)
     if isinstance(checked, str):
         return fail(PROG, checked)
     config, otlp = checked
-    if cmd:
-        from renacerd.serve.launch import run_through_service
-
-        # A running service traces the command with no compile (and for a member of the
-        # renacer group too); otherwise, or when it declines, the standalone daemon.
-        code = run_through_service(args, cmd, CALLER)
-        if code is not None:
-            return code
     if os.geteuid() != 0:
         return fail(PROG, "must run as root (BPF needs CAP_BPF and CAP_PERFMON); try sudo")
     from renacerd.serve.session import Session, SessionError

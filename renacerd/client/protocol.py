@@ -27,6 +27,9 @@ from renacerd.client.span import (
 )
 
 PROTOCOL_VERSION = 2
+# The ack of a trace request to a renacerd that is not the service (a standalone daemon
+# serves spans only): `renacerd -- CMD` then knows it reached no service.
+NOT_SERVING = "this renacerd does not take trace requests (start it with `renacerd serve`)"
 MAX_FRAME = 64 * 1024
 MAX_METRICS = 256
 MAX_NAME = 256

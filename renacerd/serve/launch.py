@@ -19,12 +19,15 @@ import signal
 import socket
 import sys
 
-from renacerd.capture.procfs import CallerSignals
-from renacerd.capture.tracer import default_run_name
+from renacerd.capture.command import (
+    CallerSignals,
+    CommandError,
+    default_run_name,
+    resolve_command,
+)
 from renacerd.client import protocol
+from renacerd.client.protocol import NOT_SERVING
 from renacerd.escaping import escape
-from renacerd.serve.session import CommandError, resolve_command
-from renacerd.serve.spans import NOT_SERVING
 
 ACK_TIMEOUT = 10.0  # the client library's default wait for the service
 

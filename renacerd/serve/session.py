@@ -5,9 +5,8 @@ from __future__ import annotations
 import errno
 import os
 import resource
-import stat
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,12 +14,18 @@ from typing import Any, Protocol
 
 import psutil
 
+from renacerd.capture.command import (
+    CallerSignals,
+    CommandError,
+    default_run_name,
+    resolve_command,
+)
 from renacerd.capture.cuda_source import CudaOptions, CudaSource
 from renacerd.capture.priority import PriorityGuard
 from renacerd.capture.probes.loader import ProbeError
 from renacerd.capture.probes.syscalls import SyscallProbes
-from renacerd.capture.procfs import CallerSignals, TargetError, check_target
-from renacerd.capture.tracer import Summary, Tracer, default_run_name, install_signal_handlers
+from renacerd.capture.procfs import TargetError, check_target
+from renacerd.capture.tracer import Summary, Tracer, install_signal_handlers
 from renacerd.escaping import escape
 from renacerd.serve.span_feed import SpanFeed, SpanFeedError
 from renacerd.store.database import Store, StoreError, default_db_path
@@ -28,37 +33,6 @@ from renacerd.store.database import Store, StoreError, default_db_path
 
 class SessionError(RuntimeError):
     """Bad input found before anything was attached (exit status 2)."""
-
-
-class CommandError(ValueError):
-    """The command cannot be executed (one clear line, exit status 2)."""
-
-
-def resolve_command(name: str, env: Mapping[str, str]) -> str:
-    """The file execvp(3) would run for `name` under `env`'s PATH (its default without
-    one; no search for a name with a '/'), found before the traced exec so the search's
-    failed execve calls are not in the trace (as strace does)."""
-    if not name:
-        raise CommandError("cannot execute '': empty command name")
-    if "/" in name:
-        candidates = [name]
-    else:  # an empty PATH entry is the cwd: execvp then runs the bare name
-        candidates = [os.path.join(d, name) for d in os.get_exec_path(dict(env))]
-    denied = False
-    for path in candidates:
-        try:
-            st = os.stat(path)
-        except OSError:
-            continue  # execvp goes on past ENOENT, ENOTDIR, ELOOP and the like
-        if stat.S_ISREG(st.st_mode) and os.access(path, os.X_OK):
-            return path
-        denied = True  # EACCES: execvp tries the rest and reports this one
-    shown = escape(name)
-    if denied:
-        raise CommandError(f"cannot execute '{shown}': permission denied")
-    if "/" in name:
-        raise CommandError(f"cannot execute '{shown}': no such file")
-    raise CommandError(f"cannot execute '{shown}': not found on PATH")
 
 
 class HeldChild:

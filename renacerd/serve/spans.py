@@ -19,6 +19,7 @@ import orjson
 from renacerd.client.protocol import (
     I64_MAX,
     MAX_METRICS,
+    NOT_SERVING,
     Ack,
     Dropped,
     Hello,
@@ -48,7 +49,6 @@ SPAN_OVERHEAD = 64
 EXITED = "process exited mid-span"
 DISCONNECTED = "client disconnected mid-span"
 STOPPED = "daemon stopped mid-span"
-NOT_SERVING = "this renacerd does not take trace requests (start it with `renacerd serve`)"
 
 TraceRequest = Callable[[PeerCred, TraceMe], "tuple[bool, str]"]
 

@@ -217,8 +217,11 @@ def test_pid_reuse_is_caught_by_the_pidfd_and_by_the_start_time(member):
 
 
 def _uid_of(pid: int) -> int:
+    """The owner of the process's /proc files: its uid once it is dumpable (after
+    setpriv's exec; between its setreuid and the exec they are root's, and the directory
+    itself is already the uid's)."""
     try:
-        return os.stat(f"/proc/{pid}").st_uid
+        return os.stat(f"/proc/{pid}/stat").st_uid
     except FileNotFoundError:
         return -1
 

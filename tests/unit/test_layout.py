@@ -80,3 +80,17 @@ def test_the_client_needs_only_orjson() -> None:
                 ):
                     bad.append(f"{path.name}:{node.lineno} imports {name}")
     assert bad == []
+
+
+def test_renacerd_through_the_service_imports_neither_numpy_psutil_nor_bcc() -> None:
+    """`renacerd -- CMD` with the service up is mostly its imports: it loads the command
+    module, the protocol and argparse only (0.12 s end to end, against ~0.5 s with numpy)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, renacerd.cli.renacerd_main, renacerd.serve.launch\n"
+            "heavy = {'numpy', 'psutil', 'bcc', 'zstandard', 'cxxfilt'}\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=PACKAGE.parent, check=True).stdout
+    assert out.strip() == "[]"
