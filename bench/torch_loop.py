@@ -67,7 +67,7 @@ def workload(shard_dir: str, steps: int, warmup: int) -> None:
             x = torch.frombuffer(bytearray(b"".join(chunks)[:1024]), dtype=torch.uint8)
             return x.float() / 255.0, torch.tensor(i % 10)
 
-    # 2304: the regime the issue describes (strace -f makes the loop 9-11x slower)
+    # 2304: the regime of a loader-bound job (strace -f makes the loop 9-11x slower)
     train(Shards(), steps, warmup, batch_size=16, hidden=int(os.environ.get("BENCH_HIDDEN",
                                                                              "2304")))
 
