@@ -29,11 +29,24 @@ with open(marker, "w") as f:
     f.write("x" * 100)
 fd = os.open(marker, os.O_RDONLY)  # opened before any step: its reads name it all the same
 n = int(os.environ.get("STEPS", "40"))
+gpu = []  # mode gpu: [runtime, kernel, the pointer of the step before]
+def cuda_step(i):  # a malloc, three launches and the free of the step before's allocation
+    import ctypes as C
+    rt, kernel, old = gpu
+    ptr = C.c_void_p()
+    assert rt.cudaMalloc(C.byref(ptr), 1000 + i) == 0
+    for _ in range(3):
+        assert rt.cudaLaunchKernel(kernel, Dim3(2, 1, 1), Dim3(32, 1, 1), None, 0, None) == 0
+    if old is not None:
+        assert rt.cudaFree(old) == 0
+    gpu[2] = ptr
 def step(i, pause=0.05):
     with client.experiment_span("step", step=i):
         for _ in range(10):
             os.stat(marker)
         os.pread(fd, 2, 0)
+        if gpu:
+            cuda_step(i)
         if mode == "effects":  # bytes written under a temp name, renamed seconds later
             with open(marker + ".tmp", "a") as f:
                 f.write("y" * 10)
@@ -46,6 +59,17 @@ def step(i, pause=0.05):
             time.sleep(pause)  # inside the step: it hangs
     time.sleep(pause if pause <= 1 else 0.05)
 for i in range(n):
+    if mode == "gpu" and i == 1:  # the runtime opened once traced: probed within a drain
+        import ctypes as C
+        sys.path.insert(0, os.environ["STUBS"])
+        from ctypes_app import Dim3, runtime
+        rt = runtime(os.environ["CUDART"])
+        rt.cudaLaunchKernel.argtypes = [C.c_void_p, Dim3, Dim3, C.c_void_p, C.c_size_t,
+                                        C.c_void_p]
+        time.sleep(0.3)  # then registered: its name record is seen
+        rt.__cudaRegisterFunction(None, 0x10000, b"_Z4stepPf", b"_Z4stepPf", -1,
+                                  None, None, None, None, None)
+        gpu[:] = [rt, 0x10000, None]
     if mode == "hang" and i == 20:
         step(i, 2.0)
     else:
@@ -94,8 +118,9 @@ def flight(tmp_path_factory):
     log.close()
 
 
-def _job(tmp: Path, sock: str, run: str, mode: str, flight: bool = True) -> subprocess.Popen:
-    env = _env()
+def _job(tmp: Path, sock: str, run: str, mode: str, flight: bool = True,
+         env: dict[str, str] | None = None) -> subprocess.Popen:
+    env = dict(_env(), **(env or {}))
     if flight:
         env["RENACER_FLIGHT_RECORDER"] = "1"
     return subprocess.Popen([PY, str(tmp / "job.py"), sock, run, mode, str(tmp / f"{run}.m")],
@@ -254,6 +279,51 @@ def test_a_flight_run_keeps_the_same_effects_as_a_full_run(flight):
     assert got == _effects(tmp, "fe-full")
     # the client's replies from the service (their size is the service's, not the job's)
     assert {k: v for k, v in got.items() if not k.startswith("net_recv:")} == want
+
+
+def _gpu_chunks(tmp: Path, run: str) -> int:
+    con = sqlite3.connect(tmp / "traces.db")
+    try:
+        (n,) = con.execute("SELECT count(*) FROM chunks c JOIN runs r ON r.id=c.run_id "
+                           "WHERE r.name=? AND c.layer='gpu'", (run,)).fetchone()
+        return n
+    finally:
+        con.close()
+
+
+def test_a_flight_run_folds_its_gpu_layer_with_every_count_exact(flight, tmp_path):
+    import importlib.util
+
+    stubs_dir = ROOT / "tests" / "cuda_stubs"
+    spec = importlib.util.spec_from_file_location("cuda_stub_build", stubs_dir / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("cuda_stub_build", build)  # its dataclasses look their module up
+    spec.loader.exec_module(build)
+    stubs = build.build(tmp_path / "cuda")
+    tmp, sock = flight
+    env = {"CUDART": str(stubs.wheel_runtime), "STUBS": str(stubs_dir),
+           "LD_LIBRARY_PATH": str(stubs.driver_dir)}
+    full, fl = (_job(tmp, sock, "fg-full", "gpu", flight=False, env=env),
+                _job(tmp, sock, "fg-fl", "gpu", env=env))
+    for p in (full, fl):
+        code, _ = _finish(p)
+        assert code == 0
+    d = _ended(tmp, "fg-fl")
+    assert _gpu_chunks(tmp, "fg-fl") == 0 and _gpu_chunks(tmp, "fg-full") > 0  # all folded
+    r = _cli(tmp, "show", "fg-full", "--json")
+    assert r.returncode == 0, r.stderr
+    (whole,) = json.loads(r.stdout)["processes"]
+    (proc,) = d["processes"]
+    assert proc["gpu"] == whole["gpu"]
+    g = proc["gpu"]
+    # steps 1-39: three launches each, a malloc each, the free of the step before's
+    assert g["kernels"] == {"step(float*)": 39 * 3}
+    assert g["malloc"] == {"calls": 39, "bytes": sum(1000 + i for i in range(1, 40))}
+    assert g["free"] == {"calls": 38}
+    assert g["outstanding"] == {"allocations": 1, "bytes": 1039}  # step 39's, across folds
+    # step 1's first CUDA call opens the driver library (one more fstat): as in the full run
+    assert _steps(tmp, "fg-fl") == _steps(tmp, "fg-full") == {
+        i: STATS + (i == 1) for i in range(40)}
 
 
 def test_dump_of_no_such_run_or_a_full_run_is_one_line_exit_2(flight):
