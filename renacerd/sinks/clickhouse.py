@@ -43,7 +43,8 @@ from renacerd.trace.unified_trace import UnifiedTrace
 
 DEFAULT_PORT = 8123
 BATCH_ROWS = 262_144  # well under max_insert_block_size (1,048,576): one block, one part
-# The store layers a batch carries (one chunk id sequence), and the table each goes to.
+# The store layers a batch carries (one chunk id sequence), and the table each goes to (and
+# the SinkStats counter of its rows).
 LAYER_TABLES = (("sys", "events"), ("gpu", "gpu_calls"))
 BATCH_LAYERS = tuple(layer for layer, _ in LAYER_TABLES)
 LAYOUTS = {"sys": SYSCALL_COLUMNS, "gpu": GPU_LAYOUT}
@@ -629,7 +630,8 @@ class ClickHouseSink(StoreTailer):
         for layer, table in LAYER_TABLES:
             want = store.chunk_events(info.id, lo, hi, layer)
             have = self._server_count(info, host, lo, hi, table) if want else 0
-            if have == want:
+            if have == want:  # sent before the crash or failure: counted, not sent again
+                setattr(self._stats, table, getattr(self._stats, table) + have)
                 continue
             if have:
                 raise SinkError(f"batch {host}/{info.name}/chunks/{lo}-{hi} is partly on the "
