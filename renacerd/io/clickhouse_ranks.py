@@ -26,6 +26,7 @@ import orjson
 from renacerd.client.dist_env import DistInfo
 from renacerd.cuda.hooks import COLLECTIVE, COMM_INIT, HOOKS, NCCL_DTYPES, SYNC
 from renacerd.reports.desync import Collective, desync, waiting
+from renacerd.reports.rank_labels import NCCL_JOB_PREFIX
 from renacerd.reports.ranks import (
     WAIT_SYSCALLS,
     Profile,
@@ -204,13 +205,39 @@ class JobQuery:
 
 
 def _members(client: ClickHouseClient, job: str, key: str) -> list[dict[str, Any]]:
+    """The job's rank processes: those whose environment names the job, else (a job id
+    "nccl:" + hex) those whose first NCCL communicator has that id."""
     rows = client.rows(
         "SELECT run, host, pid, rank, local_rank, world_size, group_rank, local_world_size, "
         "job_id, rank_host, rank_source FROM processes FINAL "
         f"WHERE job_id = {quote(job)} AND rank IS NOT NULL ORDER BY rank, host, run, pid")
+    if not rows and job.startswith(NCCL_JOB_PREFIX):
+        rows = _nccl_members(client, job)
     if not rows:
         raise SinkError(f"no job {job!r} in {key}: no pushed process has that job id")
     return rows
+
+
+def _nccl_members(client: ClickHouseClient, job: str) -> list[dict[str, Any]]:
+    """The processes of no rank of their own environment whose first successful
+    ncclCommInitRank joined the communicator the job id names: rank and world size from
+    it, as reports.rank_labels labels them."""
+    try:
+        raw = bytes.fromhex(job[len(NCCL_JOB_PREFIX):])
+    except ValueError:
+        return []
+    if len(raw) != 16:
+        return []
+    lo, hi = int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little")
+    first = (f"SELECT run, host, pid, argMin(a2, ts) AS rank, argMin(a1, ts) AS world_size, "
+             "argMin(a3, ts) AS lo, argMin(a4, ts) AS hi FROM gpu_calls "
+             f"WHERE fn = {quote(INIT_FN)} AND ret = 0 GROUP BY run, host, pid")
+    rows = client.rows(
+        f"SELECT run, host, pid, rank, world_size FROM ({first}) WHERE lo = {lo} AND hi = {hi} "
+        "AND (run, host, pid) NOT IN (SELECT run, host, pid FROM processes FINAL "
+        "WHERE rank IS NOT NULL) ORDER BY rank, host, run, pid")
+    none = dict.fromkeys(("local_rank", "group_rank", "local_world_size", "rank_host"))
+    return [{**r, **none, "job_id": job, "rank_source": "nccl"} for r in rows]
 
 
 def _grid(rows: dict[str, Any], cols: list[str], run: str | None = None,
@@ -246,11 +273,13 @@ def _choose(members: list[dict[str, Any]], st: dict[str, Any]) -> list[dict[str,
     return [chosen[r] for r in sorted(chosen)]
 
 
-def _base(client: ClickHouseClient, job: str, key: str, min_late_ms: float) -> dict[str, Any]:
+def _base(client: ClickHouseClient, job: str, key: str, min_late_ms: float,
+          members: list[dict[str, Any]]) -> dict[str, Any]:
     """The report's head: the job, its runs (run, host, status) and their status."""
+    pairs = ", ".join(sorted({f"({quote(m['run'])}, {quote(m['host'])})" for m in members}))
     runs = client.rows(
-        "SELECT run, host, status FROM runs FINAL WHERE (run, host) IN "
-        f"(SELECT run, host FROM processes FINAL WHERE job_id = {quote(job)}) ORDER BY host, run")
+        f"SELECT run, host, status FROM runs FINAL WHERE (run, host) IN ({pairs}) "
+        "ORDER BY host, run")
     statuses = sorted({r["status"] for r in runs})
     return {"run": job, "job": job, "source": key, "min_late_ms": min_late_ms,
             "status": "/".join(statuses), "runs": runs}
@@ -402,7 +431,7 @@ def job_ranks_data(url: str, min_late_ms: float, timeout_s: float = 600.0) -> di
     q = JobQuery(client, [(m["run"], m["host"], m["pid"]) for m in members])
     st = client.native(q.steps_sql() + " ORDER BY run, host, pid, s")
     order = _choose(members, st)
-    base = _base(client, job, t.key, min_late_ms)
+    base = _base(client, job, t.key, min_late_ms, members)
     if not order:
         return steps_report([], {**base, "ranks": [], "clock_offsets": []}, min_late_ms,
                             None, [], [], lambda s: {})

@@ -62,21 +62,33 @@ def _sync_ms(db, run: str) -> dict[tuple[int, int], float]:
 
 
 @pytest.fixture(scope="module")
-def gpu_job(tmp_path_factory, chdb):
-    """(local report, ClickHouse report, the communicator's id, store, its host stores)."""
-    d = tmp_path_factory.mktemp("gpu")
-    stubs = stub_build.build(d / "stubs")
+def stubs(tmp_path_factory):
+    """The stub libraries, compiled once for the module."""
+    return stub_build.build(tmp_path_factory.mktemp("cuda"))
+
+
+def _trace(stubs, db, run: str, *opts: str) -> str:
+    """Trace nccl_job.py's 3 ranks of STEPS steps (rank 1's desync at step 4) with `opts`
+    into the store at db; the communicator's id."""
     env = env_with_driver(stubs)
     env["PYTHONPATH"] = str(ROOT)
     for v in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(v, None)
-    db = d / "t.db"
     r = subprocess.run(
         [sys.executable, "-m", "renacerd.cli.renacerd_main", "-q", "--db", str(db), "--run",
-         "gpu", "--", sys.executable, str(NCCL_JOB), "--env", PORT, "--cudart",
-         str(stubs.runtime), "--c10d", "1", str(stubs.nccl), "3", str(STEPS), "1:4:1000"],
-        capture_output=True, env=env, timeout=180)
+         run, "--", sys.executable, str(NCCL_JOB), *opts, str(stubs.nccl), "3", str(STEPS),
+         "1:4:1000"], capture_output=True, env=env, timeout=180)
     assert r.returncode == 0, r.stderr.decode()
+    return r.stdout.decode().split()[0]
+
+
+@pytest.fixture(scope="module")
+def gpu_job(tmp_path_factory, stubs, chdb):
+    """(local report, ClickHouse report, the communicator's id, store, its host stores)."""
+    d = tmp_path_factory.mktemp("gpu")
+    db = d / "t.db"
+    comm_id = _trace(stubs, db, "gpu", "--env", PORT, "--cudart", str(stubs.runtime),
+                     "--c10d", "1")
     local = _ranks("gpu", "--db", str(db))
     parts = []
     for i, (host, ranks) in enumerate(rch.HOSTS.items()):
@@ -86,7 +98,7 @@ def gpu_job(tmp_path_factory, chdb):
         assert push.returncode == 0, push.stderr
         parts.append((part, push.stderr))
     remote = _ranks(f"{chdb}/127.0.0.1:{PORT}")
-    return local, remote, r.stdout.decode().split()[0], db, parts
+    return local, remote, comm_id, db, parts
 
 
 @needs_root
@@ -149,3 +161,24 @@ def test_every_gpu_call_is_pushed_once(gpu_job, chdb):
     rows = c.query("SELECT fn, count() FROM gpu_calls WHERE fn LIKE 'cuda%' GROUP BY fn "
                    "ORDER BY fn FORMAT TSV").decode()
     assert rows == "cudaDeviceSynchronize\t21\ncudaStreamSynchronize\t18\n"
+
+
+@needs_root
+def test_a_job_of_nccl_ranks(stubs, tmp_path, chdb):
+    """Ranks with no launcher variables are the job "nccl:" + their communicator's id, as
+    locally: rank and world size from their ncclCommInitRank."""
+    db = tmp_path / "t.db"
+    comm_id = _trace(stubs, db, "nccl")
+    local = _ranks("nccl", "--db", str(db))
+    push = run_cli("renacer_main", "push", "nccl", "--db", str(db), "--to", chdb, "-q")
+    assert push.returncode == 0, push.stderr
+    remote = _ranks(f"{chdb}/nccl:{comm_id}")
+    for k in SAME_KEYS:
+        assert remote[k] == local[k], k
+    keys = ("rank", "world_size", "pid", "job_id", "source", "steps", "comms")
+    assert [{k: r[k] for k in keys} for r in remote["ranks"]] == [
+        {k: r[k] for k in keys} for r in local["ranks"]]
+    assert [(r["rank"], r["world_size"], r["source"], r["job_id"]) for r in remote["ranks"]] == [
+        (k, 3, "nccl", f"nccl:{comm_id}") for k in range(3)]
+    assert remote["desync"]["calls"]["1"]["seq"] == 12  # every NCCL call: no c10d span here
+    assert [r["run"] for r in remote["runs"]] == ["nccl"]
