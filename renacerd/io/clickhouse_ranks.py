@@ -3,8 +3,9 @@ hosts pushed, computed as SQL in ClickHouse.
 
 The ranks are the processes whose `job_id` is JOB, on every host. Each query below runs on
 the server and returns per-step per-rank rows (or per-host ones), never events: steps
-(the outermost span of each step value), the collectives of each step, the time of each
-step's calls outside collectives on the step's thread, and, for the steps that have a
+(the outermost span of each step value), the collectives of each step (c10d spans, and the
+NCCL calls of the GPU layer outside them), the time of each step's calls and of its GPU
+synchronisation outside collectives on the step's thread, and, for the steps that have a
 straggler only, their profile by syscall and file. The straggler, cause, slow-step and
 desync logic is renacerd.reports.ranks's own, run on those rows. Ranks are aligned by step;
 each host's clock offset from the first rank's host is the median difference of the exit
@@ -574,7 +575,8 @@ def _failed(q: JobQuery, ranks: list[RankSteps]) -> dict[int, list[Collective]]:
 
 def _clock_offsets(q: JobQuery, ref: str) -> list[dict[str, Any]]:
     """Per host, its clock minus `ref`'s: the median, over the collectives both hosts'
-    ranks left, of the difference of their (per-host median) exit times."""
+    ranks left, of the difference of their (per-host median) exit times; c10d spans only
+    (an NCCL call returns once its work is enqueued: no moment the ranks share)."""
     per = (f"SELECT host, grp, seq, medianExact(ce) AS x FROM ({q.c10d_sql('AND seq > 0')}) "
            "GROUP BY host, grp, seq")
     rows = q.client.rows(

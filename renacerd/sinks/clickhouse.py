@@ -1,10 +1,12 @@
 """ClickHouse sink: a thread tailing the local store into ClickHouse over HTTP (Native format).
 
-Exactly once per event: a batch is a range of the store's chunk ids; the range is recorded as
-pending in `sink_progress` before it is sent and acknowledged after the server answers. A
-pending range found on restart (or after a failed try) is counted on the server before anything
-is re-sent: all rows there -> acknowledge, none -> send again. One batch is one Native block
-inside one partition, which ClickHouse writes as one part, so a batch is never half there.
+Exactly once per event: a batch is a range of the store's chunk ids (syscall events into
+`events`, the GPU layer's calls into `gpu_calls`); the range is recorded as pending in
+`sink_progress` before it is sent and acknowledged after the server answers. A pending range
+found on restart (or after a failed try) is counted on the server, per table, before anything
+is re-sent: all rows there -> not again, none -> send again. Each table's part of a batch is
+one Native block inside one partition, which ClickHouse writes as one part, so it is never
+half there.
 Runs, processes, strings and spans are ReplacingMergeTree rows keyed by identity: re-sending
 them is harmless (read them with FINAL).
 """
