@@ -28,7 +28,8 @@ def main(argv: list[str]) -> int:
     except (SinkError, StoreError) as e:
         return fail(PROG, str(e))
     if not a.quiet:
-        sys.stderr.write(f"{PROG}: {a.run}: {stats.events} events in {stats.batches} batches, "
+        sys.stderr.write(f"{PROG}: {a.run}: {stats.events} events and {stats.gpu_calls} GPU calls "
+                         f"in {stats.batches} batches, "
                          f"{stats.spans} spans, {stats.processes} processes, {stats.strings} "
                          f"strings -> {a.to} ({stats.bytes_sent} bytes sent)\n")
     return 0

@@ -3,8 +3,9 @@ hosts pushed, computed as SQL in ClickHouse.
 
 The ranks are the processes whose `job_id` is JOB, on every host. Each query below runs on
 the server and returns per-step per-rank rows (or per-host ones), never events: steps
-(the outermost span of each step value), the collectives of each step, the time of each
-step's calls outside collectives on the step's thread, and, for the steps that have a
+(the outermost span of each step value), the collectives of each step (c10d spans, and the
+NCCL calls of the GPU layer outside them), the time of each step's calls and of its GPU
+synchronisation outside collectives on the step's thread, and, for the steps that have a
 straggler only, their profile by syscall and file. The straggler, cause, slow-step and
 desync logic is renacerd.reports.ranks's own, run on those rows. Ranks are aligned by step;
 each host's clock offset from the first rank's host is the median difference of the exit
@@ -24,7 +25,9 @@ import numpy as np
 import orjson
 
 from renacerd.client.dist_env import DistInfo
+from renacerd.cuda.hooks import COLLECTIVE, COMM_INIT, HOOKS, NCCL_DTYPES, SYNC
 from renacerd.reports.desync import Collective, desync, waiting
+from renacerd.reports.rank_labels import NCCL_JOB_PREFIX
 from renacerd.reports.ranks import (
     WAIT_SYSCALLS,
     Profile,
@@ -36,9 +39,20 @@ from renacerd.reports.ranks import (
 from renacerd.sinks import SinkError
 from renacerd.sinks.clickhouse import ClickHouseClient, parse_url, quote
 from renacerd.syscall_table import syscall_table
+from renacerd.trace.gpu_trace import CommInit, comm_group, comm_id_hex
 
 _C10D = "experiment.metrics.c10d."
+NCCL_FNS = tuple(h.symbol for h in HOOKS if h.kind == COLLECTIVE)
+SYNC_FNS = tuple(h.symbol for h in HOOKS if h.kind == SYNC)
+INIT_FN = next(h.symbol for h in HOOKS if h.kind == COMM_INIT)
+# an NCCL call's dtype by name, as reports.desync names it
+_DTYPE = (f"transform(a1, [{', '.join(f'toUInt64({k})' for k in NCCL_DTYPES)}], "
+          f"[{', '.join(quote(v[0]) for v in NCCL_DTYPES.values())}], "
+          "concat('dtype', toString(a1)))")
 _MIN_BUCKET_NS = 1_000_000
+# what a collective read back for reports.desync carries (coll_sql's columns)
+_ROW_COLS = ("run, host, pid, cs, ce, op, numel, dtype, span_name, status_code, status_message, "
+             "attributes_json, nccl, comm, comm_lo, comm_hi, has_init")
 
 
 def _attr_num(key: str) -> str:
@@ -83,16 +97,55 @@ class JobQuery:
         return (f"SELECT run, host, pid, tid, step, s, e, {self._buckets('s', 'e')} "
                 f"FROM ({self.steps_sql(extra)})")
 
-    def coll_sql(self, extra: str = "") -> str:
+    def c10d_sql(self, extra: str = "") -> str:
         """The c10d spans of the ranks: one row per collective call."""
         return (
             "SELECT run, host, process_id AS pid, start_mono_nanos AS cs, "
             "end_mono_nanos AS ce, substring(span_name, 6) AS op, "
             f"{_attr_num('numel')} AS numel, model AS dtype, {_attr_num('group')} AS grp, "
             f"{_attr_num('seq')} AS seq, span_name, status_code, status_message, "
-            "attributes_json FROM spans FINAL "
+            "attributes_json, toUInt8(0) AS nccl, toUInt64(0) AS comm, toUInt64(0) AS comm_lo, "
+            "toUInt64(0) AS comm_hi, toUInt8(0) AS has_init FROM spans FINAL "
             f"WHERE (run, host, process_id) IN ({self.sel}) "
             f"AND startsWith(span_name, 'c10d.') {extra}")
+
+    def gpu_sql(self, fns: tuple[str, ...], cols: str) -> str:
+        """The ranks' GPU calls of the given hook symbols."""
+        return (f"SELECT run, host, pid, {cols} FROM gpu_calls WHERE (run, host, pid) IN "
+                f"({self.sel}) AND fn IN ({', '.join(map(quote, fns))})")
+
+    def nccl_sql(self) -> str:
+        """The ranks' NCCL calls that start outside every c10d span of their process (inside
+        one, the span is the collective), with their communicator's id from its init (the
+        latest init of that ncclComm_t, as reports.desync reads it): `grp` a hash of the id
+        that is equal where the ids are (-1: no init seen), `seq` 0 (nccl_seqs numbers the
+        calls asked for)."""
+        b = self.bucket_ns
+        cover = (f"SELECT run, host, pid, b, groupArray((cs, ce)) AS cov FROM (SELECT run, "
+                 f"host, pid, cs, ce, {self._buckets('cs', 'ce')} FROM ({self.c10d_sql()})) "
+                 "GROUP BY run, host, pid, b")
+        calls = self.gpu_sql(NCCL_FNS, f"ts, dur, ret, fn, a0, a1, a3 AS comm, intDiv(ts, {b}) "
+                             "AS b")
+        inits = (f"SELECT run, host, pid, a0 AS comm, argMax(a3, ts) AS comm_lo, "
+                 "argMax(a4, ts) AS comm_hi, toUInt8(1) AS has_init FROM "
+                 f"({self.gpu_sql((INIT_FN,), 'ts, ret, a0, a3, a4')}) WHERE ret = 0 "
+                 "GROUP BY run, host, pid, comm")
+        uncovered = (f"SELECT * FROM ({calls}) ANY LEFT JOIN ({cover}) USING (run, host, pid, b)")
+        joined = (f"SELECT * FROM (SELECT * FROM ({uncovered}) WHERE NOT arrayExists(c -> ts >= "
+                  "tupleElement(c, 1) AND ts < tupleElement(c, 2), cov)) "
+                  f"ANY LEFT JOIN ({inits}) USING (run, host, pid, comm)")
+        return (
+            "SELECT run, host, pid, ts AS cs, toInt64(ts + dur) AS ce, fn AS op, "
+            f"toInt64(a0) AS numel, {_DTYPE} AS dtype, if(has_init, "
+            "toInt64(cityHash64(comm_lo, comm_hi)), toInt64(-1)) AS grp, toInt64(0) AS seq, "
+            "fn AS span_name, toUInt8(if(ret != 0, 2, 0)) AS status_code, if(ret != 0, "
+            "concat(fn, ' returned ncclResult_t ', toString(ret)), '') AS status_message, "
+            "'' AS attributes_json, toUInt8(1) AS nccl, comm, comm_lo, comm_hi, has_init "
+            f"FROM ({joined})")
+
+    def coll_sql(self) -> str:
+        """Every collective call of the ranks: c10d spans and the NCCL calls outside them."""
+        return f"SELECT * FROM ({self.c10d_sql()}) UNION ALL {self.nccl_sql()}"
 
     def coll_in_steps(self, cols: str, extra: str = "") -> str:
         """Collectives joined to the step they start in (a step of their process)."""
@@ -125,14 +178,16 @@ class JobQuery:
         return qs
 
     def events_in_steps(self, cols: str, used: str, group: str, extra: str = "",
-                        windows: list[tuple[int, int]] | None = None) -> str:
+                        windows: list[tuple[int, int]] | None = None,
+                        table: str = "events", cond: str = "") -> str:
         """The calls of one host's ranks (a query of hosts()) in a step, on its thread,
         outside every collective of their process (the collective's own time is counted
         apart); `used`: the event columns `cols` reads. One (run, host) per query: the
         events are read by their primary key's prefix and joined on numbers alone (pid,
         tid, bucket); hashing run and host per event would cost more than the rest.
         `windows`: [start, end) times outside which no step asked for lies (a PREWHERE:
-        the other columns are read only where it holds)."""
+        the other columns are read only where it holds). `table` gpu_calls (and `cond` on
+        its rows): the GPU calls instead, the same way."""
         run, host = self.members[0][:2]
         pids = ", ".join(str(m[2]) for m in self.members)
         b = self.bucket_ns
@@ -142,8 +197,8 @@ class JobQuery:
             pre = f"PREWHERE intDiv(ts, {b}) IN ({', '.join(map(str, bs))}) "
         return (
             f"SELECT {cols} FROM (SELECT pid, tid, ts, {used}, intDiv(ts, {b}) AS b "
-            f"FROM events {pre}WHERE run = {quote(run)} AND host = {quote(host)} "
-            f"AND pid IN ({pids})) "
+            f"FROM {table} {pre}WHERE run = {quote(run)} AND host = {quote(host)} "
+            f"AND pid IN ({pids}) {cond}) "
             f"ALL INNER JOIN ({self.step_windows(extra)}) USING (pid, tid, b) "
             "WHERE ts >= s AND ts < e AND NOT arrayExists("
             "c -> ts >= tupleElement(c, 1) AND ts < tupleElement(c, 2), cw) "
@@ -151,13 +206,39 @@ class JobQuery:
 
 
 def _members(client: ClickHouseClient, job: str, key: str) -> list[dict[str, Any]]:
+    """The job's rank processes: those whose environment names the job, else (a job id
+    "nccl:" + hex) those whose first NCCL communicator has that id."""
     rows = client.rows(
         "SELECT run, host, pid, rank, local_rank, world_size, group_rank, local_world_size, "
         "job_id, rank_host, rank_source FROM processes FINAL "
         f"WHERE job_id = {quote(job)} AND rank IS NOT NULL ORDER BY rank, host, run, pid")
+    if not rows and job.startswith(NCCL_JOB_PREFIX):
+        rows = _nccl_members(client, job)
     if not rows:
         raise SinkError(f"no job {job!r} in {key}: no pushed process has that job id")
     return rows
+
+
+def _nccl_members(client: ClickHouseClient, job: str) -> list[dict[str, Any]]:
+    """The processes of no rank of their own environment whose first successful
+    ncclCommInitRank joined the communicator the job id names: rank and world size from
+    it, as reports.rank_labels labels them."""
+    try:
+        raw = bytes.fromhex(job[len(NCCL_JOB_PREFIX):])
+    except ValueError:
+        return []
+    if len(raw) != 16:
+        return []
+    lo, hi = int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little")
+    first = (f"SELECT run, host, pid, argMin(a2, ts) AS rank, argMin(a1, ts) AS world_size, "
+             "argMin(a3, ts) AS lo, argMin(a4, ts) AS hi FROM gpu_calls "
+             f"WHERE fn = {quote(INIT_FN)} AND ret = 0 GROUP BY run, host, pid")
+    rows = client.rows(
+        f"SELECT run, host, pid, rank, world_size FROM ({first}) WHERE lo = {lo} AND hi = {hi} "
+        "AND (run, host, pid) NOT IN (SELECT run, host, pid FROM processes FINAL "
+        "WHERE rank IS NOT NULL) ORDER BY rank, host, run, pid")
+    none = dict.fromkeys(("local_rank", "group_rank", "local_world_size", "rank_host"))
+    return [{**r, **none, "job_id": job, "rank_source": "nccl"} for r in rows]
 
 
 def _grid(rows: dict[str, Any], cols: list[str], run: str | None = None,
@@ -193,11 +274,13 @@ def _choose(members: list[dict[str, Any]], st: dict[str, Any]) -> list[dict[str,
     return [chosen[r] for r in sorted(chosen)]
 
 
-def _base(client: ClickHouseClient, job: str, key: str, min_late_ms: float) -> dict[str, Any]:
+def _base(client: ClickHouseClient, job: str, key: str, min_late_ms: float,
+          members: list[dict[str, Any]]) -> dict[str, Any]:
     """The report's head: the job, its runs (run, host, status) and their status."""
+    pairs = ", ".join(sorted({f"({quote(m['run'])}, {quote(m['host'])})" for m in members}))
     runs = client.rows(
-        "SELECT run, host, status FROM runs FINAL WHERE (run, host) IN "
-        f"(SELECT run, host FROM processes FINAL WHERE job_id = {quote(job)}) ORDER BY host, run")
+        f"SELECT run, host, status FROM runs FINAL WHERE (run, host) IN ({pairs}) "
+        "ORDER BY host, run")
     statuses = sorted({r["status"] for r in runs})
     return {"run": job, "job": job, "source": key, "min_late_ms": min_late_ms,
             "status": "/".join(statuses), "runs": runs}
@@ -230,6 +313,32 @@ def _call_steps(q: JobQuery, tables: dict[tuple[str, str], dict[int, str]]
     return out
 
 
+def _sync_steps(q: JobQuery) -> dict[tuple, tuple]:
+    """Per (run, host, pid, step): ns of the GPU synchronisation calls on the step's thread
+    outside collectives (as reports.ranks counts gpu_sync_ns); one query per (run, host)."""
+    out: dict[tuple, tuple] = {}
+    syncs = ", ".join(map(quote, SYNC_FNS))
+    for qh in q.hosts():
+        run, host = qh.members[0][:2]
+        rows = q.client.native(qh.events_in_steps(
+            "pid, step, sum(dur) AS sync_ns", "dur", "pid, step", table="gpu_calls",
+            cond=f"AND fn IN ({syncs})"))
+        out.update(_grid(rows, ["sync_ns"], run, host))
+    return out
+
+
+def _comms(q: JobQuery) -> dict[tuple[str, str, int], list[CommInit]]:
+    """(run, host, pid) -> the communicators it joined (successful NCCL inits), in order."""
+    out: dict[tuple[str, str, int], list[CommInit]] = {m: [] for m in q.members}
+    for r in q.client.rows(
+            f"SELECT * FROM ({q.gpu_sql((INIT_FN,), 'ts, ret, a0, a1, a2, a3, a4')}) "
+            "WHERE ret = 0 ORDER BY run, host, pid, ts"):
+        # sh_nccl_init: a0 *comm, a1 nranks, a2 rank, a3/a4 the id's first 16 bytes
+        out[(r["run"], r["host"], r["pid"])].append(CommInit(
+            r["a0"], r["a2"], r["a1"], comm_id_hex(r["a3"], r["a4"]), r["ts"]))
+    return out
+
+
 @dataclass(slots=True)
 class _Ranks:
     """The job's ranks as RankSteps, with what the report needs beside them."""
@@ -241,8 +350,10 @@ class _Ranks:
 
 
 def _rank_steps(q: JobQuery, order: list[dict[str, Any]], st: dict[str, Any],
-                cg: dict[tuple, tuple], eg: dict[tuple, tuple]) -> _Ranks:
-    """RankSteps of each chosen rank process from the per-step rows."""
+                cg: dict[tuple, tuple], eg: dict[tuple, tuple], sg: dict[tuple, tuple],
+                comms: dict[tuple[str, str, int], list[CommInit]]) -> _Ranks:
+    """RankSteps of each chosen rank process from the per-step rows (collectives, calls,
+    GPU synchronisation) and its communicators."""
     idx = {k: i for i, k in enumerate(q.members)}
     rows_of: dict[int, list[int]] = {}
     for i, (r, h, p) in enumerate(zip(st["run"], st["host"], st["pid"].tolist())):
@@ -257,6 +368,7 @@ def _rank_steps(q: JobQuery, order: list[dict[str, Any]], st: dict[str, Any],
         e = np.asarray(st["e"], dtype=np.int64)[rows]
         c = [cg.get((*q.members[i], k), (0, 0, [], None)) for k in steps.tolist()]
         v = [eg.get((*q.members[i], k), (0, 0)) for k in steps.tolist()]
+        g = [sg.get((*q.members[i], k), (0,))[0] for k in steps.tolist()]
         dist = DistInfo(rank=m["rank"], local_rank=m["local_rank"], world_size=m["world_size"],
                         group_rank=m["group_rank"], local_world_size=m["local_world_size"],
                         job_id=m["job_id"], host=m["rank_host"] or m["host"],
@@ -266,11 +378,11 @@ def _rank_steps(q: JobQuery, order: list[dict[str, Any]], st: dict[str, Any],
             rank=m["rank"], pid=m["pid"], dist=dist, steps=steps, step_ns=e - s,
             coll_ns=np.array([x[0] for x in c], dtype=np.int64),
             wait_sys_ns=np.array([x[1] for x in v], dtype=np.int64),
-            gpu_sync_ns=np.zeros(len(rows), dtype=np.int64),
+            gpu_sync_ns=np.array(g, dtype=np.int64),
             syscall_ns=np.array([x[0] for x in v], dtype=np.int64),
             ncoll=np.array([x[1] for x in c], dtype=np.int64),
             prof_step=none, prof_code=none, prof_ns=none, prof_calls=none,
-            keys=[], collectives=[], comms=[]))
+            keys=[], collectives=[], comms=comms[q.members[i]]))
         out.starts.append(s)
         out.ops.append({k: _count(x[2]) for k, x in zip(steps.tolist(), c) if x[2]})
         out.sigs.append({k: int(x[3]) for k, x in zip(steps.tolist(), c) if x[3] is not None})
@@ -320,7 +432,7 @@ def job_ranks_data(url: str, min_late_ms: float, timeout_s: float = 600.0) -> di
     q = JobQuery(client, [(m["run"], m["host"], m["pid"]) for m in members])
     st = client.native(q.steps_sql() + " ORDER BY run, host, pid, s")
     order = _choose(members, st)
-    base = _base(client, job, t.key, min_late_ms)
+    base = _base(client, job, t.key, min_late_ms, members)
     if not order:
         return steps_report([], {**base, "ranks": [], "clock_offsets": []}, min_late_ms,
                             None, [], [], lambda s: {})
@@ -328,7 +440,8 @@ def job_ranks_data(url: str, min_late_ms: float, timeout_s: float = 600.0) -> di
     durs = np.asarray(st["e"], dtype=np.int64) - np.asarray(st["s"], dtype=np.int64)
     q.bucket_ns = max(_MIN_BUCKET_NS, int(np.median(durs)))
     tables = _syscall_tables(client, q.members)
-    rk = _rank_steps(q, order, st, _collective_steps(q), _call_steps(q, tables))
+    rk = _rank_steps(q, order, st, _collective_steps(q), _call_steps(q, tables),
+                     _sync_steps(q), _comms(q))
     base["ranks"] = [{**rank_entry(rs), "run": m["run"], "run_host": m["host"]}
                      for rs, m in zip(rk.ranks, order)]
     base["clock_offsets"] = _clock_offsets(q, order[0]["host"])
@@ -372,18 +485,48 @@ class _Span:
         self.status_message = r["status_message"]
 
 
+def _collective(r: dict[str, Any], step: int | None, seqs: dict[tuple, int]) -> Collective:
+    """A row of coll_sql as reports.desync's Collective: a c10d span's, or an NCCL call's
+    (named by its symbol, its group the communicator's, seq its number there)."""
+    if not r["nccl"]:
+        return Collective.of(_Span(r), orjson.loads(r["attributes_json"] or "{}"), step)
+    group = comm_group(comm_id_hex(r["comm_lo"], r["comm_hi"])) if r["has_init"] else -1
+    seq = seqs[(r["run"], r["host"], r["pid"], r["comm"], r["cs"])]
+    return Collective(r["op"], r["numel"], r["dtype"], group, seq, step, r["cs"], r["ce"],
+                      r["status_code"] == 2, r["status_message"])
+
+
+def _nccl_seqs(q: JobQuery, rows: list[dict[str, Any]]) -> dict[tuple, int]:
+    """(run, host, pid, comm, start) -> the call's number on its communicator in its
+    process, from 1, of the NCCL calls among rows (those outside c10d spans counted)."""
+    want = {(r["run"], r["host"], r["pid"], r["comm"], r["cs"]) for r in rows if r["nccl"]}
+    if not want:
+        return {}
+    lit = ", ".join(f"({quote(a)}, {quote(h)}, toUInt32({p}), toUInt64({c}), toInt64({t}))"
+                    for a, h, p, c, t in sorted(want))
+    asked = ("SELECT tupleElement(x, 1) AS run, tupleElement(x, 2) AS host, tupleElement(x, "
+             "3) AS pid, tupleElement(x, 4) AS comm, tupleElement(x, 5) AS t "
+             f"FROM system.one ARRAY JOIN [{lit}] AS x")
+    # the asked calls (few) on the right: every earlier call of their communicator streams
+    pairs = (f"SELECT run, host, pid, comm, cs, t FROM (SELECT run, host, pid, comm, cs "
+             f"FROM ({q.nccl_sql()})) ALL INNER JOIN ({asked}) USING (run, host, pid, comm)")
+    res = q.client.rows(f"SELECT run, host, pid, comm, t, count() AS seq FROM ({pairs}) "
+                        "WHERE cs <= t GROUP BY run, host, pid, comm, t")
+    return {(r["run"], r["host"], r["pid"], r["comm"], r["t"]): r["seq"] for r in res}
+
+
 def _with_steps(rows: list[dict[str, Any]], q: JobQuery, ranks: list[RankSteps],
                 starts: dict[int, tuple[np.ndarray, np.ndarray]]) -> dict[int, list[Collective]]:
     """Collectives of rows (from coll_sql), by rank, each given the step it starts in."""
     idx = {k: i for i, k in enumerate(q.members)}
+    seqs = _nccl_seqs(q, rows)
     out: dict[int, list[Collective]] = {rs.rank: [] for rs in ranks}
     for r in rows:
         i = idx[(r["run"], r["host"], r["pid"])]
         s, e = starts[i]
         k = int(np.searchsorted(s, r["cs"], side="right")) - 1
         step = int(ranks[i].steps[k]) if k >= 0 and r["cs"] < e[k] else None
-        out[ranks[i].rank].append(Collective.of(_Span(r), orjson.loads(
-            r["attributes_json"] or "{}"), step))
+        out[ranks[i].rank].append(_collective(r, step, seqs))
     for calls in out.values():
         calls.sort(key=lambda c: c.start_ns)
     return out
@@ -418,17 +561,13 @@ def _collectives(q: JobQuery, ranks: list[RankSteps], sigs: list[dict[int, int]]
     if first is None:
         return {rs.rank: [] for rs in ranks}
     want = sorted({first} | {x for x in last if x >= first})
-    rows = q.client.rows(q.coll_in_steps(
-        "run, host, pid, cs, ce, span_name, status_code, status_message, attributes_json",
-        f"AND step IN ({', '.join(map(str, want))})"))
+    rows = q.client.rows(q.coll_in_steps(_ROW_COLS, f"AND step IN ({', '.join(map(str, want))})"))
     return _with_steps(rows, q, ranks, _step_times(q, ranks))
 
 
 def _failed(q: JobQuery, ranks: list[RankSteps]) -> dict[int, list[Collective]]:
     """Each rank's collectives that ended in error (raised, or never left)."""
-    rows = q.client.rows(
-        f"SELECT run, host, pid, cs, ce, span_name, status_code, status_message, "
-        f"attributes_json FROM ({q.coll_sql('AND status_code = 2')})")
+    rows = q.client.rows(f"SELECT {_ROW_COLS} FROM ({q.coll_sql()}) WHERE status_code = 2")
     if not rows:
         return {rs.rank: [] for rs in ranks}
     return _with_steps(rows, q, ranks, _step_times(q, ranks))
@@ -436,8 +575,9 @@ def _failed(q: JobQuery, ranks: list[RankSteps]) -> dict[int, list[Collective]]:
 
 def _clock_offsets(q: JobQuery, ref: str) -> list[dict[str, Any]]:
     """Per host, its clock minus `ref`'s: the median, over the collectives both hosts'
-    ranks left, of the difference of their (per-host median) exit times."""
-    per = (f"SELECT host, grp, seq, medianExact(ce) AS x FROM ({q.coll_sql('AND seq > 0')}) "
+    ranks left, of the difference of their (per-host median) exit times; c10d spans only
+    (an NCCL call returns once its work is enqueued: no moment the ranks share)."""
+    per = (f"SELECT host, grp, seq, medianExact(ce) AS x FROM ({q.c10d_sql('AND seq > 0')}) "
            "GROUP BY host, grp, seq")
     rows = q.client.rows(
         f"SELECT host, medianExact(x - xr) AS off, count() AS n FROM ({per}) ALL INNER JOIN "

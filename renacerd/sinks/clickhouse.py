@@ -1,16 +1,19 @@
 """ClickHouse sink: a thread tailing the local store into ClickHouse over HTTP (Native format).
 
-Exactly once per event: a batch is a range of the store's chunk ids; the range is recorded as
-pending in `sink_progress` before it is sent and acknowledged after the server answers. A
-pending range found on restart (or after a failed try) is counted on the server before anything
-is re-sent: all rows there -> acknowledge, none -> send again. One batch is one Native block
-inside one partition, which ClickHouse writes as one part, so a batch is never half there.
+Exactly once per event: a batch is a range of the store's chunk ids (syscall events into
+`events`, the GPU layer's calls into `gpu_calls`); the range is recorded as pending in
+`sink_progress` before it is sent and acknowledged after the server answers. A pending range
+found on restart (or after a failed try) is counted on the server, per table, before anything
+is re-sent: all rows there -> not again, none -> send again. Each table's part of a batch is
+one Native block inside one partition, which ClickHouse writes as one part, so it is never
+half there.
 Runs, processes, strings and spans are ReplacingMergeTree rows keyed by identity: re-sending
 them is harmless (read them with FINAL).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 import urllib.error
@@ -22,7 +25,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from renacerd.columns import decode
+from renacerd.columns import SYSCALL_COLUMNS, decode
+from renacerd.cuda.hooks import HOOKS
+from renacerd.cuda.records import GPU_LAYOUT
 from renacerd.escaping import json_text
 from renacerd.sinks import (
     Backoff,
@@ -40,6 +45,11 @@ from renacerd.trace.unified_trace import UnifiedTrace
 
 DEFAULT_PORT = 8123
 BATCH_ROWS = 262_144  # well under max_insert_block_size (1,048,576): one block, one part
+# The store layers a batch carries (one chunk id sequence), and the table each goes to (and
+# the SinkStats counter of its rows).
+LAYER_TABLES = (("sys", "events"), ("gpu", "gpu_calls"))
+BATCH_LAYERS = tuple(layer for layer, _ in LAYER_TABLES)
+LAYOUTS = {"sys": SYSCALL_COLUMNS, "gpu": GPU_LAYOUT}
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _DAY_NS = 86_400 * 10**9
 
@@ -311,6 +321,12 @@ SCHEMA = (
     ts Int64, dur UInt64, ret Int64, a0 UInt64, tid UInt32, nr UInt16, syscall String,
     flags UInt16, s0 Int32, s1 Int32, aux UInt32, mode UInt32, file String
 ) ENGINE = MergeTree PARTITION BY toYYYYMM(day) ORDER BY (run, host, pid, ts)""",
+    """CREATE TABLE IF NOT EXISTS gpu_calls (
+    day Date, run String, host String, pid UInt32, proc UInt32, chunk UInt64, dup UInt32,
+    ts Int64, dur UInt64, ret Int64, tid UInt32, fn String, flags UInt16,
+    a0 UInt64, a1 UInt64, a2 UInt64, a3 UInt64, a4 UInt64,
+    gx UInt32, gy UInt32, gz UInt32, bx UInt32, by UInt32, bz UInt32, kernel String
+) ENGINE = MergeTree PARTITION BY toYYYYMM(day) ORDER BY (run, host, pid, ts)""",
 
     """CREATE TABLE IF NOT EXISTS strings (
     run String, host String, day Date, id UInt32, s String, pushed_ns UInt64
@@ -368,6 +384,7 @@ class SinkStats:
     """What a sink has done since it started."""
 
     events: int = 0
+    gpu_calls: int = 0
     batches: int = 0
     strings: int = 0
     spans: int = 0
@@ -422,6 +439,14 @@ def _dups(ts: np.ndarray) -> np.ndarray:
     out = np.empty(len(ts), dtype=np.uint32)
     out[order] = np.arange(len(st)) - group_start
     return out
+
+
+@functools.cache
+def _fn_lut() -> np.ndarray:
+    """GPU fn id -> its hook's symbol already encoded as a Native String value."""
+    names = [""] + [h.symbol for h in HOOKS]
+    names += [f"fn_{i}" for i in range(len(names), 65536)]  # an id this table lacks
+    return np.array([_varint(len(b)) + b for b in (s.encode() for s in names)], dtype=object)
 
 
 class ClickHouseSink(StoreTailer):
@@ -500,7 +525,7 @@ class ClickHouseSink(StoreTailer):
         idle &= self._push_spans(store, progress, info, host, day, procs, pos)
         # A last look: rows committed between the reads above and the status read.
         if (idle and info.status != "running"
-                and store.last_chunk_id(info.id) <= pos.chunk_id):
+                and store.last_chunk_id(info.id, BATCH_LAYERS) <= pos.chunk_id):
             pos.done = True
             progress.set(info.id, pos)
             self._stats.runs_done += 1
@@ -593,49 +618,85 @@ class ClickHouseSink(StoreTailer):
             self._stats.strings += n
 
     # -- events ---------------------------------------------------------------------------
-    def _server_count(self, info: RunInfo, host: str, lo: int, hi: int) -> int:
+    def _server_count(self, info: RunInfo, host: str, lo: int, hi: int,
+                      table: str = "events") -> int:
         return int(self.client.scalar(
-            f"SELECT count() FROM events WHERE run = {quote(info.name)} AND host = "
+            f"SELECT count() FROM {table} WHERE run = {quote(info.name)} AND host = "
             f"{quote(host)} AND chunk >= {lo} AND chunk <= {hi}"))
+
+    def _missing_layers(self, store: Store, info: RunInfo, host: str, lo: int, hi: int
+                        ) -> tuple[str, ...]:
+        """The layers of the pending batch [lo, hi] that are not on the server (a layer
+        with every row there was sent; one with only some raises)."""
+        missing = []
+        for layer, table in LAYER_TABLES:
+            want = store.chunk_events(info.id, lo, hi, layer)
+            have = self._server_count(info, host, lo, hi, table) if want else 0
+            if have == want:  # sent before the crash or failure: counted, not sent again
+                setattr(self._stats, table, getattr(self._stats, table) + have)
+                continue
+            if have:
+                raise SinkError(f"batch {host}/{info.name}/chunks/{lo}-{hi} is partly on the "
+                                f"server ({have} of {want} rows of {table}): delete it there "
+                                "to resend")
+            missing.append(layer)
+        return tuple(missing)
+
+    def _batch(self, store: Store, info: RunInfo, after: int,
+               layers: tuple[str, ...] = BATCH_LAYERS, hi: int | None = None) -> list:
+        """The next batch after chunk `after`: (id, proc id, layer, columns) per chunk, up to
+        batch_rows rows (`hi`: exactly the chunks up to id hi, however many rows)."""
+        batch: list[tuple[int, int, str, dict[str, np.ndarray]]] = []
+        rows = 0
+        for cid, proc_id, n, blob, layer in store.chunks_after(info.id, after, layers=layers):
+            if hi is not None and cid > hi or hi is None and batch and rows + n > self.batch_rows:
+                break
+            batch.append((cid, proc_id, layer, decode(blob, LAYOUTS[layer])))
+            rows += n
+        return batch
 
     def _push_events(self, store: Store, progress: Progress, info: RunInfo,
                      host: str, day: int, pids: dict[int, int], pos: Position,
                      procs: dict[int, Any]) -> bool:
+        """Send the run's chunks (syscall events and GPU calls) after the acknowledged one,
+        a batch at a time; True when there were none."""
         if pos.pending is not None:
             lo, hi = pos.pending
-            want = store.chunk_events(info.id, lo, hi)
-            have = self._server_count(info, host, lo, hi)
-            if have == want:
-                pos.chunk_id = hi
+            missing = self._missing_layers(store, info, host, lo, hi)
+            if missing:  # resend exactly those layers of the range, then acknowledge it
+                self._send_batch(store, info, host, day, pids, procs,
+                                 self._batch(store, info, lo - 1, missing, hi))
+            else:
                 self._stats.verified += 1
-                self._stats.events += have
-            elif have != 0:
-                raise SinkError(f"batch {host}/{info.name}/chunks/{lo}-{hi} is partly on the "
-                                f"server ({have} of {want} rows): delete it there to resend")
-            pos.pending = None
+            pos.chunk_id, pos.pending = hi, None
             progress.set(info.id, pos)
         idle = True
-        lut = self._name_lut(info)
         while True:
-            batch: list[tuple[int, int, dict[str, np.ndarray]]] = []
-            rows = 0
-            for cid, proc_id, n, blob in store.chunks_after(info.id, pos.chunk_id):
-                if batch and rows + n > self.batch_rows:
-                    break
-                batch.append((cid, proc_id, decode(blob)))
-                rows += n
+            batch = self._batch(store, info, pos.chunk_id)
             if not batch:
                 return idle
             idle = False
-            lo, hi = batch[0][0], batch[-1][0]
-            pos.pending = (lo, hi)
+            pos.pending = (batch[0][0], batch[-1][0])
             progress.set(info.id, pos)
-            files = self._files(store, info, procs, batch)
-            self._send_events(info, host, day, pids, lut, batch, rows, files)
-            pos.chunk_id, pos.pending = hi, None
+            self._send_batch(store, info, host, day, pids, procs, batch)
+            pos.chunk_id, pos.pending = batch[-1][0], None
             progress.set(info.id, pos)
-            self._stats.events += rows
             self._stats.batches += 1
+
+    def _send_batch(self, store: Store, info: RunInfo, host: str, day: int,
+                    pids: dict[int, int], procs: dict[int, Any], batch: list) -> None:
+        """One batch's syscall events into `events`, its GPU calls into `gpu_calls`."""
+        sys_part = [(c, p, cols) for c, p, layer, cols in batch if layer == "sys"]
+        gpu_part = [(c, p, cols) for c, p, layer, cols in batch if layer == "gpu"]
+        if sys_part:
+            n = sum(len(cols["ts"]) for _, _, cols in sys_part)
+            files = self._files(store, info, procs, sys_part)
+            self._send_events(info, host, day, pids, self._name_lut(info), sys_part, n, files)
+            self._stats.events += n
+        if gpu_part:
+            n = sum(len(cols["ts"]) for _, _, cols in gpu_part)
+            self._send_gpu(info, host, day, pids, store.strings(info.id), gpu_part, n)
+            self._stats.gpu_calls += n
 
     def _name_lut(self, info: RunInfo) -> np.ndarray:
         """nr -> the syscall name already encoded as a Native String value."""
@@ -651,23 +712,31 @@ class ClickHouseSink(StoreTailer):
             self._luts[info.id] = lut
         return lut
 
+    @staticmethod
+    def _row_keys(info: RunInfo, host: str, day: int, pids: dict[int, int], batch: list,
+                  n: int) -> list[tuple[str, str, Any]]:
+        """The columns every chunk row carries: where it comes from, and its chunk (what a
+        pending batch is counted by) and dup (its place among rows of the same ts)."""
+        lens = [len(c["ts"]) for _, _, c in batch]
+        pid = np.repeat(np.array([pids.get(p, 0) for _, p, _ in batch], dtype=np.uint32), lens)
+        return [
+            ("day", "Date", np.full(n, day, dtype=np.uint16)),
+            ("run", "String", const_string(info.name, n)),
+            ("host", "String", const_string(host, n)),
+            ("pid", "UInt32", pid),
+            ("proc", "UInt32", np.repeat(np.array([p for _, p, _ in batch], np.uint32), lens)),
+            ("chunk", "UInt64", np.repeat(np.array([i for i, _, _ in batch], np.uint64), lens)),
+            ("dup", "UInt32", np.concatenate([_dups(c["ts"]) for _, _, c in batch])),
+        ]
+
     def _send_events(self, info: RunInfo, host: str, day: int, pids: dict[int, int],
                      lut: np.ndarray, batch: list, n: int, files: bytes) -> None:
         def cat(name: str) -> np.ndarray:
             return np.concatenate([c[name] for _, _, c in batch])
 
-        proc = np.concatenate([np.full(len(c["ts"]), p, dtype=np.uint32) for _, p, c in batch])
-        chunk = np.concatenate([np.full(len(c["ts"]), i, dtype=np.uint64) for i, _, c in batch])
-        dup = np.concatenate([_dups(c["ts"]) for _, _, c in batch])
-        pid = np.array([pids.get(p, 0) for _, p, _ in batch], dtype=np.uint32)
-        pid = np.repeat(pid, [len(c["ts"]) for _, _, c in batch])
         nr = cat("nr")
-        cols = [
-            ("day", "Date", np.full(n, day, dtype=np.uint16)),
-            ("run", "String", const_string(info.name, n)),
-            ("host", "String", const_string(host, n)),
-            ("pid", "UInt32", pid), ("proc", "UInt32", proc), ("chunk", "UInt64", chunk),
-            ("dup", "UInt32", dup), ("ts", "Int64", cat("ts")), ("dur", "UInt64", cat("dur")),
+        cols = self._row_keys(info, host, day, pids, batch, n) + [
+            ("ts", "Int64", cat("ts")), ("dur", "UInt64", cat("dur")),
             ("ret", "Int64", cat("ret")), ("a0", "UInt64", cat("a0")),
             ("tid", "UInt32", cat("tid")), ("nr", "UInt16", nr),
             ("syscall", "String", b"".join(lut[nr].tolist())),
@@ -676,6 +745,28 @@ class ClickHouseSink(StoreTailer):
             ("mode", "UInt32", cat("mode")), ("file", "String", files),
         ]
         self.client.insert("events", cols, n)
+
+    def _send_gpu(self, info: RunInfo, host: str, day: int, pids: dict[int, int],
+                  strings: list[bytes], batch: list, n: int) -> None:
+        """GPU calls (CUDA runtime, driver, NCCL) as `gpu_calls` rows: the hook's symbol in
+        `fn`, the launched kernel's name in `kernel`."""
+        def cat(name: str) -> np.ndarray:
+            return np.concatenate([c[name] for _, _, c in batch])
+
+        names = [_varint(len(b)) + b for b in strings]
+        empty = _varint(0)
+        kernel = b"".join(names[i] if 0 <= i < len(names) else empty
+                          for i in cat("name").tolist())
+        cols = self._row_keys(info, host, day, pids, batch, n) + [
+            ("ts", "Int64", cat("ts")), ("dur", "UInt64", cat("dur")),
+            ("ret", "Int64", cat("ret")), ("tid", "UInt32", cat("tid")),
+            ("fn", "String", b"".join(_fn_lut()[cat("fn")].tolist())),
+            ("flags", "UInt16", cat("flags")),
+        ]
+        cols += [(f"a{i}", "UInt64", cat(f"a{i}")) for i in range(5)]
+        cols += [(k, "UInt32", cat(k)) for k in ("gx", "gy", "gz", "bx", "by", "bz")]
+        cols.append(("kernel", "String", kernel))
+        self.client.insert("gpu_calls", cols, n)
 
     def _files(self, store: Store, info: RunInfo, procs: dict[int, Any], batch: list) -> bytes:
         """The `file` column of a batch: per event, the file its fd argument named (fdtrack's

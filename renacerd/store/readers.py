@@ -62,26 +62,32 @@ class StoreReaders:
         return [(i, bytes(s)) for i, s in self.db.execute(
             "SELECT id, s FROM strings WHERE run_id=? AND id>? ORDER BY id", (run_id, after_id))]
 
-    def last_chunk_id(self, run_id: int) -> int:
-        """The id of the run's latest syscall chunk, 0 for none."""
-        return self.db.execute("SELECT max(id) FROM chunks WHERE run_id=? AND layer='sys'",
-                               (run_id,)).fetchone()[0] or 0
+    def last_chunk_id(self, run_id: int, layers: tuple[str, ...] = ("sys",)) -> int:
+        """The id of the run's latest chunk of those layers, 0 for none."""
+        marks = ",".join("?" * len(layers))
+        return self.db.execute(f"SELECT max(id) FROM chunks WHERE run_id=? AND layer IN "
+                               f"({marks})", (run_id, *layers)).fetchone()[0] or 0
 
-    def chunk_events(self, run_id: int, lo: int = 0, hi: int | None = None) -> int:
-        """How many syscall events the run's chunks with ids in [lo, hi] hold (hi None: all)."""
-        q = "SELECT coalesce(sum(n), 0) FROM chunks WHERE run_id=? AND layer='sys' AND id>=?"
-        args: tuple = (run_id, lo)
+    def chunk_events(self, run_id: int, lo: int = 0, hi: int | None = None,
+                     layer: str = "sys") -> int:
+        """How many rows the run's chunks of one layer with ids in [lo, hi] hold (hi None:
+        all)."""
+        q = "SELECT coalesce(sum(n), 0) FROM chunks WHERE run_id=? AND layer=? AND id>=?"
+        args: tuple = (run_id, layer, lo)
         if hi is not None:
             q += " AND id<=?"
             args += (hi,)
         return self.db.execute(q, args).fetchone()[0]
 
-    def chunks_after(self, run_id: int, after_id: int, limit: int = 4096
-                     ) -> Iterator[tuple[int, int, int, bytes]]:
-        """(id, proc id, events, encoded chunk) of the run's syscall chunks after `after_id`."""
+    def chunks_after(self, run_id: int, after_id: int, limit: int = 4096,
+                     layers: tuple[str, ...] = ("sys",)
+                     ) -> Iterator[tuple[int, int, int, bytes, str]]:
+        """(id, proc id, rows, encoded chunk, layer) of the run's chunks of those layers
+        after `after_id`, in id order (the layers share one id sequence)."""
+        marks = ",".join("?" * len(layers))
         yield from self.db.execute(
-            "SELECT id, proc_id, n, data FROM chunks WHERE run_id=? AND layer='sys' "
-            "AND id>? ORDER BY id LIMIT ?", (run_id, after_id, limit))
+            f"SELECT id, proc_id, n, data, layer FROM chunks WHERE run_id=? AND layer IN "
+            f"({marks}) AND id>? ORDER BY id LIMIT ?", (run_id, *layers, after_id, limit))
 
     def proc_chunks_before(self, run_id: int, proc_id: int, before_id: int
                            ) -> Iterator[bytes]:

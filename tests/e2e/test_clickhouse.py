@@ -19,7 +19,7 @@ from renacerd.io.clickhouse_source import (
     load_run_info_from_url,
 )
 from renacerd.reports.show import show_data
-from renacerd.sinks import Backoff, Progress
+from renacerd.sinks import Backoff, Progress, SinkError
 from renacerd.sinks.clickhouse import (
     ClickHouseClient,
     ClickHouseSink,
@@ -271,3 +271,52 @@ def test_url_source_errors(chdb):
         load_run_from_url(f"{chdb}/nope")
     with pytest.raises(SinkError, match="needs a database and a run name"):
         load_run_from_url(chdb)
+
+
+class _GpuInsertLost(ClickHouseSink):
+    """A sink whose first GPU insert fails: its batch's events are on the server, its GPU
+    calls are not, and the batch stays pending."""
+
+    def _send_gpu(self, *args) -> None:
+        if not getattr(self, "_failed", False):
+            self._failed = True
+            raise SinkError("the GPU insert was lost")
+        super()._send_gpu(*args)
+
+
+def test_gpu_layer_pushed_once_each(db, chdb):
+    """The GPU layer goes to gpu_calls, a row per call with the hook's symbol and the
+    kernel's name; a batch whose GPU insert failed after its events went in sends only its
+    GPU calls again (the events are counted on the server, not resent)."""
+    from renacerd.cuda.records import GPU_LAYOUT
+    from tests.unit.test_flight_fold import add_gpu_run
+
+    st = Store(db, create=True)
+    add_gpu_run(st, "g", flight=False)
+    info = st.run("g")
+    [(proc_id, p)] = st.processes(info.id)
+    gpu = st.columns(info.id, proc_id, "gpu", GPU_LAYOUT)
+    n_sys, n_gpu = st.chunk_events(info.id), st.chunk_events(info.id, layer="gpu")
+    st.close()
+    sink = _GpuInsertLost(str(db), chdb, "g", batch_rows=10**6)
+    with pytest.raises(SinkError, match="GPU insert was lost"):
+        sink.flush_now()
+    sink._store.close()
+    assert _q(chdb, "SELECT count() FROM gpu_calls") == [["0"]]
+    stats = push_run(str(db), chdb, "g")  # a new sink, as after a restart
+    assert (stats.events, stats.gpu_calls, stats.batches, stats.verified) == (n_sys, 52, 0, 0)
+    assert n_gpu == 52
+    assert _q(chdb, "SELECT count(), uniqExact(chunk, ts, dup) FROM events") == [
+        [str(n_sys), str(n_sys)]]
+    # 6 steps: a malloc each and 2 more, 5 frees, 1+2+..+6 gemm and 2 relu launches a
+    # step, a copy a step
+    assert _q(chdb, "SELECT fn, kernel, count() FROM gpu_calls GROUP BY fn, kernel "
+                    "ORDER BY fn, kernel") == [
+        ["cudaFree", "", "5"], ["cudaLaunchKernel", "gemm", "21"],
+        ["cudaLaunchKernel", "relu", "12"], ["cudaMalloc", "", "8"], ["cudaMemcpy", "", "6"]]
+    cols = [k for k, _ in GPU_LAYOUT if k not in ("fn", "name")]
+    got = _q(chdb, f"SELECT pid, {', '.join(cols)} FROM gpu_calls ORDER BY ts, chunk, dup")
+    assert got == [[str(p.pid)] + [str(gpu[k][i]) for k in cols] for i in range(n_gpu)]
+    again = push_run(str(db), chdb, "g")
+    assert (again.events, again.gpu_calls) == (0, 0)
+    assert _q(chdb, "SELECT count() FROM gpu_calls") == [["52"]]

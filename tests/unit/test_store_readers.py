@@ -51,7 +51,7 @@ def test_reads_after_a_position(tmp_path):
     assert st.last_chunk_id(run) == 3
     assert st.chunk_events(run) == 9
     assert st.chunk_events(run, 2, 3) == 6
-    assert [(cid, n) for cid, _, n, _ in st.chunks_after(run, 1)] == [(2, 2), (3, 4)]
+    assert [(cid, n) for cid, _, n, _, _ in st.chunks_after(run, 1)] == [(2, 2), (3, 4)]
     assert st.events_until(run) == 50
     assert [decode(b)["ts"].tolist() for b in st.proc_chunks_before(run, 1, 3)] == [
         [5, 12, 21], [23, 40]]
