@@ -182,7 +182,11 @@ def _i32(a: np.ndarray) -> np.ndarray:
 
 
 def _nrs(trace: UnifiedTrace, names) -> np.ndarray:
-    return np.array([nr for nr, n in trace.table.items() if n in names], dtype=np.uint16)
+    return _table_nrs(trace.table, names)
+
+
+def _table_nrs(table: dict[int, str], names) -> np.ndarray:
+    return np.array([nr for nr, n in table.items() if n in names], dtype=np.uint16)
 
 
 def _lowest_free(table: dict[int, int], n: int) -> list[int]:
@@ -191,6 +195,70 @@ def _lowest_free(table: dict[int, int], n: int) -> list[int]:
         if fd not in table:
             out.append(fd)
         fd += 1
+    return out
+
+
+class History:
+    """One fd's changes in time order, (ts, string id; -1: closed), appended one at a time by
+    the replay's loop or a run at a time by its vectorised path; kept as arrays."""
+
+    __slots__ = ("_ts", "_sid", "_parts")
+
+    def __init__(self) -> None:
+        self._ts: list[int] = []
+        self._sid: list[int] = []
+        self._parts: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def __len__(self) -> int:
+        return len(self._ts) + sum(len(p[0]) for p in self._parts)
+
+    def append(self, ts: int, sid: int) -> None:
+        """One change."""
+        self._ts.append(ts)
+        self._sid.append(sid)
+
+    def extend(self, ts: np.ndarray, sid: np.ndarray) -> None:
+        """Changes in time order, after those already held."""
+        self._flush()
+        self._parts.append((ts.astype(np.int64), sid.astype(np.int32)))
+
+    def _flush(self) -> None:
+        if self._ts:
+            self._parts.append((np.array(self._ts, dtype=np.int64),
+                                np.array(self._sid, dtype=np.int32)))
+            self._ts, self._sid = [], []
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(times, string ids) of every change."""
+        self._flush()
+        if len(self._parts) != 1:
+            ts = [p[0] for p in self._parts]
+            sid = [p[1] for p in self._parts]
+            self._parts = [(np.concatenate(ts) if ts else np.empty(0, dtype=np.int64),
+                            np.concatenate(sid) if sid else np.empty(0, dtype=np.int32))]
+        return self._parts[0]
+
+
+Changes = dict[int, History]  # fd -> its changes
+# Runs of opens and closes shorter than this are replayed one by one: numpy's fixed cost per
+# run exceeds the loop's for a few calls.
+FAST_RUN = 64
+
+
+def _segments(fast: np.ndarray) -> list[tuple[int, int, bool]]:
+    """(start, end, vectorised) ranges covering `fast` in order: its runs of True at least
+    FAST_RUN long, and the rest between them."""
+    edges = np.flatnonzero(fast[1:] != fast[:-1]) + 1
+    bounds = [0, *edges.tolist(), len(fast)]
+    out: list[tuple[int, int, bool]] = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi == lo:
+            continue
+        f = bool(fast[lo]) and hi - lo >= FAST_RUN
+        if out and not f and not out[-1][2]:
+            out[-1] = (out[-1][0], hi, False)
+        else:
+            out.append((lo, hi, f))
     return out
 
 
@@ -208,13 +276,13 @@ class _Replay:
         st = initial if initial is not None else _initial(trace, self.intern)
         self.table = dict(st.table)
         self.cloexec = set(st.cloexec)
-        self.changes: dict[int, list[tuple[int, int]]] = defaultdict(list)
+        self.changes: Changes = defaultdict(History)
         for fd, sid in self.table.items():
-            self.changes[fd].append((-1, sid))
+            self.changes[fd].append(-1, sid)
 
     def set(self, fd: int, sid: int, ts: int, cloexec: bool = False) -> None:
         self.table[fd] = sid
-        self.changes[fd].append((ts, sid))
+        self.changes[fd].append(ts, sid)
         if cloexec:
             self.cloexec.add(fd)
         else:
@@ -222,7 +290,7 @@ class _Replay:
 
     def drop(self, fd: int, ts: int) -> None:
         if self.table.pop(fd, None) is not None or fd in self.changes:
-            self.changes[fd].append((ts, -1))
+            self.changes[fd].append(ts, -1)
         self.cloexec.discard(fd)
 
     def run(self, until: int | None, r0: np.ndarray) -> tuple[list[int], list[int]]:
@@ -232,12 +300,99 @@ class _Replay:
         flags_out: list[int] = []
         if not len(t):
             return opens, flags_out
-        aux = c.get("aux")
         mask = np.isin(c["nr"], _nrs(t, _TABLE_CHANGERS)) & (c["ret"] >= 0)
         if until is not None:
             mask &= c["ts"] < until
+        rows = np.flatnonzero(mask)
+        for lo, hi, fast in _segments(self._fast(rows)):
+            run = self._run_fast if fast else self._run_slow
+            run(rows[lo:hi], r0, opens, flags_out)
+        return opens, flags_out
+
+    def _fast(self, rows: np.ndarray) -> np.ndarray:
+        """Which of these calls the vectorised path replays: closes of an fd, and opens whose
+        file does not hang on an fd that the same run of calls could change (an absolute
+        path, or one relative to the cwd, which only chdir/fchdir change)."""
+        t, c = self.trace, self.trace.columns
+        nr, s0, fd = c["nr"][rows], c["s0"][rows], _i32(c["a0"][rows])
+        opn = np.isin(nr, _nrs(t, OPENS))
+        absolute = [u for u in np.unique(s0[opn]).tolist() if self.paths.absolute(u)]
+        own_dir = np.isin(nr, _nrs(t, {"openat", "openat2"})) & (fd != AT_FDCWD)
+        ok_open = opn & (~own_dir | (s0 < 0) | np.isin(s0, absolute))
+        return ok_open | (np.isin(nr, _nrs(t, CLOSES)) & (fd >= 0))
+
+    def _run_fast(self, rows: np.ndarray, r0: np.ndarray, opens: list[int],
+                  flags_out: list[int]) -> None:
+        """A run of opens and closes (see _fast), replayed with numpy; the table, changes,
+        close-on-exec set and interned strings end exactly as the one-by-one loop leaves
+        them."""
+        t, c = self.trace, self.trace.columns
+        nr = c["nr"][rows]
+        is_open = np.isin(nr, _nrs(t, OPENS))
+        oi = np.flatnonzero(is_open)
+        sid = np.full(len(rows), -1, dtype=np.int64)
+        cx = np.zeros(len(rows), dtype=bool)
+        if len(oi):
+            sid[oi] = self._resolve_cwd(c["s0"][rows[oi]])
+            aux = c.get("aux")
+            fl = (aux[rows[oi]].astype(np.int64) if aux is not None
+                  else np.full(len(oi), -1, dtype=np.int64))
+            fl[np.isin(nr[oi], _nrs(t, {"creat"}))] = O_CREAT | O_WRONLY | O_TRUNC
+            r0[rows[oi]] = sid[oi]
+            opens.extend(rows[oi].tolist())
+            flags_out.extend(fl.tolist())
+            cx[oi] = (fl >= 0) & ((fl & O_CLOEXEC) != 0)
+        target = np.where(is_open, c["ret"][rows].astype(np.int64),
+                          _i32(c["a0"][rows]).astype(np.int64))
+        self._apply(target, is_open, sid, c["ts"][rows].astype(np.int64), cx)
+
+    def _resolve_cwd(self, s0: np.ndarray) -> np.ndarray:
+        """The opens' paths resolved against the cwd, each distinct path once, in the order
+        first seen (so new strings get the ids the loop would give them)."""
+        cwd = self.table.get(AT_FDCWD, -1)
+        uniq, first, inv = np.unique(s0, return_index=True, return_inverse=True)
+        out = np.empty(len(uniq), dtype=np.int64)
+        for j in np.argsort(first, kind="stable").tolist():
+            out[j] = self.paths.resolve(cwd, int(uniq[j]))
+        return out[inv.reshape(-1)]
+
+    def _apply(self, target: np.ndarray, is_open: np.ndarray, sid: np.ndarray, ts: np.ndarray,
+               cx: np.ndarray) -> None:
+        """Per fd, a run's opens (set) and closes (drop) in time order."""
+        order = np.argsort(target, kind="stable")
+        tg = target[order]
+        starts = np.flatnonzero(np.r_[True, tg[1:] != tg[:-1]]).tolist()
+        inserts = []
+        for a, b in zip(starts, [*starts[1:], len(tg)]):
+            seg, f = order[a:b], int(tg[a])
+            kinds = is_open[seg]
+            # a close appends only once the fd has a history (drop)
+            keep = seg if f in self.changes else seg[int(np.argmax(kinds)):] if kinds.any() \
+                else seg[:0]
+            if len(keep):
+                self.changes[f].extend(ts[keep], sid[keep])
+            if not kinds[-1]:
+                self.table.pop(f, None)
+                self.cloexec.discard(f)
+                continue
+            closes = np.flatnonzero(~kinds)
+            if not len(closes) and f in self.table:
+                self.table[f] = int(sid[seg[-1]])  # updated in place: it keeps its position
+            else:  # (re)inserted at the first open after its last close: it moves to the end
+                self.table.pop(f, None)
+                at = int(closes[-1]) + 1 if len(closes) else 0
+                inserts.append((int(seg[at]), f, int(sid[seg[-1]])))
+            (self.cloexec.add if cx[seg[-1]] else self.cloexec.discard)(f)
+        for _, f, s in sorted(inserts):
+            self.table[f] = s
+
+    def _run_slow(self, rows: np.ndarray, r0: np.ndarray, opens: list[int],
+                  flags_out: list[int]) -> None:
+        """Calls replayed one by one, in order."""
+        t, c = self.trace, self.trace.columns
+        aux = c.get("aux")
         names = t.table
-        for i in np.flatnonzero(mask):
+        for i in rows:
             name = names.get(int(c["nr"][i]), "")
             ret = int(c["ret"][i])
             a0 = int(np.uint64(c["a0"][i]) & np.uint64(0xFFFFFFFF))
@@ -272,7 +427,6 @@ class _Replay:
             elif name in EXECS and ret == 0:
                 for f in sorted(self.cloexec):
                     self.drop(f, ts)
-        return opens, flags_out
 
     def _dup(self, name: str, fd: int, ret: int, ts: int, x: int | None) -> None:
         """dup, dup2, dup3 and fcntl's F_DUPFD and F_SETFD."""
@@ -341,8 +495,7 @@ class _Replay:
             self.set(f, sid, ts, cx)
 
 
-def _lookup(changes: dict[int, list[tuple[int, int]]], fds: np.ndarray, ts: np.ndarray,
-            side: str) -> np.ndarray:
+def _lookup(changes: Changes, fds: np.ndarray, ts: np.ndarray, side: str) -> np.ndarray:
     """For each (fd, ts): the string id the fd named at ts (-1: none)."""
     out = np.full(len(fds), -1, dtype=np.int32)
     for fd in np.unique(fds):
@@ -350,8 +503,7 @@ def _lookup(changes: dict[int, list[tuple[int, int]]], fds: np.ndarray, ts: np.n
         if not hist:
             continue
         sel = np.flatnonzero(fds == fd)
-        times = np.array([t for t, _ in hist], dtype=np.int64)
-        sids = np.array([s for _, s in hist], dtype=np.int32)
+        times, sids = hist.arrays()
         pos = np.searchsorted(times, ts[sel], side=side) - 1
         ok = pos >= 0
         out[sel[ok]] = sids[pos[ok]]
@@ -418,9 +570,7 @@ def process_files(trace: UnifiedTrace, initial: FdState | None = None,
     _resolve_rest(trace, rp, 1, r1)
     c = trace.columns
     ts = c["ts"].astype(np.int64)
-    fd = np.full(n, -1, dtype=np.int32)
-    is_fd = np.flatnonzero(np.isin(c["nr"], _nrs(trace, FD_SYSCALLS)))
-    fd[is_fd] = _lookup(rp.changes, _i32(c["a0"][is_fd]).astype(np.int64), ts[is_fd], "right")
+    fd = fd_files(rp.changes, trace.table, c["nr"], c["a0"], ts)
     fd2 = np.full(n, -1, dtype=np.int32)
     if "aux" in c:
         cp = np.flatnonzero(np.isin(c["nr"], _nrs(trace, COPIES)))
@@ -428,6 +578,35 @@ def process_files(trace: UnifiedTrace, initial: FdState | None = None,
                           .view(np.int32).astype(np.int64), ts[cp], "right")
     return ProcessFiles(fd, fd2, r0, r1, np.array(opens, dtype=np.int64),
                         np.array(flags, dtype=np.int64), final)
+
+
+# What the replay reads of a call, and of which calls (table_changers): a trace holding only
+# those replays as the whole one does (fd_changes).
+REPLAY_COLUMNS = ("ts", "ret", "a0", "nr", "s0", "aux")
+
+
+def table_changers(table: dict[int, str]) -> np.ndarray:
+    """The numbers of the calls that can change an fd table or the cwd."""
+    return _table_nrs(table, _TABLE_CHANGERS)
+
+
+def fd_changes(trace: UnifiedTrace, initial: FdState | None = None) -> Changes:
+    """Each fd's changes over the trace, as process_files replays them (files it names are
+    added to the trace's strings)."""
+    rp = _Replay(trace, initial, _Paths(_Interner(trace)))
+    rp.run(None, np.full(len(trace), -2, dtype=np.int32))
+    return rp.changes
+
+
+def fd_files(changes: Changes, table: dict[int, str], nr: np.ndarray, a0: np.ndarray,
+             ts: np.ndarray) -> np.ndarray:
+    """For each call, the string id of the file its fd argument named then (-1: none, or
+    not a call on an fd): ProcessFiles.fd of any subset of the calls, from fd_changes."""
+    fd = np.full(len(nr), -1, dtype=np.int32)
+    is_fd = np.flatnonzero(np.isin(nr, _table_nrs(table, FD_SYSCALLS)))
+    fd[is_fd] = _lookup(changes, _i32(a0[is_fd]).astype(np.int64),
+                        ts[is_fd].astype(np.int64), "right")
+    return fd
 
 
 def run_files(traces: list[UnifiedTrace]) -> dict[int, ProcessFiles]:

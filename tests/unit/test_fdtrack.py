@@ -291,3 +291,64 @@ def test_compare_effects_use_created_files_and_absolute_paths():
                  "created:/data/a/d": 1, "net_sent:socketpair": 2, "net_recv:socketpair": 2}
     b = one("/data/b")
     assert "written:/data/b/d/final.bin" in b and "written:/data/a/d/final.bin" not in b
+
+
+def _random_trace(seed: int) -> UnifiedTrace:
+    """Bursts of opens and closes (absolute, cwd-relative, dirfd-relative, failing) with
+    dups, fcntls, pipes, chdirs, execs and close_ranges between them."""
+    rng = np.random.default_rng(seed)
+    strings = [b"/work", b"/data/a", b"rel/b", b"../c", b"/x//y/./z", b"", b"sub", b"/tmp/s"]
+    t = UnifiedTrace(7, "prog")
+    t.strings = strings
+    t.process.initial_fds = {0: "/dev/null", 3: "/data/a", AT_FDCWD: "/work"}
+    rows = []
+    opens = ["open", "openat", "creat", "openat2"]
+    other = ["dup", "dup2", "fcntl", "pipe2", "chdir", "fchdir", "execve", "close_range",
+             "socket", "eventfd2", "close"]
+    for _ in range(rng.integers(5, 25)):
+        for _ in range(rng.integers(0, 200)):
+            name = opens[rng.integers(4)] if rng.random() < 0.5 else "close"
+            fd = int(rng.integers(0, 12)) if name == "close" else int(
+                rng.choice([AT_FDCWD, 3, 5], p=[0.96, 0.02, 0.02]))
+            ret = int(rng.integers(0, 12)) if name != "close" else 0
+            rows.append((name, -1 if rng.random() < 0.05 else ret, fd,
+                         int(rng.integers(-1, len(strings))), int(rng.integers(0, 1 << 20))))
+        for _ in range(rng.integers(0, 3)):
+            name = other[rng.integers(len(other))]
+            fd = int(rng.choice([AT_FDCWD, -1])) if name == "close" else int(
+                rng.integers(0, 12))
+            rows.append((name, int(rng.integers(0, 12)) if name != "execve" else 0, fd,
+                         int(rng.integers(-1, len(strings))), int(rng.integers(0, 1 << 20))))
+    n = len(rows)
+    ts = np.cumsum(rng.integers(0, 3, n)) + 10  # ties too
+    t.columns = {name: np.zeros(n, dtype=dt) for name, dt in SYSCALL_COLUMNS}
+    c = t.columns
+    c["ts"][:] = ts
+    c["nr"][:] = [NR[r[0]] for r in rows]
+    c["ret"][:] = [r[1] for r in rows]
+    c["a0"][:] = [r[2] & 0xFFFFFFFF for r in rows]
+    c["s0"][:] = [r[3] for r in rows]
+    c["aux"][:] = [r[4] for r in rows]
+    return t
+
+
+def _replayed(t: UnifiedTrace, fast_run: int, monkeypatch) -> tuple:
+    import renacerd.trace.fdtrack as fdt
+
+    monkeypatch.setattr(fdt, "FAST_RUN", fast_run)
+    t.strings = list(t.strings[:8])
+    pf = fdt.process_files(t)
+    hist = fdt.fd_changes(t)
+    return (pf.fd.tolist(), pf.fd2.tolist(), pf.path0.tolist(), pf.path1.tolist(),
+            pf.opens.tolist(), pf.open_flags.tolist(), list(pf.final.table.items()),
+            sorted(pf.final.cloexec), list(t.strings),
+            {fd: [a.tolist() for a in h.arrays()] for fd, h in hist.items()})
+
+
+def test_vectorised_replay_matches_the_loop(monkeypatch):
+    # the vectorised runs of opens and closes leave exactly what the one-by-one loop does
+    for seed in range(25):
+        t = _random_trace(seed)
+        want = _replayed(t, 10**9, monkeypatch)
+        for fast_run in (1, 3, 64):
+            assert _replayed(t, fast_run, monkeypatch) == want, (seed, fast_run)
