@@ -153,8 +153,10 @@ def chunk_len(blob: bytes) -> int:
 
 
 def decode_into(blob: bytes, out: dict[str, np.ndarray], start: int,
-                layout=SYSCALL_COLUMNS) -> int:
-    """Decode a chunk straight into out[name][start:start+n] (no concatenation); returns n."""
+                layout=SYSCALL_COLUMNS, subset: bool = False) -> int:
+    """Decode a chunk straight into out[name][start:start+n] (no concatenation); returns n.
+    `subset`: `layout` names only the columns wanted, the chunk's others are skipped
+    undecompressed."""
     mv = memoryview(blob)
     magic = bytes(mv[:4])
     if magic not in (MAGIC, MAGIC_V1):
@@ -179,6 +181,8 @@ def decode_into(blob: bytes, out: dict[str, np.ndarray], start: int,
             if len(z) != zlen:
                 raise ChunkError("chunk truncated")
             off += zlen
+            if subset and name not in dtypes:
+                continue
             seen.add(name)
             dt = np.dtype(dtypes[name])
             sdt = dt if v1 else _BY_CODE[code]
