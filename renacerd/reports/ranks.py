@@ -188,7 +188,7 @@ def _replay_input(store: Store, index: list[tuple[int, int, int, int]], t: Unifi
             descends |= bool((last is not None and c["ts"][0] < last)
                              or (np.diff(c["ts"]) < 0).any())
             last = int(c["ts"][-1])
-        sel = np.flatnonzero(np.isin(c["nr"], changers) & (c["ret"] >= 0))
+        sel = np.flatnonzero(changers[c["nr"]] & (c["ret"] >= 0))
         if len(sel):
             c.update(ch.columns(name for name in REPLAY_COLUMNS if name not in c))
             for name in REPLAY_COLUMNS:

@@ -202,12 +202,13 @@ class History:
     """One fd's changes in time order, (ts, string id; -1: closed), appended one at a time by
     the replay's loop or a run at a time by its vectorised path; kept as arrays."""
 
-    __slots__ = ("_ts", "_sid", "_parts")
+    __slots__ = ("_ts", "_sid", "_parts", "ordered")
 
     def __init__(self) -> None:
         self._ts: list[int] = []
         self._sid: list[int] = []
         self._parts: list[tuple[np.ndarray, np.ndarray]] = []
+        self.ordered: bool | None = None  # times non-decreasing (None: not yet known)
 
     def __len__(self) -> int:
         return len(self._ts) + sum(len(p[0]) for p in self._parts)
@@ -221,12 +222,14 @@ class History:
         """Changes in time order, after those already held."""
         self._flush()
         self._parts.append((ts.astype(np.int64), sid.astype(np.int32)))
+        self.ordered = None
 
     def _flush(self) -> None:
         if self._ts:
             self._parts.append((np.array(self._ts, dtype=np.int64),
                                 np.array(self._sid, dtype=np.int32)))
             self._ts, self._sid = [], []
+            self.ordered = None
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """(times, string ids) of every change."""
@@ -236,6 +239,8 @@ class History:
             sid = [p[1] for p in self._parts]
             self._parts = [(np.concatenate(ts) if ts else np.empty(0, dtype=np.int64),
                             np.concatenate(sid) if sid else np.empty(0, dtype=np.int32))]
+        if self.ordered is None:
+            self.ordered = bool((np.diff(self._parts[0][0]) >= 0).all())
         return self._parts[0]
 
 
@@ -315,11 +320,13 @@ class _Replay:
         path, or one relative to the cwd, which only chdir/fchdir change)."""
         t, c = self.trace, self.trace.columns
         nr, s0, fd = c["nr"][rows], c["s0"][rows], _i32(c["a0"][rows])
-        opn = np.isin(nr, _nrs(t, OPENS))
-        absolute = [u for u in np.unique(s0[opn]).tolist() if self.paths.absolute(u)]
-        own_dir = np.isin(nr, _nrs(t, {"openat", "openat2"})) & (fd != AT_FDCWD)
-        ok_open = opn & (~own_dir | (s0 < 0) | np.isin(s0, absolute))
-        return ok_open | (np.isin(nr, _nrs(t, CLOSES)) & (fd >= 0))
+        opn = _nr_lut(t.table, OPENS)[nr]
+        uniq = _distinct(s0[opn].astype(np.int64)).tolist()
+        absolute = [u for u in uniq if self.paths.absolute(u)]
+        own_dir = _nr_lut(t.table, {"openat", "openat2"})[nr] & (fd != AT_FDCWD)
+        # an absolute path (or none) hangs on no directory fd
+        own_dir &= False if len(absolute) == len(uniq) else ~((s0 < 0) | np.isin(s0, absolute))
+        return (opn & ~own_dir) | (_nr_lut(t.table, CLOSES)[nr] & (fd >= 0))
 
     def _run_fast(self, rows: np.ndarray, r0: np.ndarray, opens: list[int],
                   flags_out: list[int]) -> None:
@@ -328,7 +335,7 @@ class _Replay:
         them."""
         t, c = self.trace, self.trace.columns
         nr = c["nr"][rows]
-        is_open = np.isin(nr, _nrs(t, OPENS))
+        is_open = _nr_lut(t.table, OPENS)[nr]
         oi = np.flatnonzero(is_open)
         sid = np.full(len(rows), -1, dtype=np.int64)
         cx = np.zeros(len(rows), dtype=bool)
@@ -337,7 +344,7 @@ class _Replay:
             aux = c.get("aux")
             fl = (aux[rows[oi]].astype(np.int64) if aux is not None
                   else np.full(len(oi), -1, dtype=np.int64))
-            fl[np.isin(nr[oi], _nrs(t, {"creat"}))] = O_CREAT | O_WRONLY | O_TRUNC
+            fl[_nr_lut(t.table, {"creat"})[nr[oi]]] = O_CREAT | O_WRONLY | O_TRUNC
             r0[rows[oi]] = sid[oi]
             opens.extend(rows[oi].tolist())
             flags_out.extend(fl.tolist())
@@ -350,16 +357,24 @@ class _Replay:
         """The opens' paths resolved against the cwd, each distinct path once, in the order
         first seen (so new strings get the ids the loop would give them)."""
         cwd = self.table.get(AT_FDCWD, -1)
-        uniq, first, inv = np.unique(s0, return_index=True, return_inverse=True)
+        s0 = s0.astype(np.int64)
+        uniq = _distinct(s0)
+        if len(uniq) > 64:
+            uniq, first = np.unique(s0, return_index=True)
+        else:  # few paths (the usual case): a pass each beats a sort
+            first = np.array([int(np.argmax(s0 == u)) for u in uniq.tolist()], dtype=np.int64)
         out = np.empty(len(uniq), dtype=np.int64)
         for j in np.argsort(first, kind="stable").tolist():
             out[j] = self.paths.resolve(cwd, int(uniq[j]))
-        return out[inv.reshape(-1)]
+        return out[np.searchsorted(uniq, s0)]
 
     def _apply(self, target: np.ndarray, is_open: np.ndarray, sid: np.ndarray, ts: np.ndarray,
                cx: np.ndarray) -> None:
         """Per fd, a run's opens (set) and closes (drop) in time order."""
-        order = np.argsort(target, kind="stable")
+        lo = int(target.min())
+        # fds of a small range sort as u16: numpy's stable sort is then a radix sort
+        order = np.argsort(target - lo if int(target.max()) - lo >= 1 << 16 else
+                           (target - lo).astype(np.uint16), kind="stable")
         tg = target[order]
         starts = np.flatnonzero(np.r_[True, tg[1:] != tg[:-1]]).tolist()
         inserts = []
@@ -498,16 +513,34 @@ class _Replay:
 def _lookup(changes: Changes, fds: np.ndarray, ts: np.ndarray, side: str) -> np.ndarray:
     """For each (fd, ts): the string id the fd named at ts (-1: none)."""
     out = np.full(len(fds), -1, dtype=np.int32)
-    for fd in np.unique(fds):
-        hist = changes.get(int(fd))
+    uniq = _distinct(fds)
+    for fd in uniq.tolist():
+        hist = changes.get(fd)
         if not hist:
             continue
-        sel = np.flatnonzero(fds == fd)
+        sel = np.flatnonzero(fds == fd) if len(uniq) > 1 else np.arange(len(fds))
         times, sids = hist.arrays()
-        pos = np.searchsorted(times, ts[sel], side=side) - 1
+        q = ts[sel]
+        if hist.ordered and len(q):
+            # only the changes between these calls' first and last: a search over a slice
+            lo = int(np.searchsorted(times, q.min(), side="left"))
+            hi = int(np.searchsorted(times, q.max(), side="right"))
+            pos = np.searchsorted(times[lo:hi], q, side=side) + (lo - 1)
+        else:
+            pos = np.searchsorted(times, q, side=side) - 1
         ok = pos >= 0
         out[sel[ok]] = sids[pos[ok]]
     return out
+
+
+def _distinct(a: np.ndarray) -> np.ndarray:
+    """np.unique of integers, through a bincount where their range is small."""
+    if not len(a):
+        return a
+    lo, hi = int(a.min()), int(a.max())
+    if hi - lo < 1 << 16:
+        return np.flatnonzero(np.bincount(a - lo)) + lo
+    return np.unique(a)
 
 
 def _resolve_rest(trace: UnifiedTrace, rp: _Replay, slot: int, r: np.ndarray) -> None:
@@ -586,8 +619,16 @@ REPLAY_COLUMNS = ("ts", "ret", "a0", "nr", "s0", "aux")
 
 
 def table_changers(table: dict[int, str]) -> np.ndarray:
-    """The numbers of the calls that can change an fd table or the cwd."""
-    return _table_nrs(table, _TABLE_CHANGERS)
+    """Indexed by syscall number: whether the call can change an fd table or the cwd."""
+    return _nr_lut(table, _TABLE_CHANGERS)
+
+
+def _nr_lut(table: dict[int, str], names) -> np.ndarray:
+    """Indexed by syscall number (any u16): whether its name is one of `names`; a lookup
+    costs a fraction of np.isin's sort."""
+    lut = np.zeros(max(max(table, default=0) + 1, 1 << 16), dtype=bool)
+    lut[_table_nrs(table, names)] = True
+    return lut
 
 
 def fd_changes(trace: UnifiedTrace, initial: FdState | None = None) -> Changes:
@@ -603,7 +644,7 @@ def fd_files(changes: Changes, table: dict[int, str], nr: np.ndarray, a0: np.nda
     """For each call, the string id of the file its fd argument named then (-1: none, or
     not a call on an fd): ProcessFiles.fd of any subset of the calls, from fd_changes."""
     fd = np.full(len(nr), -1, dtype=np.int32)
-    is_fd = np.flatnonzero(np.isin(nr, _table_nrs(table, FD_SYSCALLS)))
+    is_fd = np.flatnonzero(_nr_lut(table, FD_SYSCALLS)[nr])
     fd[is_fd] = _lookup(changes, _i32(a0[is_fd]).astype(np.int64),
                         ts[is_fd].astype(np.int64), "right")
     return fd
