@@ -271,22 +271,17 @@ def _profile_part(k: np.ndarray, dur: np.ndarray, nr: np.ndarray, path: np.ndarr
 
 class StepCalls:
     """Per step, a rank's calls on the step's thread outside collectives, summed chunk by
-    chunk: time in all calls and in waiting ones, and the (syscall, file) profile."""
+    chunk into the (syscall, file) profile, which gives the time in all calls and in
+    waiting ones."""
 
     def __init__(self, n: int, syscall_table: dict[int, str]) -> None:
         self.n = n
         self.wait_lut = np.zeros(max(max(syscall_table, default=0) + 1, 1 << 16), dtype=bool)
         self.wait_lut[[nr for nr, name in syscall_table.items() if name in WAIT_SYSCALLS]] = True
-        # float sums of integer ns, as np.bincount gives them: exact below 2**53 ns
-        self.wait_ns = np.zeros(n)
-        self.syscall_ns = np.zeros(n)
         self.parts: list[tuple[np.ndarray, ...]] = []
 
     def add(self, k: np.ndarray, dur: np.ndarray, nr: np.ndarray, path: np.ndarray) -> None:
         """Calls: (step index, ns, syscall nr, file's string id) of each."""
-        w = self.wait_lut[nr]
-        self.wait_ns += np.bincount(k[w], weights=dur[w], minlength=self.n)
-        self.syscall_ns += np.bincount(k, weights=dur, minlength=self.n)
         if len(k):
             self.parts.append(_profile_part(k, dur, nr, path))
 
@@ -297,6 +292,16 @@ class StepCalls:
             return _syscall_profile(e, e, e, e)
         k, nr, path, ns, calls = (np.concatenate(x) for x in zip(*self.parts))
         return _syscall_profile(k, ns, nr, path, calls)
+
+    def totals(self, ustep: np.ndarray, ns: np.ndarray, keys: list[tuple[int, int]],
+               ncode: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ns in waiting calls, ns in all calls) per step, from the profile (integer sums:
+        what a bincount over the calls gives, exact below 2**53 ns)."""
+        k, code = ustep // ncode, ustep % ncode
+        nrs = np.array([nr for nr, _ in keys], dtype=np.int64)
+        w = self.wait_lut[nrs[code]]
+        return (np.bincount(k[w], weights=ns[w], minlength=self.n).astype(np.int64),
+                np.bincount(k, weights=ns, minlength=self.n).astype(np.int64))
 
 
 def _rank_steps(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan, spans: list[Any],
@@ -342,8 +347,8 @@ def _rank_steps(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan, spans:
 
     acc = _step_syscalls(store, run, proc_id, p, strings, n, turn, on_step_thread,
                          outside_collectives)
-    wait_sys_ns, syscall_ns = acc.wait_ns.astype(np.int64), acc.syscall_ns.astype(np.int64)
     ustep, ns, calls, keys, ncode = acc.profile()
+    wait_sys_ns, syscall_ns = acc.totals(ustep, ns, keys, ncode)
     step_ns = ends - starts
     return RankSteps(
         rank=p.dist.rank, pid=p.pid, dist=p.dist, steps=steps, step_ns=step_ns,

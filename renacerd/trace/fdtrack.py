@@ -298,21 +298,21 @@ class _Replay:
             self.changes[fd].append(ts, -1)
         self.cloexec.discard(fd)
 
-    def run(self, until: int | None, r0: np.ndarray) -> tuple[list[int], list[int]]:
+    def run(self, until: int | None, r0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Replay; fills r0 for opens and chdirs; returns (open indices, their flags)."""
         t, c = self.trace, self.trace.columns
-        opens: list[int] = []
-        flags_out: list[int] = []
-        if not len(t):
-            return opens, flags_out
-        mask = np.isin(c["nr"], _nrs(t, _TABLE_CHANGERS)) & (c["ret"] >= 0)
-        if until is not None:
-            mask &= c["ts"] < until
-        rows = np.flatnonzero(mask)
-        for lo, hi, fast in _segments(self._fast(rows)):
-            run = self._run_fast if fast else self._run_slow
-            run(rows[lo:hi], r0, opens, flags_out)
-        return opens, flags_out
+        # in pieces, one per run of calls: a list of millions of ints costs 40 bytes each
+        opens: list[np.ndarray] = [np.empty(0, dtype=np.int64)]
+        flags_out: list[np.ndarray] = [np.empty(0, dtype=np.int64)]
+        if len(t):
+            mask = _nr_lut(t.table, _TABLE_CHANGERS)[c["nr"]] & (c["ret"] >= 0)
+            if until is not None:
+                mask &= c["ts"] < until
+            rows = np.flatnonzero(mask)
+            for lo, hi, fast in _segments(self._fast(rows)):
+                run = self._run_fast if fast else self._run_slow
+                run(rows[lo:hi], r0, opens, flags_out)
+        return np.concatenate(opens), np.concatenate(flags_out)
 
     def _fast(self, rows: np.ndarray) -> np.ndarray:
         """Which of these calls the vectorised path replays: closes of an fd, and opens whose
@@ -328,8 +328,8 @@ class _Replay:
         own_dir &= False if len(absolute) == len(uniq) else ~((s0 < 0) | np.isin(s0, absolute))
         return (opn & ~own_dir) | (_nr_lut(t.table, CLOSES)[nr] & (fd >= 0))
 
-    def _run_fast(self, rows: np.ndarray, r0: np.ndarray, opens: list[int],
-                  flags_out: list[int]) -> None:
+    def _run_fast(self, rows: np.ndarray, r0: np.ndarray, opens: list[np.ndarray],
+                  flags_out: list[np.ndarray]) -> None:
         """A run of opens and closes (see _fast), replayed with numpy; the table, changes,
         close-on-exec set and interned strings end exactly as the one-by-one loop leaves
         them."""
@@ -346,8 +346,8 @@ class _Replay:
                   else np.full(len(oi), -1, dtype=np.int64))
             fl[_nr_lut(t.table, {"creat"})[nr[oi]]] = O_CREAT | O_WRONLY | O_TRUNC
             r0[rows[oi]] = sid[oi]
-            opens.extend(rows[oi].tolist())
-            flags_out.extend(fl.tolist())
+            opens.append(rows[oi].astype(np.int64))
+            flags_out.append(fl)
             cx[oi] = (fl >= 0) & ((fl & O_CLOEXEC) != 0)
         target = np.where(is_open, c["ret"][rows].astype(np.int64),
                           _i32(c["a0"][rows]).astype(np.int64))
@@ -401,9 +401,18 @@ class _Replay:
         for _, f, s in sorted(inserts):
             self.table[f] = s
 
-    def _run_slow(self, rows: np.ndarray, r0: np.ndarray, opens: list[int],
-                  flags_out: list[int]) -> None:
+    def _run_slow(self, rows: np.ndarray, r0: np.ndarray, opens_out: list[np.ndarray],
+                  flags_out: list[np.ndarray]) -> None:
         """Calls replayed one by one, in order."""
+        opens: list[int] = []
+        flags: list[int] = []
+        self._one_by_one(rows, r0, opens, flags)
+        opens_out.append(np.array(opens, dtype=np.int64))
+        flags_out.append(np.array(flags, dtype=np.int64))
+
+    def _one_by_one(self, rows: np.ndarray, r0: np.ndarray, opens: list[int],
+                    flags_out: list[int]) -> None:
+        """The loop of _run_slow."""
         t, c = self.trace, self.trace.columns
         aux = c.get("aux")
         names = t.table
