@@ -30,7 +30,7 @@ from renacerd.reports.rank_labels import label
 from renacerd.store.database import RunInfo, Store
 from renacerd.trace.fdtrack import (
     REPLAY_COLUMNS,
-    Changes,
+    StreamedFiles,
     fd_changes,
     fd_files,
     table_changers,
@@ -54,6 +54,7 @@ _DENSE_MAX = 1 << 25  # bins of a bincount before falling back to a sort
 MAX_THREADS = 4  # ranks read at once: each holds its fd replay's input and history
 # What the per-step sums read of each call (the replay reads REPLAY_COLUMNS first)
 STREAM_COLUMNS = ("ts", "dur", "tid", "nr", "a0", "s0")
+OWN = 1 << 40  # above any string id: where a rank's replay keeps the strings it added
 
 
 @dataclass(slots=True)
@@ -201,43 +202,108 @@ def _replay_input(store: Store, index: list[tuple[int, int, int, int]], t: Unifi
         t.columns = {k: v[order] for k, v in t.columns.items()}
 
 
-def _chunk_calls(c: dict[str, np.ndarray], changes: Changes, table: dict[int, str],
-                 on_step_thread: Callable[..., tuple[np.ndarray, np.ndarray]],
-                 outside_collectives: Callable[[np.ndarray], np.ndarray]
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(step index, ns, syscall nr, file's string id) of each call of one chunk on a step's
-    thread outside collectives."""
+Calls = dict[str, np.ndarray]  # the calls kept of some chunks: k (step index) and columns
+
+
+def _kept_calls(c: dict[str, np.ndarray],
+                on_step_thread: Callable[..., tuple[np.ndarray, np.ndarray]],
+                outside_collectives: Callable[[np.ndarray], np.ndarray]) -> Calls:
+    """The calls of one chunk on a step's thread outside collectives."""
     ts = c["ts"]
     k, sel = on_step_thread(ts, c["tid"])
     sel &= outside_collectives(ts)
     idx = np.flatnonzero(sel)
-    nr = c["nr"][idx]
-    # files named as everywhere else: fdtrack's replay
-    fdp = fd_files(changes, table, nr, c["a0"][idx], ts[idx])
-    path = np.where(fdp >= 0, fdp, c["s0"][idx]).astype(np.int64)
-    return k[idx], c["dur"][idx].astype(np.int64), nr.astype(np.int64), path
+    return {"k": k[idx], **{name: c[name][idx] for name in STREAM_COLUMNS if name != "tid"}}
 
 
-def _step_syscalls(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan,
-                   strings: list[bytes], n: int, turn: AbstractContextManager,
-                   on_step_thread: Callable[..., tuple[np.ndarray, np.ndarray]],
-                   outside_collectives: Callable[[np.ndarray], np.ndarray]) -> StepCalls:
-    """Per step, the calls on its thread outside collectives: the fd table's changes are
-    replayed first (during `turn`), then the chunks are streamed, a few columns each."""
+def _add_calls(acc: StepCalls, calls: Calls, files: Callable[..., np.ndarray],
+               base: int | None = None) -> None:
+    """Add calls to the sums, each call's file named as everywhere else (fdtrack's replay:
+    `files`); with `base`, ids from `base` on are the replay's own new strings, kept apart
+    (as OWN + their index) until they have ids in the run's table."""
+    fdp = files(calls["nr"], calls["a0"], calls["ts"]).astype(np.int64)
+    if base is not None:
+        fdp = np.where(fdp >= base, fdp + (OWN - base), fdp)
+    path = np.where(fdp >= 0, fdp, calls["s0"]).astype(np.int64)
+    acc.add(calls["k"], calls["dur"].astype(np.int64), calls["nr"].astype(np.int64), path)
+
+
+class RunStrings:
+    """The run's string table, shared by the ranks' replays: each adds its new strings in
+    its turn (process order), so they get the ids one replay after another would give."""
+
+    def __init__(self, strings: list[bytes]) -> None:
+        self.strings = strings
+        self._ids: dict[bytes, int] = {}
+        self._seen = 0
+
+    def merge(self, new: list[bytes]) -> np.ndarray:
+        """The ids in the table of `new` (strings a replay added to its copy), added to it
+        where missing."""
+        for i in range(self._seen, len(self.strings)):
+            self._ids[self.strings[i]] = i  # the last of equal strings, as _Interner has it
+        out = np.empty(len(new), dtype=np.int64)
+        for j, b in enumerate(new):
+            i = self._ids.get(b)
+            if i is None:
+                i = self._ids[b] = len(self.strings)
+                self.strings.append(b)
+            out[j] = i
+        self._seen = len(self.strings)
+        return out
+
+
+def _rank_trace(run: RunInfo, p: ProcessSpan, strings: list[bytes]) -> UnifiedTrace:
+    """An empty trace of the process, for fdtrack."""
     t = UnifiedTrace(p.pid, p.name)
     t.process = p
     t.strings = strings
     if run.syscall_table:
         t.table = run.syscall_table
+    return t
+
+
+def _step_syscalls(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan,
+                   strings: RunStrings, n: int, turn: AbstractContextManager,
+                   on_step_thread: Callable[..., tuple[np.ndarray, np.ndarray]],
+                   outside_collectives: Callable[[np.ndarray], np.ndarray]) -> StepCalls:
+    """Per step, the calls on its thread outside collectives, the chunks streamed (a few
+    columns each) through the fd replay; its new strings join the run's in `turn`."""
     index = store.chunk_index(run.id, proc_id)
-    _replay_input(store, index, t)
-    with turn:
-        changes = fd_changes(t)
-    t.columns = {}
     acc = StepCalls(n, run.syscall_table)
-    for ch in store.stored_chunks(index):
-        acc.add(*_chunk_calls(ch.columns(STREAM_COLUMNS), changes, t.table, on_step_thread,
-                              outside_collectives))
+    if any(index[i][2] < index[i - 1][3] for i in range(1, len(index))):
+        # overlapping chunks: the replay needs the calls in time order, all first
+        t = _rank_trace(run, p, strings.strings)
+        _replay_input(store, index, t)
+        with turn:
+            changes = fd_changes(t)
+        t.columns = {}
+        for ch in store.stored_chunks(index):
+            _add_calls(acc, _kept_calls(ch.columns(STREAM_COLUMNS), on_step_thread,
+                                        outside_collectives),
+                       lambda nr, a0, ts: fd_files(changes, t.table, nr, a0, ts))
+        return acc
+    t = _rank_trace(run, p, list(strings.strings))
+    base = len(t.strings)
+    sf = StreamedFiles(t)
+    held: list[Calls] = []
+    firsts = [r[2] for r in index[1:]] + [None]
+    for ch, horizon in zip(store.stored_chunks(index), firsts):
+        c = ch.columns(set(STREAM_COLUMNS) | set(REPLAY_COLUMNS))
+        sf.feed(c)
+        calls = _kept_calls(c, on_step_thread, outside_collectives)
+        if held:
+            calls = {name: np.concatenate([h[name] for h in held] + [v])
+                     for name, v in calls.items()}
+        held = []
+        if horizon is not None and len(calls["ts"]) and calls["ts"][-1] >= horizon:
+            # a later chunk's change at the same ts may still name these calls' files
+            late = calls["ts"] >= horizon
+            held = [{name: v[late] for name, v in calls.items()}]
+            calls = {name: v[~late] for name, v in calls.items()}
+        _add_calls(acc, calls, sf.files, base)
+    with turn:
+        acc.remap(strings.merge(t.strings[base:]))
     return acc
 
 
@@ -285,6 +351,13 @@ class StepCalls:
         if len(k):
             self.parts.append(_profile_part(k, dur, nr, path))
 
+    def remap(self, ids: np.ndarray) -> None:
+        """Give the replay's own strings (paths OWN + i) their ids in the run's table."""
+        for part in self.parts:
+            own = part[2] >= OWN
+            if own.any():
+                part[2][own] = ids[part[2][own] - OWN]
+
     def profile(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[int, int]], int]:
         """_syscall_profile of all the calls added."""
         if not self.parts:
@@ -305,7 +378,7 @@ class StepCalls:
 
 
 def _rank_steps(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan, spans: list[Any],
-                strings: list[bytes], cache: dict[str, dict],
+                strings: RunStrings, cache: dict[str, dict],
                 turn: AbstractContextManager) -> RankSteps | None:
     """Per-step totals and profile of one rank process (None: it has no step spans)."""
     best, colls = _step_spans(spans, cache)
@@ -377,11 +450,12 @@ def load_ranks(store: Store, run: RunInfo, strings: list[bytes] | None = None
     todo = [(proc_id, p) for proc_id, p in procs
             if p.dist is not None and p.dist.rank is not None and p.pid in by_pid]
     turns = _Turns(len(todo))
+    table = RunStrings(strings)
 
     def one(i: int) -> RankSteps | None:
         proc_id, p = todo[i]
         with turns.last(i):
-            return _rank_steps(store, run, proc_id, p, by_pid[p.pid], strings, cache,
+            return _rank_steps(store, run, proc_id, p, by_pid[p.pid], table, cache,
                                turns.turn(i))
 
     # numpy, zstd and SQLite let go of the GIL: ranks side by side, each streamed

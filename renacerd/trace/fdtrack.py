@@ -200,48 +200,53 @@ def _lowest_free(table: dict[int, int], n: int) -> list[int]:
 
 class History:
     """One fd's changes in time order, (ts, string id; -1: closed), appended one at a time by
-    the replay's loop or a run at a time by its vectorised path; kept as arrays."""
+    the replay's loop or a run at a time by its vectorised path; kept in arrays that grow
+    by doubling (a replay fed in parts reads them between parts without copying)."""
 
-    __slots__ = ("_ts", "_sid", "_parts", "ordered")
+    __slots__ = ("_ts", "_sid", "_n", "_pend", "ordered")
 
     def __init__(self) -> None:
-        self._ts: list[int] = []
-        self._sid: list[int] = []
-        self._parts: list[tuple[np.ndarray, np.ndarray]] = []
-        self.ordered: bool | None = None  # times non-decreasing (None: not yet known)
+        self._ts = np.empty(0, dtype=np.int64)
+        self._sid = np.empty(0, dtype=np.int32)
+        self._n = 0
+        self._pend: list[tuple[int, int]] = []
+        self.ordered = True  # times non-decreasing: a lookup may search a slice of them
 
     def __len__(self) -> int:
-        return len(self._ts) + sum(len(p[0]) for p in self._parts)
+        return self._n + len(self._pend)
 
     def append(self, ts: int, sid: int) -> None:
         """One change."""
-        self._ts.append(ts)
-        self._sid.append(sid)
+        self._pend.append((ts, sid))
 
     def extend(self, ts: np.ndarray, sid: np.ndarray) -> None:
         """Changes in time order, after those already held."""
         self._flush()
-        self._parts.append((ts.astype(np.int64), sid.astype(np.int32)))
-        self.ordered = None
+        self._push(ts, sid)
 
     def _flush(self) -> None:
-        if self._ts:
-            self._parts.append((np.array(self._ts, dtype=np.int64),
-                                np.array(self._sid, dtype=np.int32)))
-            self._ts, self._sid = [], []
-            self.ordered = None
+        if self._pend:
+            ts, sid = zip(*self._pend)
+            self._pend = []
+            self._push(np.array(ts, dtype=np.int64), np.array(sid, dtype=np.int32))
+
+    def _push(self, ts: np.ndarray, sid: np.ndarray) -> None:
+        n, m = self._n, len(ts)
+        if n + m > len(self._ts):
+            cap = max(2 * len(self._ts), n + m, 16)
+            self._ts = np.concatenate([self._ts[:n], np.empty(cap - n, dtype=np.int64)])
+            self._sid = np.concatenate([self._sid[:n], np.empty(cap - n, dtype=np.int32)])
+        self._ts[n:n + m] = ts
+        self._sid[n:n + m] = sid
+        if self.ordered and m:
+            self.ordered = (not n or int(ts[0]) >= int(self._ts[n - 1])) and bool(
+                (np.diff(ts) >= 0).all())
+        self._n = n + m
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """(times, string ids) of every change."""
         self._flush()
-        if len(self._parts) != 1:
-            ts = [p[0] for p in self._parts]
-            sid = [p[1] for p in self._parts]
-            self._parts = [(np.concatenate(ts) if ts else np.empty(0, dtype=np.int64),
-                            np.concatenate(sid) if sid else np.empty(0, dtype=np.int32))]
-        if self.ordered is None:
-            self.ordered = bool((np.diff(self._parts[0][0]) >= 0).all())
-        return self._parts[0]
+        return self._ts[:self._n], self._sid[:self._n]
 
 
 Changes = dict[int, History]  # fd -> its changes
@@ -646,6 +651,28 @@ def fd_changes(trace: UnifiedTrace, initial: FdState | None = None) -> Changes:
     rp = _Replay(trace, initial, _Paths(_Interner(trace)))
     rp.run(None, np.full(len(trace), -2, dtype=np.int32))
     return rp.changes
+
+
+class StreamedFiles:
+    """fd_changes fed a process's calls a part at a time, in the order of its columns: after
+    each part, fd_files of the calls up to it reads what the whole replay would give for
+    calls no later change can reach (before the next part's first ts)."""
+
+    def __init__(self, trace: UnifiedTrace, initial: FdState | None = None) -> None:
+        self.trace = trace  # its columns: each part's table-changing calls in turn
+        self.replay = _Replay(trace, initial, _Paths(_Interner(trace)))
+        self.changers = table_changers(trace.table)
+
+    def feed(self, cols: dict[str, np.ndarray]) -> None:
+        """Replay one part's calls (REPLAY_COLUMNS at least), after the parts before."""
+        sel = np.flatnonzero(self.changers[cols["nr"]] & (cols["ret"] >= 0))
+        if len(sel):
+            self.trace.columns = {name: cols[name][sel] for name in REPLAY_COLUMNS}
+            self.replay.run(None, np.full(len(sel), -2, dtype=np.int32))
+
+    def files(self, nr: np.ndarray, a0: np.ndarray, ts: np.ndarray) -> np.ndarray:
+        """fd_files of calls fed so far."""
+        return fd_files(self.replay.changes, self.trace.table, nr, a0, ts)
 
 
 def fd_files(changes: Changes, table: dict[int, str], nr: np.ndarray, a0: np.ndarray,
