@@ -352,3 +352,47 @@ def test_vectorised_replay_matches_the_loop(monkeypatch):
         want = _replayed(t, 10**9, monkeypatch)
         for fast_run in (1, 3, 64):
             assert _replayed(t, fast_run, monkeypatch) == want, (seed, fast_run)
+
+
+def test_streamed_files_match_the_whole_replay():
+    # fed in parts, the replay names each fd call's file as process_files does on the whole
+    # trace, for calls before the next part's first ts (the rest wait for it)
+    from renacerd.trace.fdtrack import (
+        REPLAY_COLUMNS,
+        StreamedFiles,
+        fd_changes,
+        fd_files,
+        process_files,
+    )
+
+    for seed in range(10):
+        t = _random_trace(seed)
+        t.strings = list(t.strings[:8])
+        want = process_files(t).fd
+        strings = list(t.strings)
+        cuts = sorted({0, len(t), *np.random.default_rng(seed).integers(0, len(t), 6).tolist()})
+        whole = t.columns
+        part = UnifiedTrace(t.pid, t.name)
+        part.process, part.strings, part.table = t.process, list(strings), t.table
+        sf = StreamedFiles(part)
+        got = np.full(len(t), -9, dtype=np.int32)
+        done = 0
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            sf.feed({k: v[a:b] for k, v in whole.items()})
+            end = b if b == len(t) else int(np.searchsorted(whole["ts"], whole["ts"][b]))
+            got[done:end] = sf.files(whole["nr"][done:end], whole["a0"][done:end],
+                                     whole["ts"][done:end])
+            done = end
+        # string ids of the same replay (the parts' own table starts as the whole's did)
+        assert [part.strings[i] if i >= 0 else None for i in got.tolist()] == \
+            [t.strings[i] if i >= 0 else None for i in want.tolist()], seed
+        # a replay of only the table-changing calls gives the same
+        sub = UnifiedTrace(t.pid, t.name)
+        sub.process, sub.strings, sub.table = t.process, list(strings), t.table
+        keep = np.isin(whole["nr"], [nr for nr, n in t.table.items() if n in {
+            "open", "openat", "openat2", "creat", "close", "dup", "dup2", "fcntl", "pipe2",
+            "chdir", "fchdir", "execve", "close_range", "socket", "eventfd2"}])
+        sub.columns = {k: whole[k][keep] for k in REPLAY_COLUMNS}
+        fd = fd_files(fd_changes(sub), t.table, whole["nr"], whole["a0"], whole["ts"])
+        assert [sub.strings[i] if i >= 0 else None for i in fd.tolist()] == \
+            [t.strings[i] if i >= 0 else None for i in want.tolist()], seed
