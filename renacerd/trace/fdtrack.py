@@ -49,6 +49,7 @@ AUX = {
 __doc__ += "".join(f"\n    {k:<16} {v}" for k, v in AUX.items()) + "\n"
 
 OPENS = frozenset({"open", "openat", "openat2", "creat"})
+OPENATS, CREATS = frozenset({"openat", "openat2"}), frozenset({"creat"})
 DUPS = frozenset({"dup", "dup2", "dup3"})
 PAIRS = frozenset({"pipe", "pipe2", "socketpair"})
 CLOSES = frozenset({"close"})
@@ -289,6 +290,14 @@ class _Replay:
         self.changes: Changes = defaultdict(History)
         for fd, sid in self.table.items():
             self.changes[fd].append(-1, sid)
+        self._luts: dict[frozenset, np.ndarray] = {}
+
+    def _lut(self, names: frozenset) -> np.ndarray:
+        """_nr_lut of the trace's table, made once per set of names."""
+        lut = self._luts.get(names)
+        if lut is None:
+            lut = self._luts[names] = _nr_lut(self.trace.table, names)
+        return lut
 
     def set(self, fd: int, sid: int, ts: int, cloexec: bool = False) -> None:
         self.table[fd] = sid
@@ -310,7 +319,7 @@ class _Replay:
         opens: list[np.ndarray] = [np.empty(0, dtype=np.int64)]
         flags_out: list[np.ndarray] = [np.empty(0, dtype=np.int64)]
         if len(t):
-            mask = _nr_lut(t.table, _TABLE_CHANGERS)[c["nr"]] & (c["ret"] >= 0)
+            mask = self._lut(_TABLE_CHANGERS)[c["nr"]] & (c["ret"] >= 0)
             if until is not None:
                 mask &= c["ts"] < until
             rows = np.flatnonzero(mask)
@@ -323,24 +332,24 @@ class _Replay:
         """Which of these calls the vectorised path replays: closes of an fd, and opens whose
         file does not hang on an fd that the same run of calls could change (an absolute
         path, or one relative to the cwd, which only chdir/fchdir change)."""
-        t, c = self.trace, self.trace.columns
+        c = self.trace.columns
         nr, s0, fd = c["nr"][rows], c["s0"][rows], _i32(c["a0"][rows])
-        opn = _nr_lut(t.table, OPENS)[nr]
+        opn = self._lut(OPENS)[nr]
         uniq = _distinct(s0[opn].astype(np.int64)).tolist()
         absolute = [u for u in uniq if self.paths.absolute(u)]
-        own_dir = _nr_lut(t.table, {"openat", "openat2"})[nr] & (fd != AT_FDCWD)
+        own_dir = self._lut(OPENATS)[nr] & (fd != AT_FDCWD)
         # an absolute path (or none) hangs on no directory fd
         own_dir &= False if len(absolute) == len(uniq) else ~((s0 < 0) | np.isin(s0, absolute))
-        return (opn & ~own_dir) | (_nr_lut(t.table, CLOSES)[nr] & (fd >= 0))
+        return (opn & ~own_dir) | (self._lut(CLOSES)[nr] & (fd >= 0))
 
     def _run_fast(self, rows: np.ndarray, r0: np.ndarray, opens: list[np.ndarray],
                   flags_out: list[np.ndarray]) -> None:
         """A run of opens and closes (see _fast), replayed with numpy; the table, changes,
         close-on-exec set and interned strings end exactly as the one-by-one loop leaves
         them."""
-        t, c = self.trace, self.trace.columns
+        c = self.trace.columns
         nr = c["nr"][rows]
-        is_open = _nr_lut(t.table, OPENS)[nr]
+        is_open = self._lut(OPENS)[nr]
         oi = np.flatnonzero(is_open)
         sid = np.full(len(rows), -1, dtype=np.int64)
         cx = np.zeros(len(rows), dtype=bool)
@@ -349,7 +358,7 @@ class _Replay:
             aux = c.get("aux")
             fl = (aux[rows[oi]].astype(np.int64) if aux is not None
                   else np.full(len(oi), -1, dtype=np.int64))
-            fl[_nr_lut(t.table, {"creat"})[nr[oi]]] = O_CREAT | O_WRONLY | O_TRUNC
+            fl[self._lut(CREATS)[nr[oi]]] = O_CREAT | O_WRONLY | O_TRUNC
             r0[rows[oi]] = sid[oi]
             opens.append(rows[oi].astype(np.int64))
             flags_out.append(fl)
@@ -662,6 +671,7 @@ class StreamedFiles:
         self.trace = trace  # its columns: each part's table-changing calls in turn
         self.replay = _Replay(trace, initial, _Paths(_Interner(trace)))
         self.changers = table_changers(trace.table)
+        self.fd_calls = _nr_lut(trace.table, FD_SYSCALLS)
 
     def feed(self, cols: dict[str, np.ndarray]) -> None:
         """Replay one part's calls (REPLAY_COLUMNS at least), after the parts before."""
@@ -672,15 +682,17 @@ class StreamedFiles:
 
     def files(self, nr: np.ndarray, a0: np.ndarray, ts: np.ndarray) -> np.ndarray:
         """fd_files of calls fed so far."""
-        return fd_files(self.replay.changes, self.trace.table, nr, a0, ts)
+        return fd_files(self.replay.changes, self.trace.table, nr, a0, ts, self.fd_calls)
 
 
 def fd_files(changes: Changes, table: dict[int, str], nr: np.ndarray, a0: np.ndarray,
-             ts: np.ndarray) -> np.ndarray:
+             ts: np.ndarray, fd_calls: np.ndarray | None = None) -> np.ndarray:
     """For each call, the string id of the file its fd argument named then (-1: none, or
     not a call on an fd): ProcessFiles.fd of any subset of the calls, from fd_changes."""
     fd = np.full(len(nr), -1, dtype=np.int32)
-    is_fd = np.flatnonzero(_nr_lut(table, FD_SYSCALLS)[nr])
+    if fd_calls is None:  # the lookup table of the calls on an fd, made once by a caller
+        fd_calls = _nr_lut(table, FD_SYSCALLS)
+    is_fd = np.flatnonzero(fd_calls[nr])
     fd[is_fd] = _lookup(changes, _i32(a0[is_fd]).astype(np.int64),
                         ts[is_fd].astype(np.int64), "right")
     return fd
