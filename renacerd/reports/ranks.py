@@ -3,7 +3,11 @@ rank the others waited for) and what it did that the median rank did not."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +15,7 @@ import numpy as np
 import orjson
 
 from renacerd.client.dist_env import DistInfo
+from renacerd.columns import SYSCALL_COLUMNS
 from renacerd.cuda.hooks import HOOKS, SYNC
 from renacerd.cuda.records import GPU_LAYOUT
 from renacerd.escaping import escape
@@ -23,7 +28,13 @@ from renacerd.reports.desync import (
 )
 from renacerd.reports.rank_labels import label
 from renacerd.store.database import RunInfo, Store
-from renacerd.trace.fdtrack import fd_path_ids
+from renacerd.trace.fdtrack import (
+    REPLAY_COLUMNS,
+    StreamedFiles,
+    fd_changes,
+    fd_files,
+    table_changers,
+)
 from renacerd.trace.gpu_trace import CommInit, comm_inits
 from renacerd.trace.unified_trace import ProcessSpan, UnifiedTrace
 
@@ -40,6 +51,10 @@ REPEAT_SHARE = 0.25  # a rank late on this share of the steps (and 2 or more) is
 RESIDUAL = "(outside syscalls)"  # user-space CPU, page faults, the interpreter
 _GPU_SYNC = np.array([False] + [h.kind == SYNC for h in HOOKS])
 _DENSE_MAX = 1 << 25  # bins of a bincount before falling back to a sort
+MAX_THREADS = 4  # ranks read at once: each holds its fd replay's input and history
+# What the per-step sums read of each call (the replay reads REPLAY_COLUMNS first)
+STREAM_COLUMNS = ("ts", "dur", "tid", "nr", "a0", "s0")
+OWN = 1 << 40  # above any string id: where a rank's replay keeps the strings it added
 
 
 @dataclass(slots=True)
@@ -158,38 +173,146 @@ def _gpu_sync_ns(gcols: dict[str, np.ndarray], n: int,
     return gpu_sync_ns
 
 
-def _step_syscalls(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan,
-                   strings: list[bytes],
-                   on_step_thread: Callable[..., tuple[np.ndarray, np.ndarray]],
-                   outside_collectives: Callable[[np.ndarray], np.ndarray]
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(step index, ns, syscall nr, file's string id) of each call on a step's thread
-    outside collectives."""
-    t = UnifiedTrace(p.pid, p.name)
-    t.process = p
-    t.columns = store.columns(run.id, proc_id)
-    t.strings = strings
-    if run.syscall_table:
-        t.table = run.syscall_table
-    c = t.columns
-    ts, dur = c["ts"], c["dur"].astype(np.int64)
+def _replay_input(store: Store, index: list[tuple[int, int, int, int]], t: UnifiedTrace
+                  ) -> None:
+    """Fill t.columns with only the calls that can change the process's fd table (and only
+    the columns the replay reads), in the order Store.columns gives them: the replay of
+    these is the whole trace's (fdtrack.fd_changes)."""
+    changers = table_changers(t.table)
+    # overlapping chunks: Store.columns sorts the whole by ts (stable) if it is out of order
+    overlap = any(index[i][2] < index[i - 1][3] for i in range(1, len(index)))
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in REPLAY_COLUMNS}
+    last, descends = None, False
+    for ch in store.stored_chunks(index):
+        c = ch.columns(("ret", "nr", "ts") if overlap else ("ret", "nr"))
+        if overlap and len(c["ts"]):
+            descends |= bool((last is not None and c["ts"][0] < last)
+                             or (np.diff(c["ts"]) < 0).any())
+            last = int(c["ts"][-1])
+        sel = np.flatnonzero(changers[c["nr"]] & (c["ret"] >= 0))
+        if len(sel):
+            c.update(ch.columns(name for name in REPLAY_COLUMNS if name not in c))
+            for name in REPLAY_COLUMNS:
+                parts[name].append(c[name][sel])
+    dtypes = dict(SYSCALL_COLUMNS)
+    t.columns = {name: np.concatenate(v) if v else np.empty(0, dtype=dtypes[name])
+                 for name, v in parts.items()}
+    if descends:
+        order = np.argsort(t.columns["ts"], kind="stable")
+        t.columns = {k: v[order] for k, v in t.columns.items()}
+
+
+Calls = dict[str, np.ndarray]  # the calls kept of some chunks: k (step index) and columns
+
+
+def _kept_calls(c: dict[str, np.ndarray],
+                on_step_thread: Callable[..., tuple[np.ndarray, np.ndarray]],
+                outside_collectives: Callable[[np.ndarray], np.ndarray]) -> Calls:
+    """The calls of one chunk on a step's thread outside collectives."""
+    ts = c["ts"]
     k, sel = on_step_thread(ts, c["tid"])
     sel &= outside_collectives(ts)
     idx = np.flatnonzero(sel)
-    k = k[idx]
-    dur = dur[idx]
-    nr = c["nr"][idx].astype(np.int64)
-    fdp = fd_path_ids(t)[idx]  # files named as everywhere else: fdtrack's replay
-    s0 = c["s0"][idx]
-    path = np.where(fdp >= 0, fdp, s0).astype(np.int64)
-    del t, c, fdp, s0
-    return k, dur, nr, path
+    return {"k": k[idx], **{name: c[name][idx] for name in STREAM_COLUMNS if name != "tid"}}
 
 
-def _syscall_profile(k: np.ndarray, dur: np.ndarray, nr: np.ndarray, path: np.ndarray
+def _add_calls(acc: StepCalls, calls: Calls, files: Callable[..., np.ndarray],
+               base: int | None = None) -> None:
+    """Add calls to the sums, each call's file named as everywhere else (fdtrack's replay:
+    `files`); with `base`, ids from `base` on are the replay's own new strings, kept apart
+    (as OWN + their index) until they have ids in the run's table."""
+    fdp = files(calls["nr"], calls["a0"], calls["ts"]).astype(np.int64)
+    if base is not None:
+        fdp = np.where(fdp >= base, fdp + (OWN - base), fdp)
+    path = np.where(fdp >= 0, fdp, calls["s0"]).astype(np.int64)
+    acc.add(calls["k"], calls["dur"].astype(np.int64), calls["nr"].astype(np.int64), path)
+
+
+class RunStrings:
+    """The run's string table, shared by the ranks' replays: each adds its new strings in
+    its turn (process order), so they get the ids one replay after another would give."""
+
+    def __init__(self, strings: list[bytes]) -> None:
+        self.strings = strings
+        self._ids: dict[bytes, int] = {}
+        self._seen = 0
+
+    def merge(self, new: list[bytes]) -> np.ndarray:
+        """The ids in the table of `new` (strings a replay added to its copy), added to it
+        where missing."""
+        for i in range(self._seen, len(self.strings)):
+            self._ids[self.strings[i]] = i  # the last of equal strings, as _Interner has it
+        out = np.empty(len(new), dtype=np.int64)
+        for j, b in enumerate(new):
+            i = self._ids.get(b)
+            if i is None:
+                i = self._ids[b] = len(self.strings)
+                self.strings.append(b)
+            out[j] = i
+        self._seen = len(self.strings)
+        return out
+
+
+def _rank_trace(run: RunInfo, p: ProcessSpan, strings: list[bytes]) -> UnifiedTrace:
+    """An empty trace of the process, for fdtrack."""
+    t = UnifiedTrace(p.pid, p.name)
+    t.process = p
+    t.strings = strings
+    if run.syscall_table:
+        t.table = run.syscall_table
+    return t
+
+
+def _step_syscalls(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan,
+                   strings: RunStrings, n: int, turn: AbstractContextManager,
+                   on_step_thread: Callable[..., tuple[np.ndarray, np.ndarray]],
+                   outside_collectives: Callable[[np.ndarray], np.ndarray]) -> StepCalls:
+    """Per step, the calls on its thread outside collectives, the chunks streamed (a few
+    columns each) through the fd replay; its new strings join the run's in `turn`."""
+    index = store.chunk_index(run.id, proc_id)
+    acc = StepCalls(n, run.syscall_table)
+    if any(index[i][2] < index[i - 1][3] for i in range(1, len(index))):
+        # overlapping chunks: the replay needs the calls in time order, all first
+        t = _rank_trace(run, p, strings.strings)
+        _replay_input(store, index, t)
+        with turn:
+            changes = fd_changes(t)
+        t.columns = {}
+        for ch in store.stored_chunks(index):
+            _add_calls(acc, _kept_calls(ch.columns(STREAM_COLUMNS), on_step_thread,
+                                        outside_collectives),
+                       lambda nr, a0, ts: fd_files(changes, t.table, nr, a0, ts))
+        return acc
+    t = _rank_trace(run, p, list(strings.strings))
+    base = len(t.strings)
+    sf = StreamedFiles(t)
+    held: list[Calls] = []
+    firsts = [r[2] for r in index[1:]] + [None]
+    for ch, horizon in zip(store.stored_chunks(index), firsts):
+        c = ch.columns(set(STREAM_COLUMNS) | set(REPLAY_COLUMNS))
+        sf.feed(c)
+        calls = _kept_calls(c, on_step_thread, outside_collectives)
+        if held:
+            calls = {name: np.concatenate([h[name] for h in held] + [v])
+                     for name, v in calls.items()}
+        held = []
+        if horizon is not None and len(calls["ts"]) and calls["ts"][-1] >= horizon:
+            # a later chunk's change at the same ts may still name these calls' files
+            late = calls["ts"] >= horizon
+            held = [{name: v[late] for name, v in calls.items()}]
+            calls = {name: v[~late] for name, v in calls.items()}
+        _add_calls(acc, calls, sf.files, base)
+    with turn:
+        acc.remap(strings.merge(t.strings[base:]))
+    return acc
+
+
+def _syscall_profile(k: np.ndarray, dur: np.ndarray, nr: np.ndarray, path: np.ndarray,
+                     counts: np.ndarray | None = None
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[int, int]],
                                 int]:
-    """The sparse (step, code) profile: (rows, ns, calls, keys, codes per step)."""
+    """The sparse (step, code) profile: (rows, ns, calls, keys, codes per step); `counts`:
+    how many calls each element stands for (1 each when None)."""
     # (nr, file) -> code through compact path ids, then (step, code) -> profile row
     upath, cpath = _factorize(path + 1)
     span = int(nr.max()) + 1 if len(nr) else 1
@@ -198,12 +321,65 @@ def _syscall_profile(k: np.ndarray, dur: np.ndarray, nr: np.ndarray, path: np.nd
     ncode = max(len(keys), 1)
     ustep, row = _factorize(k * ncode + code)
     ns = np.bincount(row, weights=dur).astype(np.int64)
-    calls = np.bincount(row).astype(np.int64)
+    calls = (np.bincount(row) if counts is None else np.bincount(row, weights=counts)
+             ).astype(np.int64)
     return ustep, ns, calls, keys, ncode
 
 
+def _profile_part(k: np.ndarray, dur: np.ndarray, nr: np.ndarray, path: np.ndarray
+                  ) -> tuple[np.ndarray, ...]:
+    """Some calls' (step, nr, file, ns, calls) sums, to be summed again with the others."""
+    ustep, ns, calls, keys, ncode = _syscall_profile(k, dur, nr, path)
+    kv = np.array(keys, dtype=np.int64).reshape(-1, 2)
+    code = ustep % ncode
+    return ustep // ncode, kv[code, 0], kv[code, 1], ns, calls
+
+
+class StepCalls:
+    """Per step, a rank's calls on the step's thread outside collectives, summed chunk by
+    chunk into the (syscall, file) profile, which gives the time in all calls and in
+    waiting ones."""
+
+    def __init__(self, n: int, syscall_table: dict[int, str]) -> None:
+        self.n = n
+        self.wait_lut = np.zeros(max(max(syscall_table, default=0) + 1, 1 << 16), dtype=bool)
+        self.wait_lut[[nr for nr, name in syscall_table.items() if name in WAIT_SYSCALLS]] = True
+        self.parts: list[tuple[np.ndarray, ...]] = []
+
+    def add(self, k: np.ndarray, dur: np.ndarray, nr: np.ndarray, path: np.ndarray) -> None:
+        """Calls: (step index, ns, syscall nr, file's string id) of each."""
+        if len(k):
+            self.parts.append(_profile_part(k, dur, nr, path))
+
+    def remap(self, ids: np.ndarray) -> None:
+        """Give the replay's own strings (paths OWN + i) their ids in the run's table."""
+        for part in self.parts:
+            own = part[2] >= OWN
+            if own.any():
+                part[2][own] = ids[part[2][own] - OWN]
+
+    def profile(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[int, int]], int]:
+        """_syscall_profile of all the calls added."""
+        if not self.parts:
+            e = np.empty(0, dtype=np.int64)
+            return _syscall_profile(e, e, e, e)
+        k, nr, path, ns, calls = (np.concatenate(x) for x in zip(*self.parts))
+        return _syscall_profile(k, ns, nr, path, calls)
+
+    def totals(self, ustep: np.ndarray, ns: np.ndarray, keys: list[tuple[int, int]],
+               ncode: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ns in waiting calls, ns in all calls) per step, from the profile (integer sums:
+        what a bincount over the calls gives, exact below 2**53 ns)."""
+        k, code = ustep // ncode, ustep % ncode
+        nrs = np.array([nr for nr, _ in keys], dtype=np.int64)
+        w = self.wait_lut[nrs[code]]
+        return (np.bincount(k[w], weights=ns[w], minlength=self.n).astype(np.int64),
+                np.bincount(k, weights=ns, minlength=self.n).astype(np.int64))
+
+
 def _rank_steps(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan, spans: list[Any],
-                strings: list[bytes], cache: dict[str, dict]) -> RankSteps | None:
+                strings: RunStrings, cache: dict[str, dict],
+                turn: AbstractContextManager) -> RankSteps | None:
     """Per-step totals and profile of one rank process (None: it has no step spans)."""
     best, colls = _step_spans(spans, cache)
     if not best:
@@ -242,16 +418,10 @@ def _rank_steps(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan, spans:
     comms = comm_inits(gcols)
     del gcols
 
-    k, dur, nr, path = _step_syscalls(store, run, proc_id, p, strings, on_step_thread,
-                                      outside_collectives)
-    wait_lut = np.zeros(max(max(run.syscall_table, default=0), int(nr.max(initial=0))) + 1,
-                        dtype=bool)
-    wait_lut[[n_ for n_, name in run.syscall_table.items() if name in WAIT_SYSCALLS]] = True
-    is_wait = wait_lut[nr]
-    wait_sys_ns = np.bincount(k[is_wait], weights=dur[is_wait], minlength=n).astype(np.int64)
-    syscall_ns = np.bincount(k, weights=dur, minlength=n).astype(np.int64)
-
-    ustep, ns, calls, keys, ncode = _syscall_profile(k, dur, nr, path)
+    acc = _step_syscalls(store, run, proc_id, p, strings, n, turn, on_step_thread,
+                         outside_collectives)
+    ustep, ns, calls, keys, ncode = acc.profile()
+    wait_sys_ns, syscall_ns = acc.totals(ustep, ns, keys, ncode)
     step_ns = ends - starts
     return RankSteps(
         rank=p.dist.rank, pid=p.pid, dist=p.dist, steps=steps, step_ns=step_ns,
@@ -263,8 +433,9 @@ def _rank_steps(store: Store, run: RunInfo, proc_id: int, p: ProcessSpan, spans:
 
 def load_ranks(store: Store, run: RunInfo, strings: list[bytes] | None = None
                ) -> list[RankSteps]:
-    """Every rank process of the run that has step spans, one at a time, by rank; files that
-    the fd replay names are added to `strings` (the run's string table)."""
+    """Every rank process of the run that has step spans, by rank (MAX_THREADS at a time,
+    each streamed chunk by chunk); files that the fd replay names are added to `strings`
+    (the run's string table)."""
     procs = store.processes(run.id)
     spans = store.span_records(run.id)
     gpu = {p.pid: store.columns(run.id, pid_, "gpu", GPU_LAYOUT) for pid_, p in procs}
@@ -276,15 +447,56 @@ def load_ranks(store: Store, run: RunInfo, strings: list[bytes] | None = None
     for sp in spans:
         by_pid.setdefault(sp.process_id, []).append(sp)
     cache: dict[str, dict] = {}
+    todo = [(proc_id, p) for proc_id, p in procs
+            if p.dist is not None and p.dist.rank is not None and p.pid in by_pid]
+    turns = _Turns(len(todo))
+    table = RunStrings(strings)
+
+    def one(i: int) -> RankSteps | None:
+        proc_id, p = todo[i]
+        with turns.last(i):
+            return _rank_steps(store, run, proc_id, p, by_pid[p.pid], table, cache,
+                               turns.turn(i))
+
+    # numpy, zstd and SQLite let go of the GIL: ranks side by side, each streamed
+    workers = max(1, min(MAX_THREADS, os.cpu_count() or 1, len(todo)))
+    with ThreadPoolExecutor(workers) as pool:
+        done = list(pool.map(one, range(len(todo))))
     out: dict[int, RankSteps] = {}
-    for proc_id, p in procs:
-        if p.dist is None or p.dist.rank is None or p.pid not in by_pid:
-            continue
-        rs = _rank_steps(store, run, proc_id, p, by_pid[p.pid], strings, cache)
+    for rs in done:
         # a wrapper (sh -c) and its python share a rank: the one with more steps is the rank
         if rs is not None and (rs.rank not in out or len(rs.steps) > len(out[rs.rank].steps)):
             out[rs.rank] = rs
     return [out[r] for r in sorted(out)]
+
+
+class _Turns:
+    """The ranks' fd replays one at a time, in process order: they add the files they name
+    to the run's one string table, whose new ids must not hang on the threads' timing."""
+
+    def __init__(self, n: int) -> None:
+        self.done = [threading.Event() for _ in range(n)]
+
+    @contextmanager
+    def turn(self, i: int) -> Iterator[None]:
+        """Wait for process i-1's replay, then replay process i."""
+        if i:
+            self.done[i - 1].wait()
+        try:
+            yield
+        finally:
+            self.done[i].set()
+
+    @contextmanager
+    def last(self, i: int) -> Iterator[None]:
+        """Around all of process i's work: its turn ends even if it never came (no step
+        spans, an error)."""
+        try:
+            yield
+        finally:
+            if i:
+                self.done[i - 1].wait()
+            self.done[i].set()
 
 
 def _ops_by_step(calls: list[Collective]) -> dict[int, dict[str, int]]:

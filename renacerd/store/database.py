@@ -9,7 +9,8 @@ import os
 import socket
 import sqlite3
 import stat
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -370,6 +371,7 @@ class Store(StoreReaders, FlightTables):
         try:
             self.db = sqlite3.connect(self.path, timeout=10.0, check_same_thread=False,
                                       isolation_level=None)
+            self._reads = threading.Lock()  # readers on threads (stored_chunks)
             self.db.execute("PRAGMA busy_timeout=10000")
             # nothing is written to (or chmod'ed on) a file before it is known to be a store
             # of a version this code reads
@@ -884,12 +886,7 @@ class Store(StoreReaders, FlightTables):
         cols = {name: np.empty(total, dtype=dt) for name, dt in layout}
         pos = 0
         for n, _, _, blob in rows:
-            try:
-                if chunk_len(blob) != n:
-                    raise ChunkError(f"chunk says {chunk_len(blob)} events, its row {n}")
-                pos += decode_into(blob, cols, pos, layout)
-            except ChunkError as e:
-                raise StoreError(f"{self.path}: {e}") from e
+            pos += self._decode_chunk(n, blob, cols, pos, layout)
         # Chunks are sorted inside; only overlapping chunks can leave the whole out of order.
         overlap = any(rows[i][1] < rows[i - 1][2] for i in range(1, len(rows)))
         if overlap or resort:
@@ -898,6 +895,39 @@ class Store(StoreReaders, FlightTables):
                 order = np.argsort(ts, kind="stable")
                 cols = {k: v[order] for k, v in cols.items()}
         return cols
+
+    def _decode_chunk(self, n: int, blob: bytes, cols: dict[str, np.ndarray], pos: int,
+                      layout: Any, subset: bool = False) -> int:
+        """One chunk row's events decoded into cols[...][pos:]; a bad chunk is a StoreError."""
+        try:
+            if chunk_len(blob) != n:
+                raise ChunkError(f"chunk says {chunk_len(blob)} events, its row {n}")
+            return decode_into(blob, cols, pos, layout, subset)
+        except ChunkError as e:
+            raise StoreError(f"{self.path}: {e}") from e
+
+    def chunk_index(self, run_id: int, proc_id: int, layer: str = "sys"
+                    ) -> list[tuple[int, int, int, int]]:
+        """(id, events, first ts, last ts) of one process's chunks of a layer, in id order."""
+        with self._reads:
+            return self.db.execute(
+                "SELECT id, n, first_ts, last_ts FROM chunks WHERE run_id=? AND proc_id=? "
+                "AND layer=? ORDER BY id", (run_id, proc_id, layer)).fetchall()
+
+    def stored_chunks(self, index: list[tuple[int, int, int, int]], batch: int = 16
+                      ) -> Iterator[StoredChunk]:
+        """The syscall chunks of `index` (chunk_index rows) one at a time, in its order, each
+        still encoded: a process's events streamed, never all in memory. Safe from several
+        threads."""
+        for at in range(0, len(index), batch):
+            part = index[at:at + batch]
+            marks = ",".join("?" * len(part))
+            with self._reads:
+                blobs = dict(self.db.execute(
+                    f"SELECT id, data FROM chunks WHERE id IN ({marks})",
+                    [r[0] for r in part]).fetchall())
+            for cid, n, _, _ in part:
+                yield StoredChunk(self, n, blobs.pop(cid))
 
     def _trace(self, run: RunInfo, proc_id: int, p: ProcessSpan, strings: list[bytes],
                spans: list[Any]) -> UnifiedTrace:
@@ -946,6 +976,23 @@ class Store(StoreReaders, FlightTables):
             if t.pid == pid:
                 return t
         raise StoreError(f"run {run!r} has no process {pid}")
+
+
+@dataclass(slots=True)
+class StoredChunk:
+    """One encoded syscall chunk, decoded a few columns at a time."""
+
+    store: Store
+    n: int
+    blob: bytes
+
+    def columns(self, names: Iterable[str]) -> dict[str, np.ndarray]:
+        """The named columns only (the chunk's others are not decompressed)."""
+        want = set(names)
+        layout = tuple((name, dt) for name, dt in SYSCALL_COLUMNS if name in want)
+        cols = {name: np.empty(self.n, dtype=dt) for name, dt in layout}
+        self.store._decode_chunk(self.n, self.blob, cols, 0, layout, True)
+        return cols
 
 
 def tag_spans(traces: list[UnifiedTrace]) -> None:

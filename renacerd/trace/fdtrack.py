@@ -49,6 +49,7 @@ AUX = {
 __doc__ += "".join(f"\n    {k:<16} {v}" for k, v in AUX.items()) + "\n"
 
 OPENS = frozenset({"open", "openat", "openat2", "creat"})
+OPENATS, CREATS = frozenset({"openat", "openat2"}), frozenset({"creat"})
 DUPS = frozenset({"dup", "dup2", "dup3"})
 PAIRS = frozenset({"pipe", "pipe2", "socketpair"})
 CLOSES = frozenset({"close"})
@@ -182,7 +183,11 @@ def _i32(a: np.ndarray) -> np.ndarray:
 
 
 def _nrs(trace: UnifiedTrace, names) -> np.ndarray:
-    return np.array([nr for nr, n in trace.table.items() if n in names], dtype=np.uint16)
+    return _table_nrs(trace.table, names)
+
+
+def _table_nrs(table: dict[int, str], names) -> np.ndarray:
+    return np.array([nr for nr, n in table.items() if n in names], dtype=np.uint16)
 
 
 def _lowest_free(table: dict[int, int], n: int) -> list[int]:
@@ -191,6 +196,80 @@ def _lowest_free(table: dict[int, int], n: int) -> list[int]:
         if fd not in table:
             out.append(fd)
         fd += 1
+    return out
+
+
+class History:
+    """One fd's changes in time order, (ts, string id; -1: closed), appended one at a time by
+    the replay's loop or a run at a time by its vectorised path; kept in arrays that grow
+    by doubling (a replay fed in parts reads them between parts without copying)."""
+
+    __slots__ = ("_ts", "_sid", "_n", "_pend", "ordered")
+
+    def __init__(self) -> None:
+        self._ts = np.empty(0, dtype=np.int64)
+        self._sid = np.empty(0, dtype=np.int32)
+        self._n = 0
+        self._pend: list[tuple[int, int]] = []
+        self.ordered = True  # times non-decreasing: a lookup may search a slice of them
+
+    def __len__(self) -> int:
+        return self._n + len(self._pend)
+
+    def append(self, ts: int, sid: int) -> None:
+        """One change."""
+        self._pend.append((ts, sid))
+
+    def extend(self, ts: np.ndarray, sid: np.ndarray) -> None:
+        """Changes in time order, after those already held."""
+        self._flush()
+        self._push(ts, sid)
+
+    def _flush(self) -> None:
+        if self._pend:
+            ts, sid = zip(*self._pend)
+            self._pend = []
+            self._push(np.array(ts, dtype=np.int64), np.array(sid, dtype=np.int32))
+
+    def _push(self, ts: np.ndarray, sid: np.ndarray) -> None:
+        n, m = self._n, len(ts)
+        if n + m > len(self._ts):
+            cap = max(2 * len(self._ts), n + m, 16)
+            self._ts = np.concatenate([self._ts[:n], np.empty(cap - n, dtype=np.int64)])
+            self._sid = np.concatenate([self._sid[:n], np.empty(cap - n, dtype=np.int32)])
+        self._ts[n:n + m] = ts
+        self._sid[n:n + m] = sid
+        if self.ordered and m:
+            self.ordered = (not n or int(ts[0]) >= int(self._ts[n - 1])) and bool(
+                (np.diff(ts) >= 0).all())
+        self._n = n + m
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(times, string ids) of every change."""
+        self._flush()
+        return self._ts[:self._n], self._sid[:self._n]
+
+
+Changes = dict[int, History]  # fd -> its changes
+# Runs of opens and closes shorter than this are replayed one by one: numpy's fixed cost per
+# run exceeds the loop's for a few calls.
+FAST_RUN = 64
+
+
+def _segments(fast: np.ndarray) -> list[tuple[int, int, bool]]:
+    """(start, end, vectorised) ranges covering `fast` in order: its runs of True at least
+    FAST_RUN long, and the rest between them."""
+    edges = np.flatnonzero(fast[1:] != fast[:-1]) + 1
+    bounds = [0, *edges.tolist(), len(fast)]
+    out: list[tuple[int, int, bool]] = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi == lo:
+            continue
+        f = bool(fast[lo]) and hi - lo >= FAST_RUN
+        if out and not f and not out[-1][2]:
+            out[-1] = (out[-1][0], hi, False)
+        else:
+            out.append((lo, hi, f))
     return out
 
 
@@ -208,13 +287,21 @@ class _Replay:
         st = initial if initial is not None else _initial(trace, self.intern)
         self.table = dict(st.table)
         self.cloexec = set(st.cloexec)
-        self.changes: dict[int, list[tuple[int, int]]] = defaultdict(list)
+        self.changes: Changes = defaultdict(History)
         for fd, sid in self.table.items():
-            self.changes[fd].append((-1, sid))
+            self.changes[fd].append(-1, sid)
+        self._luts: dict[frozenset, np.ndarray] = {}
+
+    def _lut(self, names: frozenset) -> np.ndarray:
+        """_nr_lut of the trace's table, made once per set of names."""
+        lut = self._luts.get(names)
+        if lut is None:
+            lut = self._luts[names] = _nr_lut(self.trace.table, names)
+        return lut
 
     def set(self, fd: int, sid: int, ts: int, cloexec: bool = False) -> None:
         self.table[fd] = sid
-        self.changes[fd].append((ts, sid))
+        self.changes[fd].append(ts, sid)
         if cloexec:
             self.cloexec.add(fd)
         else:
@@ -222,22 +309,128 @@ class _Replay:
 
     def drop(self, fd: int, ts: int) -> None:
         if self.table.pop(fd, None) is not None or fd in self.changes:
-            self.changes[fd].append((ts, -1))
+            self.changes[fd].append(ts, -1)
         self.cloexec.discard(fd)
 
-    def run(self, until: int | None, r0: np.ndarray) -> tuple[list[int], list[int]]:
+    def run(self, until: int | None, r0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Replay; fills r0 for opens and chdirs; returns (open indices, their flags)."""
         t, c = self.trace, self.trace.columns
+        # in pieces, one per run of calls: a list of millions of ints costs 40 bytes each
+        opens: list[np.ndarray] = [np.empty(0, dtype=np.int64)]
+        flags_out: list[np.ndarray] = [np.empty(0, dtype=np.int64)]
+        if len(t):
+            mask = self._lut(_TABLE_CHANGERS)[c["nr"]] & (c["ret"] >= 0)
+            if until is not None:
+                mask &= c["ts"] < until
+            rows = np.flatnonzero(mask)
+            for lo, hi, fast in _segments(self._fast(rows)):
+                run = self._run_fast if fast else self._run_slow
+                run(rows[lo:hi], r0, opens, flags_out)
+        return np.concatenate(opens), np.concatenate(flags_out)
+
+    def _fast(self, rows: np.ndarray) -> np.ndarray:
+        """Which of these calls the vectorised path replays: closes of an fd, and opens whose
+        file does not hang on an fd that the same run of calls could change (an absolute
+        path, or one relative to the cwd, which only chdir/fchdir change)."""
+        c = self.trace.columns
+        nr, s0, fd = c["nr"][rows], c["s0"][rows], _i32(c["a0"][rows])
+        opn = self._lut(OPENS)[nr]
+        uniq = _distinct(s0[opn].astype(np.int64)).tolist()
+        absolute = [u for u in uniq if self.paths.absolute(u)]
+        own_dir = self._lut(OPENATS)[nr] & (fd != AT_FDCWD)
+        # an absolute path (or none) hangs on no directory fd
+        own_dir &= False if len(absolute) == len(uniq) else ~((s0 < 0) | np.isin(s0, absolute))
+        return (opn & ~own_dir) | (self._lut(CLOSES)[nr] & (fd >= 0))
+
+    def _run_fast(self, rows: np.ndarray, r0: np.ndarray, opens: list[np.ndarray],
+                  flags_out: list[np.ndarray]) -> None:
+        """A run of opens and closes (see _fast), replayed with numpy; the table, changes,
+        close-on-exec set and interned strings end exactly as the one-by-one loop leaves
+        them."""
+        c = self.trace.columns
+        nr = c["nr"][rows]
+        is_open = self._lut(OPENS)[nr]
+        oi = np.flatnonzero(is_open)
+        sid = np.full(len(rows), -1, dtype=np.int64)
+        cx = np.zeros(len(rows), dtype=bool)
+        if len(oi):
+            sid[oi] = self._resolve_cwd(c["s0"][rows[oi]])
+            aux = c.get("aux")
+            fl = (aux[rows[oi]].astype(np.int64) if aux is not None
+                  else np.full(len(oi), -1, dtype=np.int64))
+            fl[self._lut(CREATS)[nr[oi]]] = O_CREAT | O_WRONLY | O_TRUNC
+            r0[rows[oi]] = sid[oi]
+            opens.append(rows[oi].astype(np.int64))
+            flags_out.append(fl)
+            cx[oi] = (fl >= 0) & ((fl & O_CLOEXEC) != 0)
+        target = np.where(is_open, c["ret"][rows].astype(np.int64),
+                          _i32(c["a0"][rows]).astype(np.int64))
+        self._apply(target, is_open, sid, c["ts"][rows].astype(np.int64), cx)
+
+    def _resolve_cwd(self, s0: np.ndarray) -> np.ndarray:
+        """The opens' paths resolved against the cwd, each distinct path once, in the order
+        first seen (so new strings get the ids the loop would give them)."""
+        cwd = self.table.get(AT_FDCWD, -1)
+        s0 = s0.astype(np.int64)
+        uniq = _distinct(s0)
+        if len(uniq) > 64:
+            uniq, first = np.unique(s0, return_index=True)
+        else:  # few paths (the usual case): a pass each beats a sort
+            first = np.array([int(np.argmax(s0 == u)) for u in uniq.tolist()], dtype=np.int64)
+        out = np.empty(len(uniq), dtype=np.int64)
+        for j in np.argsort(first, kind="stable").tolist():
+            out[j] = self.paths.resolve(cwd, int(uniq[j]))
+        return out[np.searchsorted(uniq, s0)]
+
+    def _apply(self, target: np.ndarray, is_open: np.ndarray, sid: np.ndarray, ts: np.ndarray,
+               cx: np.ndarray) -> None:
+        """Per fd, a run's opens (set) and closes (drop) in time order."""
+        lo = int(target.min())
+        # fds of a small range sort as u16: numpy's stable sort is then a radix sort
+        order = np.argsort(target - lo if int(target.max()) - lo >= 1 << 16 else
+                           (target - lo).astype(np.uint16), kind="stable")
+        tg = target[order]
+        starts = np.flatnonzero(np.r_[True, tg[1:] != tg[:-1]]).tolist()
+        inserts = []
+        for a, b in zip(starts, [*starts[1:], len(tg)]):
+            seg, f = order[a:b], int(tg[a])
+            kinds = is_open[seg]
+            # a close appends only once the fd has a history (drop)
+            keep = seg if f in self.changes else seg[int(np.argmax(kinds)):] if kinds.any() \
+                else seg[:0]
+            if len(keep):
+                self.changes[f].extend(ts[keep], sid[keep])
+            if not kinds[-1]:
+                self.table.pop(f, None)
+                self.cloexec.discard(f)
+                continue
+            closes = np.flatnonzero(~kinds)
+            if not len(closes) and f in self.table:
+                self.table[f] = int(sid[seg[-1]])  # updated in place: it keeps its position
+            else:  # (re)inserted at the first open after its last close: it moves to the end
+                self.table.pop(f, None)
+                at = int(closes[-1]) + 1 if len(closes) else 0
+                inserts.append((int(seg[at]), f, int(sid[seg[-1]])))
+            (self.cloexec.add if cx[seg[-1]] else self.cloexec.discard)(f)
+        for _, f, s in sorted(inserts):
+            self.table[f] = s
+
+    def _run_slow(self, rows: np.ndarray, r0: np.ndarray, opens_out: list[np.ndarray],
+                  flags_out: list[np.ndarray]) -> None:
+        """Calls replayed one by one, in order."""
         opens: list[int] = []
-        flags_out: list[int] = []
-        if not len(t):
-            return opens, flags_out
+        flags: list[int] = []
+        self._one_by_one(rows, r0, opens, flags)
+        opens_out.append(np.array(opens, dtype=np.int64))
+        flags_out.append(np.array(flags, dtype=np.int64))
+
+    def _one_by_one(self, rows: np.ndarray, r0: np.ndarray, opens: list[int],
+                    flags_out: list[int]) -> None:
+        """The loop of _run_slow."""
+        t, c = self.trace, self.trace.columns
         aux = c.get("aux")
-        mask = np.isin(c["nr"], _nrs(t, _TABLE_CHANGERS)) & (c["ret"] >= 0)
-        if until is not None:
-            mask &= c["ts"] < until
         names = t.table
-        for i in np.flatnonzero(mask):
+        for i in rows:
             name = names.get(int(c["nr"][i]), "")
             ret = int(c["ret"][i])
             a0 = int(np.uint64(c["a0"][i]) & np.uint64(0xFFFFFFFF))
@@ -272,7 +465,6 @@ class _Replay:
             elif name in EXECS and ret == 0:
                 for f in sorted(self.cloexec):
                     self.drop(f, ts)
-        return opens, flags_out
 
     def _dup(self, name: str, fd: int, ret: int, ts: int, x: int | None) -> None:
         """dup, dup2, dup3 and fcntl's F_DUPFD and F_SETFD."""
@@ -341,21 +533,37 @@ class _Replay:
             self.set(f, sid, ts, cx)
 
 
-def _lookup(changes: dict[int, list[tuple[int, int]]], fds: np.ndarray, ts: np.ndarray,
-            side: str) -> np.ndarray:
+def _lookup(changes: Changes, fds: np.ndarray, ts: np.ndarray, side: str) -> np.ndarray:
     """For each (fd, ts): the string id the fd named at ts (-1: none)."""
     out = np.full(len(fds), -1, dtype=np.int32)
-    for fd in np.unique(fds):
-        hist = changes.get(int(fd))
+    uniq = _distinct(fds)
+    for fd in uniq.tolist():
+        hist = changes.get(fd)
         if not hist:
             continue
-        sel = np.flatnonzero(fds == fd)
-        times = np.array([t for t, _ in hist], dtype=np.int64)
-        sids = np.array([s for _, s in hist], dtype=np.int32)
-        pos = np.searchsorted(times, ts[sel], side=side) - 1
+        sel = np.flatnonzero(fds == fd) if len(uniq) > 1 else np.arange(len(fds))
+        times, sids = hist.arrays()
+        q = ts[sel]
+        if hist.ordered and len(q):
+            # only the changes between these calls' first and last: a search over a slice
+            lo = int(np.searchsorted(times, q.min(), side="left"))
+            hi = int(np.searchsorted(times, q.max(), side="right"))
+            pos = np.searchsorted(times[lo:hi], q, side=side) + (lo - 1)
+        else:
+            pos = np.searchsorted(times, q, side=side) - 1
         ok = pos >= 0
         out[sel[ok]] = sids[pos[ok]]
     return out
+
+
+def _distinct(a: np.ndarray) -> np.ndarray:
+    """np.unique of integers, through a bincount where their range is small."""
+    if not len(a):
+        return a
+    lo, hi = int(a.min()), int(a.max())
+    if hi - lo < 1 << 16:
+        return np.flatnonzero(np.bincount(a - lo)) + lo
+    return np.unique(a)
 
 
 def _resolve_rest(trace: UnifiedTrace, rp: _Replay, slot: int, r: np.ndarray) -> None:
@@ -418,9 +626,7 @@ def process_files(trace: UnifiedTrace, initial: FdState | None = None,
     _resolve_rest(trace, rp, 1, r1)
     c = trace.columns
     ts = c["ts"].astype(np.int64)
-    fd = np.full(n, -1, dtype=np.int32)
-    is_fd = np.flatnonzero(np.isin(c["nr"], _nrs(trace, FD_SYSCALLS)))
-    fd[is_fd] = _lookup(rp.changes, _i32(c["a0"][is_fd]).astype(np.int64), ts[is_fd], "right")
+    fd = fd_files(rp.changes, trace.table, c["nr"], c["a0"], ts)
     fd2 = np.full(n, -1, dtype=np.int32)
     if "aux" in c:
         cp = np.flatnonzero(np.isin(c["nr"], _nrs(trace, COPIES)))
@@ -428,6 +634,68 @@ def process_files(trace: UnifiedTrace, initial: FdState | None = None,
                           .view(np.int32).astype(np.int64), ts[cp], "right")
     return ProcessFiles(fd, fd2, r0, r1, np.array(opens, dtype=np.int64),
                         np.array(flags, dtype=np.int64), final)
+
+
+# What the replay reads of a call, and of which calls (table_changers): a trace holding only
+# those replays as the whole one does (fd_changes).
+REPLAY_COLUMNS = ("ts", "ret", "a0", "nr", "s0", "aux")
+
+
+def table_changers(table: dict[int, str]) -> np.ndarray:
+    """Indexed by syscall number: whether the call can change an fd table or the cwd."""
+    return _nr_lut(table, _TABLE_CHANGERS)
+
+
+def _nr_lut(table: dict[int, str], names) -> np.ndarray:
+    """Indexed by syscall number (any u16): whether its name is one of `names`; a lookup
+    costs a fraction of np.isin's sort."""
+    lut = np.zeros(max(max(table, default=0) + 1, 1 << 16), dtype=bool)
+    lut[_table_nrs(table, names)] = True
+    return lut
+
+
+def fd_changes(trace: UnifiedTrace, initial: FdState | None = None) -> Changes:
+    """Each fd's changes over the trace, as process_files replays them (files it names are
+    added to the trace's strings)."""
+    rp = _Replay(trace, initial, _Paths(_Interner(trace)))
+    rp.run(None, np.full(len(trace), -2, dtype=np.int32))
+    return rp.changes
+
+
+class StreamedFiles:
+    """fd_changes fed a process's calls a part at a time, in the order of its columns: after
+    each part, fd_files of the calls up to it reads what the whole replay would give for
+    calls no later change can reach (before the next part's first ts)."""
+
+    def __init__(self, trace: UnifiedTrace, initial: FdState | None = None) -> None:
+        self.trace = trace  # its columns: each part's table-changing calls in turn
+        self.replay = _Replay(trace, initial, _Paths(_Interner(trace)))
+        self.changers = table_changers(trace.table)
+        self.fd_calls = _nr_lut(trace.table, FD_SYSCALLS)
+
+    def feed(self, cols: dict[str, np.ndarray]) -> None:
+        """Replay one part's calls (REPLAY_COLUMNS at least), after the parts before."""
+        sel = np.flatnonzero(self.changers[cols["nr"]] & (cols["ret"] >= 0))
+        if len(sel):
+            self.trace.columns = {name: cols[name][sel] for name in REPLAY_COLUMNS}
+            self.replay.run(None, np.full(len(sel), -2, dtype=np.int32))
+
+    def files(self, nr: np.ndarray, a0: np.ndarray, ts: np.ndarray) -> np.ndarray:
+        """fd_files of calls fed so far."""
+        return fd_files(self.replay.changes, self.trace.table, nr, a0, ts, self.fd_calls)
+
+
+def fd_files(changes: Changes, table: dict[int, str], nr: np.ndarray, a0: np.ndarray,
+             ts: np.ndarray, fd_calls: np.ndarray | None = None) -> np.ndarray:
+    """For each call, the string id of the file its fd argument named then (-1: none, or
+    not a call on an fd): ProcessFiles.fd of any subset of the calls, from fd_changes."""
+    fd = np.full(len(nr), -1, dtype=np.int32)
+    if fd_calls is None:  # the lookup table of the calls on an fd, made once by a caller
+        fd_calls = _nr_lut(table, FD_SYSCALLS)
+    is_fd = np.flatnonzero(fd_calls[nr])
+    fd[is_fd] = _lookup(changes, _i32(a0[is_fd]).astype(np.int64),
+                        ts[is_fd].astype(np.int64), "right")
+    return fd
 
 
 def run_files(traces: list[UnifiedTrace]) -> dict[int, ProcessFiles]:

@@ -291,3 +291,108 @@ def test_compare_effects_use_created_files_and_absolute_paths():
                  "created:/data/a/d": 1, "net_sent:socketpair": 2, "net_recv:socketpair": 2}
     b = one("/data/b")
     assert "written:/data/b/d/final.bin" in b and "written:/data/a/d/final.bin" not in b
+
+
+def _random_trace(seed: int) -> UnifiedTrace:
+    """Bursts of opens and closes (absolute, cwd-relative, dirfd-relative, failing) with
+    dups, fcntls, pipes, chdirs, execs and close_ranges between them."""
+    rng = np.random.default_rng(seed)
+    strings = [b"/work", b"/data/a", b"rel/b", b"../c", b"/x//y/./z", b"", b"sub", b"/tmp/s"]
+    t = UnifiedTrace(7, "prog")
+    t.strings = strings
+    t.process.initial_fds = {0: "/dev/null", 3: "/data/a", AT_FDCWD: "/work"}
+    rows = []
+    opens = ["open", "openat", "creat", "openat2"]
+    other = ["dup", "dup2", "fcntl", "pipe2", "chdir", "fchdir", "execve", "close_range",
+             "socket", "eventfd2", "close"]
+    for _ in range(rng.integers(5, 25)):
+        for _ in range(rng.integers(0, 200)):
+            name = opens[rng.integers(4)] if rng.random() < 0.5 else "close"
+            fd = int(rng.integers(0, 12)) if name == "close" else int(
+                rng.choice([AT_FDCWD, 3, 5], p=[0.96, 0.02, 0.02]))
+            ret = int(rng.integers(0, 12)) if name != "close" else 0
+            rows.append((name, -1 if rng.random() < 0.05 else ret, fd,
+                         int(rng.integers(-1, len(strings))), int(rng.integers(0, 1 << 20))))
+        for _ in range(rng.integers(0, 3)):
+            name = other[rng.integers(len(other))]
+            fd = int(rng.choice([AT_FDCWD, -1])) if name == "close" else int(
+                rng.integers(0, 12))
+            rows.append((name, int(rng.integers(0, 12)) if name != "execve" else 0, fd,
+                         int(rng.integers(-1, len(strings))), int(rng.integers(0, 1 << 20))))
+    n = len(rows)
+    ts = np.cumsum(rng.integers(0, 3, n)) + 10  # ties too
+    t.columns = {name: np.zeros(n, dtype=dt) for name, dt in SYSCALL_COLUMNS}
+    c = t.columns
+    c["ts"][:] = ts
+    c["nr"][:] = [NR[r[0]] for r in rows]
+    c["ret"][:] = [r[1] for r in rows]
+    c["a0"][:] = [r[2] & 0xFFFFFFFF for r in rows]
+    c["s0"][:] = [r[3] for r in rows]
+    c["aux"][:] = [r[4] for r in rows]
+    return t
+
+
+def _replayed(t: UnifiedTrace, fast_run: int, monkeypatch) -> tuple:
+    import renacerd.trace.fdtrack as fdt
+
+    monkeypatch.setattr(fdt, "FAST_RUN", fast_run)
+    t.strings = list(t.strings[:8])
+    pf = fdt.process_files(t)
+    hist = fdt.fd_changes(t)
+    return (pf.fd.tolist(), pf.fd2.tolist(), pf.path0.tolist(), pf.path1.tolist(),
+            pf.opens.tolist(), pf.open_flags.tolist(), list(pf.final.table.items()),
+            sorted(pf.final.cloexec), list(t.strings),
+            {fd: [a.tolist() for a in h.arrays()] for fd, h in hist.items()})
+
+
+def test_vectorised_replay_matches_the_loop(monkeypatch):
+    # the vectorised runs of opens and closes leave exactly what the one-by-one loop does
+    for seed in range(25):
+        t = _random_trace(seed)
+        want = _replayed(t, 10**9, monkeypatch)
+        for fast_run in (1, 3, 64):
+            assert _replayed(t, fast_run, monkeypatch) == want, (seed, fast_run)
+
+
+def test_streamed_files_match_the_whole_replay():
+    # fed in parts, the replay names each fd call's file as process_files does on the whole
+    # trace, for calls before the next part's first ts (the rest wait for it)
+    from renacerd.trace.fdtrack import (
+        REPLAY_COLUMNS,
+        StreamedFiles,
+        fd_changes,
+        fd_files,
+        process_files,
+    )
+
+    for seed in range(10):
+        t = _random_trace(seed)
+        t.strings = list(t.strings[:8])
+        want = process_files(t).fd
+        strings = list(t.strings)
+        cuts = sorted({0, len(t), *np.random.default_rng(seed).integers(0, len(t), 6).tolist()})
+        whole = t.columns
+        part = UnifiedTrace(t.pid, t.name)
+        part.process, part.strings, part.table = t.process, list(strings), t.table
+        sf = StreamedFiles(part)
+        got = np.full(len(t), -9, dtype=np.int32)
+        done = 0
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            sf.feed({k: v[a:b] for k, v in whole.items()})
+            end = b if b == len(t) else int(np.searchsorted(whole["ts"], whole["ts"][b]))
+            got[done:end] = sf.files(whole["nr"][done:end], whole["a0"][done:end],
+                                     whole["ts"][done:end])
+            done = end
+        # string ids of the same replay (the parts' own table starts as the whole's did)
+        assert [part.strings[i] if i >= 0 else None for i in got.tolist()] == \
+            [t.strings[i] if i >= 0 else None for i in want.tolist()], seed
+        # a replay of only the table-changing calls gives the same
+        sub = UnifiedTrace(t.pid, t.name)
+        sub.process, sub.strings, sub.table = t.process, list(strings), t.table
+        keep = np.isin(whole["nr"], [nr for nr, n in t.table.items() if n in {
+            "open", "openat", "openat2", "creat", "close", "dup", "dup2", "fcntl", "pipe2",
+            "chdir", "fchdir", "execve", "close_range", "socket", "eventfd2"}])
+        sub.columns = {k: whole[k][keep] for k in REPLAY_COLUMNS}
+        fd = fd_files(fd_changes(sub), t.table, whole["nr"], whole["a0"], whole["ts"])
+        assert [sub.strings[i] if i >= 0 else None for i in fd.tolist()] == \
+            [t.strings[i] if i >= 0 else None for i in want.tolist()], seed
