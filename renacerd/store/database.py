@@ -865,8 +865,12 @@ class Store(StoreReaders, FlightTables):
             return []
         from renacerd.client.span import SPAN_FIELDS, SpanRecord
 
-        return [SpanRecord.from_row(dict(zip(SPAN_FIELDS, row))) for row in self.db.execute(
-            f"SELECT {', '.join(SPAN_FIELDS)} FROM spans WHERE run_id=? "
+        # The row as SpanRecord.from_row would read it (ids are BLOBs, empty attribute or
+        # resource text is none), built by position: a run of a long job has 100,000s.
+        cols = [f"NULLIF({k}, '')" if k in ("attributes_json", "resource_json") else k
+                for k in SPAN_FIELDS]
+        return [SpanRecord(*row) for row in self.db.execute(
+            f"SELECT {', '.join(cols)} FROM spans WHERE run_id=? "
             "ORDER BY start_mono_nanos, rowid", (run_id,))]
 
     def columns(self, run_id: int, proc_id: int, layer: str = "sys", layout: Any = None):
