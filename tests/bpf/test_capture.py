@@ -388,10 +388,11 @@ def test_sigterm_detaches_and_flushes(cc, db, tmp_path):
 def test_duration_stops_the_run(cc, renacerd, db, tmp_path):
     exe = cc("slow3", SLOW)
     r = renacerd("-q", "--run", "dur", "--duration", "0.5", "--", str(exe), str(tmp_path / "o"),
-                 timeout=10)
+                 timeout=120)  # a hang guard: the start compiles, seconds on a loaded VM
     assert r.returncode == 0
     info = Store(db).run("dur")
-    assert info.status == "complete" and info.events > 0
+    # stopped 0.5 s in: the program's 400 writes take 4 s, so far fewer of them are traced
+    assert info.status == "complete" and 0 < info.events < 400
     subprocess.run(["pkill", "-f", str(exe)], check=False)
 
 
