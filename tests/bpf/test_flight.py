@@ -161,14 +161,19 @@ def _steps(tmp: Path, run: str) -> dict[int, int]:
     return out
 
 
-def _kept_events(tmp: Path, run: str) -> int:
+def _stored(tmp: Path, run: str, layer: str, what: str) -> int:
+    """`what` (an aggregate over c, the run's chunks of `layer`) from the store."""
     con = sqlite3.connect(tmp / "traces.db")
     try:
-        (n,) = con.execute("SELECT COALESCE(SUM(c.n), 0) FROM chunks c JOIN runs r ON "
-                           "r.id=c.run_id WHERE r.name=? AND c.layer='sys'", (run,)).fetchone()
+        (n,) = con.execute(f"SELECT COALESCE({what}, 0) FROM chunks c JOIN runs r ON "
+                           "r.id=c.run_id WHERE r.name=? AND c.layer=?", (run, layer)).fetchone()
         return n
     finally:
         con.close()
+
+
+def _kept_events(tmp: Path, run: str) -> int:
+    return _stored(tmp, run, "sys", "SUM(c.n)")
 
 
 def _marker_reads(d: dict, tmp: Path, run: str) -> int:
@@ -282,13 +287,7 @@ def test_a_flight_run_keeps_the_same_effects_as_a_full_run(flight):
 
 
 def _gpu_chunks(tmp: Path, run: str) -> int:
-    con = sqlite3.connect(tmp / "traces.db")
-    try:
-        (n,) = con.execute("SELECT count(*) FROM chunks c JOIN runs r ON r.id=c.run_id "
-                           "WHERE r.name=? AND c.layer='gpu'", (run,)).fetchone()
-        return n
-    finally:
-        con.close()
+    return _stored(tmp, run, "gpu", "count(*)")
 
 
 def test_a_flight_run_folds_its_gpu_layer_with_every_count_exact(flight, tmp_path):
