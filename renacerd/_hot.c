@@ -1,7 +1,9 @@
 /* The daemon's per-event hot path in one pass each: grouping a drain's event records into
- * per-process row buffers, and a chunk's column work before zstd (enter-time sort, ts
- * delta, narrowing, byte shuffle). renacerd/capture/assembly.py and renacerd/columns.py
- * hold the numpy reference of both; the stored bytes are the same. */
+ * per-process row buffers, a chunk's column work before zstd (enter-time sort, ts delta,
+ * narrowing, byte shuffle), and the join of a drain's events with their queued detail
+ * records (a hash join, string ids from a cache kept across drains).
+ * renacerd/capture/assembly.py, renacerd/columns.py and renacerd/capture/details.py hold
+ * the numpy reference of each; the stored bytes are the same. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stddef.h>
@@ -635,6 +637,399 @@ out:
     return result;
 }
 
+/* ---- the detail join ---------------------------------------------------------------- */
+
+/* renacerd/records.py detail_dtype: a 24-byte head, then the string field */
+typedef struct {
+    uint64_t ts;
+    uint32_t tid;
+    uint16_t nr;
+    uint8_t slot, flags;
+    int32_t len;
+    uint32_t pad;
+} detail_t;
+
+#define DETAIL_HEAD ((Py_ssize_t)sizeof(detail_t))
+enum { SLOT_PATH1 = 1, SLOT_ADDR = 2 }; /* renacerd/records.py SLOT_* */
+
+static inline uint64_t mix64(uint64_t h) {
+    h ^= h >> 33;
+    h *= 0xFF51AFD7ED558CCDull;
+    h ^= h >> 33;
+    return h;
+}
+
+static uint64_t hash_bytes(const char *p, size_t n, uint64_t seed) {
+    uint64_t h = seed ^ (n * 0x9E3779B97F4A7C15ull);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        memcpy(&w, p + i, 8);
+        h = (h ^ w) * 0x9E3779B97F4A7C15ull;
+        h ^= h >> 29;
+    }
+    if (i < n) {
+        uint64_t w = 0;
+        memcpy(&w, p + i, n - i);
+        h = (h ^ w) * 0x9E3779B97F4A7C15ull;
+    }
+    return mix64(h);
+}
+
+/* One cached string: a path's bytes (kind 0), or an address's length and bytes (kind 1). */
+typedef struct {
+    uint64_t hash;
+    char *bytes; /* NULL: an empty slot */
+    uint32_t len;
+    int32_t n, id;
+    int kind;
+} centry_t;
+
+/* StringCache(miss): string ids of detail payloads, kept across drains; a payload not seen
+ * before is handed to miss(slot, n, payload) -> id (the run's interning). */
+typedef struct {
+    PyObject_HEAD
+    PyObject *miss;
+    centry_t *tab, *last; /* last: the entry found last (NULL after a growth) */
+    size_t mask, used;
+} cache_t;
+
+static void cache_dealloc(cache_t *c) {
+    if (c->tab) {
+        for (size_t i = 0; i <= c->mask; i++)
+            free(c->tab[i].bytes);
+        free(c->tab);
+    }
+    Py_XDECREF(c->miss);
+    Py_TYPE(c)->tp_free((PyObject *)c);
+}
+
+static int cache_init(cache_t *c, PyObject *args, PyObject *kw) {
+    PyObject *miss;
+    if (!PyArg_ParseTuple(args, "O", &miss))
+        return -1;
+    if (!PyCallable_Check(miss)) {
+        PyErr_SetString(PyExc_TypeError, "StringCache: miss must be callable");
+        return -1;
+    }
+    if (!c->tab) {
+        c->tab = calloc(1024, sizeof *c->tab);
+        if (!c->tab) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        c->mask = 1023;
+    }
+    Py_INCREF(miss);
+    Py_XSETREF(c->miss, miss);
+    return 0;
+}
+
+static centry_t *cache_probe(centry_t *tab, size_t mask, uint64_t h, int kind, int32_t n,
+                             const char *p, uint32_t len) {
+    size_t i = h & mask;
+    for (;; i = (i + 1) & mask) {
+        centry_t *e = &tab[i];
+        if (!e->bytes)
+            return e;
+        if (e->hash == h && e->kind == kind && e->n == n && e->len == len &&
+            !memcmp(e->bytes, p, len))
+            return e;
+    }
+}
+
+static int cache_grow(cache_t *c) {
+    size_t cap = 2 * (c->mask + 1);
+    centry_t *tab = calloc(cap, sizeof *tab);
+    if (!tab) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (size_t i = 0; i <= c->mask; i++) {
+        centry_t *e = &c->tab[i];
+        if (!e->bytes)
+            continue;
+        size_t k = e->hash & (cap - 1);
+        while (tab[k].bytes)
+            k = (k + 1) & (cap - 1);
+        tab[k] = *e;
+    }
+    free(c->tab);
+    c->tab = tab;
+    c->last = NULL;
+    c->mask = cap - 1;
+    return 0;
+}
+
+/* The id of one detail's payload (-1: a slot with no string id here), interning it through
+ * miss() on first sight. The payload is what the numpy path keys on: a path's bytes before
+ * its NUL as numpy's S field gives them (trailing NULs of the whole field dropped), an
+ * address's first n bytes with its length. */
+static int cache_id(cache_t *c, const detail_t *d, const char *data, Py_ssize_t width,
+                    int32_t *id) {
+    int slot = d->slot, kind;
+    int32_t n = d->len, key_n;
+    Py_ssize_t m;
+    if (slot <= SLOT_PATH1) {
+        kind = 0;
+        key_n = 0;
+        m = n > 0 ? (n - 1 < width ? n - 1 : width) : 0;
+        if (m > 0 && !data[m - 1]) {
+            /* bytes past m all NUL: numpy dropped them, and the NULs before m with them */
+            Py_ssize_t k = m;
+            while (k < width && !data[k])
+                k++;
+            if (k == width)
+                while (m > 0 && !data[m - 1])
+                    m--;
+        }
+    } else if (slot == SLOT_ADDR) {
+        kind = 1;
+        key_n = n;
+        m = n > 0 ? (n < width ? n : width) : 0;
+    } else {
+        *id = -1;
+        return 0;
+    }
+    /* a call's details often name the path of the call before (open, then stat) */
+    centry_t *last = c->last;
+    if (last && last->kind == kind && last->n == key_n && last->len == (uint32_t)m &&
+        !memcmp(last->bytes, data, (size_t)m)) {
+        *id = last->id;
+        return 0;
+    }
+    uint64_t h = hash_bytes(data, (size_t)m, (uint64_t)kind << 32 ^ (uint32_t)key_n);
+    centry_t *e = cache_probe(c->tab, c->mask, h, kind, key_n, data, (uint32_t)m);
+    if (e->bytes) {
+        c->last = e;
+        *id = e->id;
+        return 0;
+    }
+    PyObject *r = PyObject_CallFunction(c->miss, "iiy#", slot, (int)n, data, m);
+    if (!r)
+        return -1;
+    long v = PyLong_AsLong(r);
+    Py_DECREF(r);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (2 * (c->used + 1) > c->mask + 1) {
+        if (cache_grow(c) < 0)
+            return -1;
+    }
+    /* miss() may have run Python code, never this cache's: the table is as it was */
+    e = cache_probe(c->tab, c->mask, h, kind, key_n, data, (uint32_t)m);
+    e->bytes = malloc(m ? (size_t)m : 1);
+    if (!e->bytes) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(e->bytes, data, (size_t)m);
+    e->hash = h;
+    e->len = (uint32_t)m;
+    e->n = key_n;
+    e->kind = kind;
+    e->id = (int32_t)v;
+    c->used++;
+    c->last = e;
+    *id = (int32_t)v;
+    return 0;
+}
+
+static PyTypeObject CacheType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "renacerd._hot.StringCache",
+    .tp_basicsize = sizeof(cache_t),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "String ids of detail payloads kept across drains (miss(slot, n, payload) "
+              "-> id interns a new one).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)cache_init,
+    .tp_dealloc = (destructor)cache_dealloc,
+};
+
+/* A matched detail: its event's key, its place in the queue, its event. */
+typedef struct {
+    uint64_t ts;
+    uint32_t tid, det;
+    Py_ssize_t ev;
+} hit_t;
+
+static inline int hit_before(const hit_t *a, const hit_t *b) {
+    return a->tid < b->tid || (a->tid == b->tid && a->ts < b->ts);
+}
+
+/* Stable sort by (tid, ts) (ties keep queue order): insertion sort of blocks of 32, then
+ * bottom-up merges that skip runs already in order (one thread's details come in order). */
+static void sort_hits(hit_t *a, Py_ssize_t n, hit_t *tmp) {
+    const Py_ssize_t B = 32;
+    for (Py_ssize_t lo = 0; lo < n; lo += B) {
+        Py_ssize_t hi = lo + B < n ? lo + B : n;
+        for (Py_ssize_t p = lo + 1; p < hi; p++) {
+            hit_t v = a[p];
+            Py_ssize_t q = p - 1;
+            while (q >= lo && hit_before(&v, &a[q])) {
+                a[q + 1] = a[q];
+                q--;
+            }
+            a[q + 1] = v;
+        }
+    }
+    for (Py_ssize_t w = B; w < n; w *= 2)
+        for (Py_ssize_t lo = 0; lo + w < n; lo += 2 * w) {
+            Py_ssize_t mid = lo + w, hi = lo + 2 * w < n ? lo + 2 * w : n;
+            if (!hit_before(&a[mid], &a[mid - 1]))
+                continue;
+            memcpy(tmp, a + lo, w * sizeof *a);
+            Py_ssize_t x = 0, y = mid, o = lo;
+            while (x < w && y < hi)
+                a[o++] = hit_before(&a[y], &tmp[x]) ? a[y++] : tmp[x++];
+            while (x < w)
+                a[o++] = tmp[x++];
+        }
+}
+
+/* (tid, ts) -> the first event with that key, open addressing */
+typedef struct {
+    uint64_t ts;
+    uint32_t tid, used;
+    Py_ssize_t ev;
+} evkey_t;
+
+static inline size_t key_hash(uint32_t tid, uint64_t ts) {
+    return (size_t)mix64(ts * 0x9E3779B97F4A7C15ull ^ tid);
+}
+
+/* join(tid, ts, recs, cache) -> (events, details, ids, left, slot, len, flags, pad): the
+ * queued detail records `recs` of events (tid[i], ts[i]), as numpy's lexsort join orders
+ * them (by tid, enter ts, then queue order): each one's event index (intp), its index in
+ * recs (intp), its string id (int32, through cache) and its record's fields (u1, i4, u1,
+ * u4); `left`: the indices of the details no event claimed (intp), in queue order. All as
+ * bytes. */
+static PyObject *join(PyObject *self, PyObject *args) {
+    PyObject *tid_obj, *ts_obj, *recs_obj;
+    cache_t *cache;
+    if (!PyArg_ParseTuple(args, "OOOO!", &tid_obj, &ts_obj, &recs_obj, &CacheType, &cache))
+        return NULL;
+    column_t tid, ts;
+    Py_buffer recs;
+    int got = 0;
+    PyObject *result = NULL, *bev = NULL, *bdet = NULL, *bid = NULL, *bleft = NULL;
+    PyObject *bslot = NULL, *blen = NULL, *bflags = NULL, *bpad = NULL;
+    evkey_t *map = NULL;
+    hit_t *hits = NULL, *tmp = NULL;
+    if (get_column(tid_obj, 4, &tid, "tid") < 0)
+        return NULL;
+    got = 1;
+    if (get_column(ts_obj, 8, &ts, "ts") < 0)
+        goto out;
+    got = 2;
+    if (PyObject_GetBuffer(recs_obj, &recs, PyBUF_RECORDS_RO) < 0)
+        goto out;
+    got = 3;
+    if (recs.ndim != 1 || recs.itemsize <= DETAIL_HEAD || recs.strides[0] != recs.itemsize) {
+        PyErr_SetString(PyExc_ValueError, "join: recs must be contiguous detail records");
+        goto out;
+    }
+    if (tid.n != ts.n) {
+        PyErr_SetString(PyExc_ValueError, "join: tid and ts differ in length");
+        goto out;
+    }
+    Py_ssize_t ne = tid.n, nd = recs.shape[0], w = recs.itemsize;
+    if (nd > (Py_ssize_t)UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "join: too many details");
+        goto out;
+    }
+    size_t cap = 16;
+    while (cap < 2 * (size_t)ne)
+        cap <<= 1;
+    map = calloc(cap, sizeof *map);
+    hits = malloc((nd ? nd : 1) * sizeof *hits);
+    tmp = malloc((nd ? nd : 1) * sizeof *tmp);
+    if (!map || !hits || !tmp) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    for (Py_ssize_t i = 0; i < ne; i++) {
+        uint32_t t = AT(tid, i, uint32_t);
+        uint64_t s = AT(ts, i, uint64_t);
+        size_t h = key_hash(t, s) & (cap - 1);
+        while (map[h].used && (map[h].tid != t || map[h].ts != s))
+            h = (h + 1) & (cap - 1);
+        if (!map[h].used) {
+            map[h] = (evkey_t){s, t, 1, i};
+        }
+    }
+    const char *base = recs.buf;
+    Py_ssize_t nh = 0, nleft = 0;
+    for (Py_ssize_t k = 0; k < nd; k++) {
+        const detail_t *d = (const detail_t *)(base + k * w);
+        Py_ssize_t ev = -1;
+        if (ne) {
+            size_t h = key_hash(d->tid, d->ts) & (cap - 1);
+            while (map[h].used && (map[h].tid != d->tid || map[h].ts != d->ts))
+                h = (h + 1) & (cap - 1);
+            if (map[h].used)
+                ev = map[h].ev;
+        }
+        if (ev >= 0)
+            hits[nh++] = (hit_t){d->ts, d->tid, (uint32_t)k, ev};
+        else
+            tmp[nleft++].det = (uint32_t)k; /* tmp: the waiting ones until the sort */
+    }
+    bleft = PyBytes_FromStringAndSize(NULL, nleft * (Py_ssize_t)sizeof(Py_ssize_t));
+    if (!bleft)
+        goto out;
+    Py_ssize_t *left = (Py_ssize_t *)PyBytes_AS_STRING(bleft);
+    for (Py_ssize_t k = 0; k < nleft; k++)
+        left[k] = tmp[k].det;
+    sort_hits(hits, nh, tmp);
+    bev = PyBytes_FromStringAndSize(NULL, nh * (Py_ssize_t)sizeof(Py_ssize_t));
+    bdet = PyBytes_FromStringAndSize(NULL, nh * (Py_ssize_t)sizeof(Py_ssize_t));
+    bid = PyBytes_FromStringAndSize(NULL, nh * (Py_ssize_t)sizeof(int32_t));
+    bslot = PyBytes_FromStringAndSize(NULL, nh);
+    blen = PyBytes_FromStringAndSize(NULL, nh * (Py_ssize_t)sizeof(int32_t));
+    bflags = PyBytes_FromStringAndSize(NULL, nh);
+    bpad = PyBytes_FromStringAndSize(NULL, nh * (Py_ssize_t)sizeof(uint32_t));
+    if (!bev || !bdet || !bid || !bslot || !blen || !bflags || !bpad)
+        goto out;
+    Py_ssize_t *oev = (Py_ssize_t *)PyBytes_AS_STRING(bev);
+    Py_ssize_t *odet = (Py_ssize_t *)PyBytes_AS_STRING(bdet);
+    int32_t *oid = (int32_t *)PyBytes_AS_STRING(bid), *olen = (int32_t *)PyBytes_AS_STRING(blen);
+    uint8_t *oslot = (uint8_t *)PyBytes_AS_STRING(bslot);
+    uint8_t *oflags = (uint8_t *)PyBytes_AS_STRING(bflags);
+    uint32_t *opad = (uint32_t *)PyBytes_AS_STRING(bpad);
+    for (Py_ssize_t k = 0; k < nh; k++) {
+        const char *rec = base + (Py_ssize_t)hits[k].det * w;
+        const detail_t *d = (const detail_t *)rec;
+        oev[k] = hits[k].ev;
+        odet[k] = hits[k].det;
+        oslot[k] = d->slot;
+        olen[k] = d->len;
+        oflags[k] = d->flags;
+        opad[k] = d->pad;
+        if (cache_id(cache, d, rec + DETAIL_HEAD, w - DETAIL_HEAD, &oid[k]) < 0)
+            goto out;
+    }
+    result = PyTuple_Pack(8, bev, bdet, bid, bleft, bslot, blen, bflags, bpad);
+out:
+    Py_XDECREF(bslot);
+    Py_XDECREF(blen);
+    Py_XDECREF(bflags);
+    Py_XDECREF(bpad);
+    Py_XDECREF(bev);
+    Py_XDECREF(bdet);
+    Py_XDECREF(bid);
+    Py_XDECREF(bleft);
+    free(map);
+    free(hits);
+    free(tmp);
+    if (got >= 3)
+        PyBuffer_Release(&recs);
+    if (got >= 2)
+        PyBuffer_Release(&ts.view);
+    PyBuffer_Release(&tid.view);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"pid_runs", pid_runs, METH_VARARGS,
      "(pids, first enter ts, counts) of a drain's event records, pids ascending."},
@@ -642,6 +1037,8 @@ static PyMethodDef methods[] = {
      "Append a drain's records to their processes' row buffers."},
     {"prepare", prepare, METH_VARARGS,
      "A chunk's rows as sorted, delta-coded, narrowed, shuffled columns."},
+    {"join", join, METH_VARARGS,
+     "Queued detail records matched to a drain's events, with their string ids."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -652,8 +1049,18 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__hot(void) {
+    if (PyType_Ready(&CacheType) < 0)
+        return NULL;
     PyObject *m = PyModule_Create(&module);
-    if (m && PyModule_AddIntConstant(m, "ROW_SIZE", (long)ROW_SIZE) < 0) {
+    if (!m)
+        return NULL;
+    Py_INCREF(&CacheType);
+    if (PyModule_AddObject(m, "StringCache", (PyObject *)&CacheType) < 0) {
+        Py_DECREF(&CacheType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (PyModule_AddIntConstant(m, "ROW_SIZE", (long)ROW_SIZE) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from renacerd.columns import _hot
 from renacerd.records import SLOT_ADDR, SLOT_ARGV_BLOB, take
 
 # Slots whose data is bytes of a known length, not a NUL-terminated string.
@@ -19,6 +20,11 @@ def detail_bytes(slot: int, n: int, raw: bytes) -> bytes:
     if slot in BINARY_SLOTS:
         return raw[:n].ljust(n, b"\0")  # numpy's S field drops trailing NULs
     return raw[: n - 1]
+
+
+# the compiled join's per-detail columns: event, index in the queue, string id, slot, len,
+# flags, pad
+_JOINED_TYPES = (np.intp, np.intp, np.int32, np.uint8, np.int32, np.uint8, np.uint32)
 
 
 class DetailQueue:
@@ -83,6 +89,20 @@ class DetailQueue:
         self.recs = take(r, np.flatnonzero(~taken)) if len(di) < len(r) else r[:0]
         return head[hit], out
 
+    def join_compiled(self, tid: np.ndarray, ts: np.ndarray,
+                      cache: object) -> tuple[np.ndarray, ...]:
+        """join() by renacerd/_hot.c, in the same order: (event index, index in `recs`,
+        string id (through `cache`, a _hot.StringCache), slot, len, flags, pad of each
+        matched detail, then recs), the details removed from the queue; the records are
+        not copied."""
+        r = np.ascontiguousarray(self.recs)
+        if not len(tid) or not len(r):
+            return (*(np.empty(0, t) for t in _JOINED_TYPES), r)
+        out = _hot.join(tid, ts, r, cache)
+        left = np.frombuffer(out[3], np.intp)
+        if len(left) < len(r):
+            self.recs = take(r, left) if len(left) else r[:0]
+        return (*(np.frombuffer(b, t) for b, t in zip(out[:3] + out[4:], _JOINED_TYPES)), r)
 
 
 # Odd 64-bit multipliers of the words of a detail's bytes: its hash for finding distinct
@@ -157,28 +177,38 @@ class Joined:
     flags: np.ndarray
     pad: np.ndarray
     texts: tuple[np.ndarray, ...]  # the S fields, short ring's then long ring's, in order
+    # the compiled join's: where each part's details are in its texts (the ring's records,
+    # not copied), and every detail's string id (-1: none); None from the numpy join
+    at: tuple[np.ndarray, ...] | None = None
+    ids: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.event)
 
+    def _texts(self) -> list[np.ndarray]:
+        if self.at is None:
+            return list(self.texts)
+        return [t[i] for t, i in zip(self.texts, self.at)]
+
     @property
     def data(self) -> list[bytes]:
         """Every detail's raw S field (trailing NULs dropped by numpy)."""
-        return [b for t in self.texts for b in t.tolist()]
+        return [b for t in self._texts() for b in t.tolist()]
 
     def raw(self, k: int) -> bytes:
         """Detail k's raw S field."""
-        for t in self.texts:
-            if k < len(t):
-                return t[k].tolist()
-            k -= len(t)
+        for p, t in enumerate(self.texts):
+            n = len(t) if self.at is None else len(self.at[p])
+            if k < n:
+                return t[k if self.at is None else self.at[p][k]].tolist()
+            k -= n
         raise IndexError(k)
 
     def distinct(self) -> tuple[np.ndarray, list[tuple[int, int, bytes]]]:
         """(index into the keys of each detail, distinct (slot, length, raw) keys); two
         keys may be equal across the rings' parts (then they name the same string)."""
         invs, keys, at = [], [], 0
-        for t in self.texts:
+        for t in self._texts():
             if not len(t):
                 continue
             inv, k = _distinct(self.slot[at : at + len(t)], self.length[at : at + len(t)], t)
@@ -220,8 +250,11 @@ class DetailRings:
             out += self.long.pop(tid, ts)
         return out
 
-    def join(self, tid: np.ndarray, ts: np.ndarray) -> Joined:
-        """Every queued detail of events (tid, ts), removed from the queues."""
+    def join(self, tid: np.ndarray, ts: np.ndarray, cache: object = None) -> Joined:
+        """Every queued detail of events (tid, ts), removed from the queues; with `cache`
+        (a renacerd._hot.StringCache) joined by the compiled path, string ids included."""
+        if cache is not None:
+            return self._join_compiled(tid, ts, cache)
         ei, d = self.short.join(tid, ts)
         if len(self.long):
             li, dl = self.long.join(tid, ts)
@@ -232,6 +265,19 @@ class DetailRings:
                     (d["data"], dl["data"]),
                 )
         return Joined(ei, d["slot"], d["len"], d["flags"], d["pad"], (d["data"],))
+
+    def _join_compiled(self, tid: np.ndarray, ts: np.ndarray, cache: object) -> Joined:
+        """join() by renacerd/_hot.c: the short ring's details, then the long ring's (their
+        strings interned in that order, as the numpy path's distinct() gives them)."""
+        parts = [self.short.join_compiled(tid, ts, cache)]
+        if len(self.long):
+            parts.append(self.long.join_compiled(tid, ts, cache))
+        parts = [p for p in parts if len(p[0])] or parts[:1]
+        cols = parts[0][:-1] if len(parts) == 1 else [
+            np.concatenate(c) for c in zip(*(p[:-1] for p in parts))]
+        event, _, ids, slot, length, flags, pad = cols
+        return Joined(event, slot, length, flags, pad, tuple(p[-1]["data"] for p in parts),
+                      tuple(p[1] for p in parts), ids)
 
 
 def split_argv(blob: bytes) -> list[bytes]:

@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -175,6 +175,7 @@ class Tracer:
         self.details = details if details is not None else DetailRings(
             detail_dtype(STR_LEN), detail_dtype(LONG_LEN))
         self._addr_ids: dict[tuple[int, bytes], int] = {}
+        self._strings_cached: Any = None
         self.events = 0
         self.stop_requested = False
         self.root_pid: int | None = None
@@ -606,7 +607,7 @@ class Tracer:
                         s1: np.ndarray, mode: np.ndarray, flags: np.ndarray) -> np.ndarray:
         """String ids of the paths and addresses of events `has`, from their details, and
         the mode of open calls; returns the events' flags (`flags`, execs may change them)."""
-        j = self.details.join(ev["tid"][has], ev["ts"][has])
+        j = self.details.join(ev["tid"][has], ev["ts"][has], self._string_cache())
         pos = has[j.event]
         # an event flagged with details that has none: its detail sits behind a busy record
         # in the ring, or was dropped
@@ -616,14 +617,7 @@ class Tracer:
         if not len(j):
             return flags
         slot = j.slot
-        intern, addr = self.strings.intern, self._addr_id
-        # a dict lookup per distinct detail of the drain, found in bulk
-        inv, keys = j.distinct()
-        ids = np.array([
-            (intern(raw[: n - 1] if n > 0 else b"") if sl <= SLOT_PATH1
-             else addr(raw, n) if sl == SLOT_ADDR else -1)
-            for sl, n, raw in keys
-        ], dtype=np.int32)[inv]
+        ids = j.ids if j.ids is not None else self._detail_ids(j)
         at0 = (slot == SLOT_PATH0) | (slot == SLOT_ADDR)
         s0[pos[at0]] = ids[at0]
         at1 = slot == SLOT_PATH1
@@ -635,6 +629,31 @@ class Tracer:
         if len(execs):
             return self._exec_details(ev, pos[execs], j, execs, s0, s1, flags)
         return flags
+
+    def _detail_ids(self, j: Joined) -> np.ndarray:
+        """The string id of each detail of a numpy join (-1: a slot with none): a dict
+        lookup per distinct detail of the drain, found in bulk."""
+        intern, addr = self.strings.intern, self._addr_id
+        inv, keys = j.distinct()
+        return np.array([
+            (intern(raw[: n - 1] if n > 0 else b"") if sl <= SLOT_PATH1
+             else addr(raw, n) if sl == SLOT_ADDR else -1)
+            for sl, n, raw in keys
+        ], dtype=np.int32)[inv]
+
+    def _string_cache(self) -> Any:
+        """The compiled join's string cache (kept across drains), or None: the numpy join
+        (where the extension is missing, or tests compare the two)."""
+        if assembly.hot is None:
+            return None
+        if self._strings_cached is None:
+            self._strings_cached = assembly.hot.StringCache(self._new_detail_string)
+        return self._strings_cached
+
+    def _new_detail_string(self, slot: int, n: int, payload: bytes) -> int:
+        """The id of a detail's payload the compiled join has not seen: a path's bytes, or
+        an address's first n bytes."""
+        return self.strings.intern(payload) if slot <= SLOT_PATH1 else self._addr_id(payload, n)
 
     def _addr_id(self, raw: bytes, n: int) -> int:
         """String id of a socket address as text (formatted once per distinct address)."""

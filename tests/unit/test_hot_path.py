@@ -131,3 +131,101 @@ def test_encode_rows_is_encode_at_every_narrowing_boundary(n):
     assert blob == ref and count == n
     assert (first, last) == (int(cols["ts"][order[0]]), int(cols["ts"][order[-1]]))
     assert decode(blob)["ts"].tolist() == cols["ts"][order].tolist()
+
+
+def _detail(dt: np.dtype, tid: int, ts: int, slot: int, data: bytes, n: int | None = None,
+            nr: int = 257) -> np.ndarray:
+    d = np.zeros(1, dt)
+    d["tid"], d["ts"], d["nr"], d["slot"], d["data"] = tid, ts, nr, slot, data
+    d["len"] = len(data) + 1 if n is None else n
+    return d
+
+
+def _drains_with_every_kind_of_detail() -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Drains of (events, short details, long details): paths repeated within and across
+    drains, events with no detail, details waiting for the next drain's event, garbage
+    past a string's NUL, socket addresses, execve argv and paths of the long ring."""
+    from renacerd.records import SLOT_ADDR, SLOT_ARGV_BLOB, SLOT_PATH0, SLOT_PATH1
+
+    sd, ld = detail_dtype(), detail_dtype(LONG_LEN)
+    long_path = b"/deep" + b"/d" * 300
+    drains, ts, late = [], 10**9, []
+    for d in range(4):
+        rows, de, dl = [], list(late), []
+        late = []
+        for i in range(400):
+            ts += 1000
+            tid = P1 + i % 3
+            rows.append((P1, tid, ts, (257, 42, 59, 0, 82)[i % 5]))
+            kind = i % 5
+            if kind == 0:  # openat: a path seen in every drain, or a new one
+                name = b"/data/shard-%d.bin" % (i % 4 if i % 2 else d * 1000 + i)
+                de.append(_detail(sd, tid, ts, SLOT_PATH0, name + b"\0junk"[: i % 6],
+                                  len(name) + 1))
+            elif kind == 1:  # connect: a few addresses, some with NULs at the end
+                addr = b"\2\0\x1f\x90\x7f\0\0\1" + b"\0" * (i % 3 * 4)
+                de.append(_detail(sd, tid, ts, SLOT_ADDR, addr, nr=42))
+            elif kind == 2:  # execve (failed): its path and argv
+                de.append(_detail(sd, tid, ts, SLOT_PATH0, b"/bin/sh", nr=59))
+                de.append(_detail(sd, tid, ts, SLOT_ARGV_BLOB, b"sh\0-c\0x%d\0" % (i % 7),
+                                  nr=59))
+            elif kind == 4:  # rename: two paths, the second one of the long ring
+                de.append(_detail(sd, tid, ts, SLOT_PATH0, b"/tmp/a%d" % (i % 9), nr=82))
+                dl.append(_detail(ld, tid, ts, SLOT_PATH1, long_path + b"%d" % (i % 3),
+                                  nr=82))
+            if i % 50 == 7 and kind in (0, 1):  # flagged, but its detail is lost
+                de.pop()
+        ev = _events(rows)
+        ev["flags"][ev["nr"] != 0] |= F_DETAIL
+        ev["ret"][ev["nr"] == 59] = -2
+        late = [_detail(sd, P1, ts + 500, SLOT_PATH0, b"/next/drain")]  # its event: next
+        rows2 = [(P1, P1, ts + 500, 257)] if d else []
+        if rows2:
+            e2 = _events(rows2)
+            e2["flags"] |= F_DETAIL
+            ev = np.concatenate([ev, e2])
+        drains.append((ev, np.concatenate(de), np.concatenate(dl)))
+    return drains
+
+
+def test_compiled_join_is_the_numpy_join():
+    from renacerd.capture.details import DetailRings
+    from renacerd.capture.tracer import StringTable, Tracer
+
+    class Ids:  # the tracer's interning, alone
+        _addr_id, _detail_ids = Tracer._addr_id, Tracer._detail_ids
+        _new_detail_string = Tracer._new_detail_string
+
+        def __init__(self):
+            self.strings, self._addr_ids = StringTable(), {}
+
+    sd, ld = detail_dtype(), detail_dtype(LONG_LEN)
+    ref, new = (DetailRings(sd, ld), Ids()), (DetailRings(sd, ld), Ids())
+    cache = assembly._compiled.StringCache(new[1]._new_detail_string)
+    for ev, de, dl in _drains_with_every_kind_of_detail():
+        has = np.flatnonzero(ev["flags"] & F_DETAIL)
+        tid, ts = ev["tid"][has], ev["ts"][has]
+        got = []
+        for (rings, ids), c in ((ref, None), (new, cache)):
+            rings.add(de, dl)
+            j = rings.join(tid, ts, c)
+            got.append((j, ids._detail_ids(j) if c is None else j.ids, rings))
+        (a, ida, ra), (b, idb, rb) = got
+        assert b.ids is not None and a.ids is None
+        for f in ("event", "slot", "length", "flags", "pad"):
+            assert getattr(a, f).tolist() == getattr(b, f).tolist(), f
+        assert ida.tolist() == idb.tolist()
+        assert a.data == b.data and [a.raw(k) for k in range(len(a))] == [
+            b.raw(k) for k in range(len(b))]
+        assert ra.short.recs.tobytes() == rb.short.recs.tobytes()
+        assert ra.long.recs.tobytes() == rb.long.recs.tobytes()
+    assert ref[1].strings.by_id == new[1].strings.by_id and len(ref[1].strings.by_id) > 20
+
+
+def test_compiled_join_stores_what_the_numpy_join_stores(tmp_path, monkeypatch):
+    drains = _drains_with_every_kind_of_detail()
+    rec = _recording([(ev, de) for ev, de, _ in drains])
+    rec["dl"] = np.concatenate([dl for *_, dl in drains])
+    rec["dl_n"] = np.array([len(dl) for *_, dl in drains], np.int64)
+    a, b = _digests(rec, tmp_path, monkeypatch)
+    assert a == b
