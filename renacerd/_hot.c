@@ -212,6 +212,37 @@ done:
 /* scatter(ev, flags, s0, s1, mode, pids, bufs, skips): appends every record of pid
  * pids[k] to the bytearray bufs[k] as a row, after dropping its first skips[k] records
  * (bufs[k] None: all dropped). flags, s0, s1, mode: the drain's columns, in ring order. */
+/* Set a bytearray's size, within its allocation when it fits: PyByteArray_Resize would
+ * shrink a reused buffer (size under half its allocation) to exactly the size, and the
+ * next drains would fault its pages in again. */
+static int set_size(PyObject *b, Py_ssize_t size) {
+    PyByteArrayObject *a = (PyByteArrayObject *)b;
+    if (a->ob_exports == 0 && a->ob_start == a->ob_bytes && size + 1 <= a->ob_alloc) {
+        Py_SET_SIZE(a, size);
+        a->ob_bytes[size] = '\0';
+        return 0;
+    }
+    return PyByteArray_Resize(b, size);
+}
+
+/* reset(buf): empty a row buffer, keeping its allocation for the next chunk. */
+static PyObject *reset(PyObject *self, PyObject *arg) {
+    if (!PyByteArray_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "reset: not a bytearray");
+        return NULL;
+    }
+    PyByteArrayObject *a = (PyByteArrayObject *)arg;
+    if (a->ob_exports > 0 || a->ob_start != a->ob_bytes) {
+        PyErr_SetString(PyExc_BufferError, "reset: the buffer is exported or offset");
+        return NULL;
+    }
+    if (a->ob_alloc > 0) {
+        Py_SET_SIZE(a, 0);
+        a->ob_bytes[0] = '\0';
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *scatter(PyObject *self, PyObject *args) {
     PyObject *ev_obj, *fl_obj, *s0_obj, *s1_obj, *mode_obj, *pids_obj, *bufs_obj, *skips_obj;
     if (!PyArg_ParseTuple(args, "OOOOOO!O!O!", &ev_obj, &fl_obj, &s0_obj, &s1_obj, &mode_obj,
@@ -289,7 +320,7 @@ static PyObject *scatter(PyObject *self, PyObject *args) {
             goto out;
         }
         Py_ssize_t had = PyByteArray_GET_SIZE(b);
-        if (PyByteArray_Resize(b, had + keep * ROW_SIZE) < 0) {
+        if (set_size(b, had + keep * ROW_SIZE) < 0) {
             free(count);
             goto out;
         }
@@ -1035,6 +1066,7 @@ static PyMethodDef methods[] = {
      "(pids, first enter ts, counts) of a drain's event records, pids ascending."},
     {"scatter", scatter, METH_VARARGS,
      "Append a drain's records to their processes' row buffers."},
+    {"reset", reset, METH_O, "Empty a row buffer, keeping its allocation."},
     {"prepare", prepare, METH_VARARGS,
      "A chunk's rows as sorted, delta-coded, narrowed, shuffled columns."},
     {"join", join, METH_VARARGS,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 import threading
 import zlib
+from collections import deque
 
 import numpy as np
 import zstandard
@@ -92,6 +93,20 @@ class EventRows:
         return len(self.data) // _hot.ROW_SIZE
 
 
+# Encoded chunks' row buffers, emptied for the next chunks (deque: the writer thread gives,
+# the capture thread takes). A fresh buffer faults in its pages as it fills, which cost
+# as much as the grouping itself; four cover the processes that fill chunks at once.
+_spare_rows: deque[bytearray] = deque(maxlen=4)
+
+
+def row_buffer() -> bytearray:
+    """An empty row buffer for a process's next chunk: a spare one when there is."""
+    try:
+        return _spare_rows.pop()
+    except IndexError:
+        return bytearray()
+
+
 def encode_rows(rows: EventRows) -> tuple[bytes, int, int, int]:
     """(BLOB, events, first ts, last ts) of syscall rows: sorted by enter ts (stable), then
     what encode does, the column work in one compiled pass."""
@@ -100,6 +115,10 @@ def encode_rows(rows: EventRows) -> tuple[bytes, int, int, int]:
         # kept per thread and reused: fresh pages for every chunk cost more than the work
         out = _local.prepared = bytearray()
     n, first, last, prepared = _hot.prepare(rows.data, out)
+    if isinstance(rows.data, bytearray):
+        _hot.reset(rows.data)  # the rows are in `out` now
+        _spare_rows.append(rows.data)
+        rows.data = b""
     comp = _zstd()[0]
     parts = [MAGIC, struct.pack("<IH", n, len(SYSCALL_COLUMNS))]
     with memoryview(out) as mv:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from renacerd.columns import EventRows
+from renacerd.columns import EventRows, row_buffer
 from renacerd.columns import _hot as _compiled
 from renacerd.syscall_table import NR_EXECVE, NR_EXECVEAT
 
@@ -33,7 +33,7 @@ def new_buffer() -> Any:
         _told = True
         log.warning("renacerd._hot is not built (no C compiler or Python headers at "
                     "install): the daemon runs its slower numpy path")
-    return bytearray() if hot is not None else []
+    return row_buffer() if hot is not None else []
 
 
 def take_chunk(st: ProcState) -> dict[str, np.ndarray] | EventRows:

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
 from bench.daemon_replay import replay_once, store_digest
 from renacerd.capture import assembly
-from renacerd.columns import SYSCALL_COLUMNS, EventRows, decode, encode, encode_rows
+from renacerd.columns import (
+    SYSCALL_COLUMNS,
+    EventRows,
+    decode,
+    encode,
+    encode_rows,
+    row_buffer,
+)
 from renacerd.records import EV_FORK, EVENT, F_DETAIL, LONG_LEN, detail_dtype
 
 # pids no machine runs (above the default pid_max): the tracer snapshots nothing
@@ -107,6 +116,21 @@ def test_a_chunk_filled_inside_a_drain(tmp_path, monkeypatch):
     rec = _recording([(_events(rows), np.zeros(0, detail_dtype()))])
     a, b = _digests(rec, tmp_path, monkeypatch)
     assert a == b
+
+
+def test_an_encoded_chunks_row_buffer_is_reused_empty_with_its_allocation():
+    ev = _events([(P1, P1, 10**9 + i * 10, 1) for i in range(5000)])
+    z16, z32 = np.zeros(len(ev), np.uint16), np.zeros(len(ev), np.int32)
+    buf, blobs = row_buffer(), []
+    for _ in range(2):
+        assembly.hot.scatter(ev, z16, z32, z32, z32.view(np.uint32), [P1], [buf], [0])
+        assert len(buf) == 5000 * assembly.hot.ROW_SIZE
+        size = sys.getsizeof(buf)  # a bytearray's size counts its allocation
+        blobs.append(encode_rows(EventRows(buf))[0])
+        spare = row_buffer()
+        # the same object, empty, its pages kept for the next chunk
+        assert spare is buf and len(spare) == 0 and sys.getsizeof(spare) == size
+    assert blobs[0] == blobs[1] and decode(blobs[0])["ts"].tolist() == ev["ts"].tolist()
 
 
 @pytest.mark.parametrize("n", [1, 2, 3000])
