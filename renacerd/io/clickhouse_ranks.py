@@ -215,12 +215,16 @@ def _hello_sql() -> str:
     def raw(k: str, col: str = "resource_json") -> str:
         return f"visitParamExtractRaw({col}, {quote('renacer.' + k)})"
 
-    carries = " OR ".join(f"{raw(k)} NOT IN ('', 'null')"
-                          for k in HELLO_DIST_INTS + HELLO_DIST_TEXT)
+    keys = HELLO_DIST_INTS + HELLO_DIST_TEXT
+    carries = " OR ".join(f"{raw(k)} NOT IN ('', 'null')" for k in keys)
+    named = ", ".join(quote("renacer." + k) for k in keys)
+    # no FINAL: a span pushed twice is the same row twice (its resource, start and store
+    # row), which argMin reads the same; the PREWHERE reads the keys alone of most spans
     first = ("SELECT run, host, process_id AS pid, argMin(resource_json, (start_mono_nanos, "
              "store_rowid)) AS res, argMin(resource.key, (start_mono_nanos, store_rowid)) AS "
              "ks, argMin(resource.value, (start_mono_nanos, store_rowid)) AS vs FROM spans "
-             f"FINAL WHERE {carries} GROUP BY run, host, pid")
+             f"PREWHERE hasAny(resource.key, [{named}]) WHERE {carries} "
+             "GROUP BY run, host, pid")
     # a text's value from the pushed pairs (the sink's own string, unescaped); JSON null
     # there reads "null", so its null-ness is the JSON's
     cols = [f"toUInt32OrNull({raw(k, 'res')}) AS h_{k}" for k in HELLO_DIST_INTS]
