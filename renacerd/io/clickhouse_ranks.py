@@ -1,7 +1,9 @@
 """`renacer ranks clickhouse://HOST:8123/DB/JOB`: the ranks report of a job whose runs several
 hosts pushed, computed as SQL in ClickHouse.
 
-The ranks are the processes whose `job_id` is JOB, on every host. Each query below runs on
+The ranks are the processes of job JOB, on every host, labelled as reports.rank_labels
+labels them (the environment's rank columns, else the client's hello from the spans'
+resource attributes, else the first NCCL communicator init). Each query below runs on
 the server and returns per-step per-rank rows (or per-host ones), never events: steps
 (the outermost span of each step value), the collectives of each step (c10d spans, and the
 NCCL calls of the GPU layer outside them), the time of each step's calls and of its GPU
@@ -25,6 +27,7 @@ import numpy as np
 import orjson
 
 from renacerd.client.dist_env import DistInfo
+from renacerd.client.protocol import HELLO_DIST_INTS, HELLO_DIST_TEXT
 from renacerd.cuda.hooks import COLLECTIVE, COMM_INIT, HOOKS, NCCL_DTYPES, SYNC
 from renacerd.reports.desync import Collective, desync, waiting
 from renacerd.reports.rank_labels import NCCL_JOB_PREFIX
@@ -205,40 +208,82 @@ class JobQuery:
             f"GROUP BY {group}")
 
 
-def _members(client: ClickHouseClient, job: str, key: str) -> list[dict[str, Any]]:
-    """The job's rank processes: those whose environment names the job, else (a job id
-    "nccl:" + hex) those whose first NCCL communicator has that id."""
-    rows = client.rows(
-        "SELECT run, host, pid, rank, local_rank, world_size, group_rank, local_world_size, "
-        "job_id, rank_host, rank_source FROM processes FINAL "
-        f"WHERE job_id = {quote(job)} AND rank IS NOT NULL ORDER BY rank, host, run, pid")
-    if not rows and job.startswith(NCCL_JOB_PREFIX):
-        rows = _nccl_members(client, job)
-    if not rows:
-        raise SinkError(f"no job {job!r} in {key}: no pushed process has that job id")
-    return rows
+def _hello_sql() -> str:
+    """Per (run, host, pid): the rank its client's hello gave, as rank_labels.hello_ranks
+    reads it: the renacer.* resource attributes of its first span (by start, then store
+    row) that carries one of them not null (`h_` columns, `has_hello` 1)."""
+    def raw(k: str, col: str = "resource_json") -> str:
+        return f"visitParamExtractRaw({col}, {quote('renacer.' + k)})"
+
+    keys = HELLO_DIST_INTS + HELLO_DIST_TEXT
+    carries = " OR ".join(f"{raw(k)} NOT IN ('', 'null')" for k in keys)
+    named = ", ".join(quote("renacer." + k) for k in keys)
+    # no FINAL: a span pushed twice is the same row twice (its resource, start and store
+    # row), which argMin reads the same; the PREWHERE reads the keys alone of most spans
+    first = ("SELECT run, host, process_id AS pid, argMin(resource_json, (start_mono_nanos, "
+             "store_rowid)) AS res, argMin(resource.key, (start_mono_nanos, store_rowid)) AS "
+             "ks, argMin(resource.value, (start_mono_nanos, store_rowid)) AS vs FROM spans "
+             f"PREWHERE hasAny(resource.key, [{named}]) WHERE {carries} "
+             "GROUP BY run, host, pid")
+    # a text's value from the pushed pairs (the sink's own string, unescaped); JSON null
+    # there reads "null", so its null-ness is the JSON's
+    cols = [f"toUInt32OrNull({raw(k, 'res')}) AS h_{k}" for k in HELLO_DIST_INTS]
+    cols += [f"if({raw(k, 'res')} IN ('', 'null'), NULL, vs[indexOf(ks, "
+             f"{quote('renacer.' + k)})]) AS h_{k}" for k in HELLO_DIST_TEXT]
+    return f"SELECT run, host, pid, toUInt8(1) AS has_hello, {', '.join(cols)} FROM ({first})"
 
 
-def _nccl_members(client: ClickHouseClient, job: str) -> list[dict[str, Any]]:
-    """The processes of no rank of their own environment whose first successful
-    ncclCommInitRank joined the communicator the job id names: rank and world size from
-    it, as reports.rank_labels labels them."""
+def _nccl_first_sql() -> str:
+    """Per (run, host, pid): its first successful ncclCommInitRank, as rank_labels.nccl_rank
+    reads it: rank, nranks and the communicator id's words (`n_` columns, `has_nccl` 1)."""
+    return ("SELECT run, host, pid, toUInt8(1) AS has_nccl, "
+            "toNullable(toUInt32(argMin(a2, ts))) AS n_rank, "
+            "toNullable(toUInt32(argMin(a1, ts))) AS n_world_size, argMin(a3, ts) AS n_lo, "
+            f"argMin(a4, ts) AS n_hi FROM gpu_calls WHERE fn = {quote(INIT_FN)} AND ret = 0 "
+            "GROUP BY run, host, pid")
+
+
+def _nccl_words(job: str) -> tuple[int, int] | None:
+    """The communicator id words an "nccl:" + hex job id names (None: no such job id)."""
+    if not job.startswith(NCCL_JOB_PREFIX):
+        return None
     try:
         raw = bytes.fromhex(job[len(NCCL_JOB_PREFIX):])
     except ValueError:
-        return []
+        return None
     if len(raw) != 16:
-        return []
-    lo, hi = int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little")
-    first = (f"SELECT run, host, pid, argMin(a2, ts) AS rank, argMin(a1, ts) AS world_size, "
-             "argMin(a3, ts) AS lo, argMin(a4, ts) AS hi FROM gpu_calls "
-             f"WHERE fn = {quote(INIT_FN)} AND ret = 0 GROUP BY run, host, pid")
+        return None
+    return int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little")
+
+
+def _members(client: ClickHouseClient, job: str, key: str) -> list[dict[str, Any]]:
+    """The job's rank processes, labelled as reports.rank_labels labels them: each field
+    from the exec-time environment (`processes`), else the client's hello (`spans`), else
+    the first NCCL communicator init (`gpu_calls`); the job id likewise, an NCCL one
+    "nccl:" + the communicator id's hex."""
+    words = _nccl_words(job)
+    nccl_job = f"n_lo = {words[0]} AND n_hi = {words[1]}" if words else "0"
+    env = ("SELECT run, host, pid, rank AS e_rank, local_rank AS e_local_rank, world_size AS "
+           "e_world_size, group_rank AS e_group_rank, local_world_size AS e_local_world_size, "
+           "job_id AS e_job_id, rank_host AS e_host, rank_source AS e_source "
+           "FROM processes FINAL")
+    labelled = (f"SELECT * FROM (SELECT * FROM ({env}) ANY LEFT JOIN ({_hello_sql()}) "
+                f"USING (run, host, pid)) ANY LEFT JOIN ({_nccl_first_sql()}) "
+                "USING (run, host, pid)")
     rows = client.rows(
-        f"SELECT run, host, pid, rank, world_size FROM ({first}) WHERE lo = {lo} AND hi = {hi} "
-        "AND (run, host, pid) NOT IN (SELECT run, host, pid FROM processes FINAL "
-        "WHERE rank IS NOT NULL) ORDER BY rank, host, run, pid")
-    none = dict.fromkeys(("local_rank", "group_rank", "local_world_size", "rank_host"))
-    return [{**r, **none, "job_id": job, "rank_source": "nccl"} for r in rows]
+        "SELECT run, host, pid, coalesce(e_rank, h_rank, n_rank) AS rank, "
+        "coalesce(e_local_rank, h_local_rank) AS local_rank, "
+        "coalesce(e_world_size, h_world_size, n_world_size) AS world_size, "
+        "coalesce(e_group_rank, h_group_rank) AS group_rank, "
+        "coalesce(e_local_world_size, h_local_world_size) AS local_world_size, "
+        "coalesce(e_host, h_host) AS rank_host, multiIf(e_source IS NOT NULL, e_source, "
+        "has_hello = 1, 'hello', 'nccl') AS rank_source "
+        f"FROM ({labelled}) WHERE multiIf(e_job_id IS NOT NULL, e_job_id = {quote(job)}, "
+        f"h_job_id IS NOT NULL, h_job_id = {quote(job)}, has_nccl = 1 AND {nccl_job}) "
+        "AND rank IS NOT NULL ORDER BY rank, host, run, pid")
+    if not rows:
+        raise SinkError(f"no job {job!r} in {key}: no pushed process has that job id")
+    return [{**r, "job_id": job} for r in rows]
 
 
 def _grid(rows: dict[str, Any], cols: list[str], run: str | None = None,

@@ -2,8 +2,8 @@
 variables (RANK, WORLD_SIZE) are set, so each process's rank can only come from its
 ncclCommInitRank.
 
-    nccl_job.py [--env PORT] [--cudart LIBCUDART] [--c10d 1] LIBNCCL NRANKS STEPS
-                [RANK:STEP:COUNT]
+    nccl_job.py [--env PORT] [--hello PORT] [--cudart LIBCUDART] [--c10d 1] LIBNCCL NRANKS
+                STEPS [RANK:STEP:COUNT]
 
 The launcher gets a unique id (ncclGetUniqueId), prints its first 16 bytes as hex, starts
 one process per rank with the whole id, and exits with the worst exit status. Each rank
@@ -13,10 +13,13 @@ ncclBroadcast(10 x int32, root 0) at step 1. With RANK:STEP:COUNT, that rank's s
 all-reduce of that step has COUNT elements (a desync).
 
 --env PORT gives each rank torchrun's variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR
-127.0.0.1, MASTER_PORT PORT: the job "127.0.0.1:PORT"). --cudart LIBCUDART adds GPU waits:
-each step, cudaStreamSynchronize after the first all-reduce and cudaDeviceSynchronize at its
-end, and one cudaDeviceSynchronize before the first step; in the last step rank 0 calls
-ncclAllGather on no communicator (it fails: ncclInvalidArgument). --c10d 1 wraps the
+127.0.0.1, MASTER_PORT PORT: the job "127.0.0.1:PORT"). --hello PORT has each rank set those
+variables in its own os.environ after its exec, before its client connects: only the client's
+hello says the rank, as a training script that learns it from its config does.
+--cudart LIBCUDART adds GPU waits: each step, cudaStreamSynchronize after the first
+all-reduce and cudaDeviceSynchronize at its end, and one cudaDeviceSynchronize before the
+first step; in the last step rank 0 calls ncclAllGather on no communicator (it fails:
+ncclInvalidArgument). --c10d 1 wraps the
 broadcast of step 1 in a c10d.broadcast span, as torch's ProcessGroupNCCL's calls are."""
 
 import ctypes as C
@@ -57,7 +60,9 @@ def _broadcast(nccl: C.CDLL, buf: C.Array, comm: C.c_void_p, c10d: bool) -> int:
 
 
 def rank_main(lib_path: str, rank: int, nranks: int, uid_hex: str, steps: int,
-              desync: tuple[int, int] | None, cudart: str, c10d: bool) -> int:
+              desync: tuple[int, int] | None, cudart: str, c10d: bool, hello: str) -> int:
+    if hello != "-":  # read by the client's hello; the exec-time environment has none
+        os.environ.update(_rank_env(hello, rank, nranks))
     from renacerd.client.core import experiment_span
 
     nccl = _nccl(lib_path)
@@ -89,9 +94,10 @@ def rank_main(lib_path: str, rank: int, nranks: int, uid_hex: str, steps: int,
 
 
 def _options(argv: list[str]) -> tuple[dict[str, str], list[str]]:
-    """The leading --env PORT / --cudart LIB / --c10d 1 options, and the rest."""
+    """The leading --env PORT / --hello PORT / --cudart LIB / --c10d 1 options, and the
+    rest."""
     opts = {}
-    while argv and argv[0] in ("--env", "--cudart", "--c10d"):
+    while argv and argv[0] in ("--env", "--hello", "--cudart", "--c10d"):
         opts[argv[0][2:]] = argv[1]
         argv = argv[2:]
     return opts, argv
@@ -108,9 +114,10 @@ def _rank_env(port: str | None, rank: int, nranks: int) -> dict[str, str]:
 
 def main(argv: list[str]) -> int:
     if argv[0] == "--rank":
-        lib, rank, nranks, uid, steps, desync, cudart, c10d = argv[1:9]
+        lib, rank, nranks, uid, steps, desync, cudart, c10d, hello = argv[1:10]
         d = tuple(int(x) for x in desync.split(":")) if desync != "-" else None
-        return rank_main(lib, int(rank), int(nranks), uid, int(steps), d, cudart, c10d == "1")
+        return rank_main(lib, int(rank), int(nranks), uid, int(steps), d, cudart, c10d == "1",
+                         hello)
     opts, argv = _options(argv)
     lib, nranks, steps = argv[0], int(argv[1]), argv[2]
     late = [int(x) for x in argv[3].split(":")] if len(argv) > 3 else None
@@ -123,7 +130,8 @@ def main(argv: list[str]) -> int:
         desync = f"{late[1]}:{late[2]}" if late and late[0] == r else "-"
         procs.append(subprocess.Popen(
             [sys.executable, __file__, "--rank", lib, str(r), str(nranks), bytes(uid).hex(),
-             steps, desync, opts.get("cudart", "-"), opts.get("c10d", "0")],
+             steps, desync, opts.get("cudart", "-"), opts.get("c10d", "0"),
+             opts.get("hello", "-")],
             env=_rank_env(opts.get("env"), r, nranks)))
     return max(p.wait() for p in procs)
 

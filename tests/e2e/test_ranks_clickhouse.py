@@ -10,22 +10,33 @@ import re
 import shutil
 import sqlite3
 import uuid
+from types import SimpleNamespace
 
 import orjson
 import pytest
 
+from renacerd.client.dist_env import DistInfo
 from renacerd.columns import SYSCALL_COLUMNS, decode, encode
 from renacerd.cuda.records import GPU_LAYOUT
+from renacerd.io import clickhouse_ranks as chr_
+from renacerd.io.clickhouse_ranks import INIT_FN
+from renacerd.reports.rank_labels import label
+from renacerd.sinks import SinkError
+from renacerd.sinks import clickhouse as ch_sink
 from renacerd.sinks.clickhouse import (
+    ADDED_COLUMNS,
     SCHEMA,
     ClickHouseClient,
     ClickHouseSink,
     ensure_schema,
     parse_url,
 )
+from renacerd.store.database import DIST_COLUMNS
+from renacerd.trace.unified_trace import ProcessSpan
 from tests.conftest import needs_root, run_cli
 from tests.e2e import test_clickhouse as ch
 from tests.e2e.test_ranks_torchrun import FSYNC, MIN_LATE, READ, SLEEP, _port, _trace
+from tests.unit.test_ranks_units import _gpu_init
 
 HOSTS = {"host-a": (0, 1), "host-b": (2,)}
 # host-b's clock runs this far ahead of host-a's (ns): what its clock offset must come to
@@ -242,3 +253,82 @@ def _cols(c: ClickHouseClient, table: str) -> list[str]:
     return [r["name"] for r in c.rows(
         f"SELECT name FROM system.columns WHERE database = currentDatabase() "
         f"AND table = '{table}'")]
+
+
+_J = {"renacer.job_id": "j"}
+# pid -> (its exec-time environment's rank, its spans' resources by start, its first NCCL
+# init (rank, nranks)): each field of the label from the first source that has it
+LABELS = {
+    1: (DistInfo(rank=0, world_size=4, host="h"), [{}, {"renacer.rank": 5, **_J}], (7, 16)),
+    2: (None, [{"renacer.rank": 1, "renacer.local_rank": 1, "renacer.world_size": 4,
+                "renacer.host": "hh", **_J}], (9, 16)),
+    3: (None, [{"renacer.rank": 2, "renacer.job_id": None, "renacer.host": None}], (2, 16)),
+    4: (None, [{"service.name": "s"}], (3, 16)),
+    5: (DistInfo(rank=3, world_size=4, job_id="j"), [{"renacer.rank": 6, "renacer.job_id": "k"}],
+        None),
+    6: (None, [{"renacer.rank": 4, **_J}, {"renacer.rank": 8, "renacer.job_id": "k"}], None),
+    7: (None, [{"renacer.group_rank": None, "renacer.host": None}], None),
+    8: (DistInfo(job_id="j"), [{"renacer.rank": 5, "renacer.group_rank": 1}], None),
+}
+NCCL_ID = "nccl:0102030405060708090a0b0c0d0e0f10"  # _gpu_init's communicator
+
+
+def _push_labels(c: ClickHouseClient) -> None:
+    """LABELS as the sink pushes them: processes' rank columns, spans' resources (the later
+    span first, store row order not start order), the NCCL inits of gpu_calls."""
+    ps = list(LABELS.items())
+    cols = [("run", "String", ["r"] * len(ps)), ("host", "String", ["a"] * len(ps)),
+            ("pid", "UInt32", [p for p, _ in ps]), ("proc", "UInt32", [p for p, _ in ps])]
+    types = dict(ADDED_COLUMNS["processes"])
+    for name in DIST_COLUMNS:  # as the sink's _send_processes names them
+        key = {"rank_host": "host", "rank_source": "source"}.get(name, name)
+        cols.append((name, types[name], [e and getattr(e, key) for _, (e, _, _) in ps]))
+    c.insert("processes", cols, len(ps))
+    spans = [(p, i, orjson.dumps(r).decode()) for p, (_, rs, _) in ps for i, r in enumerate(rs)]
+    spans.reverse()
+    kv = [ch_sink._kv(r) for _, _, r in spans]
+    c.insert("spans", [
+        ("run", "String", ["r"] * len(spans)), ("host", "String", ["a"] * len(spans)),
+        ("process_id", "UInt32", [p for p, _, _ in spans]),
+        ("start_mono_nanos", "Int64", [100 + i for _, i, _ in spans]),
+        ("store_rowid", "UInt64", list(range(len(spans)))),
+        ("span_id", "String", [f"{p}.{i}" for p, i, _ in spans]),
+        ("resource_json", "String", [r for _, _, r in spans]),
+        ("resource.key", "Array(String)", [k for k, _ in kv]),
+        ("resource.value", "Array(String)", [v for _, v in kv])], len(spans))
+    inits = [(p, n) for p, (_, _, n) in ps if n]
+    c.insert("gpu_calls", [
+        ("run", "String", ["r"] * len(inits)), ("host", "String", ["a"] * len(inits)),
+        ("pid", "UInt32", [p for p, _ in inits]), ("fn", "String", [INIT_FN] * len(inits)),
+        ("a1", "UInt64", [n[1] for _, n in inits]), ("a2", "UInt64", [n[0] for _, n in inits]),
+        ("a3", "UInt64", [0x0807060504030201] * len(inits)),
+        ("a4", "UInt64", [0x100F0E0D0C0B0A09] * len(inits))], len(inits))
+
+
+def test_ranks_labelled_as_locally(server):
+    """The job's members: each field from the environment, else the hello (the first span
+    that carries one), else NCCL, as reports.rank_labels.label gives them."""
+    name = "renacer_labels_" + uuid.uuid4().hex[:10]
+    c = ClickHouseClient(parse_url(f"clickhouse://{server}/{name}"))
+    ensure_schema(c)
+    procs = [ProcessSpan(pid=p, dist=e) for p, (e, _, _) in LABELS.items()]
+    spans = [SimpleNamespace(process_id=p, resource_json=orjson.dumps(r).decode())
+             for p, (_, rs, _) in LABELS.items() for r in rs]
+    label(procs, spans, {p: _gpu_init(*n) for p, (_, _, n) in LABELS.items() if n})
+    try:
+        _push_labels(c)
+        for job in ("j", NCCL_ID):
+            want = sorted((p.dist.to_dict() | {"pid": p.pid} for p in procs
+                           if p.dist and p.dist.job_id == job and p.dist.rank is not None),
+                          key=lambda x: (x["rank"], x["pid"]))
+            got = [{"rank": r["rank"], "local_rank": r["local_rank"],
+                    "world_size": r["world_size"], "group_rank": r["group_rank"],
+                    "local_world_size": r["local_world_size"], "job_id": r["job_id"],
+                    "host": r["rank_host"], "source": r["rank_source"], "pid": r["pid"]}
+                   for r in chr_._members(c, job, name)]
+            assert got == want, job
+        assert [x["pid"] for x in want] == [3, 4]  # the hello's rank, NCCL's job
+        with pytest.raises(SinkError, match="no job 'k'"):
+            chr_._members(c, "k", name)
+    finally:
+        c.query(f"DROP DATABASE IF EXISTS {name}", database=False)

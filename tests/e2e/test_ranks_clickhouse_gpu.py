@@ -8,6 +8,7 @@ included."""
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from tests.e2e import test_ranks_clickhouse as rch
 server = ch.server  # the loopback server fixture (scripts/clickhouse.sh), one definition
 chdb = rch.chdb  # a database of this module's own
 PORT = "29431"  # MASTER_PORT of the job: its id is 127.0.0.1:PORT
+HELLO_PORT = "29432"  # the same, of the job only the hello names
 STEPS = 6
 SAME_KEYS = ("steps", "stragglers", "slow_steps", "desync", "waiting")
 _SYNC_FN = [i + 1 for i, h in enumerate(HOOKS) if h.kind == SYNC]
@@ -182,3 +184,30 @@ def test_a_job_of_nccl_ranks(stubs, tmp_path, chdb):
         (k, 3, "nccl", f"nccl:{comm_id}") for k in range(3)]
     assert remote["desync"]["calls"]["1"]["seq"] == 12  # every NCCL call: no c10d span here
     assert [r["run"] for r in remote["runs"]] == ["nccl"]
+
+
+@needs_root
+def test_a_job_of_hello_ranks(stubs, tmp_path, chdb):
+    """Ranks that set torchrun's variables in their own os.environ after their exec are
+    named by their client's hello alone: the job is the hello's ("127.0.0.1:PORT", not the
+    communicator's), rank, local rank and world size its own, as locally."""
+    db = tmp_path / "t.db"
+    comm_id = _trace(stubs, db, "hello", "--hello", HELLO_PORT)
+    st = Store(str(db))
+    assert [p.dist for _, p in st.processes(st.run("hello").id)] == [None] * 4  # no env rank
+    st.close()
+    local = _ranks("hello", "--db", str(db))
+    push = run_cli("renacer_main", "push", "hello", "--db", str(db), "--to", chdb, "-q")
+    assert push.returncode == 0, push.stderr
+    job = f"127.0.0.1:{HELLO_PORT}"
+    remote = _ranks(f"{chdb}/{job}")
+    assert [(r["rank"], r["local_rank"], r["world_size"], r["source"], r["job_id"], r["host"])
+            for r in local["ranks"]] == [(k, k, 3, "hello", job, socket.gethostname())
+                                         for k in range(3)]
+    assert [{k: r[k] for k in local["ranks"][0]} for r in remote["ranks"]] == local["ranks"]
+    for k in SAME_KEYS:
+        assert remote[k] == local[k], k
+    assert remote["desync"]["step"] == 4 and remote["stragglers"] == local["stragglers"]
+    # the hello's job id comes before NCCL's: no process is the communicator's job
+    r = run_cli("renacer_main", "ranks", f"{chdb}/nccl:{comm_id}")
+    assert r.returncode == 2 and f"no job 'nccl:{comm_id}'" in r.stderr, r.stderr
