@@ -11,8 +11,8 @@ import random
 import sqlite3
 import threading
 import time
-from collections import Counter
-from collections.abc import Sequence
+from collections import Counter, OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,15 +21,15 @@ import numpy as np
 from renacerd.store.readers import Position, Progress, StoredSpan, StoreReaders
 from renacerd.trace.span_tagging import (
     SpanTable,
+    WindowTagger,
     ancestry,
     span_subtree,
-    tag_events,
     total_events,
 )
 from renacerd.trace.unified_trace import READ_FAMILY, WRITE_FAMILY
 
 __all__ = ["Backoff", "Position", "Progress", "SinkError", "SpanSummary", "StoreTailer",
-           "descendants", "ready_spans", "ready_summaries", "span_summary"]
+           "descendants", "ready_spans", "ready_summaries"]
 
 TOP_SYSCALLS = 5
 SPAN_GRACE_S = 5.0  # how long a span waits for its events before it is sent anyway
@@ -96,39 +96,78 @@ def descendants(procs: list[tuple[int, int, int]], root_pid: int) -> list[int]:
     return out
 
 
-def span_summary(
-    store: StoreReaders,
-    run_id: int,
-    procs: list[tuple[int, int, int]],
-    spans: Sequence[Any],
-    i: int,
-    table: dict[int, str],
-    span_table: SpanTable | None = None,
-) -> SpanSummary:
-    """Summarise the total syscalls of span `i` of the run's `spans` (span_tagging's total:
-    its own and its subtree's) from the events of its process tree (`procs`: (proc_id, pid,
-    ppid)) in its window; `span_table`: SpanTable.of(spans), when the caller has it."""
+CHUNKS_KEPT = 16  # decoded chunks a batch keeps: one process's spans in start order share them
+
+
+class _BatchEvents:
+    """The events of a batch of spans' windows: each chunk decoded and tagged once.
+
+    A chunk holds dozens of steps; decoding it, and building the stretches of every span of
+    its process, for each span made a finished run's push quadratic in its spans."""
+
+    def __init__(self, store: StoreReaders, run_id: int, procs: list[tuple[int, int, int]],
+                 table: SpanTable, lo: int, hi: int) -> None:
+        self.store, self.run_id, self.procs = store, run_id, procs
+        self.tagger = WindowTagger(table, lo, hi)
+        self.pid_of = {proc_id: pid for proc_id, pid, _ in procs}
+        self.ppid_of = {pid: ppid for _, pid, ppid in procs}
+        self._index: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._chunks: OrderedDict[int, tuple[dict[str, np.ndarray], np.ndarray]] = OrderedDict()
+
+    def window(self, proc_id: int, start: int, end: int
+               ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+        """(columns, span tags) of the process's events in [start, end), chunk by chunk."""
+        if end <= start:
+            return
+        ix = self._index.get(proc_id)
+        if ix is None:
+            rows = self.store.chunk_index(self.run_id, proc_id)  # (id, n, first, last)
+            ix = self._index[proc_id] = tuple(
+                np.array([r[k] for r in rows], dtype=np.int64) for k in (0, 2, 3))
+        ids, first, last = ix
+        for k in np.flatnonzero((last >= start) & (first < end)).tolist():
+            cols, tags = self._chunk(proc_id, int(ids[k]))
+            a, b = np.searchsorted(cols["ts"], (start, end)).tolist()
+            if b > a:
+                yield {n: v[a:b] for n, v in cols.items()}, tags[a:b]
+
+    def _chunk(self, proc_id: int, cid: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        got = self._chunks.get(cid)
+        if got is not None:
+            self._chunks.move_to_end(cid)
+            return got
+        c = self.store.chunk_columns([cid])
+        cols = {n: c[n] for n in ("ts", "nr", "dur", "ret")}
+        chain = ancestry(self.pid_of[proc_id], self.ppid_of)
+        got = self._chunks[cid] = (cols, self.tagger.tag(cols["ts"], chain))
+        if len(self._chunks) > CHUNKS_KEPT:
+            self._chunks.popitem(last=False)
+        return got
+
+    def summary(self, spans: Sequence[Any], i: int, table: dict[int, str]) -> SpanSummary:
+        """Span `i`'s total syscalls (its own and its subtree's, span_tagging's total) from
+        the events of its process tree in its window."""
+        sp = spans[i]
+        subtree = span_subtree(self.tagger.table, i)
+        nrs: list[np.ndarray] = []
+        durs: list[np.ndarray] = []
+        rets: list[np.ndarray] = []
+        for proc_id in descendants(self.procs, sp.process_id or 0):
+            for c, tags in self.window(proc_id, sp.start_mono_nanos or 0,
+                                       sp.end_mono_nanos or 0):
+                m = total_events(tags, subtree)
+                nrs.append(c["nr"][m])
+                durs.append(c["dur"][m])
+                rets.append(c["ret"][m])
+        if not nrs:
+            return SpanSummary()
+        return _summarise(np.concatenate(nrs).astype(np.int64), np.concatenate(durs),
+                          np.concatenate(rets), table)
+
+
+def _summarise(nr: np.ndarray, dur: np.ndarray, ret: np.ndarray, table: dict[int, str]
+               ) -> SpanSummary:
     s = SpanSummary()
-    sp = spans[i]
-    st = span_table if span_table is not None else SpanTable.of(spans)
-    pid_of = {proc_id: pid for proc_id, pid, _ in procs}
-    ppid_of = {pid: ppid for _, pid, ppid in procs}
-    subtree = span_subtree(st, i)
-    nrs: list[np.ndarray] = []
-    durs: list[np.ndarray] = []
-    rets: list[np.ndarray] = []
-    for proc_id, c in store.window_columns(run_id, descendants(procs, sp.process_id or 0),
-                                           sp.start_mono_nanos or 0, sp.end_mono_nanos or 0):
-        tags = tag_events(c["ts"], st, ancestry(pid_of[proc_id], ppid_of))
-        m = total_events(tags, subtree)
-        nrs.append(c["nr"][m])
-        durs.append(c["dur"][m])
-        rets.append(c["ret"][m])
-    if not nrs:
-        return s
-    nr = np.concatenate(nrs).astype(np.int64)
-    dur = np.concatenate(durs)
-    ret = np.concatenate(rets)
     s.syscalls = int(len(nr))
     s.syscall_ns = int(dur.sum())
     s.errors = int(((ret < 0) & (ret >= -4095)).sum())
@@ -154,11 +193,20 @@ def ready_summaries(store: StoreReaders, run_id: int, procs: list[tuple[int, int
                     ready: list[StoredSpan], table: dict[int, str]) -> list[SpanSummary]:
     """The total-syscall summary of each of `ready`, against every span the run has stored
     (a child's events count for its parent: span_tagging's total)."""
+    if not ready:
+        return []
     spans = store.span_records(run_id)
     st = SpanTable.of(spans)
     at = {(r.trace_id, r.span_id): k for k, r in enumerate(spans)}
-    return [span_summary(store, run_id, procs, spans, at[(sp.record.trace_id, sp.record.span_id)],
-                         table, st) for sp in ready]
+    idx = [at[(sp.record.trace_id, sp.record.span_id)] for sp in ready]
+    lo = min(int(st.starts[i]) for i in idx)
+    hi = max(int(st.ends[i]) for i in idx)
+    batch = _BatchEvents(store, run_id, procs, st, lo, hi)
+    out: dict[int, SpanSummary] = {}
+    # one process's spans in start order: consecutive spans share the chunks kept
+    for i in sorted(set(idx), key=lambda i: (int(st.pids[i]), int(st.starts[i]), i)):
+        out[i] = batch.summary(spans, i, table)
+    return [out[i] for i in idx]
 
 
 class StoreTailer:

@@ -13,10 +13,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from renacerd.columns import decode
-
 PROGRESS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS sink_progress (
     sink TEXT NOT NULL,
@@ -101,23 +97,6 @@ class StoreReaders:
         """The latest event timestamp the run's stored syscall chunks reach, 0 for none."""
         return self.db.execute("SELECT max(last_ts) FROM chunks WHERE run_id=? AND layer='sys'",
                                (run_id,)).fetchone()[0] or 0
-
-    def window_columns(self, run_id: int, proc_ids: list[int], start: int, end: int
-                       ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """(proc id, syscall columns) of the given processes' events in [start, end), chunk
-        by chunk: only chunks overlapping the window are decoded (a long run is never
-        reloaded whole)."""
-        if not proc_ids or end <= start:
-            return
-        marks = ",".join("?" * len(proc_ids))
-        for proc_id, blob in self.db.execute(
-            f"SELECT proc_id, data FROM chunks WHERE run_id=? AND layer='sys' "
-            f"AND proc_id IN ({marks}) AND last_ts >= ? AND first_ts < ? ORDER BY id",
-            (run_id, *proc_ids, start, end),
-        ):
-            c = decode(blob)
-            m = (c["ts"] >= start) & (c["ts"] < end)
-            yield proc_id, {k: v[m] for k, v in c.items()}
 
     def spans_after(self, run_id: int, after_rowid: int, limit: int | None = None
                     ) -> list[StoredSpan]:

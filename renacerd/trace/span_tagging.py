@@ -153,6 +153,35 @@ def tag_events(ts: np.ndarray, table: SpanTable, pids: Iterable[int]) -> np.ndar
     return np.where(local >= 0, idx[np.maximum(local, 0)], -1)
 
 
+class WindowTagger:
+    """tag_events for events inside [lo, hi) of many chunks: each process chain's stretches
+    are built once, from the spans that overlap the window (only those can contain its
+    events, so the tags are tag_events' own)."""
+
+    __slots__ = ("table", "lo", "hi", "_chains")
+
+    def __init__(self, table: SpanTable, lo: int, hi: int) -> None:
+        self.table, self.lo, self.hi = table, lo, hi
+        self._chains: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def tag(self, ts: np.ndarray, pids: Sequence[int]) -> np.ndarray:
+        """tag_events(ts, table, pids) for the timestamps in [lo, hi) (others: undefined)."""
+        key = tuple(pids)
+        seg = self._chains.get(key)
+        if seg is None:
+            t = self.table
+            idx = np.flatnonzero(np.isin(t.pids, np.array(key, dtype=np.int64))
+                                 & (t.ends > self.lo) & (t.starts < self.hi))
+            seg = self._chains[key] = (idx, *span_segments(t.starts[idx], t.ends[idx]))
+        idx, bounds, owner = seg
+        if not len(idx) or not len(bounds) or not len(ts):
+            return np.full(len(ts), -1, dtype=np.int64)
+        pos = locate(bounds, np.asarray(ts, dtype=np.int64)) - 1
+        local = owner[np.maximum(pos, 0)]
+        local[pos < 0] = -1
+        return np.where(local >= 0, idx[np.maximum(local, 0)], -1)
+
+
 def span_subtree(table: SpanTable, i: int) -> np.ndarray:
     """Index `i` and the indices of every span below it."""
     out, todo, seen = [], [i], set()
