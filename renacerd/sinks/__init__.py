@@ -189,18 +189,36 @@ def _summarise(nr: np.ndarray, dur: np.ndarray, ret: np.ndarray, table: dict[int
     return s
 
 
+def _spans_near(store: StoreReaders, run_id: int, lo: int, hi: int) -> list[Any]:
+    """The spans that can hold an event of [lo, hi] or link one to a batch's span: those
+    alive in it, and their ancestors (outside it only where a child outlives its parent).
+    Not every span of the run: a long run's sink would read them all at every poll."""
+    spans = store.spans_overlapping(run_id, lo, hi)
+    have = {(r.trace_id, r.span_id) for r in spans}
+    todo = {r.parent_span_id for r in spans if r.parent_span_id
+            and (r.trace_id, r.parent_span_id) not in have}
+    while todo:
+        more = [r for r in store.spans_by_id(run_id, sorted(todo))
+                if (r.trace_id, r.span_id) not in have]
+        spans += more
+        have.update((r.trace_id, r.span_id) for r in more)
+        todo = {r.parent_span_id for r in more if r.parent_span_id
+                and (r.trace_id, r.parent_span_id) not in have}
+    return spans
+
+
 def ready_summaries(store: StoreReaders, run_id: int, procs: list[tuple[int, int, int]],
                     ready: list[StoredSpan], table: dict[int, str]) -> list[SpanSummary]:
     """The total-syscall summary of each of `ready`, against every span the run has stored
     (a child's events count for its parent: span_tagging's total)."""
     if not ready:
         return []
-    spans = store.span_records(run_id)
+    lo = min(sp.record.start_mono_nanos or 0 for sp in ready)
+    hi = max(sp.record.end_mono_nanos or 0 for sp in ready)
+    spans = _spans_near(store, run_id, lo, hi)
     st = SpanTable.of(spans)
     at = {(r.trace_id, r.span_id): k for k, r in enumerate(spans)}
     idx = [at[(sp.record.trace_id, sp.record.span_id)] for sp in ready]
-    lo = min(int(st.starts[i]) for i in idx)
-    hi = max(int(st.ends[i]) for i in idx)
     batch = _BatchEvents(store, run_id, procs, st, lo, hi)
     out: dict[int, SpanSummary] = {}
     # one process's spans in start order: consecutive spans share the chunks kept

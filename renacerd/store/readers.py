@@ -98,6 +98,18 @@ class StoreReaders:
         return self.db.execute("SELECT max(last_ts) FROM chunks WHERE run_id=? AND layer='sys'",
                                (run_id,)).fetchone()[0] or 0
 
+    def spans_by_id(self, run_id: int, span_ids: list[bytes]) -> list[Any]:
+        """The run's SpanRecords whose span_id is one of `span_ids`."""
+        from renacerd.client.span import SPAN_FIELDS, SpanRecord
+
+        out = []
+        for i in range(0, len(span_ids), 500):
+            part = span_ids[i:i + 500]
+            out += [SpanRecord.from_row(dict(zip(SPAN_FIELDS, row))) for row in self.db.execute(
+                f"SELECT {', '.join(SPAN_FIELDS)} FROM spans WHERE run_id=? AND span_id IN "
+                f"({','.join('?' * len(part))})", (run_id, *part))]
+        return out
+
     def spans_after(self, run_id: int, after_rowid: int, limit: int | None = None
                     ) -> list[StoredSpan]:
         """The run's spans stored after row `after_rowid`, in storage order."""

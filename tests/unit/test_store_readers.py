@@ -152,3 +152,22 @@ def test_batched_summaries_equal_the_definition_over_many_chunks(tmp_path):
     # a batch of a few spans (the live sink's case) gives the same numbers
     part = ready_summaries(st, run, tree, ready[450:460], {READ: "read"})
     assert [(s.syscalls, s.syscall_ns, s.bytes_read) for s in part] == got[450:460]
+
+
+def test_a_batch_links_its_spans_through_a_parent_outside_its_window(tmp_path):
+    """epoch [0, 100) is the parent of late [200, 300), the parent of the worker's inner
+    [30, 60): a batch of epoch alone reads only the spans alive in [0, 100), and still counts
+    the worker's call at 50 (inner's) for epoch through late, as the whole run's table does:
+    9 calls, 16 bytes (8 and 12 without the link)."""
+    st, run = _store(tmp_path)
+    st.add_spans(run, [span_record(b"late", b"epoch", 1, 200, 300),
+                       span_record(b"inner", b"late", 2, 30, 60)], {1: 1, 2: 2})
+    st.commit()
+    procs = [(i, p.pid, p.ppid) for i, p in st.processes(run)]
+    ready = [sp for sp in st.spans_after(run, 0) if sp.record.span_name == "epoch"]
+    (alone,) = ready_summaries(st, run, procs, ready, {READ: "read"})
+    every = ready_summaries(st, run, procs, st.spans_after(run, 0), {READ: "read"})
+    names = [sp.record.span_name for sp in st.spans_after(run, 0)]
+    assert (alone.syscalls, alone.bytes_read) == (every[names.index("epoch")].syscalls,
+                                                  every[names.index("epoch")].bytes_read)
+    assert (alone.syscalls, alone.bytes_read) == (9, 16)
