@@ -12,11 +12,11 @@ import sys
 import time
 
 from renacerd.capture.cuda_source import CudaOptions, CudaSource
-from renacerd.serve.session import HeldChild
-from renacerd.capture.tracer import Tracer
-from renacerd.trace.gpu_trace import gpu_by_interval, load_gpu, summarize
 from renacerd.capture.probes.syscalls import SyscallProbes
+from renacerd.capture.tracer import Tracer
+from renacerd.serve.session import HeldChild
 from renacerd.store.database import Store
+from renacerd.trace.gpu_trace import gpu_by_interval, load_gpu, summarize
 
 
 class _T:
