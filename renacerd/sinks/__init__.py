@@ -144,7 +144,7 @@ class _BatchEvents:
             self._chunks.popitem(last=False)
         return got
 
-    def summary(self, spans: Sequence[Any], i: int, table: dict[int, str]) -> SpanSummary:
+    def summary(self, spans: Sequence[Any], i: int, names: _Names) -> SpanSummary:
         """Span `i`'s total syscalls (its own and its subtree's, span_tagging's total) from
         the events of its process tree in its window."""
         sp = spans[i]
@@ -162,19 +162,35 @@ class _BatchEvents:
         if not nrs:
             return SpanSummary()
         return _summarise(np.concatenate(nrs).astype(np.int64), np.concatenate(durs),
-                          np.concatenate(rets), table)
+                          np.concatenate(rets), names)
 
 
-def _summarise(nr: np.ndarray, dur: np.ndarray, ret: np.ndarray, table: dict[int, str]
+@dataclass(frozen=True, slots=True)
+class _Names:
+    """The run's syscall table, and its read and write families' numbers (found once)."""
+
+    table: dict[int, str]
+    reads: np.ndarray
+    writes: np.ndarray
+
+    @classmethod
+    def of(cls, table: dict[int, str]) -> _Names:
+        """The families of `table`."""
+        def family(names: Any) -> np.ndarray:
+            return np.array([n for n, name in table.items() if name in names], dtype=np.int64)
+
+        return cls(table, family(READ_FAMILY), family(WRITE_FAMILY))
+
+
+def _summarise(nr: np.ndarray, dur: np.ndarray, ret: np.ndarray, names: _Names
                ) -> SpanSummary:
     s = SpanSummary()
     s.syscalls = int(len(nr))
     s.syscall_ns = int(dur.sum())
     s.errors = int(((ret < 0) & (ret >= -4095)).sum())
-    rd = np.array([n for n, name in table.items() if name in READ_FAMILY], dtype=np.int64)
-    wr = np.array([n for n, name in table.items() if name in WRITE_FAMILY], dtype=np.int64)
-    s.bytes_read = int(ret[np.isin(nr, rd) & (ret > 0)].sum())
-    s.bytes_written = int(ret[np.isin(nr, wr) & (ret > 0)].sum())
+    s.bytes_read = int(ret[np.isin(nr, names.reads) & (ret > 0)].sum())
+    s.bytes_written = int(ret[np.isin(nr, names.writes) & (ret > 0)].sum())
+    table = names.table
     calls = Counter()
     ns = Counter()
     uniq, inv = np.unique(nr, return_inverse=True)
@@ -193,24 +209,23 @@ def _spans_near(store: StoreReaders, run_id: int, lo: int, hi: int) -> list[Any]
     """The spans that can hold an event of [lo, hi] or link one to a batch's span: those
     alive in it, and their ancestors (outside it only where a child outlives its parent).
     Not every span of the run: a long run's sink would read them all at every poll."""
-    spans = store.spans_overlapping(run_id, lo, hi)
-    have = {(r.trace_id, r.span_id) for r in spans}
-    todo = {r.parent_span_id for r in spans if r.parent_span_id
-            and (r.trace_id, r.parent_span_id) not in have}
-    while todo:
-        more = [r for r in store.spans_by_id(run_id, sorted(todo))
-                if (r.trace_id, r.span_id) not in have]
+    spans: list[Any] = []
+    have: set[tuple[bytes, bytes]] = set()
+    more = store.spans_overlapping(run_id, lo, hi)
+    while more:
         spans += more
         have.update((r.trace_id, r.span_id) for r in more)
-        todo = {r.parent_span_id for r in more if r.parent_span_id
-                and (r.trace_id, r.parent_span_id) not in have}
+        parents = sorted({r.parent_span_id for r in more if r.parent_span_id
+                          and (r.trace_id, r.parent_span_id) not in have})
+        more = [r for r in store.spans_by_id(run_id, parents)
+                if (r.trace_id, r.span_id) not in have] if parents else []
     return spans
 
 
 def ready_summaries(store: StoreReaders, run_id: int, procs: list[tuple[int, int, int]],
                     ready: list[StoredSpan], table: dict[int, str]) -> list[SpanSummary]:
-    """The total-syscall summary of each of `ready`, against every span the run has stored
-    (a child's events count for its parent: span_tagging's total)."""
+    """The total-syscall summary of each of `ready` (a child's events count for its
+    parent: span_tagging's total), against the spans near the batch (_spans_near)."""
     if not ready:
         return []
     lo = min(sp.record.start_mono_nanos or 0 for sp in ready)
@@ -220,10 +235,11 @@ def ready_summaries(store: StoreReaders, run_id: int, procs: list[tuple[int, int
     at = {(r.trace_id, r.span_id): k for k, r in enumerate(spans)}
     idx = [at[(sp.record.trace_id, sp.record.span_id)] for sp in ready]
     batch = _BatchEvents(store, run_id, procs, st, lo, hi)
+    names = _Names.of(table)
     out: dict[int, SpanSummary] = {}
     # one process's spans in start order: consecutive spans share the chunks kept
     for i in sorted(set(idx), key=lambda i: (int(st.pids[i]), int(st.starts[i]), i)):
-        out[i] = batch.summary(spans, i, table)
+        out[i] = batch.summary(spans, i, names)
     return [out[i] for i in idx]
 
 

@@ -103,6 +103,11 @@ def innermost_span(ts: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.n
     bounds, owner = span_segments(starts, ends)
     if bounds.size == 0:
         return np.full(ts.shape, -1, dtype=np.int64)
+    return _stretch_owner(bounds, owner, ts)
+
+
+def _stretch_owner(bounds: np.ndarray, owner: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """The owner of each timestamp's stretch (span_segments'), -1 before the first."""
     pos = locate(bounds, ts) - 1
     result = owner[np.maximum(pos, 0)]
     result[pos < 0] = -1
@@ -146,39 +151,35 @@ class SpanTable:
 def tag_events(ts: np.ndarray, table: SpanTable, pids: Iterable[int]) -> np.ndarray:
     """For each timestamp, the index of the innermost span opened by one of `pids` (an
     event's process and its ancestors) that contains it, or -1."""
-    idx = np.flatnonzero(np.isin(table.pids, np.fromiter(pids, dtype=np.int64)))
-    if not len(idx) or not len(ts):
-        return np.full(len(ts), -1, dtype=np.int64)
-    local = innermost_span(ts, table.starts[idx], table.ends[idx])
-    return np.where(local >= 0, idx[np.maximum(local, 0)], -1)
+    return WindowTagger(table).tag(ts, tuple(pids))
 
 
 class WindowTagger:
-    """tag_events for events inside [lo, hi) of many chunks: each process chain's stretches
-    are built once, from the spans that overlap the window (only those can contain its
-    events, so the tags are tag_events' own)."""
+    """tag_events over many chunks: each process chain's stretches built once. With a window
+    [lo, hi), from the spans that overlap it only (only those can contain its events, so the
+    tags of its events are tag_events' own)."""
 
     __slots__ = ("table", "lo", "hi", "_chains")
 
-    def __init__(self, table: SpanTable, lo: int, hi: int) -> None:
+    def __init__(self, table: SpanTable, lo: int | None = None, hi: int | None = None) -> None:
         self.table, self.lo, self.hi = table, lo, hi
         self._chains: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def tag(self, ts: np.ndarray, pids: Sequence[int]) -> np.ndarray:
-        """tag_events(ts, table, pids) for the timestamps in [lo, hi) (others: undefined)."""
+        """tag_events(ts, table, pids) for the timestamps in the window (others: undefined)."""
         key = tuple(pids)
         seg = self._chains.get(key)
         if seg is None:
             t = self.table
-            idx = np.flatnonzero(np.isin(t.pids, np.array(key, dtype=np.int64))
-                                 & (t.ends > self.lo) & (t.starts < self.hi))
+            keep = np.isin(t.pids, np.array(key, dtype=np.int64))
+            if self.lo is not None:
+                keep &= (t.ends > self.lo) & (t.starts < self.hi)
+            idx = np.flatnonzero(keep)
             seg = self._chains[key] = (idx, *span_segments(t.starts[idx], t.ends[idx]))
         idx, bounds, owner = seg
-        if not len(idx) or not len(bounds) or not len(ts):
+        if not len(bounds) or not len(ts):
             return np.full(len(ts), -1, dtype=np.int64)
-        pos = locate(bounds, np.asarray(ts, dtype=np.int64)) - 1
-        local = owner[np.maximum(pos, 0)]
-        local[pos < 0] = -1
+        local = _stretch_owner(bounds, owner, np.asarray(ts, dtype=np.int64))
         return np.where(local >= 0, idx[np.maximum(local, 0)], -1)
 
 
